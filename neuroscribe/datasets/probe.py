@@ -1,0 +1,246 @@
+"""Probe sets: the images a model is recorded on.
+
+Two sources: an ImageFolder tree (``root/<class>/<image>``, optionally with ``train``/``val``/``test`` split
+folders above the classes and a ``classes.json`` mapping folder names to readable names) and a CSV/JSONL manifest
+(column ``path`` relative to the manifest's folder, optional ``label`` (index or class name) and ``group``). Paths
+that escape the manifest's folder are refused.
+
+Loading never stops a run: an unreadable, truncated, zero-byte, non-image or oversized (PIL's
+``Image.MAX_IMAGE_PIXELS`` decompression-bomb limit) file is skipped, counted and named with its reason.
+Grayscale, palette, CMYK, RGBA and 16-bit images are converted to 8-bit RGB (alpha composited on white).
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import random
+import warnings
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageFile
+
+IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm"}
+SPLIT_NAMES = ("train", "val", "test")
+
+
+class ProbeSetError(ValueError):
+    """The probe set cannot be built; the message names the file, row or folder at fault."""
+
+
+class ImageLoadError(Exception):
+    """One image cannot be used; ``str(e)`` is the reason recorded in the run log."""
+
+
+@dataclass(frozen=True)
+class Sample:
+    path: Path
+    label: int | None = None
+    group: str | None = None
+
+
+def sample_root() -> Path:
+    """The small set of real Imagenette photos shipped inside the package (see its README)."""
+    return Path(str(resources.files("neuroscribe") / "data" / "sample"))
+
+
+def load_image(path: str | Path) -> Image.Image:
+    """Open ``path`` as 8-bit RGB, or raise :class:`ImageLoadError` with the reason."""
+    path = Path(path)
+    try:
+        if path.stat().st_size == 0:
+            raise ImageLoadError("zero-byte file")
+    except FileNotFoundError:
+        raise ImageLoadError("missing file") from None
+    ImageFile.LOAD_TRUNCATED_IMAGES = False
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as im:
+                im.load()
+                return to_rgb(im)
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise ImageLoadError(f"decompression bomb refused: {e}") from None
+    except Image.UnidentifiedImageError:
+        raise ImageLoadError("not an image (unidentified format)") from None
+    except (OSError, SyntaxError, ValueError) as e:
+        raise ImageLoadError(f"corrupt or truncated image: {e}") from None
+
+
+def to_rgb(im: Image.Image) -> Image.Image:
+    """8-bit RGB from any PIL mode: 16/32-bit scaled, alpha composited on white, CMYK/L/P converted."""
+    if im.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+        a = np.asarray(im, dtype=np.float64)
+        top = 65535.0 if im.mode.startswith("I;16") or a.max() > 255 else 255.0
+        a = np.clip(a / top * 255.0, 0, 255).astype(np.uint8)
+        return Image.fromarray(a, "L").convert("RGB")
+    if im.mode == "P" and "transparency" in im.info:
+        im = im.convert("RGBA")
+    if im.mode in ("RGBA", "LA", "PA"):
+        im = im.convert("RGBA")
+        bg = Image.new("RGBA", im.size, (255, 255, 255, 255))
+        return Image.alpha_composite(bg, im).convert("RGB")
+    return im.convert("RGB")
+
+
+@dataclass
+class ProbeSet:
+    """An ordered list of samples with their class names; ids are positions in ``samples``."""
+
+    root: Path
+    samples: list[Sample]
+    class_names: list[str] | None
+    source: str
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def subset(self, limit: int | None, seed: int) -> "ProbeSet":
+        """A seeded random subset of ``limit`` samples, kept in their original order."""
+        if limit is None or limit >= len(self.samples):
+            return self
+        idx = sorted(random.Random(seed).sample(range(len(self.samples)), limit))
+        return ProbeSet(self.root, [self.samples[i] for i in idx], self.class_names, self.source)
+
+    def relpath(self, i: int) -> str:
+        p = self.samples[i].path
+        try:
+            return p.relative_to(self.root).as_posix()
+        except ValueError:
+            return p.as_posix()
+
+    def fingerprint(self) -> str:
+        """A hash of each sample's relative path, size, label and group (mtimes are ignored: copies match)."""
+        h = hashlib.blake2b(digest_size=16)
+        for i, s in enumerate(self.samples):
+            try:
+                size = s.path.stat().st_size
+            except OSError:
+                size = -1
+            h.update(f"{self.relpath(i)}|{size}|{s.label}|{s.group}\n".encode())
+        return h.hexdigest()
+
+    def labels(self) -> np.ndarray:
+        return np.array([-1 if s.label is None else s.label for s in self.samples], dtype=np.int64)
+
+
+def _class_display(root: Path, folders: list[str]) -> list[str]:
+    meta = root / "classes.json"
+    if meta.is_file():
+        names = json.loads(meta.read_text())
+        return [names.get(f, f) for f in folders]
+    return folders
+
+
+def image_folder(root: str | Path, split: str | None = None) -> ProbeSet:
+    """An ImageFolder tree; with split folders and ``split=None``, every split in order."""
+    root = Path(root)
+    if not root.is_dir():
+        raise ProbeSetError(f"image folder not found: {root}")
+    subdirs = sorted(d.name for d in root.iterdir() if d.is_dir())
+    if split is not None:
+        if split not in subdirs:
+            raise ProbeSetError(f"{root} has no split folder {split!r}; it has {subdirs}")
+        tops = [root / split]
+    elif subdirs and all(d in SPLIT_NAMES for d in subdirs):
+        tops = [root / d for d in SPLIT_NAMES if d in subdirs]
+    else:
+        tops = [root]
+    folders = sorted({d.name for t in tops for d in t.iterdir() if d.is_dir()})
+    samples: list[Sample] = []
+    for t in tops:
+        if folders:
+            for ci, f in enumerate(folders):
+                d = t / f
+                if d.is_dir():
+                    samples += [Sample(p, ci) for p in sorted(d.iterdir())
+                                if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS]
+        else:
+            samples += [Sample(p) for p in sorted(t.iterdir())
+                        if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS]
+    if not samples:
+        raise ProbeSetError(f"no images ({', '.join(sorted(IMAGE_EXTENSIONS))}) under {root}")
+    names = _class_display(root, folders) if folders else None
+    return ProbeSet(root, samples, names, "imagefolder")
+
+
+def manifest(path: str | Path) -> ProbeSet:
+    """A CSV or JSONL manifest with a ``path`` column (relative to the manifest's folder)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ProbeSetError(f"manifest not found: {path}")
+    root = path.parent.resolve()
+    if path.suffix.lower() in (".jsonl", ".ndjson"):
+        rows = []
+        for n, line in enumerate(path.read_text().splitlines(), 1):
+            if line.strip():
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError as e:
+                    raise ProbeSetError(f"{path}:{n}: not valid JSON: {e}") from None
+    else:
+        with path.open(newline="") as f:
+            rows = list(csv.DictReader(f))
+    if not rows:
+        raise ProbeSetError(f"{path} lists no images")
+    if "path" not in rows[0]:
+        raise ProbeSetError(f"{path} needs a 'path' column; it has {sorted(rows[0])}")
+    raw_labels = [r.get("label") for r in rows]
+    names = None
+    if any(lbl not in (None, "") and not str(lbl).lstrip("-").isdigit() for lbl in raw_labels):
+        names = sorted({str(lbl) for lbl in raw_labels if lbl not in (None, "")})
+    samples = []
+    for n, r in enumerate(rows, 2 if path.suffix.lower() == ".csv" else 1):
+        rel = str(r["path"])
+        p = (root / rel).resolve()
+        if not p.is_relative_to(root):
+            raise ProbeSetError(f"{path}: row {n}: path {rel!r} escapes the manifest's folder {root}; "
+                                "manifests may only name files under their own folder")
+        lbl = r.get("label")
+        label = None if lbl in (None, "") else (names.index(str(lbl)) if names else int(lbl))
+        grp = r.get("group")
+        samples.append(Sample(p, label, None if grp in (None, "") else str(grp)))
+    return ProbeSet(root, samples, names, "manifest")
+
+
+def open_probe_set(root: str | Path | None, format: str = "auto", split: str | None = None,
+                   limit: int | None = None, seed: int = 0) -> ProbeSet:
+    """Build the probe set a :class:`~neuroscribe.config.DataConfig` describes."""
+    root = sample_root() if root is None else Path(root)
+    if format == "auto":
+        format = {".csv": "csv", ".jsonl": "jsonl", ".ndjson": "jsonl"}.get(root.suffix.lower(), "imagefolder")
+    ps = image_folder(root, split) if format == "imagefolder" else manifest(root)
+    return ps.subset(limit, seed)
+
+
+class ImageDataset(torch.utils.data.Dataset):
+    """Items ``(tensor | None, id, reason)``; a failed image yields ``None`` and the reason."""
+
+    def __init__(self, probe: ProbeSet, transform, ids: list[int] | None = None):
+        self.probe = probe
+        self.transform = transform
+        self.ids = list(range(len(probe))) if ids is None else list(ids)
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, i: int):
+        sid = self.ids[i]
+        try:
+            return self.transform(load_image(self.probe.samples[sid].path)), sid, ""
+        except ImageLoadError as e:
+            return None, sid, str(e)
+
+
+def collate_skipping(batch):
+    """Stack the good images; return ``(x | None, ids, [(id, reason), ...])``."""
+    good = [(x, i) for x, i, _ in batch if x is not None]
+    failed = [(i, r) for x, i, r in batch if x is None]
+    if not good:
+        return None, torch.zeros(0, dtype=torch.long), failed
+    return torch.stack([x for x, _ in good]), torch.tensor([i for _, i in good], dtype=torch.long), failed

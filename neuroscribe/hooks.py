@@ -1,0 +1,213 @@
+"""One small mechanism to reach named layers, for recording and for ablating.
+
+Layers are ``named_modules()`` names. :func:`trace` checks every name before attaching any hook, attaches on
+enter and removes in ``finally``. A hook may *edit* a layer's output (ablation) and/or *retain* it (recording);
+the retained output is always the one after the edit. ``stop=True`` ends the forward pass as soon as every
+retained layer has produced its output, so recording early layers does not pay for the rest of the network.
+
+Layer outputs come in three kinds (see :func:`unit_view`): conv maps ``(B, C, H, W)`` -> C units on an HxW grid;
+transformer tokens ``(B, T, D)`` -> D units on a g x g grid of patch tokens after dropping the CLS/register
+prefix; flat ``(B, D)`` -> D units without spatial extent.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import difflib
+import math
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+
+class UnknownLayerError(KeyError):
+    """A layer name is not a module of the model; the message lists the nearest valid names."""
+
+    def __str__(self) -> str:  # KeyError quotes its message; we want it readable
+        return str(self.args[0])
+
+
+class _StopForward(Exception):
+    pass
+
+
+def resolve_layers(model: nn.Module, names: Iterable[str]) -> dict[str, nn.Module]:
+    """Map each name to its module, or raise :class:`UnknownLayerError` naming the nearest valid ones."""
+    modules = dict(model.named_modules())
+    out = {}
+    for name in names:
+        if name == "" or name not in modules:
+            near = difflib.get_close_matches(name, [n for n in modules if n], n=5, cutoff=0.5)
+            raise UnknownLayerError(f"unknown layer {name!r}; nearest valid names: {near}. "
+                                    "Run `neuroscribe layers SPEC` to list every layer.")
+        out[name] = modules[name]
+    return out
+
+
+def _first_tensor(output):
+    if isinstance(output, torch.Tensor):
+        return output
+    if isinstance(output, (tuple, list)) and output and isinstance(output[0], torch.Tensor):
+        return output[0]
+    if hasattr(output, "last_hidden_state"):
+        return output.last_hidden_state
+    raise TypeError(f"layer output of type {type(output).__name__} holds no tensor to record")
+
+
+def _replace_first(output, new: torch.Tensor):
+    if isinstance(output, torch.Tensor):
+        return new
+    if isinstance(output, tuple):
+        return (new,) + tuple(output[1:])
+    if isinstance(output, list):
+        return [new] + list(output[1:])
+    raise TypeError(f"cannot edit a layer output of type {type(output).__name__}")
+
+
+class Trace:
+    """Outputs retained during a :func:`trace` block, keyed by layer name."""
+
+    def __init__(self) -> None:
+        self.outputs: dict[str, torch.Tensor] = {}
+        self.calls: dict[str, int] = {}
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        return self.outputs[name]
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.outputs
+
+
+@contextlib.contextmanager
+def trace(model: nn.Module, retain: Iterable[str] = (), edit: dict[str, Callable] | None = None,
+          stop: bool = False, detach: bool = True, calls: dict[str, int] | None = None) -> Iterator[Trace]:
+    """Hook ``retain`` and ``edit`` layers of ``model`` for the duration of the block.
+
+    ``edit[name](tensor) -> tensor`` replaces the layer's (first) output tensor (every call of a module that is
+    called more than once). A retained module called several times keeps its last output. With ``stop=True``
+    the pass ends once every retained layer has been called ``calls[name]`` times (default 1; the recorder
+    counts calls on a first blank pass); call the model through :func:`run` so the early exit is caught.
+    """
+    calls = dict(calls or {})
+    retain = list(retain)
+    edit = dict(edit or {})
+    modules = resolve_layers(model, list(dict.fromkeys(retain + list(edit))))  # all checked before any hook
+    tr = Trace()
+    remaining = set(retain)
+    handles = []
+
+    def make_hook(name: str):
+        def hook(_module, _inputs, output):
+            result = None
+            if name in edit:
+                result = _replace_first(output, edit[name](_first_tensor(output)))
+                output = result
+            if name in retain:
+                t = _first_tensor(output)
+                tr.outputs[name] = t.detach() if detach else t
+                tr.calls[name] = tr.calls.get(name, 0) + 1
+                if tr.calls[name] >= calls.get(name, 1):
+                    remaining.discard(name)
+                if stop and not remaining and not edit:
+                    raise _StopForward
+            return result
+        return hook
+
+    try:
+        for name, mod in modules.items():
+            handles.append(mod.register_forward_hook(make_hook(name)))
+        yield tr
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def run(model: nn.Module, x: torch.Tensor):
+    """Call ``model(x)``, treating an early stop raised by a ``trace(stop=True)`` hook as normal."""
+    try:
+        return model(x)
+    except _StopForward:
+        return None
+
+
+# --------------------------------------------------------------------------------------------- unit views
+def prefix_tokens(model: nn.Module | None, n_tokens: int) -> int:
+    """How many leading non-patch tokens (CLS, registers) a (B, T, D) output has.
+
+    The model's own ``num_prefix_tokens`` (timm) wins; otherwise the smallest prefix (0..8) that leaves a
+    square grid of patch tokens.
+    """
+    v = getattr(model, "num_prefix_tokens", None) if model is not None else None
+    if isinstance(v, int):
+        return v
+    g = math.isqrt(n_tokens)
+    if g * g == n_tokens:
+        return 0
+    for p in range(1, 9):
+        g = math.isqrt(n_tokens - p)
+        if g * g == n_tokens - p:
+            return p
+    raise ValueError(f"cannot lay {n_tokens} tokens on a square grid after dropping up to 8 prefix tokens")
+
+
+def unit_view(t: torch.Tensor, n_prefix: int | None = None) -> torch.Tensor:
+    """Bring a layer output to ``(B, units, H, W)``: conv as is, tokens reshaped to the patch grid, flat 1x1."""
+    if t.dim() == 4:
+        return t
+    if t.dim() == 2:
+        return t[:, :, None, None]
+    if t.dim() == 3:
+        b, n, d = t.shape
+        p = n_prefix if n_prefix is not None else prefix_tokens(None, n)
+        g = math.isqrt(n - p)
+        if g * g != n - p:
+            raise ValueError(f"{n} tokens minus {p} prefix tokens is not a square grid")
+        return t[:, p:, :].reshape(b, g, g, d).permute(0, 3, 1, 2)
+    raise ValueError(f"cannot interpret a layer output of shape {tuple(t.shape)} as units")
+
+
+def layer_kind(t: torch.Tensor) -> str:
+    return {4: "conv", 3: "tokens", 2: "flat"}.get(t.dim(), "other")
+
+
+@dataclass
+class LayerInfo:
+    name: str
+    type: str
+    kind: str
+    shape: tuple[int, ...]
+    units: int
+    calls: int
+
+
+def layer_catalogue(model: nn.Module, input_size: int, device: str | torch.device = "cpu") -> list[LayerInfo]:
+    """Every named module with its output shape and unit count, from one forward pass of a blank image."""
+    seen: dict[str, list] = {}
+    handles = []
+    for name, mod in model.named_modules():
+        if not name:
+            continue
+
+        def hook(_m, _i, out, name=name):
+            try:
+                t = _first_tensor(out)
+            except TypeError:
+                return
+            seen.setdefault(name, [type(_m).__name__, t.shape, 0])
+            seen[name][1] = t.shape
+            seen[name][2] += 1
+        handles.append(mod.register_forward_hook(hook))
+    try:
+        with torch.no_grad():
+            model(torch.zeros(1, 3, input_size, input_size, device=device))
+    finally:
+        for h in handles:
+            h.remove()
+    out = []
+    for name, (typ, shape, calls) in seen.items():
+        kind = {4: "conv", 3: "tokens", 2: "flat"}.get(len(shape), "other")
+        units = int(shape[1] if kind == "conv" else shape[-1]) if kind != "other" else 0
+        out.append(LayerInfo(name, typ, kind, tuple(int(s) for s in shape[1:]), units, calls))
+    return out

@@ -1,0 +1,57 @@
+"""Build the photo sample shipped inside the package (neuroscribe/data/sample).
+
+Source: Imagenette ("imagenette2", fast.ai), real ImageNet photographs of 10 classes, as laid out in
+../shared/data/imagenette (224 px). ImageNet terms of use apply (non-commercial research). This script takes a
+seeded random choice of N_TRAIN images per class from train/ and N_VAL from val/, shrinks them to SIZE px
+(shorter side) and saves them as JPEG quality 85, so the package stays small (~2.5 MB).
+
+    python tools/make_sample.py [--src ../shared/data/imagenette] [--size 128]
+"""
+import argparse
+import json
+import random
+import shutil
+from pathlib import Path
+
+from PIL import Image
+
+CLASSES = {"n01440764": "tench", "n02102040": "English springer", "n02979186": "cassette player",
+           "n03000684": "chain saw", "n03028079": "church", "n03394916": "French horn",
+           "n03417042": "garbage truck", "n03425413": "gas pump", "n03445777": "golf ball",
+           "n03888257": "parachute"}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--src", default=str(Path(__file__).resolve().parents[2] / "shared/data/imagenette"))
+    ap.add_argument("--dst", default=str(Path(__file__).resolve().parents[1] / "neuroscribe/data/sample"))
+    ap.add_argument("--size", type=int, default=128)
+    ap.add_argument("--train", type=int, default=40)
+    ap.add_argument("--val", type=int, default=10)
+    a = ap.parse_args()
+    src, dst = Path(a.src), Path(a.dst)
+    if dst.exists():
+        shutil.rmtree(dst)
+    rng = random.Random(0)
+    for split, n in (("train", a.train), ("val", a.val)):
+        for wnid in sorted(CLASSES):
+            files = sorted((src / split / wnid).glob("*.JPEG"))
+            out = dst / split / wnid
+            out.mkdir(parents=True)
+            for f in sorted(rng.sample(files, n)):
+                im = Image.open(f).convert("RGB")
+                s = a.size / min(im.size)
+                im = im.resize((round(im.width * s), round(im.height * s)), Image.BICUBIC)
+                im.save(out / (f.stem + ".jpg"), quality=85)
+    (dst / "classes.json").write_text(json.dumps(CLASSES, indent=1) + "\n")
+    (dst / "README.md").write_text(
+        "# Photo sample (real ImageNet photographs)\n\n"
+        f"{a.train} train + {a.val} val images per class of the 10 Imagenette classes (fast.ai's 'imagenette2', "
+        "a subset of ImageNet), chosen with seed 0 and shrunk to "
+        f"{a.size} px on the shorter side by `tools/make_sample.py`. ImageNet terms of use apply "
+        "(non-commercial research). `classes.json` maps each WordNet id folder to its class name; sorted "
+        "folder order is the class index.\n")
+
+
+if __name__ == "__main__":
+    main()

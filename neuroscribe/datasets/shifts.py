@@ -35,6 +35,7 @@ from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from neuroscribe.datasets.cues import Cue, WatermarkCue, cue_uses_class, parse_cue, render_cue
+from neuroscribe.datasets.probe import load_image
 
 __all__ = ["Correlation", "ShiftConfig", "CuedDataset", "materialise", "MANIFEST_COLUMNS"]
 
@@ -95,13 +96,12 @@ def _derive_seed(seed: int, index: int) -> int:
     return int.from_bytes(digest, "big")
 
 
-def _load_rgb(path: str | os.PathLike[str]) -> Image.Image:
-    with Image.open(path) as im:
-        return im.convert("RGB")
-
-
 class CuedDataset(torch.utils.data.Dataset):
     """A dataset of ``(path, label)`` samples with a seeded spurious cue.
+
+    ``samples`` may also hold objects with ``.path`` and ``.label`` (e.g. ``probe.Sample``);
+    images are opened with :func:`neuroscribe.datasets.probe.load_image`. ``cue`` is a cue model
+    or its dict form; the other keyword arguments are the fields of :class:`ShiftConfig`.
 
     ``__getitem__(i)`` returns ``(image, label, info)``; ``image`` is a PIL RGB image, or
     whatever ``transform`` returns. ``info`` is collatable by torch's default collate:
@@ -128,10 +128,13 @@ class CuedDataset(torch.utils.data.Dataset):
             raise ValueError("correlation='wrong' needs at least 2 classes in class_names")
         self.samples: list[tuple[str, int]] = []
         for i, sample in enumerate(samples):
-            try:
-                path, label = sample
-            except (TypeError, ValueError):
-                raise ValueError(f"samples[{i}] must be a (path, label) pair, got {sample!r}") from None
+            if hasattr(sample, "path") and hasattr(sample, "label"):  # e.g. probe.Sample
+                path, label = sample.path, sample.label
+            else:
+                try:
+                    path, label = sample
+                except (TypeError, ValueError):
+                    raise ValueError(f"samples[{i}] must be a (path, label) pair, got {sample!r}") from None
             if isinstance(label, bool) or not isinstance(label, int) or not 0 <= label < n_classes:
                 raise ValueError(f"samples[{i}] has label {label!r}; expected an int in "
                                  f"0..{n_classes - 1} (len(class_names) = {n_classes})")
@@ -172,7 +175,7 @@ class CuedDataset(torch.utils.data.Dataset):
         if n == 1:
             cue_class = label
         elif cfg.correlation == "match":
-            cue_class = label
+            cue_class = label if u_agree < cfg.strength else other
         elif cfg.correlation == "wrong":
             cue_class = other
         else:  # 'random', and the would-be class for 'none' (used by pair())
@@ -195,7 +198,8 @@ class CuedDataset(torch.utils.data.Dataset):
     def group(self, index: int) -> str:
         """``'clean'``, ``'cue-agrees'`` / ``'cue-conflicts'`` (cue names the label or not), or
         ``'cue'`` for a watermark, which names no class."""
-        d = self._decisions[self._check_index(index)]
+        index = self._check_index(index)
+        d = self._decisions[index]
         if not d.has_cue:
             return "clean"
         if isinstance(self.cue, WatermarkCue):
@@ -218,7 +222,7 @@ class CuedDataset(torch.utils.data.Dataset):
     def render(self, index: int) -> tuple[Image.Image, dict[str, Any]]:
         """The (possibly cued) PIL image for ``index`` and its info, without ``transform``."""
         index = self._check_index(index)
-        img = _load_rgb(self.samples[index][0])
+        img = load_image(self.samples[index][0])
         d = self._decisions[index]
         box = None
         if d.has_cue:
@@ -235,7 +239,7 @@ class CuedDataset(torch.utils.data.Dataset):
         """``(clean, cued)`` PIL images for ``index``; the cue is always drawn on ``cued`` (with the
         class this index would get, even if the plan leaves it clean). No ``transform``."""
         index = self._check_index(index)
-        clean = _load_rgb(self.samples[index][0])
+        clean = load_image(self.samples[index][0])
         d = self._decisions[index]
         cued = render_cue(clean, self.cue, self._token(d.cue_class), random.Random(d.draw_seed)).image
         return clean, cued

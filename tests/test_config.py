@@ -1,0 +1,74 @@
+"""Config validation: wrong keys, types and values are named before any work starts."""
+import subprocess
+import sys
+
+import pytest
+
+from neuroscribe.config import ConfigError, JobConfig, load_config, parse_overrides
+
+
+def write(tmp_path, text):
+    p = tmp_path / "job.yaml"
+    p.write_text(text)
+    return p
+
+
+def test_defaults_and_shorthands(tmp_path):
+    cfg = load_config(write(tmp_path, "model: efficientnet-lite0\nlayers: _blocks.2, _fc\n"))
+    assert cfg.model.spec == "efficientnet-lite0" and cfg.layers == ["_blocks.2", "_fc"]
+    assert cfg.record.k == 15 and cfg.record.quantile == 0.99
+    assert "quantile: 0.99" in cfg.dump()
+
+
+@pytest.mark.parametrize("text, field, hint", [
+    ("record:\n  kk: 3\n", "record.kk", "unknown field"),
+    ("record:\n  k: 0\n", "record.k", "greater than or equal to 1"),
+    ("record:\n  quantile: 1.5\n", "record.quantile", "less than 1"),
+    ("batch_size: many\n", "batch_size", "valid integer"),
+    ("device: tpu\n", "device", "auto, cpu, cuda"),
+    ("layers: [a, a]\n", "layers", "listed twice"),
+    ("preprocess:\n  std: [1, 0, 1]\n", "preprocess.std", "> 0"),
+])
+def test_errors_name_the_field(tmp_path, text, field, hint):
+    with pytest.raises(ConfigError) as e:
+        load_config(write(tmp_path, text))
+    msg = str(e.value)
+    assert f"- {field}:" in msg and hint in msg, msg
+
+
+def test_not_a_mapping_and_missing_file(tmp_path):
+    with pytest.raises(ConfigError, match="mapping"):
+        load_config(write(tmp_path, "- a\n- b\n"))
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "nope.yaml")
+
+
+def test_overrides_parse_yaml_values_and_merge(tmp_path):
+    over = parse_overrides(["record.k=20", "layers=[a,b]", "data.limit=5"])
+    cfg = load_config(write(tmp_path, "record:\n  quantile: 0.9\n"), over)
+    assert cfg.record.k == 20 and cfg.record.quantile == 0.9 and cfg.layers == ["a", "b"]
+    assert cfg.data.limit == 5
+    with pytest.raises(ConfigError, match="FIELD=VALUE"):
+        parse_overrides(["record.k"])
+
+
+def test_relative_data_root_is_relative_to_job_file(tmp_path):
+    (tmp_path / "imgs").mkdir()
+    cfg = load_config(write(tmp_path, "data: imgs\n"))
+    assert cfg.data.root == tmp_path / "imgs"
+
+
+def test_cli_exits_nonzero_before_work(tmp_path):
+    job = write(tmp_path, "model: efficientnet-lite0\nrecord:\n  k: -1\n")
+    r = subprocess.run([sys.executable, "-m", "neuroscribe", "record", str(job), "--out", str(tmp_path / "o")],
+                       capture_output=True, text=True)
+    assert r.returncode == 2 and "record.k" in r.stderr
+    assert not (tmp_path / "o").exists()
+    r = subprocess.run([sys.executable, "-m", "neuroscribe", "config", "show", str(job), "--set", "record.k=7"],
+                       capture_output=True, text=True)
+    assert r.returncode == 0 and "k: 7" in r.stdout and "quantile: 0.99" in r.stdout
+
+
+def test_jobconfig_schema_has_docs():
+    props = JobConfig.model_json_schema()["$defs"]["RecordConfig"]["properties"]
+    assert "description" in props["k"]

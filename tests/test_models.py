@@ -1,0 +1,91 @@
+"""Model factory: specs to (module, preprocessing, classes); local checkpoints; clear errors."""
+import json
+import pickle
+
+import pytest
+import torch
+
+from neuroscribe.models import ModelSpecError, list_models, load_model
+
+
+def test_efficientnet_lite0_offline_real_weights():
+    lm = load_model("efficientnet-lite0")
+    assert lm.preprocess.mean == (0.5, 0.5, 0.5) and lm.preprocess.std == (0.5, 0.5, 0.5)
+    assert len(lm.class_names) == 1000 and lm.class_names[574] == "golf ball"
+    assert not lm.module.training
+    from neuroscribe.datasets.probe import load_image, sample_root
+    imgs = sorted((sample_root() / "val" / "n03445777").glob("*.jpg"))[:6]
+    x = torch.stack([lm.preprocess.transform()(load_image(p)) for p in imgs])
+    with torch.no_grad():
+        pred = lm.module(x).argmax(1)
+    assert (pred == 574).sum() >= 4, pred  # real pretrained weights recognise golf balls
+
+
+def test_torchvision_random_and_unknown():
+    lm = load_model("torchvision:resnet18@none", num_classes=10)
+    assert lm.module.fc.out_features == 10 and lm.preprocess.crop == 224
+    with pytest.raises(ModelSpecError, match="resnet18"):
+        load_model("torchvision:resnet81@none")
+    with pytest.raises(ModelSpecError, match="did you mean"):
+        load_model("efficientnet-lite")
+    assert "efficientnet-lite0" in list_models()
+
+
+def test_missing_weights_say_how_to_get_them():
+    with pytest.raises(ModelSpecError, match="network"):
+        load_model("torchvision:resnet18@IMAGENET1K_V1")
+
+
+def test_timm_random():
+    pytest.importorskip("timm")
+    lm = load_model("timm:resnet10t@none")
+    assert lm.preprocess.crop >= 160
+
+
+def test_checkpoint_state_dict_with_sidecar(tmp_path):
+    base = load_model("torchvision:resnet18@none", num_classes=3)
+    p = tmp_path / "m.pt"
+    torch.save(base.module.state_dict(), p)
+    (tmp_path / "m.pt.spec.json").write_text(json.dumps({
+        "arch": "torchvision:resnet18", "num_classes": 3, "class_names": ["a", "b", "c"],
+        "preprocess": {"resize": 64, "crop": 64, "mean": [0.5] * 3, "std": [0.5] * 3}}))
+    lm = load_model(f"checkpoint:{p}")
+    assert lm.class_names == ["a", "b", "c"] and lm.preprocess.crop == 64
+    assert lm.fingerprint() != load_model("torchvision:resnet18@none", num_classes=3).fingerprint()
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.allclose(lm.module(x), base.module.eval()(x))
+
+
+def test_checkpoint_safetensors_needs_arch(tmp_path):
+    from safetensors.torch import save_file
+    base = load_model("torchvision:resnet18@none", num_classes=2)
+    p = tmp_path / "m.safetensors"
+    save_file({k: v.contiguous() for k, v in base.module.state_dict().items()}, str(p))
+    with pytest.raises(ModelSpecError, match="model.arch"):
+        load_model(f"checkpoint:{p}")
+    lm = load_model(f"checkpoint:{p}", arch="torchvision:resnet18", num_classes=2)
+    assert lm.module.fc.out_features == 2
+
+
+class Evil:
+    def __reduce__(self):
+        return (exec, ("import pathlib; pathlib.Path('PWNED').write_text('x')",))
+
+
+def test_malicious_pickle_refused_by_default(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    p = tmp_path / "evil.pt"
+    with open(p, "wb") as f:
+        pickle.dump({"w": Evil()}, f)
+    with pytest.raises(ModelSpecError, match="allow_pickle"):
+        load_model(f"checkpoint:{p}", arch="torchvision:resnet18")
+    assert not (tmp_path / "PWNED").exists()
+
+
+def test_torchscript_checkpoint(tmp_path):
+    m = torch.nn.Sequential(torch.nn.Conv2d(3, 2, 1), torch.nn.ReLU()).eval()
+    p = tmp_path / "s.pt"
+    torch.jit.script(m).save(str(p))
+    lm = load_model(f"checkpoint:{p}")
+    assert lm.info["format"] == "torchscript"

@@ -1,0 +1,109 @@
+"""Record stage end to end on the real EfficientNet-Lite0 and real Imagenette photos."""
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from neuroscribe.config import load_config
+from neuroscribe.describe.exemplars import Recording
+from neuroscribe.describe.record import record
+from neuroscribe.datasets.probe import sample_root
+
+GOLF = 574  # ImageNet-1k index of "golf ball"
+LAYERS = ["_blocks.4", "_fc"]
+
+
+def job(out, **over):
+    base = {"model": "efficientnet-lite0", "layers": LAYERS, "out": str(out), "progress": False,
+            "batch_size": 20, "workers": 0, "data": {"root": str(sample_root()), "split": "val"},
+            "record": {"k": 8}}
+    for key, v in over.items():
+        base[key] = {**base[key], **v} if isinstance(v, dict) and isinstance(base.get(key), dict) else v
+    return load_config(None, base)
+
+
+@pytest.fixture(scope="module")
+def small(tmp_path_factory):
+    out = tmp_path_factory.mktemp("rec") / "job"
+    return record(job(out)), out
+
+
+def test_artifacts_and_golf_ball_logit_unit(small):
+    path, out = small
+    rec = Recording.open(out)
+    assert rec.path == path and rec.meta["n_images"] == 100 and rec.meta["n_skipped"] == 0
+    assert set(rec.layers) == set(LAYERS)
+    golf_class = rec.meta["class_names"].index("golf ball")
+    ex = rec.exemplars("_fc", GOLF)
+    labels = [int(rec.labels[e.image_id]) for e in ex]
+    assert sum(lbl == golf_class for lbl in labels) >= 7, labels  # all 10 golf-ball photos are in the probe set
+    assert all(a.score >= b.score for a, b in zip(ex, ex[1:]))
+    t = rec.tensors("_blocks.4")
+    assert t["maps"].shape[:2] == (rec.units("_blocks.4"), 8) and str(t["maps"].dtype) == "torch.float16"
+    masks = rec.masks("_blocks.4", 0)
+    assert masks.shape == (8, 224, 224) and 0 < masks.mean() < 0.5
+    # the top exemplar's own map peaks above the unit's 0.99-quantile threshold
+    assert ex[0].map.max() == pytest.approx(ex[0].score, rel=1e-2)
+    assert json.loads((out / "record.json").read_text())["path"].endswith(rec.meta["key"])
+
+
+def test_compact_format_is_far_smaller_than_milan(small, tmp_path):
+    path, out = small
+    rec = Recording.open(out)
+    ours = sum(f.stat().st_size for f in (path / "layers").iterdir())
+    milan = rec.export_milan(tmp_path / "milan", ["_blocks.4"])
+    d = milan / "_blocks.4"
+    images, masks, ids = (np.load(d / f"{n}.npy") for n in ("images", "masks", "ids"))
+    u = rec.units("_blocks.4")
+    assert images.shape == (u, 8, 3, 224, 224) and masks.shape == (u, 8, 1, 224, 224)
+    assert np.array_equal(ids, rec.tensors("_blocks.4")["ids"].numpy())
+    # the exported image is the exemplar in model geometry
+    assert np.array_equal(images[0, 0], np.asarray(rec.image(int(ids[0, 0]))).transpose(2, 0, 1))
+    milan_bytes = (d / "images.npy").stat().st_size + (d / "masks.npy").stat().st_size
+    assert milan_bytes > 20 * ours
+
+
+def test_cache_reused_and_invalidated(small, tmp_path):
+    path, out = small
+    mtime = (path / "meta.json").stat().st_mtime_ns
+    assert record(job(out)) == path and (path / "meta.json").stat().st_mtime_ns == mtime  # unchanged: reused
+    assert record(job(out, record={"k": 8, "quantile": 0.95})) != path  # changed result-relevant field
+    assert record(job(out, batch_size=7)) == path  # batch size does not change the result
+
+
+def test_dataset_change_invalidates(tmp_path):
+    data = tmp_path / "imgs" / "c0"
+    data.mkdir(parents=True)
+    for p in sorted((sample_root() / "val" / "n03445777").glob("*.jpg"))[:4]:
+        shutil.copy(p, data / p.name)
+    cfg = job(tmp_path / "j", data={"root": str(tmp_path / "imgs"), "split": None}, layers=["_fc"])
+    a = record(cfg)
+    (data / "bad.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    b = record(cfg)
+    assert a != b
+    meta = json.loads((b / "meta.json").read_text())
+    assert meta["n_skipped"] == 1 and meta["skipped"][0][1].endswith("bad.jpg") and "corrupt" in meta["skipped"][0][2]
+    assert Recording(b).tensors("_fc")["ids"].shape == (1000, 8)
+    assert (Recording(b).tensors("_fc")["ids"][:, 5:] == -1).all()  # 4 good images < k: padded
+
+
+def test_unknown_layer_fails_before_work(tmp_path):
+    from neuroscribe.hooks import UnknownLayerError
+    with pytest.raises(UnknownLayerError, match="_blocks.4"):
+        record(job(tmp_path / "j", layers=["_blocks.44"]))
+    assert not (tmp_path / "j").exists()
+
+
+def test_full_imagenette_golf_ball_unit(imagenette, tmp_path):
+    """A few hundred real photos from the full Imagenette val set (CI has it)."""
+    cfg = job(tmp_path / "j", data={"root": str(imagenette), "split": "val"}, layers=["_fc"],
+              record={"k": 15})
+    cfg.data.limit = 300
+    rec = Recording(record(cfg))
+    golf_class = 8
+    labels = [int(rec.labels[e.image_id]) for e in rec.exemplars("_fc", GOLF)]
+    assert sum(lbl == golf_class for lbl in labels) >= 12, labels
+    tench = [int(rec.labels[e.image_id]) for e in rec.exemplars("_fc", 0)]
+    assert sum(lbl == 0 for lbl in tench) >= 10, tench

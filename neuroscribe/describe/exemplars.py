@@ -83,6 +83,10 @@ class Recording:
         return [Path(p) if Path(p).is_absolute() else self.root / p for p in rel]
 
     @cached_property
+    def skipped_ids(self) -> set[int]:
+        return {int(i) for i, *_ in self.meta.get("skipped", [])}
+
+    @cached_property
     def labels(self) -> np.ndarray:
         import pyarrow.parquet as pq
         col = pq.read_table(self.path / "images.parquet", columns=["label"]).column("label").to_pylist()

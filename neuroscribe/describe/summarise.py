@@ -123,7 +123,7 @@ def _unique(candidates: Sequence[Candidate]) -> dict[str, float]:
 
 def summarise(
     candidates: Sequence[Sequence[Candidate]],
-    background: Sequence[Candidate],
+    background: Sequence[Candidate] | Sequence[Sequence[Candidate]],
     embedder: SentenceEmbedder,
     top: int = 5,
     alpha: float = 1.0,
@@ -150,6 +150,12 @@ def summarise(
 
           score(c) = log T(c) - alpha * log A(c)
 
+    * Per-view background (``background`` given as one candidate list per view -- views of random images or
+      units): the rate is on the same scale as ``T``, the smoothed noisy-OR fraction of background views showing
+      ``c``, ``A(c) = (sum_b [1 - prod_{x in b} (1 - w_x k(c, x))] + 1) / (B + 2)``, so ``score`` is a PMI
+      between "this unit's views" and "any views". Recommended: a flat pool under-rates phrases that occur in
+      nearly every view (colours), which then look unit-specific.
+
     Only phrases occurring among the unit's own candidates are scored. ``support`` counts the views holding ``c``
     or a near-duplicate (cosine > ``duplicate_cosine``). The ``top`` best are returned, skipping any near-duplicate
     of a better one (so "ball" and "balls" do not both appear). Ties break by phrase, so the result is deterministic.
@@ -163,6 +169,10 @@ def summarise(
     pool = sorted({p for v in views for p in v})
     if not pool:
         return []
+    bg_views = None
+    if background and not isinstance(background[0], Candidate):  # one candidate list per background view
+        bg_views = [_unique(v) for v in background]
+        background = [c for v in background for c in v]
     bg = _unique(background)
     bg_phrases = sorted(bg)
     view_phrases = [sorted(v) for v in views]
@@ -190,10 +200,21 @@ def summarise(
         support += (cos.max(axis=1) > duplicate_cosine) | np.isin(pool, phrases)
     typical /= len(views)
 
-    total = float(sum(bg.values()))
-    _, kb = kernel(bg_phrases)
-    wb = np.array([bg[p] for p in bg_phrases]) if bg_phrases else np.zeros(0)
-    rate = (kb @ wb + 1.0) / (total + 1.0)
+    if bg_views is not None:
+        # background given per view: the same noisy-OR "fraction of views showing c" as T, add-one smoothed
+        hits = np.zeros(len(pool))
+        for v in bg_views:
+            phrases = sorted(v)
+            if phrases:
+                _, k = kernel(phrases)
+                w = np.array([v[p] for p in phrases])
+                hits += 1.0 - np.prod(1.0 - np.clip(w[None, :] * k, 0.0, 1.0), axis=1)
+        rate = (hits + 1.0) / (len(bg_views) + 2.0)
+    else:
+        total = float(sum(bg.values()))
+        _, kb = kernel(bg_phrases)
+        wb = np.array([bg[p] for p in bg_phrases]) if bg_phrases else np.zeros(0)
+        rate = (kb @ wb + 1.0) / (total + 1.0)
 
     scores = np.log(np.maximum(typical, 1e-12)) - alpha * np.log(rate)
     order = sorted(range(len(pool)), key=lambda i: (-round(float(scores[i]), 9), pool[i]))

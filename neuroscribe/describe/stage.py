@@ -1,0 +1,227 @@
+"""Describe stage: (job config, recording) -> descriptions for every unit, exports, gallery.
+
+Outputs in the job directory: ``descriptions.csv`` / ``.jsonl`` / ``.parquet``, ``gallery/index.html``,
+``describe/<key>/`` (per-unit progress log ``units.jsonl`` and exemplar grids ``views/``) and ``describe.json``
+(summary: backend, counts, timings, the final-layer check). Resumable per batch of units: finished units are
+appended to ``units.jsonl`` (one fsynced JSON line each) and skipped on rerun; a torn last line is ignored.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+import re
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .. import io
+from ..config import JobConfig
+from .describers import Described
+from .exemplars import Recording
+from .record import resolve_device
+
+log = logging.getLogger("neuroscribe.describe")
+FORMAT_VERSION = 1
+
+
+def make_describer(cfg: JobConfig, device: torch.device):
+    """One place where ``describe.backend`` becomes a describer object."""
+    d = cfg.describe
+    if d.backend == "tagger":
+        from .offline import TaggerDescriber
+        return TaggerDescriber(d, device, seed=cfg.seed)
+    if d.backend == "captioner":
+        from .captioner import CaptionerDescriber
+        c = d.captioner
+        return CaptionerDescriber(c.model, device=str(device), batch_size=c.batch_size,
+                                  max_new_tokens=c.max_new_tokens, prompt=c.prompt, seed=cfg.seed)
+    from .clip import ClipDissectDescriber
+    c = d.clip
+    return ClipDissectDescriber(c.spec, vocabulary=str(c.vocabulary) if c.vocabulary else None, lam=c.lam,
+                                device=str(device))
+
+
+def _key(cfg: JobConfig, rec: Recording) -> str:
+    d = cfg.describe.model_dump(mode="json", exclude={"gallery", "batch_units", "faithfulness_images"})
+    ident = {"v": FORMAT_VERSION, "record": rec.meta["key"], "describe": d, "seed": cfg.seed}
+    return hashlib.blake2b(json.dumps(ident, sort_keys=True).encode(), digest_size=8).hexdigest()
+
+
+def _read_done(path: Path) -> dict[tuple[str, int], dict]:
+    done = {}
+    if path.is_file():
+        for line in path.read_text().splitlines():
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                continue  # a torn last line from an interrupted run
+            done[(row["layer"], int(row["unit"]))] = row
+    return done
+
+
+def _append(path: Path, rows: list[dict]) -> None:
+    with open(path, "a") as f:
+        for r in rows:
+            f.write(json.dumps(r) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def class_terms(name: str) -> list[str]:
+    """Words that count as naming a class: its name and, for ImageNet classes, its WordNet lemma names."""
+    from .tagger import ImageNetVocabulary
+    terms = {name.lower()}
+    vocab = ImageNetVocabulary()
+    for i in range(len(vocab)):
+        if name.lower() in (n.lower() for n in vocab.names(i)):
+            terms.update(n.lower() for n in vocab.names(i))
+    return sorted(terms)
+
+
+def names_any(description: str, terms: list[str]) -> bool:
+    text = description.lower()
+    return any(re.search(rf"\b{re.escape(t)}s?\b", text) for t in terms)
+
+
+def final_layer_targets(rec: Recording) -> tuple[str, dict[int, str]] | None:
+    """The logit layer and, per probe class, its logit unit (matched by class name), if the model has one."""
+    model_names = rec.meta.get("lm_class_names") or []
+    probe_names = rec.meta.get("class_names") or []
+    if not model_names or not probe_names:
+        return None
+    layers = [l for l in rec.layers if rec.units(l) == len(model_names) and rec.meta["layers"][l]["kind"] == "flat"]
+    if not layers:
+        return None
+    lower = {n.lower(): i for i, n in enumerate(model_names)}
+    units = {lower[n.lower()]: n for n in probe_names if n.lower() in lower}
+    return (layers[-1], units) if units else None
+
+
+@torch.no_grad()
+def faithfulness(cfg: JobConfig, rec: Recording, rows: list[Described]) -> dict[tuple[str, int], dict]:
+    """CoSy-style check on real probe images: for units whose description names a probe class, the AUC and
+    MAD (mean activation difference in units of the control std) of the unit's spatial-max activation on
+    images of that class vs all other labelled images."""
+    from sklearn.metrics import roc_auc_score
+    names = rec.meta.get("class_names") or []
+    if not names or cfg.describe.faithfulness_images == 0:
+        return {}
+    terms = {c: class_terms(n) for c, n in enumerate(names)}
+    wanted = {}
+    for r in rows:
+        hit = [c for c, t in terms.items() if names_any(r.description, t)]
+        if len(hit) == 1:
+            wanted[(r.layer, r.unit)] = hit[0]
+    if not wanted:
+        return {}
+    from ..datasets.probe import ImageDataset, collate_skipping, open_probe_set
+    from ..hooks import run, trace, unit_view
+    from ..models import load_model
+    device = resolve_device(cfg.device)
+    lm = load_model(cfg.model.spec, arch=cfg.model.arch, num_classes=cfg.model.num_classes,
+                    allow_pickle=cfg.model.allow_pickle, device=device)
+    lm.preprocess = rec.preprocess
+    probe = open_probe_set(cfg.data.root, cfg.data.format, cfg.data.split, cfg.data.limit, cfg.seed)
+    labelled = [i for i, s in enumerate(probe.samples) if s.label is not None]
+    rng = np.random.default_rng(cfg.seed)
+    ids = sorted(rng.choice(labelled, min(len(labelled), cfg.describe.faithfulness_images), replace=False).tolist())
+    layers = sorted({l for l, _ in wanted})
+    loader = torch.utils.data.DataLoader(ImageDataset(probe, lm.preprocess.transform(), ids), batch_size=cfg.batch_size,
+                                         num_workers=cfg.workers, collate_fn=collate_skipping)
+    acts = {l: [] for l in layers}
+    labels = []
+    for x, bid, _ in loader:
+        if x is None:
+            continue
+        with trace(lm.module, layers, stop=True) as tr:
+            run(lm.module, x.to(device))
+        for l in layers:
+            acts[l].append(unit_view(tr[l], rec.meta["layers"][l]["prefix_tokens"]).flatten(2).amax(2).float().cpu())
+        labels += [probe.samples[i].label for i in bid.tolist()]
+    labels = np.array(labels)
+    out = {}
+    for (l, u), c in wanted.items():
+        a = torch.cat(acts[l])[:, u].numpy()
+        pos, neg = a[labels == c], a[labels != c]
+        if len(pos) == 0 or len(neg) == 0:
+            continue
+        out[(l, u)] = {"concept": names[c], "auc": float(roc_auc_score(labels == c, a)),
+                       "mad": float((pos.mean() - neg.mean()) / (neg.std() + 1e-8)), "n_pos": int(len(pos)),
+                       "n_neg": int(len(neg))}
+    return out
+
+
+def describe(cfg: JobConfig) -> Path:
+    """Run the describe stage for the job in ``cfg.out``; returns the path of ``descriptions.csv``."""
+    from .views import unit_grid, unit_views
+    job = Path(cfg.out)
+    rec = Recording.open(job)
+    layers = cfg.describe.layers or rec.layers
+    for l in layers:
+        rec.units(l)  # raises naming the recorded layers
+    todo = [(l, u) for l in layers for u in range(min(rec.units(l), cfg.describe.units or math.inf))]
+    target = final_layer_targets(rec)
+    if target:
+        todo += [(target[0], u) for u in sorted(target[1]) if (target[0], u) not in set(todo)]
+    key = _key(cfg, rec)
+    ddir = job / "describe" / key
+    ddir.mkdir(parents=True, exist_ok=True)
+    progress = ddir / "units.jsonl"
+    done = _read_done(progress)
+    remaining = [t for t in todo if t not in done]
+    t0 = time.perf_counter()
+    device = resolve_device(cfg.device)
+    if remaining:
+        describer = make_describer(cfg, device)
+        describer.prepare(rec)
+        from tqdm.auto import tqdm
+        bar = tqdm(total=len(todo), initial=len(todo) - len(remaining), unit="unit", desc="describe",
+                   disable=not cfg.progress, dynamic_ncols=True)
+        bs = cfg.describe.batch_units
+        for s in range(0, len(remaining), bs):
+            chunk = remaining[s:s + bs]
+            uvs = [unit_views(rec, l, u, dim=cfg.describe.dim) for l, u in chunk]
+            rows = []
+            for uv, d in zip(uvs, describer.describe(uvs)):
+                grid = ddir / "views" / re.sub(r"[^A-Za-z0-9_.-]", "_", uv.layer) / f"{uv.unit:05d}.jpg"
+                with io.atomic_path(grid) as tmp:
+                    unit_grid(uv).save(tmp, format="JPEG", quality=88)
+                rows.append({"layer": d.layer, "unit": d.unit, "description": d.description, "score": d.score,
+                             "backend": d.backend, "candidates": d.candidates, "extra": d.extra,
+                             "exemplar_ids": uv.image_ids, "grid": str(grid.relative_to(job))})
+            _append(progress, rows)
+            done.update({(r["layer"], r["unit"]): r for r in rows})
+            bar.update(len(chunk))
+        bar.close()
+    seconds = time.perf_counter() - t0
+    ordered = [done[t] for t in todo]
+    described = [Described(r["layer"], r["unit"], r["description"], r["score"], r["backend"],
+                           [tuple(c) for c in r["candidates"]], dict(r["extra"], exemplar_ids=r["exemplar_ids"]))
+                 for r in ordered]
+    faith = faithfulness(cfg, rec, described)
+    views = {(r["layer"], r["unit"]): {"grid": job / r["grid"], "views": []} for r in ordered}
+    from ..report.exports import write_descriptions
+    paths = write_descriptions(described, rec, job, views, faith, job_dir=job)
+    if cfg.describe.gallery:
+        from ..report.gallery import write_gallery
+        write_gallery(described, job, views, rec=rec, faithfulness=faith)
+    summary = {"key": key, "backend": cfg.describe.backend, "units": len(ordered), "layers": layers,
+               "seconds_this_run": round(seconds, 2), "units_described_this_run": len(remaining),
+               "units_per_second": round(len(remaining) / seconds, 3) if remaining and seconds > 0 else None,
+               "faithfulness_units": len(faith)}
+    if target:
+        layer, units = target
+        hits = {names: names_any(done[(layer, u)]["description"], class_terms(names)) for u, names in units.items()}
+        summary["final_layer_check"] = {
+            "layer": layer, "accuracy": sum(hits.values()) / len(hits), "classes": len(hits),
+            "per_class": {n: {"unit": u, "description": done[(layer, u)]["description"], "names_class": hits[n]}
+                          for u, n in units.items()}}
+    io.write_json(job / "describe.json", summary)
+    log.info("describe: %d units (%d this run) in %.1fs", len(ordered), len(remaining), seconds)
+    return paths["csv"]

@@ -1,0 +1,262 @@
+"""What a describer (and a person) sees of a unit: its exemplars, masks, MILAN-style views and crops.
+
+For every exemplar of a unit (:meth:`Recording.exemplars`) :func:`unit_views` builds
+
+- the image in the model's input geometry (:meth:`Recording.image`),
+- its boolean mask (:meth:`Recording.masks`: the upsampled activation map above the unit's threshold),
+- the MILAN-style *view*: pixels inside the mask unchanged, every other pixel scaled to ``dim`` brightness, with
+  an optional one-pixel outline drawn just *outside* the region (so the region itself stays untouched),
+- a square *crop* around the mask's bounding box plus a margin (the whole image when the mask is empty),
+  resized back to the input size.
+
+A mask that is empty (the unit never passed its threshold on that image) gives a view dimmed everywhere and a
+crop equal to the whole image. Flat layers (``kind == "flat"``, e.g. a classifier) have all-ones masks, so their
+views and crops are the images themselves.
+
+Decoded images are cached per :class:`Recording` in a small LRU (:class:`ImageCache`), so an image shared by
+many units' exemplars of one layer is decoded and resized once. :func:`unit_grid` tiles a unit's views into one
+image and :func:`save_unit_views` writes the grid and the views atomically.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import re
+import threading
+import weakref
+from collections import OrderedDict
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Literal
+
+import numpy as np
+from PIL import Image
+
+from .. import io
+from .describers import UnitViews
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .exemplars import Recording
+
+__all__ = ["ImageCache", "image_cache", "unit_views", "dim_outside", "crop_box", "crop_view", "unit_grid",
+           "save_unit_views", "safe_name", "OUTLINE_COLOUR"]
+
+OUTLINE_COLOUR = (255, 214, 0)  # the outline drawn around a mask region in views
+_DEFAULT_CACHE_SIZE = 512       # ~75 MB of 224 px RGB images
+
+
+class ImageCache:
+    """A thread-safe LRU of decoded exemplar images (model geometry), keyed by image id.
+
+    ``get(i)`` calls ``loader(i)`` only on a miss; ``decoded`` counts those calls (tests and profiling).
+    """
+
+    def __init__(self, loader: Callable[[int], Image.Image], maxsize: int = _DEFAULT_CACHE_SIZE):
+        if maxsize < 1:
+            raise ValueError(f"ImageCache maxsize must be at least 1; got {maxsize}")
+        self._loader = loader
+        self.maxsize = maxsize
+        self._items: OrderedDict[int, Image.Image] = OrderedDict()
+        self._lock = threading.Lock()
+        self.decoded = 0
+
+    def get(self, image_id: int) -> Image.Image:
+        with self._lock:
+            im = self._items.get(image_id)
+            if im is not None:
+                self._items.move_to_end(image_id)
+                return im
+        im = self._loader(image_id)  # decode outside the lock
+        with self._lock:
+            self.decoded += 1
+            self._items[image_id] = im
+            self._items.move_to_end(image_id)
+            while len(self._items) > self.maxsize:
+                self._items.popitem(last=False)
+        return im
+
+    def clear(self) -> None:
+        with self._lock:
+            self._items.clear()
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+
+_caches: "weakref.WeakKeyDictionary[Recording, ImageCache]" = weakref.WeakKeyDictionary()
+_caches_lock = threading.Lock()
+
+
+def image_cache(rec: "Recording", maxsize: int | None = None) -> ImageCache:
+    """The image cache of ``rec`` (created on first use; dropped with the Recording). ``maxsize`` resizes it."""
+    with _caches_lock:
+        cache = _caches.get(rec)
+        if cache is None:
+            cache = _caches[rec] = ImageCache(rec.image, maxsize or _DEFAULT_CACHE_SIZE)
+        elif maxsize is not None:
+            if maxsize < 1:
+                raise ValueError(f"image cache maxsize must be at least 1; got {maxsize}")
+            cache.maxsize = maxsize
+        return cache
+
+
+def dim_outside(image: Image.Image, mask: np.ndarray, dim: float = 0.25, outline: bool = True) -> Image.Image:
+    """MILAN-style view: ``mask`` pixels kept, all others scaled by ``dim``; optional outline outside the region."""
+    if not 0.0 <= dim <= 1.0:
+        raise ValueError(f"dim must be a brightness factor in [0, 1]; got {dim}")
+    arr = np.asarray(image.convert("RGB"))
+    mask = np.asarray(mask, dtype=bool)
+    if mask.shape != arr.shape[:2]:
+        raise ValueError(f"mask shape {mask.shape} does not match image size {arr.shape[1]}x{arr.shape[0]} "
+                         "(masks must be rendered at the model's input size)")
+    lut = np.rint(np.arange(256, dtype=np.float32) * dim).astype(np.uint8)  # x -> round(x * dim)
+    out = np.where(mask[..., None], arr, lut[arr])
+    if outline and mask.any() and not mask.all():
+        out[_ring(mask)] = OUTLINE_COLOUR
+    return Image.fromarray(out)
+
+
+def _ring(mask: np.ndarray) -> np.ndarray:
+    """Pixels 8-adjacent to ``mask`` but outside it: a one-pixel outline that does not cover the region."""
+    p = np.pad(mask, 1)
+    h, w = mask.shape
+    grown = np.zeros_like(mask)
+    for dy in (0, 1, 2):
+        for dx in (0, 1, 2):
+            grown |= p[dy:dy + h, dx:dx + w]
+    return grown & ~mask
+
+
+def crop_box(mask: np.ndarray, margin: float = 0.15, min_size: int = 48) -> tuple[int, int, int, int]:
+    """Square ``(left, top, right, bottom)`` box (PIL convention) around the mask's bounding box.
+
+    The box side is the bounding box's longer side plus ``margin`` of it on each side, at least ``min_size``
+    and at most the image's shorter side; it is centred on the bounding box and shifted to lie inside the image.
+    An empty mask gives the whole image.
+    """
+    if margin < 0:
+        raise ValueError(f"crop margin must be >= 0 (a fraction of the mask box); got {margin}")
+    mask = np.asarray(mask, dtype=bool)
+    if mask.ndim != 2:
+        raise ValueError(f"mask must be 2-D [H, W]; got shape {mask.shape}")
+    h, w = mask.shape
+    rows, cols = np.flatnonzero(mask.any(1)), np.flatnonzero(mask.any(0))
+    if rows.size == 0:
+        return 0, 0, w, h
+    top, bottom, left, right = int(rows[0]), int(rows[-1]) + 1, int(cols[0]), int(cols[-1]) + 1
+    side = max(bottom - top, right - left)
+    side = math.ceil(side * (1 + 2 * margin))
+    side = min(max(side, min_size, 1), h, w)
+    cy, cx = (top + bottom) / 2, (left + right) / 2
+    y0 = int(min(max(round(cy - side / 2), 0), h - side))
+    x0 = int(min(max(round(cx - side / 2), 0), w - side))
+    return x0, y0, x0 + side, y0 + side
+
+
+def crop_view(image: Image.Image, mask: np.ndarray, margin: float = 0.15, min_size: int = 48,
+              size: int | None = None) -> Image.Image:
+    """``image`` cropped to :func:`crop_box` of ``mask`` and resized to ``size`` (default: the image's width)."""
+    box = crop_box(mask, margin, min_size)
+    size = size or image.width
+    return image.crop(box).resize((size, size), Image.Resampling.BICUBIC)
+
+
+def unit_views(rec: "Recording", layer: str, unit: int, dim: float = 0.25, crop_margin: float = 0.15,
+               min_crop: int = 48, *, outline: bool = True, cache: ImageCache | None = None) -> UnitViews:
+    """Everything a describer sees of ``layer``/``unit``: images, masks, dimmed views and crops per exemplar.
+
+    Images come from ``cache`` (default: the Recording's shared :func:`image_cache`), so building the views of
+    every unit of a layer decodes each distinct image once while it stays in the cache.
+    """
+    cache = image_cache(rec) if cache is None else cache
+    exemplars = rec.exemplars(layer, unit)          # raises KeyError/IndexError naming the bad layer/unit
+    size = rec.preprocess.crop
+    masks_all = rec.masks(layer, unit, size) if exemplars else np.zeros((0, size, size), dtype=bool)
+    images, masks, views, crops = [], [], [], []
+    for ex in exemplars:
+        im = cache.get(ex.image_id)
+        mask = np.asarray(masks_all[ex.rank], dtype=bool)
+        if mask.shape != (im.height, im.width):
+            raise ValueError(f"{layer!r} unit {unit}: mask {mask.shape} and image {im.size} of image id "
+                             f"{ex.image_id} differ; the recording's preprocessing does not match its images")
+        images.append(im)
+        masks.append(mask)
+        views.append(dim_outside(im, mask, dim, outline))
+        crops.append(crop_view(im, mask, crop_margin, min_crop, size))
+    return UnitViews(layer=layer, unit=unit, image_ids=[ex.image_id for ex in exemplars],
+                     scores=[float(ex.score) for ex in exemplars], images=images, masks=masks, views=views,
+                     crops=crops)
+
+
+def unit_grid(uv: UnitViews, cols: int = 5, cell: int = 112, *, which: Literal["views", "crops", "images"] =
+              "views", gap: int = 2, background: tuple[int, int, int] = (24, 24, 24)) -> Image.Image:
+    """Tile a unit's ``views`` (or ``crops``/``images``) row by row into one RGB image.
+
+    The grid is ``cols * cell`` wide and ``ceil(n / cols) * cell`` high (one row for a unit with no exemplars,
+    left blank); each tile is the view shrunk to ``cell - gap`` pixels, leaving a ``gap`` border.
+    """
+    if cols < 1 or cell < 2:
+        raise ValueError(f"unit_grid needs cols >= 1 and cell >= 2 pixels; got cols={cols}, cell={cell}")
+    if not 0 <= gap < cell:
+        raise ValueError(f"gap must be in [0, cell); got gap={gap} with cell={cell}")
+    if which not in ("views", "crops", "images"):
+        raise ValueError(f"which must be 'views', 'crops' or 'images'; got {which!r}")
+    tiles: list[Image.Image] = getattr(uv, which)
+    rows = max(1, math.ceil(len(tiles) / cols))
+    grid = Image.new("RGB", (cols * cell, rows * cell), background)
+    inner = cell - gap
+    off = gap // 2
+    for i, tile in enumerate(tiles):
+        thumb = tile.convert("RGB").resize((inner, inner), Image.Resampling.BICUBIC)
+        grid.paste(thumb, ((i % cols) * cell + off, (i // cols) * cell + off))
+    return grid
+
+
+def safe_name(name: str) -> str:
+    """A file-name-safe form of ``name`` (a layer name); names that had to change get a short hash suffix.
+
+    ``_blocks.12`` stays as it is; ``blocks/3`` becomes ``blocks_3-<hash>`` so that distinct layer names never
+    share a file. Leading dots are replaced, so the result is never ``.``, ``..`` or hidden.
+    """
+    s = re.sub(r"[^A-Za-z0-9_.-]", "_", name)
+    s = re.sub(r"^\.", "_", s)[:80]
+    if s != name or not s:
+        s = f"{s}-{hashlib.blake2b(name.encode(), digest_size=4).hexdigest()}"
+    return s
+
+
+def save_unit_views(rec: "Recording", layer: str, unit: int, out_dir: str | Path, *, uv: UnitViews | None = None,
+                    fmt: Literal["jpeg", "png"] = "jpeg", cols: int = 5, cell: int = 112,
+                    quality: int = 90) -> dict:
+    """Write ``out_dir/<layer>/<unit>/grid.<ext>`` and ``view-<rank>.<ext>`` per exemplar, atomically.
+
+    Returns ``{"grid": Path, "views": [Path, ...]}`` (absolute or as given by ``out_dir``). ``uv`` reuses views
+    already built (e.g. for the describer); otherwise they are built with :func:`unit_views` defaults.
+    """
+    if fmt not in ("jpeg", "png"):
+        raise ValueError(f"fmt must be 'jpeg' or 'png'; got {fmt!r}")
+    uv = unit_views(rec, layer, unit) if uv is None else uv
+    if (uv.layer, uv.unit) != (layer, unit):
+        raise ValueError(f"uv holds the views of {uv.layer!r} unit {uv.unit}, not of {layer!r} unit {unit}")
+    ext = "jpg" if fmt == "jpeg" else "png"
+    d = Path(out_dir) / safe_name(layer) / f"{unit:05d}"
+    grid_path = d / f"grid.{ext}"
+    _save(unit_grid(uv, cols, cell), grid_path, fmt, quality)
+    views = []
+    for rank, view in enumerate(uv.views):
+        p = d / f"view-{rank:03d}.{ext}"
+        _save(view, p, fmt, quality)
+        views.append(p)
+    for stale in d.glob(f"view-*.{ext}"):  # a re-run with fewer exemplars leaves no stray views behind
+        if stale not in views:
+            stale.unlink(missing_ok=True)
+    return {"grid": grid_path, "views": views}
+
+
+def _save(im: Image.Image, path: Path, fmt: str, quality: int) -> None:
+    with io.atomic_path(path) as tmp:
+        if fmt == "jpeg":
+            im.convert("RGB").save(tmp, format="JPEG", quality=quality)
+        else:
+            im.save(tmp, format="PNG")

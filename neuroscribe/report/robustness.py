@@ -1,0 +1,451 @@
+"""Robustness report of an ablation job: ``report.json``, ``report.md``, ``report.html`` and ``curve.png``.
+
+:func:`write_report` takes one JSON-able ``results`` dict (validated; a wrong field raises :class:`ReportError`
+naming it). All accuracies are FRACTIONS in [0, 1]; ``lo``/``hi`` are the 95% confidence interval the producer
+computed (e.g. a bootstrap). Schema (``?`` = optional)::
+
+    {
+      "schema"?: "neuroscribe.robustness/1",
+      "title"?: str,
+      "model": {"spec": str, "arch"?: str, "num_classes"?: int, "class_names"?: [str], "fingerprint"?: str,
+                "seed"?: int, "notes"?: str},
+      "job": {"dir": str,                 # job directory; unit grid paths are relative to it
+              "name"?: str, "created"?: str (ISO time), "neuroscribe_version"?: str, "config"?: {...}},
+      "validation": {"name": str,         # e.g. "holdout"; may also appear as a column of the variants
+                     "description": str,  # how it was made, e.g. "10% of training images per class, ..."
+                     "n": int, "groups"?: {GROUP: n}},
+      "test_sets": {NAME: {"description": str, "n": int, "in_distribution"?: bool (default false; at most one true),
+                           "groups"?: {GROUP: n}}},
+      "ablation": {"method": str ("zero" | "mean"), "flagged_by": str (e.g. "description keywords"),
+                   "chosen_n": int, "selection": str (how N was chosen, e.g. "best validation accuracy")},
+      "variants": {VARIANT: {                    # "base" required; known order: base, ablated, ablated_evidence,
+                       "label"?: str,            #   ablated_both, refit, random, sort_all; others follow
+                       "description"?: str, "n_units": int, "units"?: ["layer:unit", ...],
+                       "results"?: {SET: ACC},   # SET = a test set name or validation.name; required unless draws
+                       "draws"?: [{"seed"?: int, "units"?: [...], "results": {SET: ACC}}]}},  # random: >= 5 draws
+      "curve"?: {"n_units": [int], "validation": [acc], "test_sets"?: {NAME: [acc]} (display only),
+                 "chosen_n": int},
+      "units": [{"layer": str, "unit": int, "description": str, "flags": [{"reason": str, "score"?: float}],
+                 "scores"?: {NAME: float}, "grid"?: str (image path relative to job.dir, no ".."),
+                 "variants"?: [VARIANT]}]   # the ablated units (chosen N, flagged by descriptions)
+    }
+    ACC = {"acc": float, "lo": float, "hi": float, "n": int, "correct"?: int,
+           "groups"?: {GROUP: {"acc": float, "lo": float, "hi": float, "n": int}}}
+
+A variant with ``draws`` and no ``results`` (the random control) gets per set the MEAN accuracy over draws, with
+``lo``/``hi`` the min/max over draws (``interval: "range"``, marked † in the tables) and ``sd``.
+
+``report.json`` holds the validated results plus ``derived``: ``columns`` (set order), ``variant_order``, and per
+``variant -> set``: ``acc, lo, hi, n, interval`` (``ci95``/``range``), ``delta_vs_base``, ``gap_to_id`` (accuracy
+minus the same variant's in-distribution accuracy), ``worst_group`` (``{name, acc, lo, hi, n}`` or null) and
+``cell`` (the table text). ``report.md`` is a Markdown table (rows = variants, columns = sets, cells
+``acc% [lo, hi]``) plus worst-group, gap, random-draw and unit tables. ``report.html`` is self-contained (autoescaped,
+strict Content-Security-Policy, no scripts, no network; images are relative links or, with ``embed_images``, inline
+base64). ``curve.png`` plots accuracy against the number of ablated units. Every file is written atomically.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import os
+import statistics
+from pathlib import Path, PurePosixPath
+from typing import Any
+from urllib.parse import quote
+
+from markupsafe import Markup
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from .. import io
+
+__all__ = ["ReportError", "RobustnessResults", "write_report", "VARIANT_ORDER"]
+
+TEMPLATES = Path(__file__).with_name("templates")
+VARIANT_ORDER = ("base", "ablated", "ablated_evidence", "ablated_both", "refit", "random", "sort_all")
+_LABELS = {"base": "base model", "ablated": "ablated (flagged by descriptions)", "ablated_evidence":
+           "ablated (flagged by evidence)", "ablated_both": "ablated (descriptions and evidence)",
+           "refit": "ablated + last layer re-fit", "random": "random units (control)",
+           "sort_all": "top units by validation gain (control)"}
+_CSS = ("body{font:14px/1.45 system-ui,sans-serif;margin:2rem auto;max-width:1200px;padding:0 1rem;color:#222}"
+        "table{border-collapse:collapse;margin:.5rem 0 1.5rem}th,td{border:1px solid #ccc;padding:.3rem .5rem;"
+        "text-align:left;vertical-align:top}th{background:#f3f3f3}td.num{text-align:right;white-space:nowrap}"
+        "img.grid{max-width:360px;height:auto}img.curve{max-width:100%}.muted{color:#666}code{font-size:90%}"
+        "pre{background:#f6f6f6;padding:.5rem;overflow:auto}")
+
+
+class ReportError(ValueError):
+    """The results dict does not follow the schema; the message names each offending field."""
+
+
+class _M(BaseModel):
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+
+def _frac(v: float) -> float:
+    if not 0.0 <= v <= 1.0:
+        raise ValueError(f"must be a fraction in [0, 1], got {v}" + (" (a percentage?)" if v <= 100 else ""))
+    return v
+
+
+class GroupAcc(_M):
+    acc: float
+    lo: float
+    hi: float
+    n: int = Field(ge=0)
+
+    @field_validator("acc", "lo", "hi")
+    @classmethod
+    def _fraction(cls, v: float) -> float:
+        return _frac(v)
+
+    @model_validator(mode="after")
+    def _ordered(self):
+        if not self.lo - 1e-9 <= self.acc <= self.hi + 1e-9:
+            raise ValueError(f"need lo <= acc <= hi, got lo={self.lo}, acc={self.acc}, hi={self.hi}")
+        return self
+
+
+class Acc(GroupAcc):
+    correct: int | None = Field(None, ge=0)
+    groups: dict[str, GroupAcc] | None = None
+
+
+class Draw(_M):
+    seed: int | None = None
+    units: list[str] | None = None
+    results: dict[str, Acc]
+
+
+class Variant(_M):
+    label: str | None = None
+    description: str | None = None
+    n_units: int = Field(ge=0)
+    units: list[str] | None = None
+    results: dict[str, Acc] | None = None
+    draws: list[Draw] | None = None
+
+    @model_validator(mode="after")
+    def _has_results(self):
+        if self.results is None and not self.draws:
+            raise ValueError("needs 'results' (or 'draws' for a random control)")
+        return self
+
+
+class _SetInfo(_M):
+    description: str
+    n: int = Field(ge=0)
+    groups: dict[str, int] | None = None
+
+
+class TestSet(_SetInfo):
+    in_distribution: bool = False
+
+
+class Validation(_SetInfo):
+    name: str = Field(min_length=1)
+
+
+class ModelInfo(_M):
+    spec: str
+    arch: str | None = None
+    num_classes: int | None = None
+    class_names: list[str] | None = None
+    fingerprint: str | None = None
+    seed: int | None = None
+    notes: str | None = None
+
+
+class JobInfo(_M):
+    dir: str = Field(description="job directory; unit grid paths are relative to it")
+    name: str | None = None
+    created: str | None = None
+    neuroscribe_version: str | None = None
+    config: dict[str, Any] | None = None
+
+
+class Ablation(_M):
+    method: str
+    flagged_by: str
+    chosen_n: int = Field(ge=0)
+    selection: str
+
+
+class Flag(_M):
+    reason: str
+    score: float | None = None
+
+
+class Unit(_M):
+    layer: str
+    unit: int = Field(ge=0)
+    description: str
+    flags: list[Flag] = Field(default_factory=list)
+    scores: dict[str, float] | None = None
+    grid: str | None = None
+    variants: list[str] | None = None
+
+    @field_validator("grid")
+    @classmethod
+    def _relative(cls, v: str | None) -> str | None:
+        if v is not None and (PurePosixPath(v).is_absolute() or ".." in PurePosixPath(v).parts or "\\" in v):
+            raise ValueError(f"must be a path relative to job.dir without '..' (got {v!r})")
+        return v
+
+
+class Curve(_M):
+    n_units: list[int] = Field(min_length=1)
+    validation: list[float]
+    test_sets: dict[str, list[float]] | None = None
+    chosen_n: int = Field(ge=0)
+
+    @model_validator(mode="after")
+    def _lengths(self):
+        for name, ys in [("validation", self.validation), *((f"test_sets.{k}", v) for k, v in
+                                                             (self.test_sets or {}).items())]:
+            if len(ys) != len(self.n_units):
+                raise ValueError(f"{name} has {len(ys)} points but n_units has {len(self.n_units)}")
+            for y in ys:
+                _frac(y)
+        return self
+
+
+class RobustnessResults(_M):
+    """The validated results dict (see the module docstring)."""
+
+    schema_: str = Field("neuroscribe.robustness/1", alias="schema", pattern=r"^neuroscribe\.robustness/1$")
+    title: str | None = None
+    model: ModelInfo
+    job: JobInfo
+    validation: Validation
+    test_sets: dict[str, TestSet] = Field(min_length=1)
+    ablation: Ablation
+    variants: dict[str, Variant]
+    curve: Curve | None = None
+    units: list[Unit] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _consistent(self):
+        if self.curve is not None and self.curve.chosen_n != self.ablation.chosen_n:
+            raise ValueError(f"curve.chosen_n ({self.curve.chosen_n}) differs from ablation.chosen_n "
+                             f"({self.ablation.chosen_n})")
+        if "base" not in self.variants:
+            raise ValueError("variants.base: required (the unablated model)")
+        if sum(t.in_distribution for t in self.test_sets.values()) > 1:
+            raise ValueError("test_sets: at most one may have in_distribution: true")
+        known = set(self.test_sets) | {self.validation.name}
+        for name, v in self.variants.items():
+            sets = [*(v.results or {})] + [k for d in v.draws or [] for k in d.results]
+            bad = sorted(set(sets) - known)
+            if bad:
+                raise ValueError(f"variants.{name}: results for unknown sets {bad}; known: {sorted(known)}")
+        rnd = self.variants.get("random")
+        if rnd is not None and len(rnd.draws or []) < 5:
+            raise ValueError(f"variants.random: needs at least 5 draws to show the spread "
+                             f"(got {len(rnd.draws or [])})")
+        return self
+
+
+def _validate(results: dict) -> RobustnessResults:
+    try:
+        return RobustnessResults.model_validate(results)
+    except ValidationError as e:
+        lines = ["invalid robustness results:"]
+        for err in e.errors():
+            loc = ".".join(str(p) for p in err["loc"]) or "<root>"
+            lines.append(f"  - {loc}: {err['msg']}")
+        raise ReportError("\n".join(lines)) from None
+
+
+def _pct(v: float | None, digits: int = 1) -> str:
+    return "—" if v is None else f"{100 * v:.{digits}f}"
+
+
+def _cell(c: dict | None) -> str:
+    if c is None:
+        return "—"
+    mark = "†" if c["interval"] == "range" else ""
+    return f"{_pct(c['acc'])}% [{_pct(c['lo'])}, {_pct(c['hi'])}]{mark}"
+
+
+def _derive(r: RobustnessResults) -> dict:
+    """Per variant and set: the cell (mean over draws for controls), delta to base, gap to ID, worst group."""
+    used = {k for v in r.variants.values() for k in [*(v.results or {})] + [k for d in v.draws or []
+                                                                               for k in d.results]}
+    columns = ([r.validation.name] if r.validation.name in used else []) + list(r.test_sets)
+    order = [k for k in VARIANT_ORDER if k in r.variants] + [k for k in r.variants if k not in VARIANT_ORDER]
+    id_set = next((k for k, t in r.test_sets.items() if t.in_distribution), None)
+    cells: dict[str, dict[str, dict | None]] = {}
+    for name in order:
+        v = r.variants[name]
+        row: dict[str, dict | None] = {}
+        for s in columns:
+            if v.results is not None and s in v.results:
+                a = v.results[s]
+                c = {"acc": a.acc, "lo": a.lo, "hi": a.hi, "n": a.n, "interval": "ci95", "groups": a.groups}
+            else:
+                accs = [d.results[s] for d in v.draws or [] if s in d.results]
+                if not accs:
+                    row[s] = None
+                    continue
+                xs = [a.acc for a in accs]
+                c = {"acc": statistics.fmean(xs), "lo": min(xs), "hi": max(xs), "n": accs[0].n, "interval": "range",
+                     "sd": statistics.stdev(xs) if len(xs) > 1 else 0.0, "draws": len(xs), "groups": None}
+            groups = {g: ga for g, ga in (c.pop("groups") or {}).items() if ga.n > 0}
+            worst = min(groups.items(), key=lambda kv: kv[1].acc) if groups else None
+            c["worst_group"] = None if worst is None else {"name": worst[0], **worst[1].model_dump()}
+            c["groups"] = {g: ga.model_dump() for g, ga in groups.items()} or None
+            row[s] = c
+        cells[name] = row
+    for name, row in cells.items():
+        for s, c in row.items():
+            if c is None:
+                continue
+            base = cells["base"].get(s)
+            idc = row.get(id_set) if id_set else None
+            c["delta_vs_base"] = None if base is None else c["acc"] - base["acc"]
+            c["gap_to_id"] = None if idc is None or s == id_set else c["acc"] - idc["acc"]
+            c["cell"] = _cell(c)
+    return {"columns": columns, "variant_order": order, "in_distribution": id_set, "cells": cells,
+            "labels": {k: r.variants[k].label or _LABELS.get(k, k) for k in order}}
+
+
+def _md(text: Any) -> str:
+    """Markdown-safe table text: no pipes, newlines, HTML or emphasis markup."""
+    s = str(text).replace("\\", "\\\\").replace("\r", " ").replace("\n", " ")
+    for ch in "|*_`[]<>#":
+        s = s.replace(ch, "\\" + ch)
+    return s
+
+
+def _code(text: Any) -> str:
+    """An inline Markdown code span (its content is literal text); backticks and newlines removed."""
+    return "`" + str(text).replace("`", "'").replace("\n", " ").replace("\r", " ") + "`"
+
+
+def _head(cs: list[str]) -> str:
+    return "| " + " | ".join(cs) + " |\n|" + "---|" * len(cs) + "\n"
+
+
+def _markdown(r: RobustnessResults, d: dict, grids: dict[int, str | None]) -> str:
+    """The Markdown report: header, test sets, the accuracy table, worst groups, gaps, random draws, units."""
+    cols, cells, head = d["columns"], d["cells"], _head
+    out = [f"# {_md(r.title or 'Robustness report')}\n\n", f"- Model: {_code(r.model.spec)}\n",
+           f"- Job: {_code(r.job.dir)}\n",
+           (f"- Ablation: {_md(r.ablation.method)}, units flagged by {_md(r.ablation.flagged_by)}; "
+            f"chosen N = {r.ablation.chosen_n} ({_md(r.ablation.selection)})\n"),
+           f"- Validation: {_md(r.validation.name)}, n = {r.validation.n}: {_md(r.validation.description)}\n",
+           "\n## Test sets\n\n", head(["set", "n", "in-distribution", "description"])]
+    out += [f"| {_md(k)} | {t.n} | {'yes' if t.in_distribution else ''} | {_md(t.description)} |\n"
+            for k, t in r.test_sets.items()]
+    out += ["\n## Accuracy (%, 95% CI)\n\n", head(["variant", "units", *map(_md, cols)])]
+    for v in d["variant_order"]:
+        out.append(f"| {_md(d['labels'][v])} | {r.variants[v].n_units} | "
+                   + " | ".join(_cell(cells[v][c]) for c in cols) + " |\n")
+    if any(c and c["interval"] == "range" for row in cells.values() for c in row.values()):
+        out.append("\n† mean over random draws; brackets = min and max over draws.\n")
+    if any(c and c["worst_group"] for row in cells.values() for c in row.values()):
+        out += ["\n## Worst-group accuracy (%)\n\n", head(["variant", *map(_md, cols)])]
+        for v in d["variant_order"]:
+            wg = [cells[v][c] and cells[v][c]["worst_group"] for c in cols]
+            out.append(f"| {_md(d['labels'][v])} | " + " | ".join(
+                "—" if w is None else f"{_pct(w['acc'])} [{_pct(w['lo'])}, {_pct(w['hi'])}] ({_md(w['name'])})"
+                for w in wg) + " |\n")
+    if d["in_distribution"]:
+        out += [f"\n## Gap to in-distribution ({_md(d['in_distribution'])}), points\n\n", head(["variant", *map(_md, cols)])]
+        for v in d["variant_order"]:
+            out.append(f"| {_md(d['labels'][v])} | " + " | ".join(
+                "—" if not cells[v][c] or cells[v][c]["gap_to_id"] is None else f"{100 * cells[v][c]['gap_to_id']:+.1f}"
+                for c in cols) + " |\n")
+    rnd = r.variants.get("random")
+    if rnd is not None and rnd.draws:
+        out += ["\n## Random-unit draws (%)\n\n", head(["draw", "seed", *map(_md, cols)])]
+        for i, dr in enumerate(rnd.draws):
+            out.append(f"| {i + 1} | {dr.seed if dr.seed is not None else ''} | " + " | ".join(
+                _cell({**dr.results[c].model_dump(), "interval": "ci95"}) if c in dr.results else "—"
+                for c in cols) + " |\n")
+    if r.units:
+        out += [f"\n## Ablated units ({len(r.units)})\n\n", head(["layer", "unit", "description", "flags", "grid"])]
+        for i, u in enumerate(r.units):
+            flags = "; ".join(f.reason + ("" if f.score is None else f" ({f.score:.3g})") for f in u.flags)
+            grid = f"[grid]({grids[i]})" if grids.get(i) else ""
+            out.append(f"| {_md(u.layer)} | {u.unit} | {_md(u.description)} | {_md(flags)} | {grid} |\n")
+    return "".join(out)
+
+
+def _plot(r: RobustnessResults, path: Path) -> None:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    c = r.curve
+    assert c is not None
+    fig = Figure(figsize=(7.5, 4.5), dpi=120)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot(1, 1, 1)
+    ax.plot(c.n_units, [100 * y for y in c.validation], marker="o", lw=2.2, ms=3,
+            label=f"validation: {r.validation.name}")
+    for name, ys in (c.test_sets or {}).items():
+        ax.plot(c.n_units, [100 * y for y in ys], ls="--", lw=1.2, label=f"test: {name} (display only)")
+    ax.axvline(c.chosen_n, color="k", ls=":", lw=1.2, label=f"chosen N = {c.chosen_n}")
+    ax.set_xlabel("number of ablated units")
+    ax.set_ylabel("accuracy (%)")
+    ax.set_title("Accuracy vs. ablated units")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="best")
+    fig.tight_layout()
+    with io.atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png")
+
+
+def _grid_links(r: RobustnessResults, out_dir: Path, embed: bool) -> tuple[dict[int, str | None], dict[int, bool]]:
+    """Per unit: an href (relative to ``out_dir``, or a data: URI when embedding) and whether the file exists."""
+    job = Path(r.job.dir)
+    links: dict[int, str | None] = {}
+    exists: dict[int, bool] = {}
+    for i, u in enumerate(r.units):
+        if u.grid is None:
+            links[i], exists[i] = None, False
+            continue
+        target = job / u.grid
+        exists[i] = target.is_file()
+        if embed and exists[i]:
+            mime = {".png": "image/png", ".jpg": "image/jpeg", ".jpeg": "image/jpeg", ".webp": "image/webp"}.get(
+                target.suffix.lower(), "application/octet-stream")
+            links[i] = f"data:{mime};base64," + base64.b64encode(target.read_bytes()).decode()
+        else:
+            links[i] = quote(Path(os.path.relpath(target.absolute(), out_dir.absolute())).as_posix())
+    return links, exists
+
+
+def write_report(results: dict, out_dir: str | Path, *, embed_images: bool = False) -> dict[str, Path]:
+    """Validate ``results`` and write report.json, report.md, report.html and (with a curve) curve.png.
+
+    Returns ``{"json", "md", "html"[, "curve"]}`` -> paths. ``embed_images`` inlines unit grids as base64 (a
+    larger page that can be moved on its own) instead of linking them relative to ``out_dir``.
+    """
+    import jinja2
+    r = _validate(results)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    d = _derive(r)
+    grids, exists = _grid_links(r, out, embed_images)
+    paths = {"json": out / "report.json", "md": out / "report.md", "html": out / "report.html"}
+    if r.curve is not None:
+        paths["curve"] = out / "curve.png"
+        _plot(r, paths["curve"])
+    md_grids = {i: (g if g and not g.startswith("data:") else None) for i, g in grids.items()}
+    io.write_text(paths["md"], _markdown(r, d, md_grids))
+    env = jinja2.Environment(loader=jinja2.FileSystemLoader(str(TEMPLATES)), autoescape=True,
+                             undefined=jinja2.StrictUndefined, trim_blocks=True, lstrip_blocks=True)
+    env.filters.update(pct=_pct, cell=_cell)
+    csp = ("default-src 'none'; style-src 'sha256-" + base64.b64encode(hashlib.sha256(_CSS.encode()).digest())
+           .decode() + "'; img-src 'self' file: data:; base-uri 'none'; form-action 'none'")
+    html = env.get_template("robustness.html.j2").render(
+        r=r, d=d, css=Markup(_CSS), csp=csp, grids=grids, grid_exists=exists, curve="curve.png" if r.curve else None,
+        config_json=None if r.job.config is None else json.dumps(r.job.config, indent=1, sort_keys=True, default=str))
+    io.write_text(paths["html"], html)
+    payload = r.model_dump(mode="json", by_alias=True)
+    payload["derived"] = {**d, "units": [{"grid_exists": exists[i]} for i in range(len(r.units))],
+                          "files": {k: p.name for k, p in paths.items()}}
+    io.write_json(paths["json"], payload)
+    return paths

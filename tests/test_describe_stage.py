@@ -1,0 +1,87 @@
+"""Describe stage with the offline tagger on the real EfficientNet-Lite0 and real photos."""
+import json
+import random
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from neuroscribe.config import load_config
+from neuroscribe.datasets.cues import TextCue, apply_cue
+from neuroscribe.datasets.probe import load_image, sample_root
+from neuroscribe.describe.describers import UnitViews
+from neuroscribe.describe.record import record
+from neuroscribe.describe.stage import describe
+
+
+def job(out, **over):
+    base = {"model": "efficientnet-lite0", "layers": ["_blocks.15", "_fc"], "out": str(out), "progress": False,
+            "batch_size": 25, "workers": 0, "data": {"root": str(sample_root()), "split": "val"},
+            "describe": {"units": 3, "faithfulness_images": 100}}
+    base.update(over)
+    return load_config(None, base)
+
+
+@pytest.fixture(scope="module")
+def described(tmp_path_factory):
+    out = tmp_path_factory.mktemp("desc") / "job"
+    cfg = job(out)
+    record(cfg)
+    describe(cfg)
+    return cfg, out
+
+
+def test_exports_final_layer_check_and_faithfulness(described):
+    import pandas as pd
+    cfg, out = described
+    df = pd.read_csv(out / "descriptions.csv")
+    assert list(df.columns[:3]) == ["layer", "unit", "description"]
+    # 3 units of each layer + the logit units of the 10 probe classes (tench is unit 0, already among the 3)
+    assert len(df) == 3 + 3 + 9 and df["description"].str.len().min() > 0
+    summary = json.loads((out / "describe.json").read_text())
+    check = summary["final_layer_check"]
+    assert check["layer"] == "_fc" and check["classes"] == 10
+    assert check["accuracy"] >= 0.4, check  # the logit units of the probe classes are named after their class
+    tench = df[(df.layer == "_fc") & (df.unit == 0)].iloc[0]
+    assert "tench" in tench.description or "fish" in tench.description
+    # faithfulness is computed on real labelled images where a description names a probe class
+    named = df.dropna(subset=["faithfulness_auc"])
+    assert len(named) >= 3 and named.faithfulness_auc.max() > 0.9
+    assert (out / "gallery" / "index.html").is_file()
+    assert pd.read_parquet(out / "descriptions.parquet").shape[0] == len(df)
+
+
+def test_resume_describes_only_missing_units(described):
+    cfg, out = described
+    log = next((out / "describe").glob("*/units.jsonl"))
+    lines = log.read_text().splitlines()
+    log.write_text("\n".join(lines[:-2]) + "\n" + lines[-2][:20])  # drop one unit, tear the next line
+    before = json.loads((out / "describe.json").read_text())
+    describe(cfg)
+    after = json.loads((out / "describe.json").read_text())
+    assert after["units_described_this_run"] == 2 and after["units"] == before["units"]
+    assert len(log.read_text().splitlines()) >= len(lines)
+
+
+def test_text_unit_is_described_with_a_text_word(tmp_path):
+    """Views whose masked region holds overlaid text: the tagger's description is a text word."""
+    from neuroscribe.config import DescribeConfig
+    from neuroscribe.describe.offline import TaggerDescriber
+    import torch
+    photos = sorted((sample_root() / "val").glob("*/*.jpg"))
+    rng = random.Random(0)
+    cue = TextCue(size=0.16, position="bottom-left")
+    names = ["tench", "church", "parachute", "golf ball", "chain saw"]
+    images, masks = [], []
+    for i, p in enumerate(rng.sample(photos, 10)):
+        im = load_image(p).resize((224, 224))
+        images.append(apply_cue(im, cue, names[i % 5], rng))
+        m = np.zeros((224, 224), bool)
+        m[150:, :150] = True  # the unit fires on the bottom-left corner where the text is
+        masks.append(m)
+    uv = UnitViews("layer", 0, list(range(10)), [1.0] * 10, images, masks, images, images)
+    d = TaggerDescriber(DescribeConfig(), torch.device("cpu"))
+    d.background = [d._prior(c) for c in d.tagger.tag([load_image(p).resize((224, 224)) for p in photos[::25]])]
+    out = d.describe([uv])[0]
+    text_words = {"text", "letters", "word", "words", "digits", "number"}
+    assert any(w in out.description.split() for w in text_words) or out.description.startswith("the word"), out

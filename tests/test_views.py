@@ -1,0 +1,216 @@
+"""Tests for neuroscribe.describe.views over a real recording (efficientnet-lite0 on the shipped photos)."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from neuroscribe.describe.describers import UnitViews
+from neuroscribe.describe.exemplars import Recording
+from neuroscribe.describe.views import (
+    OUTLINE_COLOUR, ImageCache, crop_box, crop_view, dim_outside, image_cache, safe_name, save_unit_views,
+    unit_grid, unit_views,
+)
+
+CONV, FLAT = "_blocks.12", "_fc"
+
+
+@pytest.fixture(scope="module")
+def rec(tmp_path_factory) -> Recording:
+    """One real recording per session (modules share it through the session's base temp dir)."""
+    from neuroscribe.config import load_config
+    from neuroscribe.describe.record import record
+    job = tmp_path_factory.getbasetemp() / "lite0-sample-60"
+    cfg = load_config(None, {"model": "efficientnet-lite0", "layers": f"{CONV},{FLAT}", "data": {"limit": 60},
+                             "out": str(job), "device": "cpu", "workers": 0, "progress": False,
+                             "batch_size": 20})
+    record(cfg)
+    return Recording.open(job)
+
+
+@pytest.fixture(scope="module")
+def partial_unit(rec: Recording) -> int:
+    """A conv unit whose best exemplar's mask covers part (not none, not all) of the image."""
+    for u in range(rec.units(CONV)):
+        m = rec.masks(CONV, u)[0]
+        if 0.02 < m.mean() < 0.5:
+            return u
+    pytest.fail(f"no unit of {CONV} has a partial mask on its top exemplar; the recording looks wrong")
+
+
+def test_unit_views_shapes_and_alignment(rec: Recording, partial_unit: int) -> None:
+    uv = unit_views(rec, CONV, partial_unit)
+    s = rec.preprocess.crop
+    ex = rec.exemplars(CONV, partial_unit)
+    assert (uv.layer, uv.unit) == (CONV, partial_unit)
+    assert uv.image_ids == [e.image_id for e in ex] and len(ex) == rec.meta["k"]
+    assert uv.scores == pytest.approx([e.score for e in ex])
+    for lst in (uv.images, uv.views, uv.crops):
+        assert len(lst) == len(ex) and all(im.size == (s, s) and im.mode == "RGB" for im in lst)
+    assert all(m.dtype == bool and m.shape == (s, s) for m in uv.masks)
+    np.testing.assert_array_equal(np.stack(uv.masks), rec.masks(CONV, partial_unit))
+    # the image is the recording's own image in model geometry
+    np.testing.assert_array_equal(np.asarray(uv.images[0]), np.asarray(rec.image(uv.image_ids[0])))
+
+
+def test_view_dims_outside_and_keeps_inside(rec: Recording, partial_unit: int) -> None:
+    uv = unit_views(rec, CONV, partial_unit, dim=0.25)
+    img, view, mask = np.asarray(uv.images[0]).astype(int), np.asarray(uv.views[0]).astype(int), uv.masks[0]
+    assert 0 < mask.sum() < mask.size
+    np.testing.assert_array_equal(view[mask], img[mask])          # inside: untouched
+    ring = np.all(view == OUTLINE_COLOUR, axis=-1) & ~mask         # the outline lies outside the region
+    assert ring.any()
+    out = ~mask & ~ring
+    np.testing.assert_array_equal(view[out], np.rint(img[out] * 0.25).astype(int))
+    bright = out[..., None] & (img > 8)
+    assert (view[bright] < img[bright]).all()                      # really darker, pixel by pixel
+    assert view[out].mean() < 0.3 * img[out].mean()
+    # without the outline every outside pixel is dimmed; dim=1 leaves the image as it is
+    plain = np.asarray(dim_outside(uv.images[0], mask, 0.5, outline=False)).astype(int)
+    np.testing.assert_array_equal(plain[~mask], np.rint(img[~mask] * 0.5).astype(int))
+    assert np.array_equal(np.asarray(dim_outside(uv.images[0], mask, 1.0, outline=False)), img.astype(np.uint8))
+
+
+def test_empty_and_full_masks() -> None:
+    im = Image.fromarray(np.full((64, 64, 3), 200, np.uint8))
+    empty, full = np.zeros((64, 64), bool), np.ones((64, 64), bool)
+    assert np.asarray(dim_outside(im, empty, 0.25)).max() == 50     # nothing fired: all dimmed, no outline
+    assert np.array_equal(np.asarray(dim_outside(im, full, 0.25)), np.asarray(im))
+    assert crop_box(empty) == (0, 0, 64, 64)
+    assert crop_view(im, empty).size == (64, 64)
+
+
+def test_flat_layer_views_are_the_images(rec: Recording) -> None:
+    uv = unit_views(rec, FLAT, 3)
+    assert uv.masks and all(m.all() for m in uv.masks)
+    for im, view, crop in zip(uv.images, uv.views, uv.crops, strict=True):
+        assert np.array_equal(np.asarray(im), np.asarray(view))
+        assert crop.size == im.size
+
+
+def _bbox(mask: np.ndarray) -> tuple[int, int, int, int]:
+    ys, xs = np.nonzero(mask)
+    return xs.min(), ys.min(), xs.max() + 1, ys.max() + 1
+
+
+def test_crop_contains_mask_box(rec: Recording, partial_unit: int) -> None:
+    uv = unit_views(rec, CONV, partial_unit, crop_margin=0.15, min_crop=48)
+    s = rec.preprocess.crop
+    checked = 0
+    for im, mask, crop in zip(uv.images, uv.masks, uv.crops, strict=True):
+        if not mask.any():
+            continue
+        x0, y0, x1, y1 = crop_box(mask, 0.15, 48)
+        bx0, by0, bx1, by1 = _bbox(mask)
+        assert x0 <= bx0 and y0 <= by0 and x1 >= bx1 and y1 >= by1, "crop cuts the mask's bounding box"
+        assert x1 - x0 == y1 - y0 and 48 <= x1 - x0 <= s and 0 <= x0 and 0 <= y0 and x1 <= s and y1 <= s
+        assert x1 - x0 >= min(s, math.ceil(max(bx1 - bx0, by1 - by0) * 1.3))  # the margin is there
+        expected = im.crop((x0, y0, x1, y1)).resize((s, s), Image.Resampling.BICUBIC)
+        assert crop.size == (s, s) and np.array_equal(np.asarray(crop), np.asarray(expected))
+        checked += 1
+    assert checked > 0
+
+
+@pytest.mark.parametrize("box,expect", [
+    ((0, 0, 3, 3), (0, 0, 48, 48)),            # tiny region in a corner: min size, shifted inside
+    ((190, 200, 224, 224), None),              # touching the bottom-right border
+    ((10, 20, 210, 60), None),                 # wide region: square side from the long edge, clipped to image
+])
+def test_crop_box_synthetic(box, expect) -> None:
+    mask = np.zeros((224, 224), bool)
+    x0, y0, x1, y1 = box
+    mask[y0:y1, x0:x1] = True
+    got = crop_box(mask, 0.15, 48)
+    if expect:
+        assert got == expect
+    assert got[0] <= x0 and got[1] <= y0 and got[2] >= x1 and got[3] >= y1
+    assert got[2] - got[0] == got[3] - got[1] and got[0] >= 0 and got[3] <= 224
+
+
+def test_grid_size_and_tiles(rec: Recording, partial_unit: int) -> None:
+    uv = unit_views(rec, CONV, partial_unit)
+    n = len(uv.views)
+    g = unit_grid(uv, cols=5, cell=112)
+    assert g.size == (5 * 112, math.ceil(n / 5) * 112)
+    g2 = unit_grid(uv, cols=4, cell=64, gap=0)
+    assert g2.size == (4 * 64, math.ceil(n / 4) * 64)
+    # tile 5 (row 1, column 1) is view 5 shrunk
+    tile = np.asarray(g2.crop((64, 64, 128, 128))).astype(float)
+    ref = np.asarray(uv.views[5].resize((64, 64), Image.Resampling.BICUBIC)).astype(float)
+    assert np.abs(tile - ref).mean() < 1.0
+    empty = UnitViews(CONV, 0, [], [], [], [], [], [])
+    assert unit_grid(empty, cols=3, cell=50).size == (150, 50)
+
+
+def test_images_decoded_once_per_layer(rec: Recording) -> None:
+    calls: list[int] = []
+
+    def loader(i: int) -> Image.Image:
+        calls.append(i)
+        return rec.image(i)
+
+    cache = ImageCache(loader, maxsize=1000)
+    units = range(24)
+    ids = set()
+    for u in units:
+        ids.update(unit_views(rec, CONV, u, cache=cache).image_ids)
+    total = sum(len(rec.exemplars(CONV, u)) for u in units)
+    assert total > len(ids)                      # images really are shared between units
+    assert sorted(calls) == sorted(ids) and cache.decoded == len(ids)
+    # the default cache lives with the Recording
+    assert image_cache(rec) is image_cache(rec)
+
+
+def test_cache_is_lru() -> None:
+    cache = ImageCache(lambda i: Image.new("RGB", (2, 2), (i, 0, 0)), maxsize=2)
+    cache.get(1), cache.get(2), cache.get(1), cache.get(3)   # 2 is the least recently used
+    assert cache.decoded == 3 and len(cache) == 2
+    cache.get(1)
+    assert cache.decoded == 3
+    cache.get(2)
+    assert cache.decoded == 4
+
+
+def test_errors_name_what_was_wrong(rec: Recording) -> None:
+    with pytest.raises(KeyError, match="nope"):
+        unit_views(rec, "nope", 0)
+    with pytest.raises(IndexError, match="unit 99999"):
+        unit_views(rec, CONV, 99999)
+    with pytest.raises(ValueError, match="dim"):
+        unit_views(rec, CONV, 0, dim=2.0)
+    with pytest.raises(ValueError, match="mask shape"):
+        dim_outside(Image.new("RGB", (10, 10)), np.zeros((5, 5), bool))
+    with pytest.raises(ValueError, match="cols"):
+        unit_grid(unit_views(rec, CONV, 0), cols=0)
+
+
+def test_save_unit_views(rec: Recording, partial_unit: int, tmp_path: Path) -> None:
+    uv = unit_views(rec, CONV, partial_unit)
+    out = save_unit_views(rec, CONV, partial_unit, tmp_path / "views", uv=uv)
+    assert out["grid"].is_file() and out["grid"].parent.parent == tmp_path / "views" / safe_name(CONV)
+    with Image.open(out["grid"]) as g:
+        assert g.format == "JPEG" and g.size == unit_grid(uv).size
+    assert len(out["views"]) == len(uv.views) and all(p.is_file() for p in out["views"])
+    with Image.open(out["views"][0]) as v:
+        assert v.size == uv.views[0].size
+    png = save_unit_views(rec, FLAT, 0, tmp_path / "png", fmt="png")
+    with Image.open(png["views"][0]) as v:
+        ref = unit_views(rec, FLAT, 0).views[0]
+        assert v.format == "PNG" and np.array_equal(np.asarray(v.convert("RGB")), np.asarray(ref))
+    leftovers = [p for p in tmp_path.rglob("*") if p.name.endswith(".tmp")]
+    assert not leftovers, f"temporary files left behind: {leftovers}"
+    with pytest.raises(ValueError, match="not of"):
+        save_unit_views(rec, CONV, partial_unit + 1, tmp_path / "views", uv=uv)
+
+
+def test_safe_name() -> None:
+    names = ["_blocks.12", "blocks/3", "blocks_3", "..", ".hidden", '"><img src=x onerror=alert(1)>', ""]
+    safe = [safe_name(n) for n in names]
+    assert safe[0] == "_blocks.12"
+    assert len(set(safe)) == len(safe)
+    for s in safe:
+        assert s and not s.startswith(".") and "/" not in s and all(c.isalnum() or c in "_.-" for c in s)

@@ -2,7 +2,8 @@
 
 Layers are ``named_modules()`` names. :func:`trace` checks every name before attaching any hook, attaches on
 enter and removes in ``finally``. A hook may *edit* a layer's output (ablation) and/or *retain* it (recording);
-the retained output is always the one after the edit. ``stop=True`` ends the forward pass as soon as every
+the retained output is always the one after the edit, copied at the hook so in-place operations later in the
+model cannot change it. ``stop=True`` ends the forward pass as soon as every
 retained layer has produced its output, so recording early layers does not pay for the rest of the network.
 
 Layer outputs come in three kinds (see :func:`unit_view`): conv maps ``(B, C, H, W)`` -> C units on an HxW grid;
@@ -106,7 +107,9 @@ def trace(model: nn.Module, retain: Iterable[str] = (), edit: dict[str, Callable
                 output = result
             if name in retain:
                 t = _first_tensor(output)
-                tr.outputs[name] = t.detach() if detach else t
+                # a copy: later in-place ops of the model (ReLU(inplace=True), ``out += identity``) would
+                # otherwise rewrite the retained tensor
+                tr.outputs[name] = t.detach().clone() if detach else t.clone()
                 tr.calls[name] = tr.calls.get(name, 0) + 1
                 if tr.calls[name] >= calls.get(name, 1):
                     remaining.discard(name)

@@ -87,3 +87,16 @@ def test_catalogue_counts_units_and_calls():
     rows = {r.name: r for r in layer_catalogue(Tiny(), 8)}
     assert rows["conv"].units == 4 and rows["conv"].kind == "conv" and rows["fc"].kind == "flat"
     assert rows["act"].calls == 1
+
+
+def test_retained_output_survives_inplace_ops_later_in_the_model():
+    from neuroscribe.models import load_model
+    m = load_model("torchvision:resnet18@none").module
+    x = torch.randn(2, 3, 64, 64)
+    seen = {}
+    h = m.layer1[0].bn1.register_forward_hook(lambda _m, _i, o: seen.setdefault("bn1", o.clone()))
+    with torch.no_grad(), trace(m, retain=["layer1.0.bn1"]) as tr:
+        m(x)
+    h.remove()
+    assert tr["layer1.0.bn1"].min() < 0  # BN output, not the ReLU(inplace) that follows it
+    assert torch.equal(tr["layer1.0.bn1"], seen["bn1"])

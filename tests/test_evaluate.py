@@ -1,0 +1,224 @@
+"""Evaluation (predict, label maps, bootstrap CIs) and MILAN's selection procedure (order, curve, choose n, controls),
+which only ever sees validation data."""
+import inspect
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from neuroscribe.ablate import select
+from neuroscribe.ablate.edit import ablation_edits
+from neuroscribe.ablate.evaluate import accuracy_report, correct, label_map, paired_bootstrap_diff, predict
+from neuroscribe.ablate.select import accuracy_curve, choose_n, order_units, random_units, sort_all, val_accuracy
+from neuroscribe.models import imagenet_class_names
+
+
+# ------------------------------------------------------------------------------------------- bootstrap CIs
+def _correct(n, p, seed=0):
+    return np.random.default_rng(seed).random(n) < p
+
+
+def test_accuracy_ci_contains_estimate_and_narrows_with_n():
+    widths = []
+    for n in (50, 500, 5000):
+        c = _correct(n, 0.7)
+        r = accuracy_report(c.astype(int), np.ones(n, int), bootstrap=2000, seed=1)
+        assert r["n"] == n and r["acc"] == pytest.approx(c.mean())
+        assert r["ci_low"] <= r["acc"] <= r["ci_high"]
+        widths.append(r["ci_high"] - r["ci_low"])
+    assert widths[0] > widths[1] > widths[2]
+    assert widths[1] == pytest.approx(2 * 1.96 * np.sqrt(0.7 * 0.3 / 500), rel=0.15)  # the normal approximation
+
+
+def test_binomial_bootstrap_matches_index_resampling():
+    c = _correct(300, 0.62, seed=3)
+    r = accuracy_report(c.astype(int), np.ones(300, int), bootstrap=4000, seed=0)
+    rng = np.random.default_rng(5)
+    idx = rng.integers(0, 300, size=(4000, 300))
+    lo, hi = np.percentile(c[idx].mean(1), [2.5, 97.5])
+    assert r["ci_low"] == pytest.approx(lo, abs=0.012) and r["ci_high"] == pytest.approx(hi, abs=0.012)
+
+
+def test_accuracy_report_groups_logits_and_errors():
+    labels = np.array([0, 1, 2, 0, 1, 2, 0, 1])
+    logits = np.eye(3)[[0, 1, 2, 0, 0, 0, 0, 0]]  # last 4 right only where the label is 0
+    groups = ["a", "a", "a", "a", "b", "b", "b", "b"]
+    r = accuracy_report(logits, labels, groups, bootstrap=500)
+    assert r["acc"] == pytest.approx(5 / 8)
+    assert r["per_group"]["a"]["acc"] == 1.0 and r["per_group"]["b"]["acc"] == 0.25
+    wg = r["worst_group"]
+    assert wg["group"] == "b" and wg["acc"] == 0.25 and wg["ci_low"] <= 0.25 <= wg["ci_high"]
+    r0 = accuracy_report(logits, labels, bootstrap=0)
+    assert r0["ci_low"] is None and r0["per_group"] == {} and r0["worst_group"] is None
+    with pytest.raises(ValueError, match="no label"):
+        accuracy_report(np.zeros(3, int), np.array([0, -1, 0]))
+    with pytest.raises(ValueError, match="3 predictions but 2 labels"):
+        correct(np.zeros(3, int), np.zeros(2, int))
+
+
+def test_paired_bootstrap_diff():
+    base = _correct(1000, 0.6, seed=1)
+    ablated = base.copy()
+    flip = np.random.default_rng(2).random(1000) < 0.1
+    ablated[flip & ~base] = True  # ablation fixes some errors
+    r = paired_bootstrap_diff(ablated, base, bootstrap=2000, groups=["x"] * 500 + ["y"] * 500)
+    assert r["diff"] == pytest.approx(ablated.mean() - base.mean()) and r["diff"] > 0
+    assert r["ci_low"] <= r["diff"] <= r["ci_high"] and r["ci_low"] > 0  # paired: tight, excludes 0
+    assert r["n_a_only"] == int((ablated & ~base).sum()) and r["n_b_only"] == 0
+    assert set(r["per_group"]) == {"x", "y"}
+    same = paired_bootstrap_diff(base, base)
+    assert same["diff"] == 0 and same["ci_low"] == 0 and same["ci_high"] == 0
+    with pytest.raises(ValueError, match="same images"):
+        paired_bootstrap_diff(base, base[:10])
+
+
+# --------------------------------------------------------------------------------------------- label maps
+def test_label_map_subset_of_imagenet():
+    names = imagenet_class_names()
+    idx = label_map(["tench", "golf ball", "English springer"], names)
+    assert idx == [0, names.index("golf ball"), names.index("English springer")]
+    assert label_map(["Golf_Ball", "n01440764"], names) == [names.index("golf ball"), 0]  # loose names, wnids
+    with pytest.raises(ValueError, match=r"does not know: \['golf club', 'zebra crossing'\]"):
+        label_map(["tench", "golf club", "zebra crossing"], names)
+    with pytest.raises(ValueError, match="same model class"):
+        label_map(["tench", "Tench"], names)
+
+
+def test_predict_real_photos_restricted_to_imagenette():
+    from neuroscribe.datasets.cues import TextCue
+    from neuroscribe.datasets.probe import open_probe_set, sample_root
+    from neuroscribe.datasets.shifts import CuedDataset
+    from neuroscribe.models import load_model
+    lm = load_model("efficientnet-lite0")
+    probe = open_probe_set(sample_root(), split="val")
+    samples = [s for c in range(10) for s in [x for x in probe.samples if x.label == c][:2]]
+    ds = CuedDataset(samples, probe.class_names, TextCue(), fraction=0.5, correlation="wrong", seed=0,
+                     transform=lm.preprocess.transform())
+    loader = torch.utils.data.DataLoader(ds, batch_size=10)
+    cols = label_map(probe.class_names, lm.class_names)
+    out, labels, groups = predict(lm.module, loader, "cpu", class_index=cols, progress=False)
+    assert out.shape == (20, 10) and labels.tolist() == [s.label for s in samples]
+    assert set(groups) <= {"clean", "cue-conflicts"} and len(set(groups)) == 2
+    rep = accuracy_report(out, labels, groups, bootstrap=200)
+    assert rep["acc"] >= 0.7 and set(rep["per_group"]) == set(groups)
+    # edits go through the same hooks: zeroing the whole head kills the prediction signal
+    lm.module.train()
+    dead = predict(lm.module, loader, "cpu", ablation_edits(lm.module, {"_bn1": list(range(1280))}),
+                   class_index=cols, keep_logits=False, progress=False)
+    assert lm.module.training  # mode restored
+    assert dead.outputs.ndim == 1 and accuracy_report(dead.outputs, dead.labels)["acc"] <= 0.3
+
+
+# --------------------------------------------------------------------------------------------- selection
+class Toy(nn.Module):
+    """feat = identity over [signal, spurious, nothing, second signal]; head = signal + 2 spurious + 0.5 second."""
+
+    def __init__(self):
+        super().__init__()
+        self.feat = nn.Linear(4, 4)
+        self.head = nn.Linear(4, 2)
+        with torch.no_grad():
+            self.feat.weight.copy_(torch.eye(4))
+            self.feat.bias.zero_()
+            self.head.weight.copy_(torch.tensor([[0.0, 0, 0, 0], [1.0, 2.0, 0.0, 0.5]]))
+            self.head.bias.zero_()
+
+    def forward(self, x):
+        return self.head(self.feat(x))
+
+
+def _toy_batches(n=600, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    y = torch.randint(0, 2, (n,), generator=g)
+    s = (2 * y - 1).float() + 0.9 * torch.randn(n, generator=g)
+    spur = 1.5 * (2 * torch.randint(0, 2, (n,), generator=g) - 1).float()  # decorrelated on validation
+    s2 = (2 * y - 1).float() + 0.9 * torch.randn(n, generator=g)  # a second, independent view of the label
+    x = torch.stack([s, spur, torch.randn(n, generator=g), s2], 1)
+    return [(x[i:i + 100], y[i:i + 100]) for i in range(0, n, 100)]
+
+
+class Forbidden:
+    """A test loader that fails if anything reads it."""
+
+    def __iter__(self):
+        raise AssertionError("selection read the test set")
+
+
+def test_selection_orders_best_for_validation_first_and_chooses_n():
+    model, val = Toy(), _toy_batches()
+    flagged = [("feat", 3), ("feat", 1), ("feat", 2)]
+    ordered = order_units(model, flagged, val, progress=False)
+    assert [u for u, _ in ordered] == [("feat", 1), ("feat", 2), ("feat", 3)]
+    accs = [a for _, a in ordered]
+    assert accs == sorted(accs, reverse=True)
+    base = val_accuracy(model, val)
+    assert accs[0] > base and accs[1] == pytest.approx(base)  # unit 2 does nothing
+    curve = accuracy_curve(model, ordered, val, max_n=3, progress=False)
+    assert [n for n, _ in curve] == [0, 1, 2, 3] and curve[0][1] == pytest.approx(base)
+    assert curve[1][1] == curve[2][1]  # a tie: the smaller n wins
+    assert choose_n(curve) == 1
+    assert choose_n([(0, 0.5), (1, 0.7), (2, 0.7), (3, 0.6)]) == 1 and choose_n([(0, 0.9), (1, 0.8)]) == 0
+    assert accuracy_curve(model, ordered, val, max_n=1, progress=False) == curve[:2]
+    # mean ablation with given means: unit 1 set to +50 everywhere pushes every image to class 1
+    acc_mean = order_units(model, [("feat", 1)], val, "mean", {"feat": torch.tensor([0, 50.0, 0, 0])},
+                           progress=False)[0][1]
+    assert acc_mean == pytest.approx(float(torch.cat([y for _, y in val]).float().mean()))
+    with pytest.raises(ValueError, match="flag set is empty"):
+        order_units(model, [], val, progress=False)
+    with pytest.raises(ValueError, match="curve is empty"):
+        choose_n([])
+
+
+def test_controls_same_size_and_seeded():
+    model, val = Toy(), _toy_batches()
+    flagged = [("feat", 1), ("feat", 2)]
+    all_units = {"feat": 4, "head": 2}
+    draws = random_units(all_units, len(flagged), draws=5, seed=0)
+    assert len(draws) == 5 and all(len(d) == len(flagged) and len(set(d)) == len(d) for d in draws)
+    assert draws == random_units(all_units, 2, draws=5, seed=0) != random_units(all_units, 2, draws=5, seed=1)
+    assert all(u not in flagged for d in random_units(all_units, 2, 5, 0, exclude=flagged) for u in d)
+    with pytest.raises(ValueError, match=">= 5"):
+        random_units(all_units, 2, draws=4)
+    with pytest.raises(ValueError, match="cannot draw 7"):
+        random_units(all_units, 7)
+    top = sort_all(model, {"feat": 4}, val, len(flagged), progress=False)
+    assert len(top) == len(flagged) and top[0] == ("feat", 1)
+    capped = sort_all(model, {"feat": 4, "head": 2}, val, 2, max_candidates=3, seed=0, progress=False)
+    assert len(capped) == 2
+    with pytest.raises(ValueError, match="max_candidates"):
+        sort_all(model, all_units, val, 3, max_candidates=2, progress=False)
+
+
+def test_choosing_never_sees_test_data():
+    for fn in (order_units, accuracy_curve, choose_n, sort_all, random_units, val_accuracy):
+        params = inspect.signature(fn).parameters
+        assert not [p for p in params if "test" in p.lower()], fn.__name__
+    assert list(inspect.signature(choose_n).parameters) == ["curve"]
+    # the whole flow runs on validation data; the test set is read only afterwards, once, for the report
+    model, val, test = Toy(), _toy_batches(seed=0), Forbidden()
+    ordered = order_units(model, [("feat", 1), ("feat", 2)], val, progress=False)
+    n = choose_n(accuracy_curve(model, ordered, val, progress=False))
+    controls = random_units({"feat": 4}, n, draws=5)
+    assert n == 1 and len(controls[0]) == n
+    with pytest.raises(AssertionError, match="read the test set"):
+        predict(model, test, progress=False)
+    assert "val_loader" in inspect.signature(select.order_units).parameters
+
+
+def test_validation_batches_cached_when_they_fit():
+    reads = []
+
+    class Counting:
+        def __iter__(self):
+            reads.append(1)
+            return iter(_toy_batches(200))
+
+    val = select.ValBatches(Counting(), cache_mb=1)
+    assert [len(x) for x, _ in val] == [100, 100] and [len(x) for x, _ in val] == [100, 100]
+    assert len(reads) == 1  # the second pass came from memory
+    big = select.ValBatches(Counting(), cache_mb=0)
+    list(big), list(big)
+    assert len(reads) == 3  # over budget: re-read each pass
+    with pytest.raises(ValueError, match="label for every image"):
+        list(select.ValBatches([(torch.zeros(2, 4), torch.tensor([0, -1]))]))

@@ -94,7 +94,7 @@ def test_retained_output_survives_inplace_ops_later_in_the_model():
     m = load_model("torchvision:resnet18@none").module
     x = torch.randn(2, 3, 64, 64)
     seen = {}
-    h = m.layer1[0].bn1.register_forward_hook(lambda _m, _i, o: seen.setdefault("bn1", o.clone()))
+    h = m.layer1[0].bn1.register_forward_hook(lambda _m, _i, o: seen.update(bn1=o.clone()))  # returns None
     with torch.no_grad(), trace(m, retain=["layer1.0.bn1"]) as tr:
         m(x)
     h.remove()

@@ -2,7 +2,7 @@
 
 :func:`write_report` takes one JSON-able ``results`` dict (validated; a wrong field raises :class:`ReportError`
 naming it). All accuracies are FRACTIONS in [0, 1]; ``lo``/``hi`` are the 95% confidence interval the producer
-computed (e.g. a bootstrap). Schema (``?`` = optional)::
+computed (e.g. a bootstrap), null when none was (``evaluate.bootstrap: 0``). Schema (``?`` = optional)::
 
     {
       "schema"?: "neuroscribe.robustness/1",
@@ -29,15 +29,18 @@ computed (e.g. a bootstrap). Schema (``?`` = optional)::
                  "scores"?: {NAME: float}, "grid"?: str (image path relative to job.dir, no ".."),
                  "variants"?: [VARIANT]}]   # the ablated units (chosen N, flagged by descriptions)
     }
-    ACC = {"acc": float, "lo": float, "hi": float, "n": int, "correct"?: int,
-           "groups"?: {GROUP: {"acc": float, "lo": float, "hi": float, "n": int}}}
+    ACC = {"acc": float, "lo": float|null, "hi": float|null, "n": int, "correct"?: int,
+           "groups"?: {GROUP: {"acc": float, "lo": float|null, "hi": float|null, "n": int}},
+           "worst_group"?: {"name": GROUP, "acc": float, "lo": float|null, "hi": float|null, "n": int}}
+    # worst_group: give it to report a CI of the minimum over groups (e.g. a bootstrap of the min); without it
+    # the worst group is the group with the lowest accuracy, shown with that group's own CI
 
 A variant with ``draws`` and no ``results`` (the random control) gets per set the MEAN accuracy over draws, with
 ``lo``/``hi`` the min/max over draws (``interval: "range"``, marked † in the tables) and ``sd``.
 
 ``report.json`` holds the validated results plus ``derived``: ``columns`` (set order), ``variant_order``, and per
-``variant -> set``: ``acc, lo, hi, n, interval`` (``ci95``/``range``), ``delta_vs_base``, ``gap_to_id`` (accuracy
-minus the same variant's in-distribution accuracy), ``worst_group`` (``{name, acc, lo, hi, n}`` or null) and
+``variant -> set``: ``acc, lo, hi, n, interval`` (``ci95``/``range``/``none``), ``delta_vs_base``, ``gap_to_id``
+(accuracy minus the same variant's in-distribution accuracy), ``worst_group`` (``{name, acc, lo, hi, n}`` or null) and
 ``cell`` (the table text). ``report.md`` is a Markdown table (rows = variants, columns = sets, cells
 ``acc% [lo, hi]``) plus worst-group, gap, random-draw and unit tables. ``report.html`` is self-contained (autoescaped,
 strict Content-Security-Policy, no scripts, no network; images are relative links or, with ``embed_images``, inline
@@ -91,25 +94,32 @@ def _frac(v: float) -> float:
 
 class GroupAcc(_M):
     acc: float
-    lo: float
-    hi: float
+    lo: float | None = None
+    hi: float | None = None
     n: int = Field(ge=0)
 
     @field_validator("acc", "lo", "hi")
     @classmethod
-    def _fraction(cls, v: float) -> float:
-        return _frac(v)
+    def _fraction(cls, v: float | None) -> float | None:
+        return None if v is None else _frac(v)
 
     @model_validator(mode="after")
     def _ordered(self):
-        if not self.lo - 1e-9 <= self.acc <= self.hi + 1e-9:
+        if (self.lo is None) != (self.hi is None):
+            raise ValueError("give both lo and hi, or neither")
+        if self.lo is not None and not self.lo - 1e-9 <= self.acc <= self.hi + 1e-9:
             raise ValueError(f"need lo <= acc <= hi, got lo={self.lo}, acc={self.acc}, hi={self.hi}")
         return self
+
+
+class WorstGroup(GroupAcc):
+    name: str
 
 
 class Acc(GroupAcc):
     correct: int | None = Field(None, ge=0)
     groups: dict[str, GroupAcc] | None = None
+    worst_group: WorstGroup | None = None
 
 
 class Draw(_M):
@@ -258,15 +268,19 @@ def _validate(results: dict) -> RobustnessResults:
         raise ReportError("\n".join(lines)) from None
 
 
-def _pct(v: float | None, digits: int = 1) -> str:
-    return "—" if v is None else f"{100 * v:.{digits}f}"
+def _pct(v: float | None) -> str:
+    return "—" if v is None else f"{100 * v:.1f}"
+
+
+def _interval(c: dict) -> str:
+    """`` [lo, hi]`` in percent, or nothing when no interval was computed."""
+    return "" if c.get("lo") is None else f" [{_pct(c['lo'])}, {_pct(c['hi'])}]"
 
 
 def _cell(c: dict | None) -> str:
     if c is None:
         return "—"
-    mark = "†" if c["interval"] == "range" else ""
-    return f"{_pct(c['acc'])}% [{_pct(c['lo'])}, {_pct(c['hi'])}]{mark}"
+    return f"{_pct(c['acc'])}%{_interval(c)}" + ("†" if c.get("interval") == "range" else "")
 
 
 def _derive(r: RobustnessResults) -> dict:
@@ -283,7 +297,8 @@ def _derive(r: RobustnessResults) -> dict:
         for s in columns:
             if v.results is not None and s in v.results:
                 a = v.results[s]
-                c = {"acc": a.acc, "lo": a.lo, "hi": a.hi, "n": a.n, "interval": "ci95", "groups": a.groups}
+                c = {"acc": a.acc, "lo": a.lo, "hi": a.hi, "n": a.n, "interval": "ci95" if a.lo is not None
+                     else "none", "groups": a.groups, "worst_group": a.worst_group}
             else:
                 accs = [d.results[s] for d in v.draws or [] if s in d.results]
                 if not accs:
@@ -291,10 +306,13 @@ def _derive(r: RobustnessResults) -> dict:
                     continue
                 xs = [a.acc for a in accs]
                 c = {"acc": statistics.fmean(xs), "lo": min(xs), "hi": max(xs), "n": accs[0].n, "interval": "range",
-                     "sd": statistics.stdev(xs) if len(xs) > 1 else 0.0, "draws": len(xs), "groups": None}
+                     "sd": statistics.stdev(xs) if len(xs) > 1 else 0.0, "draws": len(xs), "groups": None,
+                     "worst_group": None}
             groups = {g: ga for g, ga in (c.pop("groups") or {}).items() if ga.n > 0}
-            worst = min(groups.items(), key=lambda kv: kv[1].acc) if groups else None
-            c["worst_group"] = None if worst is None else {"name": worst[0], **worst[1].model_dump()}
+            worst = min(groups.items(), key=lambda kv: (kv[1].acc, kv[0])) if groups else None
+            given = c.pop("worst_group")
+            c["worst_group"] = (given.model_dump() if given is not None else None if worst is None
+                                else {"name": worst[0], **worst[1].model_dump()})
             c["groups"] = {g: ga.model_dump() for g, ga in groups.items()} or None
             row[s] = c
         cells[name] = row
@@ -324,53 +342,50 @@ def _code(text: Any) -> str:
     return "`" + str(text).replace("`", "'").replace("\n", " ").replace("\r", " ") + "`"
 
 
-def _head(cs: list[str]) -> str:
-    return "| " + " | ".join(cs) + " |\n|" + "---|" * len(cs) + "\n"
+def _table(title: str, header: list[str], rows: list[list[Any]]) -> str:
+    """A Markdown section: heading and table (cells are inserted as given)."""
+    lines = [f"\n## {title}\n\n| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    return "\n".join(lines + ["| " + " | ".join(map(str, row)) + " |" for row in rows]) + "\n"
 
 
 def _markdown(r: RobustnessResults, d: dict, grids: dict[int, str | None]) -> str:
     """The Markdown report: header, test sets, the accuracy table, worst groups, gaps, random draws, units."""
-    cols, cells, head = d["columns"], d["cells"], _head
-    out = [f"# {_md(r.title or 'Robustness report')}\n\n", f"- Model: {_code(r.model.spec)}\n",
-           f"- Job: {_code(r.job.dir)}\n",
-           (f"- Ablation: {_md(r.ablation.method)}, units flagged by {_md(r.ablation.flagged_by)}; "
-            f"chosen N = {r.ablation.chosen_n} ({_md(r.ablation.selection)})\n"),
+    cols, cells, order = d["columns"], d["cells"], d["variant_order"]
+    label = {v: _md(d["labels"][v]) for v in order}
+    some = lambda key: any(c and c.get(key) for row in cells.values() for c in row.values())  # noqa: E731
+    out = [f"# {_md(r.title or 'Robustness report')}\n\n- Model: {_code(r.model.spec)}\n- Job: {_code(r.job.dir)}\n"
+           f"- Ablation: {_md(r.ablation.method)}, units flagged by {_md(r.ablation.flagged_by)}; "
+           f"chosen N = {r.ablation.chosen_n} ({_md(r.ablation.selection)})\n"
            f"- Validation: {_md(r.validation.name)}, n = {r.validation.n}: {_md(r.validation.description)}\n",
-           "\n## Test sets\n\n", head(["set", "n", "in-distribution", "description"])]
-    out += [f"| {_md(k)} | {t.n} | {'yes' if t.in_distribution else ''} | {_md(t.description)} |\n"
-            for k, t in r.test_sets.items()]
-    out += ["\n## Accuracy (%, 95% CI)\n\n", head(["variant", "units", *map(_md, cols)])]
-    for v in d["variant_order"]:
-        out.append(f"| {_md(d['labels'][v])} | {r.variants[v].n_units} | "
-                   + " | ".join(_cell(cells[v][c]) for c in cols) + " |\n")
+           _table("Test sets", ["set", "n", "in-distribution", "description"],
+                  [[_md(k), t.n, "yes" if t.in_distribution else "", _md(t.description)]
+                   for k, t in r.test_sets.items()]),
+           _table("Accuracy (%, 95% CI)", ["variant", "units", *map(_md, cols)],
+                  [[label[v], r.variants[v].n_units, *(_cell(cells[v][c]) for c in cols)] for v in order])]
     if any(c and c["interval"] == "range" for row in cells.values() for c in row.values()):
         out.append("\n† mean over random draws; brackets = min and max over draws.\n")
-    if any(c and c["worst_group"] for row in cells.values() for c in row.values()):
-        out += ["\n## Worst-group accuracy (%)\n\n", head(["variant", *map(_md, cols)])]
-        for v in d["variant_order"]:
-            wg = [cells[v][c] and cells[v][c]["worst_group"] for c in cols]
-            out.append(f"| {_md(d['labels'][v])} | " + " | ".join(
-                "—" if w is None else f"{_pct(w['acc'])} [{_pct(w['lo'])}, {_pct(w['hi'])}] ({_md(w['name'])})"
-                for w in wg) + " |\n")
+    if some("worst_group"):
+        def wg(c: dict | None) -> str:
+            w = c and c["worst_group"]
+            return "—" if not w else f"{_pct(w['acc'])}{_interval(w)} ({_md(w['name'])})"
+        out.append(_table("Worst-group accuracy (%)", ["variant", *map(_md, cols)],
+                          [[label[v], *(wg(cells[v][c]) for c in cols)] for v in order]))
     if d["in_distribution"]:
-        out += [f"\n## Gap to in-distribution ({_md(d['in_distribution'])}), points\n\n", head(["variant", *map(_md, cols)])]
-        for v in d["variant_order"]:
-            out.append(f"| {_md(d['labels'][v])} | " + " | ".join(
-                "—" if not cells[v][c] or cells[v][c]["gap_to_id"] is None else f"{100 * cells[v][c]['gap_to_id']:+.1f}"
-                for c in cols) + " |\n")
+        def gap(c: dict | None) -> str:
+            return "—" if not c or c["gap_to_id"] is None else f"{100 * c['gap_to_id']:+.1f}"
+        out.append(_table(f"Gap to in-distribution ({_md(d['in_distribution'])}), points", ["variant", *map(_md, cols)],
+                          [[label[v], *(gap(cells[v][c]) for c in cols)] for v in order]))
     rnd = r.variants.get("random")
     if rnd is not None and rnd.draws:
-        out += ["\n## Random-unit draws (%)\n\n", head(["draw", "seed", *map(_md, cols)])]
-        for i, dr in enumerate(rnd.draws):
-            out.append(f"| {i + 1} | {dr.seed if dr.seed is not None else ''} | " + " | ".join(
-                _cell({**dr.results[c].model_dump(), "interval": "ci95"}) if c in dr.results else "—"
-                for c in cols) + " |\n")
+        out.append(_table("Random-unit draws (%, 95% CI)", ["draw", "seed", *map(_md, cols)], [
+            [i + 1, "" if dr.seed is None else dr.seed,
+             *(_cell(dr.results[c].model_dump()) if c in dr.results else "—" for c in cols)]
+            for i, dr in enumerate(rnd.draws)]))
     if r.units:
-        out += [f"\n## Ablated units ({len(r.units)})\n\n", head(["layer", "unit", "description", "flags", "grid"])]
-        for i, u in enumerate(r.units):
-            flags = "; ".join(f.reason + ("" if f.score is None else f" ({f.score:.3g})") for f in u.flags)
-            grid = f"[grid]({grids[i]})" if grids.get(i) else ""
-            out.append(f"| {_md(u.layer)} | {u.unit} | {_md(u.description)} | {_md(flags)} | {grid} |\n")
+        out.append(_table(f"Ablated units ({len(r.units)})", ["layer", "unit", "description", "flags", "grid"], [
+            [_md(u.layer), u.unit, _md(u.description),
+             _md("; ".join(f.reason + ("" if f.score is None else f" ({f.score:.3g})") for f in u.flags)),
+             f"[grid]({grids[i]})" if grids.get(i) else ""] for i, u in enumerate(r.units)]))
     return "".join(out)
 
 
@@ -378,7 +393,6 @@ def _plot(r: RobustnessResults, path: Path) -> None:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
     c = r.curve
-    assert c is not None
     fig = Figure(figsize=(7.5, 4.5), dpi=120)
     FigureCanvasAgg(fig)
     ax = fig.add_subplot(1, 1, 1)
@@ -397,24 +411,21 @@ def _plot(r: RobustnessResults, path: Path) -> None:
         fig.savefig(tmp, format="png")
 
 
-def _grid_links(r: RobustnessResults, out_dir: Path, embed: bool) -> tuple[dict[int, str | None], dict[int, bool]]:
-    """Per unit: an href (relative to ``out_dir``, or a data: URI when embedding) and whether the file exists."""
-    job = Path(r.job.dir)
-    links: dict[int, str | None] = {}
+def _grid_links(r: RobustnessResults, out_dir: Path, embed: bool) -> tuple[dict, dict, dict[int, bool]]:
+    """Per unit index: a link relative to ``out_dir``, the HTML src (a data: URI when embedding), file exists."""
+    rel: dict[int, str | None] = {}
+    src: dict[int, str | None] = {}
     exists: dict[int, bool] = {}
     for i, u in enumerate(r.units):
-        if u.grid is None:
-            links[i], exists[i] = None, False
-            continue
-        target = job / u.grid
-        exists[i] = target.is_file()
+        target = None if u.grid is None else Path(r.job.dir) / u.grid
+        exists[i] = target is not None and target.is_file()
+        rel[i] = src[i] = None if target is None else quote(
+            Path(os.path.relpath(target.absolute(), out_dir.absolute())).as_posix())
         if embed and exists[i]:
-            mime = {".png": "image/png", ".jpg": "image/jpeg", ".jpeg": "image/jpeg", ".webp": "image/webp"}.get(
-                target.suffix.lower(), "application/octet-stream")
-            links[i] = f"data:{mime};base64," + base64.b64encode(target.read_bytes()).decode()
-        else:
-            links[i] = quote(Path(os.path.relpath(target.absolute(), out_dir.absolute())).as_posix())
-    return links, exists
+            mime = {".jpg": "image/jpeg", ".jpeg": "image/jpeg", ".webp": "image/webp"}.get(target.suffix.lower(),
+                                                                                            "image/png")
+            src[i] = f"data:{mime};base64," + base64.b64encode(target.read_bytes()).decode()
+    return rel, src, exists
 
 
 def write_report(results: dict, out_dir: str | Path, *, embed_images: bool = False) -> dict[str, Path]:
@@ -428,16 +439,15 @@ def write_report(results: dict, out_dir: str | Path, *, embed_images: bool = Fal
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     d = _derive(r)
-    grids, exists = _grid_links(r, out, embed_images)
+    rel, grids, exists = _grid_links(r, out, embed_images)
     paths = {"json": out / "report.json", "md": out / "report.md", "html": out / "report.html"}
     if r.curve is not None:
         paths["curve"] = out / "curve.png"
         _plot(r, paths["curve"])
-    md_grids = {i: (g if g and not g.startswith("data:") else None) for i, g in grids.items()}
-    io.write_text(paths["md"], _markdown(r, d, md_grids))
+    io.write_text(paths["md"], _markdown(r, d, rel))
     env = jinja2.Environment(loader=jinja2.FileSystemLoader(str(TEMPLATES)), autoescape=True,
                              undefined=jinja2.StrictUndefined, trim_blocks=True, lstrip_blocks=True)
-    env.filters.update(pct=_pct, cell=_cell)
+    env.filters.update(pct=_pct, cell=_cell, interval=_interval)
     csp = ("default-src 'none'; style-src 'sha256-" + base64.b64encode(hashlib.sha256(_CSS.encode()).digest())
            .decode() + "'; img-src 'self' file: data:; base-uri 'none'; form-action 'none'")
     html = env.get_template("robustness.html.j2").render(

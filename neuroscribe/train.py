@@ -1,0 +1,439 @@
+"""Train a classifier (from scratch by default) on images with a planted spurious cue.
+
+Reproduces MILAN section 7 (Hernandez et al., ICLR 2022: ResNet-18 from random weights on 10 ImageNet classes, the
+class name written on half the training images) and plants any cue of :mod:`neuroscribe.datasets.cues` into users'
+own data the same way. :func:`train_classifier` does, in order:
+
+1. **Decode once.** ``cfg.data`` (ImageFolder or manifest) is opened with ``open_probe_set``; every image is decoded
+   ONCE, resized (shorter side) and centre-cropped to ``R = cfg.resolution`` into a uint8 cache reused by all epochs:
+   ``N x 3 x R x R`` bytes (9,469 Imagenette images: 465 MB at 128 px, 1.43 GB at 224 px). Unreadable images are
+   skipped and listed in ``split.json``.
+2. **Holdout.** A seeded (``cfg.data_seed``) share ``cfg.holdout`` of the images, stratified per class, is held out.
+   On it the cue is DECORRELATED from the label: every holdout image carries the cue naming a uniformly random WRONG
+   class (``fraction=1, correlation='wrong'``; a watermark names no class and is simply on every image). That is the
+   cue-conflicting group, the worst group under the shortcut that group-balanced validation (DFR, Kirichenko et al.
+   2023) guards against, and the same shift as MILAN's test set: a model that follows the cue scores below chance
+   there, one that ignores it scores as on clean images. The holdout is written as lossless PNGs at ``R x R`` (so
+   the model's ``Preprocess`` is the identity on them): ``holdout/clean/manifest.csv`` (group ``clean``, column
+   ``source`` = the original image) and ``holdout/cued/manifest.csv`` (``shifts.materialise`` output: ``group``,
+   ``has_cue``, ``cue_class``...). The pipeline validates on the very pixels validated here.
+3. **Cue after augmentation.** ``CuedDataset(fraction, correlation, strength, seed=cfg.data_seed).plan()`` decides
+   which training image carries which cue. Each epoch an image is augmented (random resized crop, scale 0.6-1, ratio
+   3/4-4/3, then horizontal flip; ``cfg.augment``) and THEN the cue is drawn at ``R`` px: the text is never mirrored
+   or cropped away and always has the configured size relative to the input. Random cue choices (``random-corner``)
+   are fixed per image.
+4. **Train.** ``cfg.arch`` (``torchvision:NAME`` or ``timm:NAME``) is built with random weights and one output per
+   class; naming pretrained weights (``torchvision:resnet18@IMAGENET1K_V1``) fine-tunes them with a new last linear
+   layer. SGD + momentum, weight decay on every parameter, cosine learning-rate decay per step from ``cfg.lr`` to 0,
+   no warm-up, cross-entropy, the weights' mean/std normalisation (ImageNet's for random weights).
+5. **Determinism.** Initialisation uses ``torch.manual_seed(seed)`` inside a forked RNG (the caller's RNG is left
+   alone); batch order and augmentation derive from ``(seed, epoch, index)`` only, so ``workers`` does not change the
+   result. On CPU the same seed gives bit-identical weights (same torch build and thread count); on CUDA cuDNN runs in
+   deterministic mode (close, not guaranteed bit-identical).
+6. **Outputs** (atomic): ``model.safetensors`` + ``model.safetensors.spec.json`` (arch, num_classes, class_names,
+   preprocess at ``R`` with the normalisation used, seed, cue config, data fingerprint, history: what
+   ``load_model('checkpoint:PATH')`` reads), ``history.json`` (per epoch: loss, accuracy on all / cued / clean
+   training images, holdout accuracy with the decorrelated cue and clean, lr, seconds) and ``split.json``.
+7. **Resume.** ``resume.pt`` (model, optimizer, scheduler, RNG, history) is saved after each epoch; a re-run with the
+   same settings continues after the last finished epoch (same final weights as an uninterrupted CPU run), and a
+   finished run is returned without training.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import math
+import random
+import sys
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import nn
+
+from neuroscribe.config import TrainConfig
+from neuroscribe.datasets.cues import cue_uses_class, parse_cue, render_cue
+from neuroscribe.datasets.probe import ImageDataset, ProbeSet, collate_skipping, load_image, open_probe_set
+from neuroscribe.datasets.shifts import CuedDataset, materialise
+from neuroscribe.io import atomic_dir, atomic_path, save_tensors, write_json
+from neuroscribe.models import LoadedModel, Preprocess, load_model
+
+__all__ = ["TrainError", "TrainResult", "train_classifier"]
+
+
+class TrainError(ValueError):
+    """Training cannot start or continue; the message names the setting or file at fault."""
+
+
+@dataclass
+class TrainResult:
+    """What :func:`train_classifier` wrote. Ids are indices into ``open_probe_set(cfg.data...)`` (its ``samples``)."""
+
+    checkpoint: Path
+    spec_path: Path
+    history: list[dict]
+    holdout_ids: list[int]
+    class_names: list[str]
+    train_ids: list[int] = field(default_factory=list)
+    holdout_manifest: Path | None = None  # validation set: cue decorrelated (clean when no cue); None if no holdout
+    holdout_clean_manifest: Path | None = None
+    skipped: list[tuple[str, str]] = field(default_factory=list)  # (relative path, reason)
+    model: nn.Module | None = None  # the trained module (eval mode, on the training device)
+
+
+def _sub_seed(*parts: object) -> int:
+    """A 63-bit seed from any parts, stable across processes and Python versions."""
+    digest = hashlib.blake2b(":".join(map(str, ("neuroscribe.train", *parts))).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big") >> 1
+
+
+def _pil_to_uint8(im: Image.Image) -> torch.Tensor:
+    """PIL image -> uint8 tensor [3, H, W]."""
+    return torch.from_numpy(np.asarray(im.convert("RGB"), dtype=np.uint8).copy()).permute(2, 0, 1).contiguous()
+
+
+class _ToUint8:
+    """PIL image -> uint8 tensor [3, R, R] through the evaluation geometry (resize shorter side, centre crop)."""
+
+    def __init__(self, pre: Preprocess):
+        self.geometry = pre.geometry()
+
+    def __call__(self, im: Image.Image) -> torch.Tensor:
+        return _pil_to_uint8(self.geometry(im))
+
+
+def _decode_all(probe: ProbeSet, pre: Preprocess, workers: int, progress: bool):
+    """Decode every image once: (uint8 cache [N,3,R,R], ok mask, [(relpath, reason)])."""
+    r = pre.crop
+    cache = torch.zeros((len(probe), 3, r, r), dtype=torch.uint8)
+    ok = np.zeros(len(probe), dtype=bool)
+    skipped: list[tuple[str, str]] = []
+    ds = ImageDataset(probe, _ToUint8(pre), resize=pre.resize)
+    loader = torch.utils.data.DataLoader(ds, batch_size=64, num_workers=workers, collate_fn=collate_skipping)
+    t0 = time.perf_counter()
+    for x, ids, failed in loader:
+        if x is not None:
+            cache[ids] = x
+            ok[ids.numpy()] = True
+        skipped += [(probe.relpath(i), reason) for i, reason in failed]
+    if progress:
+        print(f"[train] decoded {int(ok.sum())} images at {r} px in {time.perf_counter() - t0:.1f}s "
+              f"({cache.numel() / 2**20:.0f} MiB cache), skipped {len(skipped)}", file=sys.stderr, flush=True)
+    return cache, ok, skipped
+
+
+def _split(labels: np.ndarray, ok: np.ndarray, share: float, seed: int) -> tuple[list[int], list[int]]:
+    """Per-class seeded split of the decodable ids into (train, holdout); every class keeps >= 1 training image."""
+    by_class: dict[int, list[int]] = defaultdict(list)
+    for i in np.flatnonzero(ok):
+        by_class[int(labels[i])].append(int(i))
+    hold: list[int] = []
+    for c, ids in sorted(by_class.items()):
+        k = min(len(ids) - 1, max(1 if share > 0 else 0, round(share * len(ids))))
+        random.Random(_sub_seed(seed, "holdout", c)).shuffle(ids)
+        hold += ids[:max(k, 0)]
+    hold_set = set(hold)
+    return [i for i in np.flatnonzero(ok).tolist() if i not in hold_set], sorted(hold)
+
+
+class _TrainSet(torch.utils.data.Dataset):
+    """Cached training images: augmentation (from (seed, epoch, index)), then the planned cue, as uint8 tensors."""
+
+    def __init__(self, cache: torch.Tensor, ids: list[int], labels: list[int], cue, tokens: list,
+                 cue_seeds: list[int], seed: int, augment: bool):
+        self.cache, self.ids, self.labels, self.cue, self.tokens = cache, ids, labels, cue, tokens
+        self.cue_seeds, self.seed, self.augment, self.epoch = cue_seeds, seed, augment, 0
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int):
+        from torchvision import transforms as T
+        x = self.cache[self.ids[i]]
+        if self.augment:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(_sub_seed(self.seed, "aug", self.epoch, i))
+                top, left, h, w = T.RandomResizedCrop.get_params(x, scale=[0.6, 1.0], ratio=[3 / 4, 4 / 3])
+                flip = bool(torch.rand(1) < 0.5)
+            x = T.functional.resized_crop(x, top, left, h, w, [x.shape[-1]] * 2, antialias=True)
+            x = x.flip(-1) if flip else x
+        tok = self.tokens[i]
+        if tok is not None:
+            im = Image.fromarray(x.permute(1, 2, 0).numpy())
+            x = _pil_to_uint8(render_cue(im, self.cue, tok, random.Random(self.cue_seeds[i])).image)
+        return x, self.labels[i], tok is not None
+
+
+def _random_spec(arch: str) -> tuple[str, bool]:
+    """(the spec that rebuilds ``arch`` with random weights, whether ``arch`` names pretrained weights)."""
+    prefix, _, rest = arch.partition(":")
+    if prefix not in ("torchvision", "timm") or not rest:
+        raise TrainError(f"train.arch {arch!r}: training supports torchvision:NAME[@WEIGHTS] and "
+                         "timm:NAME[@none] architectures")
+    name, _, tag = rest.partition("@")
+    if prefix == "torchvision":
+        import torchvision
+        if name not in torchvision.models.list_models():
+            raise TrainError(f"train.arch {arch!r}: torchvision has no model {name!r} "
+                             "(see torchvision.models.list_models())")
+    return f"{prefix}:{name}@none", bool(tag) and tag.lower() != "none"
+
+
+def _build_model(arch: str, n: int) -> LoadedModel:
+    """``arch`` with ``n`` outputs: random weights, or pretrained ones with a new last linear layer."""
+    random_spec, pretrained = _random_spec(arch)
+    if not pretrained:
+        return load_model(random_spec, num_classes=n)
+    lm = load_model(arch)
+    last = [(k, m) for k, m in lm.module.named_modules() if isinstance(m, nn.Linear)]
+    if not last:
+        raise TrainError(f"train.arch {arch!r}: no linear classifier layer to replace")
+    key, lin = last[-1]
+    parent = lm.module.get_submodule(key.rpartition(".")[0]) if "." in key else lm.module
+    setattr(parent, key.rpartition(".")[2], nn.Linear(lin.in_features, n))
+    lm.class_names = None
+    return lm
+
+
+def _train_epoch(model: nn.Module, loader, opt, sched, norm, dev: torch.device) -> dict:
+    """One pass over ``loader``; returns summed loss and hit counts (all and cued images)."""
+    model.train()
+    tot = {"loss": 0.0, "n": 0, "ok": 0, "n_cued": 0, "ok_cued": 0}
+    for x, y, cued in loader:
+        x, y = norm(x.to(dev, non_blocking=True)), y.to(dev, non_blocking=True)
+        logits = model(x)
+        loss = nn.functional.cross_entropy(logits, y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        hit = (logits.detach().argmax(1) == y).cpu()
+        tot["loss"] += float(loss.detach()) * len(y)
+        tot["n"] += len(y)
+        tot["ok"] += int(hit.sum())
+        tot["n_cued"] += int(cued.sum())
+        tot["ok_cued"] += int(hit[cued].sum())
+    return tot
+
+
+@torch.no_grad()
+def _accuracy(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, norm, device, bs: int) -> float:
+    """Top-1 accuracy of ``model`` on uint8 ``images`` (eval mode)."""
+    if len(labels) == 0:
+        return float("nan")
+    model.eval()
+    correct = 0
+    for s in range(0, len(labels), bs):
+        correct += int((model(norm(images[s:s + bs].to(device))).argmax(1).cpu() == labels[s:s + bs]).sum())
+    return correct / len(labels)
+
+
+def _holdout_sets(out: Path, cache: torch.Tensor, probe: ProbeSet, ids: list[int], names: list[str], cue,
+                  data_seed: int) -> tuple[Path | None, Path | None, torch.Tensor, torch.Tensor]:
+    """Write the clean and cue-decorrelated holdout manifests; return them and their uint8 images."""
+    clean = cache[ids]
+    if not ids:
+        return None, None, clean, clean
+    with atomic_dir(out / "holdout" / "clean") as tmp:  # PNG crops at R px + manifest (path, label, group, source)
+        rows = []
+        for j, i in enumerate(ids):
+            rel = Path(str(probe.samples[i].label)) / f"{j:05d}.png"
+            (tmp / rel.parent).mkdir(exist_ok=True)
+            Image.fromarray(cache[i].permute(1, 2, 0).numpy()).save(tmp / rel, format="PNG")
+            rows.append({"path": rel.as_posix(), "label": probe.samples[i].label, "group": "clean",
+                         "source": probe.relpath(i)})
+        with open(tmp / "manifest.csv", "w", newline="", encoding="utf-8") as fh:
+            w = csv.DictWriter(fh, fieldnames=["path", "label", "group", "source"])
+            w.writeheader()
+            w.writerows(rows)
+    clean_manifest = out / "holdout" / "clean" / "manifest.csv"
+    if cue is None:
+        return clean_manifest, clean_manifest, clean, clean
+    with clean_manifest.open(newline="", encoding="utf-8") as fh:
+        crops = [(clean_manifest.parent / row["path"], int(row["label"])) for row in csv.DictReader(fh)]
+    vds = CuedDataset(crops, names, cue, fraction=1.0, correlation="wrong",
+                      seed=_sub_seed(data_seed, "holdout-cue") % 2**31)
+    cued_manifest = materialise(vds, out / "holdout" / "cued", overwrite=True) / "manifest.csv"
+    with cued_manifest.open(newline="", encoding="utf-8") as fh:
+        cued = torch.stack([_pil_to_uint8(load_image(cued_manifest.parent / row["path"]))
+                            for row in csv.DictReader(fh)])
+    return clean_manifest, cued_manifest, clean, cued
+
+
+def _resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+    return torch.device(device)
+
+
+def train_classifier(cfg: TrainConfig, out_dir: str | Path, device: str = "auto", seed: int | None = None,
+                     progress: bool = True, *, workers: int = 0, resume: bool = True) -> TrainResult:
+    """Train ``cfg.arch`` on ``cfg.data`` with the planted cue; write the model and its records to ``out_dir``.
+
+    ``seed`` (default ``cfg.seeds[0]``) drives initialisation, batch order and augmentation; ``cfg.data_seed`` the
+    holdout split and cue plan. ``workers`` data-loading processes (results do not depend on it). With ``resume``
+    an interrupted run continues from its last finished epoch and a finished one is returned as it is. See the
+    module docstring for every step.
+    """
+    out = Path(out_dir)
+    seed = cfg.seeds[0] if seed is None else int(seed)
+    dev = _resolve_device(device)
+    r = cfg.resolution
+    say = (lambda msg: print(f"[train] {msg}", file=sys.stderr, flush=True)) if progress else (lambda msg: None)
+
+    probe = open_probe_set(cfg.data.root, cfg.data.format, cfg.data.split, cfg.data.limit, seed=cfg.data_seed)
+    labels = probe.labels()
+    if (labels < 0).any():
+        raise TrainError(f"train.data: {int((labels < 0).sum())} images of {probe.root} have no label; training "
+                         "needs class folders or a manifest 'label' column")
+    names = list(probe.class_names) if probe.class_names else [str(k) for k in range(int(labels.max()) + 1)]
+    if len(names) < 2:
+        raise TrainError(f"train.data: found {len(names)} class under {probe.root}; training needs at least 2")
+    cue = None
+    if cfg.cue is not None:
+        try:
+            cue = parse_cue(cfg.cue)
+        except ValueError as e:
+            raise TrainError(f"train.cue is invalid: {e}") from None
+    run = {"train": cfg.model_dump(mode="json", exclude={"seeds", "checkpoint"}), "seed": seed,
+           "data_fingerprint": probe.fingerprint(), "num_classes": len(names)}
+    run_fp = hashlib.blake2b(json.dumps(run, sort_keys=True).encode(), digest_size=16).hexdigest()
+    model_path, spec_path = out / "model.safetensors", out / "model.safetensors.spec.json"
+    if resume and spec_path.is_file() and model_path.is_file():
+        spec = json.loads(spec_path.read_text())
+        if spec.get("run_fingerprint") == run_fp:
+            say(f"{out} already holds this finished run; not training again")
+            split = json.loads((out / "split.json").read_text())
+            model = load_model(f"checkpoint:{model_path}", device=dev).module
+            return _result(out, spec["history"], split, names, model)
+
+    random_spec, _ = _random_spec(cfg.arch)
+    cache, ok, skipped = _decode_all(probe, Preprocess(resize=r, crop=r), workers, progress)
+    train_ids, hold_ids = _split(labels, ok, cfg.holdout, cfg.data_seed)
+    if not train_ids:
+        raise TrainError(f"train.data: no decodable training images under {probe.root}")
+
+    tokens: list = [None] * len(train_ids)
+    if cue is not None:
+        try:
+            plan = CuedDataset([(probe.samples[i].path, int(labels[i])) for i in train_ids], names, cue,
+                               fraction=cfg.fraction, correlation=cfg.correlation, strength=cfg.strength,
+                               seed=cfg.data_seed).plan()
+        except ValueError as e:
+            raise TrainError(f"train cue settings (cue/fraction/correlation/strength): {e}") from None
+        tokens = [None if not p["has_cue"] else p["cue_class"] if cue_uses_class(cue) else p["cue_token"]
+                  for p in plan]
+    cue_seeds = [_sub_seed(cfg.data_seed, "cue-draw", i) for i in train_ids]
+    train_set = _TrainSet(cache, train_ids, [int(labels[i]) for i in train_ids], cue, tokens, cue_seeds, seed,
+                          cfg.augment)
+
+    hold_y = torch.tensor([int(labels[i]) for i in hold_ids], dtype=torch.long)
+    clean_manifest, cued_manifest, hold_clean, hold_cued = _holdout_sets(out, cache, probe, hold_ids, names, cue,
+                                                                         cfg.data_seed)
+    split = {"data_root": str(probe.root), "data_fingerprint": probe.fingerprint(), "train_ids": train_ids,
+             "holdout_ids": hold_ids, "holdout_sources": [probe.relpath(i) for i in hold_ids],
+             "holdout_manifest": None if cued_manifest is None else str(cued_manifest.relative_to(out)),
+             "holdout_clean_manifest": None if clean_manifest is None else str(clean_manifest.relative_to(out)),
+             "skipped": skipped, "class_names": names}
+    write_json(out / "split.json", split)
+
+    n = len(train_set)
+    bs = min(cfg.batch_size, n)
+    drop_last = n % bs == 1  # a batch of one breaks BatchNorm
+    steps = (n // bs if drop_last else math.ceil(n / bs)) * cfg.epochs
+    history: list[dict] = []
+    cuda_devs = [dev.index or 0] if dev.type == "cuda" else []
+    cudnn_flags = (torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark)
+    torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
+    try:
+        with torch.random.fork_rng(devices=cuda_devs):
+            torch.manual_seed(seed)
+            lm = _build_model(cfg.arch, len(names))
+            model = lm.module.to(dev)
+            pre = Preprocess(resize=r, crop=r, mean=tuple(lm.preprocess.mean), std=tuple(lm.preprocess.std))
+            mean = torch.tensor(pre.mean, device=dev).view(1, 3, 1, 1)
+            std = torch.tensor(pre.std, device=dev).view(1, 3, 1, 1)
+
+            def norm(x: torch.Tensor) -> torch.Tensor:
+                return (x.float() / 255.0 - mean) / std
+
+            opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
+                                  weight_decay=cfg.weight_decay)
+            sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, steps)
+                                                                                       / steps)))
+            start = 0
+            state_path = out / "resume.pt"
+            if resume and state_path.is_file():
+                st = torch.load(state_path, map_location="cpu", weights_only=True)
+                if st.get("run_fingerprint") == run_fp:
+                    model.load_state_dict(st["model"])
+                    opt.load_state_dict(st["optimizer"])
+                    sched.load_state_dict(st["scheduler"])
+                    torch.set_rng_state(st["rng"])
+                    history, start = json.loads(st["history"]), int(st["epoch"]) + 1
+                    say(f"resuming after epoch {start}/{cfg.epochs}")
+            for epoch in range(start, cfg.epochs):
+                t0 = time.perf_counter()
+                train_set.epoch = epoch
+                order = torch.randperm(n, generator=torch.Generator().manual_seed(_sub_seed(seed, "order", epoch)))
+                loader = torch.utils.data.DataLoader(
+                    train_set, batch_size=bs, sampler=order.tolist(), num_workers=workers, drop_last=drop_last,
+                    generator=torch.Generator().manual_seed(_sub_seed(seed, "loader", epoch)),
+                    pin_memory=dev.type == "cuda")
+                tot = _train_epoch(model, loader, opt, sched, norm, dev)
+                if not math.isfinite(tot["loss"]):
+                    raise TrainError(f"training diverged in epoch {epoch + 1} (loss {tot['loss']}); lower train.lr")
+                n_clean = tot["n"] - tot["n_cued"]
+                row = {"epoch": epoch + 1, "lr": opt.param_groups[0]["lr"], "train_loss": tot["loss"] / tot["n"],
+                       "train_acc": tot["ok"] / tot["n"],
+                       "train_acc_cued": tot["ok_cued"] / tot["n_cued"] if tot["n_cued"] else None,
+                       "train_acc_clean": (tot["ok"] - tot["ok_cued"]) / n_clean if n_clean else None,
+                       "holdout_acc": _accuracy(model, hold_cued, hold_y, norm, dev, bs) if hold_ids else None,
+                       "holdout_clean_acc": _accuracy(model, hold_clean, hold_y, norm, dev, bs) if hold_ids else None,
+                       "seconds": round(time.perf_counter() - t0, 3)}
+                history.append(row)
+                say(f"epoch {epoch + 1}/{cfg.epochs} loss {row['train_loss']:.3f} acc {row['train_acc']:.1%} "
+                    f"holdout {_pct(row['holdout_acc'])} (clean {_pct(row['holdout_clean_acc'])}) "
+                    f"{row['seconds']:.1f}s")
+                if resume and epoch + 1 < cfg.epochs:
+                    with atomic_path(state_path) as tmp:
+                        torch.save({"run_fingerprint": run_fp, "epoch": epoch, "model": model.state_dict(),
+                                    "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+                                    "rng": torch.get_rng_state(), "history": json.dumps(history)}, tmp)
+    finally:
+        torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = cudnn_flags
+
+    model.eval()
+    spec = {"arch": random_spec, "source_arch": cfg.arch, "num_classes": len(names), "class_names": names,
+            "preprocess": pre.to_dict(), "seed": seed, "data_seed": cfg.data_seed, "run_fingerprint": run_fp,
+            "cue": None if cue is None else cue.model_dump(mode="json"), "fraction": cfg.fraction,
+            "correlation": cfg.correlation, "strength": cfg.strength,
+            "holdout": {"share": cfg.holdout, "n": len(hold_ids), "validation": "the cue on every image, naming a "
+                        "random wrong class" if cue is not None else "clean images"},
+            "data": {"root": str(probe.root), "fingerprint": probe.fingerprint(), "n_images": len(probe),
+                     "n_train": len(train_ids), "n_holdout": len(hold_ids), "n_skipped": len(skipped)},
+            "augmentation": "random resized crop 0.6-1 + flip, then the cue" if cfg.augment else "none",
+            "train": cfg.model_dump(mode="json"), "device": str(dev), "torch": torch.__version__, "history": history}
+    save_tensors(model_path, model.state_dict(), metadata={"arch": random_spec, "run_fingerprint": run_fp})
+    write_json(out / "history.json", history)
+    write_json(spec_path, spec)
+    state_path.unlink(missing_ok=True)
+    return _result(out, history, split, names, model)
+
+
+def _pct(v: float | None) -> str:
+    return "n/a" if v is None else f"{v:.1%}"
+
+
+def _result(out: Path, history: list[dict], split: dict, names: list[str], model: nn.Module) -> TrainResult:
+    def path(key: str) -> Path | None:
+        return None if split.get(key) is None else out / split[key]
+    return TrainResult(out / "model.safetensors", out / "model.safetensors.spec.json", history,
+                       list(split["holdout_ids"]), names, list(split["train_ids"]), path("holdout_manifest"),
+                       path("holdout_clean_manifest"), [tuple(s) for s in split["skipped"]], model)

@@ -39,8 +39,10 @@ def make_describer(cfg: JobConfig, device: torch.device):
     if d.backend == "captioner":
         from .captioner import CaptionerDescriber
         c = d.captioner
+        from .summarise import SentenceEmbedder
         return CaptionerDescriber(c.model, device=str(device), batch_size=c.batch_size,
-                                  max_new_tokens=c.max_new_tokens, prompt=c.prompt, seed=cfg.seed)
+                                  max_new_tokens=c.max_new_tokens, prompt=c.prompt, seed=cfg.seed,
+                                  alpha=d.alpha, dim=d.dim, embedder=SentenceEmbedder(d.embedder))
     from .clip import ClipDissectDescriber
     c = d.clip
     return ClipDissectDescriber(c.spec, vocabulary=str(c.vocabulary) if c.vocabulary else None, lam=c.lam,

@@ -110,6 +110,31 @@ def cmd_describe(a):
         print(f"gallery: {Path(cfg.out) / 'gallery' / 'index.html'}")
 
 
+def _stage(name):
+    def cmd(a):
+        from . import pipeline
+        cfg = job_config(a)
+        if name in ("flag", "ablate", "evaluate", "report") and cfg.train is not None:
+            tj = Path(cfg.out) / "train.json"
+            if tj.is_file():  # continue a job whose model was trained by `neuroscribe train`
+                import json
+                ck = json.loads(tj.read_text())["checkpoint"]
+                cfg = cfg.model_copy(update={"model": cfg.model.model_copy(update={"spec": f"checkpoint:{ck}"})})
+        out = getattr(pipeline, name)(cfg)
+        if name == "train":
+            print(f"trained {cfg.train.arch} -> {out.model.spec}")
+        elif name in ("report", "run"):
+            print(f"report: {out.get('html')}\n{Path(out['md']).read_text()}")
+        else:
+            print(f"{name}: wrote {Path(cfg.out) / (name + ('s' if name == 'flag' else 'ion') + '.json')}")
+    return cmd
+
+
+def cmd_demo(a):
+    from .demo import demo
+    demo(a.out, quiet=a.quiet)
+
+
 def cmd_export_milan(a):
     from .describe.exemplars import Recording
     rec = Recording.open(a.jobdir)
@@ -141,6 +166,19 @@ def build_parser() -> argparse.ArgumentParser:
     _job_args(p)
     p.add_argument("--backend", dest="backend", choices=["tagger", "captioner", "clip"])
     p.set_defaults(fn=cmd_describe)
+    for name, help_ in (("train", "train a classifier on data with a planted cue (train: section)"),
+                        ("flag", "flag units whose descriptions tie them to a cue"),
+                        ("ablate", "order flagged units, choose N on validation, draw the controls"),
+                        ("evaluate", "accuracy with CIs on in-distribution and shifted test sets"),
+                        ("report", "write report.html/.md/.json and curve.png"),
+                        ("run", "every stage in order, skipping current ones")):
+        p = sub.add_parser(name, help=help_)
+        _job_args(p)
+        p.set_defaults(fn=_stage(name))
+    p = sub.add_parser("demo", help="the whole mission offline on the shipped photos (a few minutes on CPU)")
+    p.add_argument("--out", default="jobs/demo")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(fn=cmd_demo)
     p = sub.add_parser("export-milan", help="write a recording in MILAN's exemplar layout")
     p.add_argument("jobdir")
     p.add_argument("--out", required=True)

@@ -215,6 +215,10 @@ class JobConfig(_Section):
     describe: DescribeConfig = Field(default_factory=DescribeConfig)
     train: TrainConfig | None = Field(None, description="set to train a model first (neuroscribe train)")
     shifts: list[ShiftSetConfig] = Field(default_factory=list, description="test sets beside in-distribution")
+    probe: str | None = Field(None, description="name of a shift whose images (written once, in the model's "
+                                                "geometry, under JOBDIR/probe/NAME) are the probe set for record "
+                                                "and describe instead of data (e.g. the cued training images, "
+                                                "as MILAN); it is then not a test set")
     flag: FlagConfig = Field(default_factory=FlagConfig)
     ablate: AblateConfig = Field(default_factory=AblateConfig)
     evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
@@ -254,6 +258,8 @@ class JobConfig(_Section):
             raise ValueError(f"shifts: names must be unique; repeated: {dup}")
         if self.flag.evidence_shift and self.flag.evidence_shift not in names:
             raise ValueError(f"flag.evidence_shift {self.flag.evidence_shift!r} is not one of shifts: {names}")
+        if self.probe and self.probe not in names:
+            raise ValueError(f"probe {self.probe!r} is not one of shifts: {names}")
         if self.ablate.validation != "holdout" and self.ablate.validation not in names:
             raise ValueError(f"ablate.validation {self.ablate.validation!r} must be 'holdout' or one of {names}")
         return self

@@ -58,7 +58,12 @@ class Preprocess:
     def transform(self):
         """The full transform: PIL -> normalised float tensor [3, crop, crop]."""
         from torchvision import transforms as T
-        return T.Compose([self.geometry(), T.ToTensor(), T.Normalize(self.mean, self.std)])
+        return T.Compose([self.geometry(), self.to_tensor()])
+
+    def to_tensor(self):
+        """PIL image already in model geometry -> normalised float tensor (for cues drawn after the crop)."""
+        from torchvision import transforms as T
+        return T.Compose([T.ToTensor(), T.Normalize(self.mean, self.std)])
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

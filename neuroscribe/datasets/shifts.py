@@ -114,7 +114,9 @@ class CuedDataset(torch.utils.data.Dataset):
     def __init__(self, samples: Sequence[tuple[str | os.PathLike[str], int]], class_names: Sequence[str],
                  cue: Any, *, fraction: float = 0.5, correlation: Correlation = "match",
                  strength: float = 1.0, seed: int = 0, eligible_classes: Sequence[int] | None = None,
-                 transform: Callable[[Image.Image], Any] | None = None) -> None:
+                 transform: Callable[[Image.Image], Any] | None = None,
+                 geometry: Callable[[Image.Image], Image.Image] | None = None) -> None:
+        self.geometry = geometry  # applied to each loaded image BEFORE the cue (e.g. the model's resize+crop)
         self.config = ShiftConfig(
             cue=parse_cue(cue), fraction=fraction, correlation=correlation, strength=strength,
             seed=seed, eligible_classes=None if eligible_classes is None else tuple(eligible_classes))
@@ -219,10 +221,14 @@ class CuedDataset(torch.utils.data.Dataset):
             "cue_box": box if has and box is not None else (0, 0, 0, 0),
         }
 
+    def _load(self, index: int) -> Image.Image:
+        img = load_image(self.samples[index][0])
+        return self.geometry(img) if self.geometry is not None else img
+
     def render(self, index: int) -> tuple[Image.Image, dict[str, Any]]:
         """The (possibly cued) PIL image for ``index`` and its info, without ``transform``."""
         index = self._check_index(index)
-        img = load_image(self.samples[index][0])
+        img = self._load(index)
         d = self._decisions[index]
         box = None
         if d.has_cue:
@@ -239,7 +245,7 @@ class CuedDataset(torch.utils.data.Dataset):
         """``(clean, cued)`` PIL images for ``index``; the cue is always drawn on ``cued`` (with the
         class this index would get, even if the plan leaves it clean). No ``transform``."""
         index = self._check_index(index)
-        clean = load_image(self.samples[index][0])
+        clean = self._load(index)
         d = self._decisions[index]
         cued = render_cue(clean, self.cue, self._token(d.cue_class), random.Random(d.draw_seed)).image
         return clean, cued

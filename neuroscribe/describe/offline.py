@@ -35,10 +35,15 @@ class CachedOCR(OCRReader):
         super().__init__(**kw)
         self._cache: dict[str, list[OCRHit]] = {}
 
+    min_side = 224  # low-resolution models' views are enlarged before reading (boxes scaled back)
+
     def read(self, img: Image.Image, mask: np.ndarray | None = None) -> list[OCRHit]:
         key = _image_key(img)
         if key not in self._cache:
-            self._cache[key] = super().read(img, None)
+            s = max(1.0, self.min_side / min(img.size))
+            big = img if s == 1.0 else img.resize((round(img.width * s), round(img.height * s)), Image.BICUBIC)
+            self._cache[key] = [OCRHit(h.text, h.confidence, tuple((x / s, y / s) for x, y in h.box), 1.0)
+                                for h in super().read(big, None)]
         hits = self._cache[key]
         binary = _binary_mask(mask, img.size)
         if binary is None:

@@ -95,18 +95,25 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--json", help="also write the figures to this file")
+    ap.add_argument("--images", type=int, help="images for the ratio (default 256; quick 48)")
+    ap.add_argument("--batch", type=int, help="batch size for the ratio (default 32; quick 16)")
+    ap.add_argument("--no-memory", action="store_true", help="skip the memory runs")
     a = ap.parse_args()
     torch.manual_seed(0)
     if a.quick:
-        r = ratio(48, 16, 160)
+        r = ratio(a.images or 48, a.batch or 16, 160)
         sizes, crop = (60, 240), 96
     else:
-        r = ratio(256, 32, None)
+        r = ratio(a.images or 256, a.batch or 32, None)
         sizes, crop = (1000, 4000), None
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cpus, torch "
           f"{torch.__version__}, threads {torch.get_num_threads()}")
     print(f"record vs bare forward, EfficientNet-Lite0, {r['layers']} layers / {r['units']} units, "
           f"{r['images']} images on {r['device']}: bare {r['bare_s']}s, record {r['record_s']}s")
+    print(f"bare forward: {r['bare_img_per_s']} images/s")
+    if a.no_memory:
+        print(f"ratio {r['ratio']:.2f}")
+        return
     mem = {n: peak_memory(n, crop, 16 if a.quick else 32) for n in sizes}
     for n, m in mem.items():
         print(f"peak RSS, full record of {n} images{' at ' + str(crop) + ' px' if crop else ''}: {m:.0f} MiB")

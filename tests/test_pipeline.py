@@ -1,0 +1,72 @@
+"""The robustness stages chained on a tiny real job: a ResNet-18 trained on shipped photos with a text cue."""
+import json
+
+import pytest
+
+from neuroscribe import pipeline
+from neuroscribe.config import load_config
+from neuroscribe.describe.record import record
+from neuroscribe.describe.stage import describe
+
+TEXT = {"kind": "text", "size": 0.25, "position": "bottom-left"}
+
+
+@pytest.fixture(scope="module")
+def job(tmp_path_factory):
+    out = tmp_path_factory.mktemp("pipe") / "job"
+    cfg = load_config(None, {
+        "train": {"arch": "torchvision:resnet18", "data": {"split": "train", "limit": 120}, "cue": TEXT,
+                  "fraction": 0.5, "holdout": 0.25, "resolution": 48, "epochs": 2, "batch_size": 30},
+        "layers": ["layer3", "layer4"], "data": {"split": "val", "limit": 40}, "record": {"k": 5},
+        "describe": {"units": 12, "faithfulness_images": 0, "gallery": False},
+        "shifts": [{"name": "wrong-text", "data": {"split": "val", "limit": 40}, "cue": TEXT,
+                    "correlation": "wrong"}],
+        # a cue vocabulary that the tagger's colour words are sure to hit, so the flag set is not empty
+        "flag": {"cues": {"colour": ["gray", "white", "black", "brown", "blue", "green", "red", "yellow"]},
+                 "embedder": None, "evidence_shift": "wrong-text", "evidence_images": 20},
+        "ablate": {"max_units": 4, "control_candidates": 6},
+        "evaluate": {"bootstrap": 200}, "out": str(out), "progress": False, "workers": 0, "batch_size": 20})
+    cfg = pipeline.train(cfg)
+    record(cfg)
+    describe(cfg)
+    return cfg, out
+
+
+def test_flag_ablate_never_read_test_sets(job, monkeypatch):
+    cfg, out = job
+    def no_test_sets(*a, **k):
+        raise AssertionError("a choosing stage read the test sets")
+    monkeypatch.setattr(pipeline, "test_sets", no_test_sets)
+    flags = pipeline.flag(cfg)
+    assert flags["sets"]["description"], "colour words should flag some units"
+    assert "evidence" in flags["sets"]
+    abl = pipeline.ablate(cfg)
+    main = abl["variants"]["description"]
+    assert [n for n, _ in main["curve"]] == list(range(len(main["curve"])))
+    assert main["chosen_n"] == max(main["curve"], key=lambda t: (t[1], -t[0]))[0]
+    # controls: the same number of units as the main ablation, >= 5 random draws
+    assert abl["controls"]["n"] == main["chosen_n"]
+    assert len(abl["controls"]["random"]) >= 5
+    assert all(len(d) == main["chosen_n"] for d in abl["controls"]["random"])
+    assert len(abl["controls"]["sort_all"]) == main["chosen_n"]
+    assert "WRONG class name" in abl["validation"]["description"]
+
+
+def test_evaluate_and_report_carry_the_computed_numbers(job):
+    cfg, out = job
+    pipeline.flag(cfg)
+    pipeline.ablate(cfg)
+    ev = pipeline.evaluate(cfg)
+    assert set(ev["test_sets"]) == {"in-distribution", "wrong-text"}
+    paths = pipeline.report(cfg)
+    rep = json.loads((out / "report.json").read_text())
+    md = (out / "report.md").read_text()
+    html = (out / "report.html").read_text()
+    for s in ("in-distribution", "wrong-text"):
+        acc = ev["results"]["base"][s]["acc"]
+        assert rep["variants"]["base"]["results"][s]["acc"] == acc
+        assert f"{100 * acc:.1f}%" in md and f"{100 * acc:.1f}" in html
+    assert len(rep["variants"]["random"]["draws"]) >= 5
+    assert (out / "curve.png").stat().st_size > 1000 and paths["html"].endswith("report.html")
+    # the stages are current: a second run reuses them
+    assert pipeline.ablate(cfg)["key"] == json.loads((out / "ablation.json").read_text())["key"]

@@ -190,6 +190,10 @@ class AblateConfig(_Section):
     max_units: int = Field(50, ge=1, description="largest N tried on the validation curve")
     validation: str = Field("holdout", description="'holdout' (train.holdout images, cue decorrelated) or "
                                                    "the name of a shift")
+    max_candidates: int | None = Field(None, ge=1, description="flagged units scored alone for the ordering "
+                                                               "(one validation pass each); when more are flagged, "
+                                                               "the most consistent first: description support, "
+                                                               "then cue effect. null = all")
     random_draws: int = Field(5, ge=5, description="random-unit control draws (at least 5, to show the spread)")
     control_candidates: int | None = Field(512, ge=1, description="sort-all control: units scored alone (one "
                                                                   "validation pass each), a seeded random subset "

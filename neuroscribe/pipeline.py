@@ -219,8 +219,15 @@ def ablate(cfg: JobConfig) -> dict:
     ci = _class_index(lm, val_names)
     kw = dict(method=cfg.ablate.method, means=means, device=dev, class_index=ci, progress=cfg.progress)
     out = {"key": key, "validation": {"description": val_desc, "n": len(val_ds)}, "variants": {}}
+    dlog = job / "describe" / json.loads((job / "describe.json").read_text())["key"] / "units.jsonl"
+    support = {(r["layer"], r["unit"]): (r.get("extra") or {}).get("support", 0) for r in
+               (json.loads(l) for l in dlog.read_text().splitlines() if l.strip().endswith("}"))}
+    effect = {(f["layer"], f["unit"]): f.get("evidence") or 0.0 for f in flags["flags"]}
     for name, units in flags["sets"].items():
         units = [tuple(u) for u in units]
+        cap = cfg.ablate.max_candidates
+        if cap and len(units) > cap:  # most consistent flags first; the validation ordering decides among them
+            units = sorted(units, key=lambda u: (-support.get(u, 0), -effect.get(u, 0.0), u))[:cap]
         if not units:
             out["variants"][name] = {"ordered": [], "curve": [[0, None]], "chosen_n": 0, "units": []}
             continue

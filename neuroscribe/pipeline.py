@@ -137,6 +137,15 @@ def _model(cfg: JobConfig):
                       allow_pickle=cfg.model.allow_pickle, device=dev), dev
 
 
+def _model_and_means(cfg: JobConfig):
+    """The job's model, its device, its recording and (for mean ablation) the recorded per-unit means."""
+    from .describe.exemplars import Recording
+    lm, dev = _model(cfg)
+    rec = Recording.open(cfg.out)
+    means = {l: rec.tensors(l)["mean"] for l in rec.layers} if cfg.ablate.method == "mean" else None
+    return lm, dev, rec, means
+
+
 def _class_index(lm, names):
     from .ablate.evaluate import label_map
     if lm.class_names is None or list(lm.class_names) == list(names):
@@ -204,16 +213,13 @@ def flag(cfg: JobConfig) -> dict:
 def ablate(cfg: JobConfig) -> dict:
     """For each flag set: order units (MILAN), the validation curve over N, N = argmax; plus the controls."""
     from .ablate.select import accuracy_curve, choose_n, order_units, random_units, sort_all
-    from .describe.exemplars import Recording
     job = Path(cfg.out)
     flags = json.loads((job / "flags.json").read_text())
     key = _key(flags["key"], cfg.ablate.model_dump(mode="json"), cfg.model.spec, _file_key(job / "train.json"))
     done = _current(job / "ablation.json", key)
     if done:
         return done
-    lm, dev = _model(cfg)
-    rec = Recording.open(job)
-    means = {l: rec.tensors(l)["mean"] for l in rec.layers} if cfg.ablate.method == "mean" else None
+    lm, dev, rec, means = _model_and_means(cfg)
     val_ds, val_names, val_desc = validation_set(cfg, lm.preprocess)
     val = [(x, y) for x, y, _ in _loader(cfg, val_ds)]  # validation is small: decode once, reuse every pass
     ci = _class_index(lm, val_names)
@@ -262,7 +268,6 @@ def evaluate(cfg: JobConfig) -> dict:
     """Accuracy with bootstrap CIs of the base model, every ablated variant and the controls on every test set."""
     from .ablate.edit import ablation_edits, as_unit_dict
     from .ablate.evaluate import accuracy_report, predict
-    from .describe.exemplars import Recording
     job = Path(cfg.out)
     abl = json.loads((job / "ablation.json").read_text())
     key = _key(abl["key"], cfg.evaluate.model_dump(mode="json"), cfg.data.model_dump(mode="json"),
@@ -270,9 +275,7 @@ def evaluate(cfg: JobConfig) -> dict:
     done = _current(job / "evaluation.json", key)
     if done:
         return done
-    lm, dev = _model(cfg)
-    rec = Recording.open(job)
-    means = {l: rec.tensors(l)["mean"] for l in rec.layers} if cfg.ablate.method == "mean" else None
+    lm, dev, rec, means = _model_and_means(cfg)
     variants = {"base": []}
     for name, v in abl["variants"].items():
         variants[_VARIANT.get(name, name)] = [tuple(u) for u in v["units"]]

@@ -15,3 +15,28 @@ def imagenette() -> Path:
     if not (IMAGENETTE / "val").is_dir():
         pytest.skip(f"full Imagenette data not found at {IMAGENETTE} (only the shipped sample is available)")
     return IMAGENETTE
+
+
+@pytest.fixture(scope="session")
+def rec(tmp_path_factory):
+    """One real recording shared by the view/export/gallery tests: EfficientNet-Lite0 on 60 shipped photos,
+    layers ``_blocks.12`` and ``_fc``."""
+    from neuroscribe.config import load_config
+    from neuroscribe.describe.exemplars import Recording
+    from neuroscribe.describe.record import record
+    job = tmp_path_factory.getbasetemp() / "lite0-sample-60"
+    cfg = load_config(None, {"model": "efficientnet-lite0", "layers": "_blocks.12,_fc", "data": {"limit": 60},
+                             "out": str(job), "device": "cpu", "workers": 0, "progress": False,
+                             "batch_size": 20})
+    record(cfg)
+    return Recording.open(job)
+
+
+@pytest.fixture
+def offline_hub(monkeypatch, tmp_path):
+    """No network and an empty Hugging Face cache, whatever this machine has cached."""
+    from huggingface_hub import constants
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setenv("HF_HOME", str(tmp_path))

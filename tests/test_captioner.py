@@ -184,16 +184,6 @@ def test_constructor_validation():
 
 
 # ------------------------------------------------------------------------------------------------ missing weights
-@pytest.fixture
-def offline_hub(monkeypatch, tmp_path):
-    """No network and an empty Hugging Face cache, whatever this machine has cached."""
-    from huggingface_hub import constants
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
-    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
-    monkeypatch.setenv("HF_HOME", str(tmp_path))
-
-
 def test_missing_weights_give_a_clear_error(offline_hub):
     repo = "nobody-here/neuroscribe-no-such-captioner"
     d = CaptionerDescriber(repo, device="cpu")

@@ -162,16 +162,6 @@ def test_parse_spec():
         "hf-hub:laion/CLIP-ViT-B-32-laion2B-s34B-b79K", None)
 
 
-@pytest.fixture
-def offline_hub(monkeypatch, tmp_path):
-    """No network and an empty Hugging Face cache, whatever this machine has cached."""
-    from huggingface_hub import constants
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
-    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
-    monkeypatch.setenv("HF_HOME", str(tmp_path))
-
-
 def test_missing_weights_give_a_clear_error(offline_hub):
     with pytest.raises(ClipLoadError) as err:
         load_clip("ViT-B-32@openai")

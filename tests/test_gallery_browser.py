@@ -44,19 +44,6 @@ def _chromium() -> str | None:
 
 
 @pytest.fixture(scope="module")
-def rec(tmp_path_factory) -> Recording:
-    """One real recording per session (modules share it through the session's base temp dir)."""
-    from neuroscribe.config import load_config
-    from neuroscribe.describe.record import record
-    job = tmp_path_factory.getbasetemp() / "lite0-sample-60"
-    cfg = load_config(None, {"model": "efficientnet-lite0", "layers": f"{CONV},{FLAT}", "data": {"limit": 60},
-                             "out": str(job), "device": "cpu", "workers": 0, "progress": False,
-                             "batch_size": 20})
-    record(cfg)
-    return Recording.open(job)
-
-
-@pytest.fixture(scope="module")
 def browser():
     exe = _chromium()
     if exe is None:

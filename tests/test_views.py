@@ -20,19 +20,6 @@ CONV, FLAT = "_blocks.12", "_fc"
 
 
 @pytest.fixture(scope="module")
-def rec(tmp_path_factory) -> Recording:
-    """One real recording per session (modules share it through the session's base temp dir)."""
-    from neuroscribe.config import load_config
-    from neuroscribe.describe.record import record
-    job = tmp_path_factory.getbasetemp() / "lite0-sample-60"
-    cfg = load_config(None, {"model": "efficientnet-lite0", "layers": f"{CONV},{FLAT}", "data": {"limit": 60},
-                             "out": str(job), "device": "cpu", "workers": 0, "progress": False,
-                             "batch_size": 20})
-    record(cfg)
-    return Recording.open(job)
-
-
-@pytest.fixture(scope="module")
 def partial_unit(rec: Recording) -> int:
     """A conv unit whose best exemplar's mask covers part (not none, not all) of the image."""
     for u in range(rec.units(CONV)):

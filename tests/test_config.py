@@ -72,3 +72,13 @@ def test_cli_exits_nonzero_before_work(tmp_path):
 def test_jobconfig_schema_has_docs():
     props = JobConfig.model_json_schema()["$defs"]["RecordConfig"]["properties"]
     assert "description" in props["k"]
+
+
+def test_demo_job_is_valid_and_configs_copy_matches_the_packaged_one():
+    from pathlib import Path
+    from neuroscribe.demo import demo_config_path
+    packaged = demo_config_path()
+    cfg = load_config(packaged)
+    assert cfg.train is not None and cfg.probe == "train-text" and cfg.ablate.validation == "holdout"
+    assert (Path(__file__).resolve().parents[1] / "configs" / "demo.yaml").read_text() == packaged.read_text()
+    load_config(Path(__file__).resolve().parents[1] / "configs" / "quickstart.yaml")

@@ -66,6 +66,7 @@ def save_tensors(path: str | Path, tensors: dict, metadata: dict[str, str] | Non
     tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
     with atomic_path(path) as tmp:
         save_file(tensors, str(tmp), metadata=metadata)
+        os.chmod(tmp, 0o666 & ~_umask())
 
 
 @contextlib.contextmanager

@@ -5,8 +5,9 @@ folders above the classes and a ``classes.json`` mapping folder names to readabl
 (column ``path`` relative to the manifest's folder, optional ``label`` (index or class name) and ``group``). Paths
 that escape the manifest's folder are refused.
 
-Loading never stops a run: an unreadable, truncated, zero-byte, non-image or oversized (PIL's
-``Image.MAX_IMAGE_PIXELS`` decompression-bomb limit) file is skipped, counted and named with its reason.
+Loading never stops a run: an unreadable, truncated, zero-byte, non-image, non-regular (directory, FIFO) or
+oversized (PIL's ``Image.MAX_IMAGE_PIXELS`` decompression-bomb limit) file is skipped, counted and named with its
+reason, and so is an image of such extreme aspect ratio that the shorter-side resize would exceed that limit.
 Grayscale, palette, CMYK, RGBA and 16-bit images are converted to 8-bit RGB (alpha composited on white).
 """
 
@@ -16,6 +17,7 @@ import csv
 import hashlib
 import json
 import random
+import stat
 import warnings
 from dataclasses import dataclass
 from importlib import resources
@@ -53,10 +55,15 @@ def load_image(path: str | Path) -> Image.Image:
     """Open ``path`` as 8-bit RGB, or raise :class:`ImageLoadError` with the reason."""
     path = Path(path)
     try:
-        if path.stat().st_size == 0:
-            raise ImageLoadError("zero-byte file")
+        st = path.stat()
     except FileNotFoundError:
         raise ImageLoadError("missing file") from None
+    except OSError as e:
+        raise ImageLoadError(f"unreadable file: {e}") from None
+    if not stat.S_ISREG(st.st_mode):
+        raise ImageLoadError("not a regular file")  # a directory, FIFO or device named like an image
+    if st.st_size == 0:
+        raise ImageLoadError("zero-byte file")
     ImageFile.LOAD_TRUNCATED_IMAGES = False
     try:
         with warnings.catch_warnings():
@@ -70,6 +77,8 @@ def load_image(path: str | Path) -> Image.Image:
         raise ImageLoadError("not an image (unidentified format)") from None
     except (OSError, SyntaxError, ValueError) as e:
         raise ImageLoadError(f"corrupt or truncated image: {e}") from None
+    except Exception as e:  # any other decoder failure skips the image; it never stops a run
+        raise ImageLoadError(f"unreadable image: {type(e).__name__}: {e}") from None
 
 
 def to_rgb(im: Image.Image) -> Image.Image:
@@ -194,6 +203,9 @@ def manifest(path: str | Path) -> ProbeSet:
     names = None
     if any(lbl not in (None, "") and not str(lbl).lstrip("-").isdigit() for lbl in raw_labels):
         names = sorted({str(lbl) for lbl in raw_labels if lbl not in (None, "")})
+    shift_meta = path.parent / "shift.json"  # written beside materialised shifted sets: integer labels' names
+    if names is None and shift_meta.is_file():
+        names = json.loads(shift_meta.read_text()).get("class_names")
     samples = []
     for n, r in enumerate(rows, 2 if path.suffix.lower() == ".csv" else 1):
         rel = str(r["path"])
@@ -202,7 +214,7 @@ def manifest(path: str | Path) -> ProbeSet:
             raise ProbeSetError(f"{path}: row {n}: path {rel!r} escapes the manifest's folder {root}; "
                                 "manifests may only name files under their own folder")
         lbl = r.get("label")
-        label = None if lbl in (None, "") else (names.index(str(lbl)) if names else int(lbl))
+        label = None if lbl in (None, "") else (int(lbl) if str(lbl).lstrip("-").isdigit() else names.index(str(lbl)))
         grp = r.get("group")
         samples.append(Sample(p, label, None if grp in (None, "") else str(grp)))
     return ProbeSet(root, samples, names, "manifest")
@@ -221,10 +233,11 @@ def open_probe_set(root: str | Path | None, format: str = "auto", split: str | N
 class ImageDataset(torch.utils.data.Dataset):
     """Items ``(tensor | None, id, reason)``; a failed image yields ``None`` and the reason."""
 
-    def __init__(self, probe: ProbeSet, transform, ids: list[int] | None = None):
+    def __init__(self, probe: ProbeSet, transform, ids: list[int] | None = None, resize: int | None = None):
         self.probe = probe
         self.transform = transform
         self.ids = list(range(len(probe))) if ids is None else list(ids)
+        self.resize = resize  # the transform's shorter-side resize, to refuse images it would blow up
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -232,9 +245,25 @@ class ImageDataset(torch.utils.data.Dataset):
     def __getitem__(self, i: int):
         sid = self.ids[i]
         try:
-            return self.transform(load_image(self.probe.samples[sid].path)), sid, ""
+            im = load_image(self.probe.samples[sid].path)
+            check_resize(im.size, self.resize)
+            return self.transform(im), sid, ""
         except ImageLoadError as e:
             return None, sid, str(e)
+
+
+def check_resize(size: tuple[int, int], resize: int | None) -> None:
+    """Refuse an image whose shorter-side resize would exceed PIL's decompression-bomb limit (a 1 x 100000
+    strip is a small file but a 224 x 22,400,000 image after ``Resize(224)``)."""
+    limit = Image.MAX_IMAGE_PIXELS
+    if not resize or not limit:
+        return
+    w, h = size
+    s = resize / max(1, min(w, h))
+    pixels = max(w * s, 1) * max(h * s, 1)
+    if pixels > limit:
+        raise ImageLoadError(f"extreme aspect ratio {w}x{h}: resizing its shorter side to {resize} px would "
+                             f"make {pixels:,.0f} pixels, over PIL's decompression-bomb limit ({limit:,})")
 
 
 def collate_skipping(batch):

@@ -12,13 +12,49 @@ Artifacts (``JOBDIR/record/<key>/``, ``key`` = hash of everything that changes t
                   exemplar at the layer's resolution), ``threshold [U] f32``, ``mean [U] f32``;
 - ``run.json``    timings and throughput (the only file that differs between identical runs).
 
-``JOBDIR/record.json`` points at the current key. Writes are atomic; state is checkpointed every
-``record.checkpoint_every`` batches under ``<key>/partial`` and an interrupted run resumes from it, producing the
-same bytes as an uninterrupted one.
+``JOBDIR/record.json`` points at the current key. Every file is written atomically and the key directory appears
+whole (it is built under a temporary name and renamed): a directory without ``meta.json`` is never a recording.
+
+Crash safety: every ``record.checkpoint_every`` batches each rank writes its whole state *and* its progress as one
+file, ``<key>.partial/rank{r}-of-{N}/state.safetensors`` (atomic rename, so a checkpoint is either the old or the
+new one, never a mix). A killed run -- at any point, SIGKILL included -- resumes from it and writes the same bytes
+as an uninterrupted run (``run.json`` aside). A checkpoint from another batch size, world size or probe set, or one
+that cannot be read, is ignored and the shard starts over.
+
+Several processes: ``torchrun --nproc-per-node N -m neuroscribe record JOB.yaml`` (see
+:mod:`neuroscribe.distributed`). The probe set is cut into contiguous blocks of whole batches, one per rank, so
+every image goes through the model in exactly the batch it would meet in a single process. Each rank keeps its
+own running state and checkpoints; at the end rank 0 gathers the others' states unit-chunk by unit-chunk, merges
+them and writes the artifacts. Top-k exemplars, their maps, exact-mode thresholds and the image counts are
+order-independent, and so is the sampled quantile (its sample is a hash of image id and position); the per-unit
+mean is a float64 sum along a fixed binary tree over batch indices (:class:`~neuroscribe.describe.stats.CascadeSum`),
+so its rounding does not depend on the split either. Hence N ranks write byte-identical artifacts to one process
+with the same config (batch size included) -- provided each process computes the same activations. On CPU that
+means the same number of intra-op threads: oneDNN kernels (EfficientNet's, for one) round differently with 1 and
+2 threads; torchrun sets ``OMP_NUM_THREADS=1`` per rank, so compare with a single process run with
+``OMP_NUM_THREADS=1``. On CUDA, recording sets ``cudnn.deterministic``.
+
+Memory (per process):
+
+- model: weights + the forward pass up to the last recorded layer, for one batch;
+- recorded outputs: ``batch_size x sum over layers of U*H*W x 4`` bytes (the layer outputs of one batch are kept
+  until the batch is folded into the state) -- for a very wide layer this is the term to shrink, with
+  ``batch_size``;
+- state, per layer: top-k ``U*k*(h*w*2 + 12)`` bytes + quantile ``min(U*m*4, record.quantile_budget_mb)`` bytes
+  (``m ~ (1-q) * images * h*w`` values per unit; past the budget, a sample that fits it) + ``O(U log images)``
+  for the mean. On a CUDA device the state of each layer stays on the GPU while all states fit in a quarter of
+  the memory free at the start, and is kept in host memory otherwise (computation stays on the GPU);
+- scratch: each batch is folded in unit chunks sized so one chunk's temporaries stay near ``CHUNK_BYTES``
+  (256 MiB), whatever the number of units; only exemplars that enter a unit's top-k are copied.
+
+So memory is independent of the number of images (apart from the bounded quantile buffer), linear in units, and
+a layer with tens of thousands of units and large maps needs ``U*k*h*w*2`` bytes of top-k maps plus one batch of
+its output.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import re
@@ -29,14 +65,16 @@ from pathlib import Path
 
 import torch
 
-from .. import io
+from .. import distributed, io
 from ..config import JobConfig
 from ..datasets.probe import ImageDataset, ProbeSet, collate_skipping, open_probe_set
 from ..hooks import prefix_tokens, resolve_layers, run, trace, unit_view
 from ..models import LoadedModel, load_model
-from .stats import QuantileSketch, TopK
+from .stats import CascadeSum, QuantileSketch, TopK
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: mean summed along a fixed tree
+CHUNK_BYTES = 256 * 2**20  # target scratch memory of one unit chunk
+STATE_GPU_FRACTION = 0.25  # states stay on the GPU while they fit in this share of its free memory
 log = logging.getLogger("neuroscribe.record")
 
 
@@ -83,35 +121,67 @@ class LayerState:
     """Everything kept for one layer during the pass; mergeable across shards."""
 
     def __init__(self, units: int, map_shape: tuple[int, int], k: int, q: float, n_images: int,
-                 budget_bytes: float, device):
+                 budget_bytes: float, device, chunk: int | None = None):
         self.topk = TopK(units, k, map_shape, device)
         self.quant = QuantileSketch(units, q, n_images, map_shape[0] * map_shape[1], budget_bytes, device)
-        self.sum = torch.zeros(units, dtype=torch.float64, device=device)
+        self.sums = CascadeSum(units, device)
+        self.units, self.map_shape = units, tuple(map_shape)
         self.n = 0
+        self.chunk = chunk  # units per chunk (None: all at once)
+        self._next_leaf = 0
 
-    def update(self, acts: torch.Tensor, ids: torch.Tensor) -> None:
-        self.topk.update(acts, ids)
-        self.quant.update(acts, ids)
-        self.sum += acts.float().mean((2, 3)).sum(0).double()
-        self.n += acts.shape[0]
+    @staticmethod
+    def chunk_units(units: int, positions: int, k: int, m: int, batch: int, target_bytes: float) -> int:
+        """Units per chunk so that one chunk's scratch (activation copies, merges, map gathers) is ~target."""
+        per_unit = 6 * batch * positions + 32 * m + 4 * k * positions + 64
+        return int(max(1, min(units, target_bytes // per_unit)))
+
+    @staticmethod
+    def state_bytes(units: int, positions: int, k: int, q: float, n_images: int, budget_bytes: float) -> int:
+        m = QuantileSketch(1, q, n_images, positions, budget_bytes / max(units, 1)).m
+        return units * k * (positions * 2 + 12) + min(units * m * 4, int(budget_bytes * 1.2)) + units * 8 * 40
+
+    @property
+    def sum(self) -> torch.Tensor:
+        """Per-unit sum of the per-image spatial means (float64)."""
+        return self.sums.total()
+
+    def update(self, acts: torch.Tensor, ids: torch.Tensor, leaf: int | None = None) -> None:
+        """Fold in ``acts [B, U, H, W]`` of images ``ids``; ``leaf`` is the batch's global index (for the mean)."""
+        b = acts.shape[0]
+        if b == 0:
+            return
+        self.topk.update(acts, ids, self.chunk)
+        self.quant.update(acts, ids, self.chunk)
+        u = acts.shape[1]
+        step = self.chunk or u
+        total = torch.empty(u, dtype=torch.float64, device=acts.device)
+        for u0 in range(0, u, step):
+            total[u0:u0 + step] = acts[:, u0:u0 + step].float().mean((2, 3)).double().sum(0)
+        leaf = self._next_leaf if leaf is None else int(leaf)
+        self.sums.add(leaf, total)
+        self._next_leaf = leaf + 1
+        self.n += b
 
     def merge(self, other: "LayerState") -> None:
-        self.topk.merge(other.topk)
-        self.quant.merge(other.quant)
-        self.sum += other.sum
+        self.topk.merge(other.topk, self.chunk)
+        self.quant.merge(other.quant, self.chunk)
+        self.sums.merge(other.sums)
         self.n += other.n
+        self._next_leaf = max(self._next_leaf, other._next_leaf)
 
     def state(self) -> dict[str, torch.Tensor]:
         st = {f"topk.{k}": v for k, v in self.topk.state().items()}
         st.update({f"quant.{k}": v for k, v in self.quant.state().items()})
-        st["sum"] = self.sum
-        st["n"] = torch.tensor([self.n])
+        st.update({f"sum.{k}": v for k, v in self.sums.state().items()})
+        st["n"] = torch.tensor([self.n, self._next_leaf])
         return st
 
     def load(self, st: dict[str, torch.Tensor]) -> None:
         self.topk.load({k[5:]: v for k, v in st.items() if k.startswith("topk.")})
         self.quant.load({k[6:]: v for k, v in st.items() if k.startswith("quant.")})
-        self.sum, self.n = st["sum"].double(), int(st["n"][0])
+        self.sums.load({k[4:]: v for k, v in st.items() if k.startswith("sum.")})
+        self.n, self._next_leaf = int(st["n"][0]), int(st["n"][1])
 
 
 @dataclass
@@ -125,18 +195,45 @@ class Recorder:
     states: dict[str, LayerState] | None = None
     layer_meta: dict[str, dict] | None = None
     calls: dict[str, int] | None = None
+    chunk_bytes: float | None = None  # None: the module's CHUNK_BYTES
+    state_device: torch.device | str | None = None  # None: decided per layer (see the module docstring)
+
+    def _state_devices(self, shapes: dict[str, tuple[int, int, int]]) -> dict[str, torch.device]:
+        """Where each layer's state lives: the compute device while the states fit, else host memory."""
+        cpu = torch.device("cpu")
+        if self.state_device is not None:
+            return {name: torch.device(self.state_device) for name in shapes}
+        if self.device.type != "cuda":
+            return {name: cpu for name in shapes}  # CPU; MPS has no float64
+        free = torch.cuda.mem_get_info(self.device)[0] * STATE_GPU_FRACTION
+        out = {}
+        r = self.cfg.record
+        for name, (u, h, w) in shapes.items():
+            need = LayerState.state_bytes(u, h * w, r.k, r.quantile, len(self.probe), r.quantile_budget_mb * 2**20)
+            out[name] = self.device if need <= free else cpu
+            free -= need if need <= free else 0
+            if out[name] == cpu:
+                log.info("layer %s: state (%.0f MiB) kept in host memory", name, need / 2**20)
+        return out
 
     def _init_states(self, outputs: dict[str, torch.Tensor]) -> None:
         self.states, self.layer_meta = {}, {}
-        budget = self.cfg.record.quantile_budget_mb * 2**20
+        r = self.cfg.record
+        budget = r.quantile_budget_mb * 2**20
+        views = {}
         for name in self.cfg.layers:
             raw = outputs[name]
             n_prefix = prefix_tokens(self.lm.module, raw.shape[1]) if raw.dim() == 3 else None
-            v = unit_view(raw, n_prefix)
+            views[name] = (raw, n_prefix, unit_view(raw, n_prefix))
+        devices = self._state_devices({n: tuple(v.shape[1:]) for n, (_, _, v) in views.items()})
+        for name, (raw, n_prefix, v) in views.items():
             kind = {4: "conv", 3: "tokens", 2: "flat"}[raw.dim()]
-            self.states[name] = LayerState(v.shape[1], tuple(v.shape[2:]), self.cfg.record.k,
-                                           self.cfg.record.quantile, len(self.probe), budget, self.device)
-            self.layer_meta[name] = {"kind": kind, "units": int(v.shape[1]), "map_shape": list(v.shape[2:]),
+            units, shape = int(v.shape[1]), tuple(v.shape[2:])
+            st = LayerState(units, shape, r.k, r.quantile, len(self.probe), budget, devices[name])
+            st.chunk = LayerState.chunk_units(units, shape[0] * shape[1], r.k, st.quant.m, self.cfg.batch_size,
+                                              self.chunk_bytes or CHUNK_BYTES)
+            self.states[name] = st
+            self.layer_meta[name] = {"kind": kind, "units": units, "map_shape": list(shape),
                                      "output_shape": list(raw.shape[1:]), "prefix_tokens": n_prefix,
                                      "file": f"layers/{layer_file(name)}"}
 
@@ -148,13 +245,15 @@ class Recorder:
         self.calls = dict(tr.calls)
         self._init_states(tr.outputs)
 
-    def step(self, x: torch.Tensor, ids: torch.Tensor) -> None:
+    def step(self, x: torch.Tensor, ids: torch.Tensor, leaf: int | None = None) -> None:
+        """Fold one batch in; ``leaf`` is its global batch index (the position of its sum in the mean's tree)."""
         if self.states is None:
             self.probe_shapes()
         with torch.no_grad(), trace(self.lm.module, self.cfg.layers, stop=True, calls=self.calls) as tr:
             run(self.lm.module, x.to(self.device, non_blocking=True))
         for name, st in self.states.items():
-            st.update(unit_view(tr.outputs[name], self.layer_meta[name]["prefix_tokens"]), ids)
+            st.update(unit_view(tr.outputs[name], self.layer_meta[name]["prefix_tokens"]), ids, leaf)
+        del tr
 
     def state(self) -> dict[str, torch.Tensor]:
         return {f"{name}::{k}": v for name, st in self.states.items() for k, v in st.state().items()}
@@ -162,10 +261,13 @@ class Recorder:
     def load(self, flat: dict[str, torch.Tensor]) -> None:
         for name, st in self.states.items():
             pre = f"{name}::"
-            st.load({k[len(pre):]: v.to(self.device) for k, v in flat.items() if k.startswith(pre)})
+            part = {k[len(pre):]: v for k, v in flat.items() if k.startswith(pre)}
+            if not part:
+                raise KeyError(f"checkpoint holds no state for layer {name!r}")
+            st.load(part)
 
     def loader(self, ids: list[int]):
-        ds = ImageDataset(self.probe, self.lm.preprocess.transform(), ids)
+        ds = ImageDataset(self.probe, self.lm.preprocess.transform(), ids, resize=self.lm.preprocess.resize)
         return torch.utils.data.DataLoader(ds, batch_size=self.cfg.batch_size, shuffle=False,
                                            num_workers=self.cfg.workers, collate_fn=collate_skipping,
                                            pin_memory=self.device.type == "cuda",
@@ -174,49 +276,130 @@ class Recorder:
 
 def _progress(cfg: JobConfig, total: int, initial: int, desc: str):
     from tqdm.auto import tqdm
-    return tqdm(total=total, initial=initial, unit="img", desc=desc, disable=not cfg.progress,
-                dynamic_ncols=True, smoothing=0.1)
+    return tqdm(total=total, initial=initial, unit="img", desc=desc,
+                disable=not cfg.progress or not distributed.is_main_process(), dynamic_ncols=True, smoothing=0.1)
 
 
-def run_pass(rec: Recorder, ids: list[int], partial: Path | None, desc: str = "record") -> dict:
-    """Feed ``ids`` through the recorder, checkpointing to ``partial`` and resuming from it."""
+PROGRESS_KEY = "__progress__"
+
+
+def save_checkpoint(rec: Recorder, path: Path, progress: dict) -> None:
+    """State and progress in one file, written atomically: a checkpoint is whole and self-consistent or absent."""
+    blob = torch.frombuffer(bytearray(json.dumps(progress, sort_keys=True).encode()), dtype=torch.uint8)
+    io.save_tensors(path, {**rec.state(), PROGRESS_KEY: blob}, metadata={"format_version": str(FORMAT_VERSION)})
+
+
+def load_checkpoint(rec: Recorder, path: Path, resume_id: str) -> dict | None:
+    """Load ``path`` into ``rec`` if it is a readable checkpoint of this very shard; else leave ``rec`` fresh."""
+    if not path.is_file():
+        return None
+    from safetensors.torch import load_file
+    try:
+        flat = load_file(str(path))
+        prog = json.loads(bytes(flat.pop(PROGRESS_KEY).numpy()).decode())
+        if prog.get("resume_id") != resume_id:
+            log.warning("checkpoint %s is for another shard, batch size or probe set: starting over", path)
+            return None
+        rec.load(flat)
+        return prog
+    except Exception as e:  # unreadable or foreign: never trusted, never fatal
+        log.warning("ignoring unreadable checkpoint %s (%s: %s): starting over", path, type(e).__name__, e)
+        rec.probe_shapes()  # a half-loaded state is thrown away
+        return None
+
+
+def run_pass(rec: Recorder, ids: list[int], partial: Path | None, desc: str = "record", *, leaf_offset: int = 0,
+             final_checkpoint: bool = False) -> dict:
+    """Feed ``ids`` through the recorder, checkpointing to ``partial`` and resuming from it.
+
+    ``ids`` must start at a batch boundary of the whole probe set (``leaf_offset`` = its batch index there), so
+    every batch holds the same images as in a single-process run. ``final_checkpoint`` also saves the state once
+    the shard is done (ranks do, so a crash while merging does not cost the pass).
+    """
     cfg = rec.cfg
+    bs = cfg.batch_size
+    if rec.states is None:
+        rec.probe_shapes()
     done, skipped = 0, []
-    if partial is not None and (partial / "progress.json").is_file():
-        prog = json.loads((partial / "progress.json").read_text())
-        if prog.get("ids_hash") == hash_ids(ids):
-            from safetensors.torch import load_file
-            rec.probe_shapes()
-            rec.load(load_file(str(partial / "state.safetensors")))
+    resume_id = hash_ids(ids, f"bs={bs}", f"leaf={leaf_offset}")
+    ckpt = partial / "state.safetensors" if partial is not None else None
+    if ckpt is not None:
+        prog = load_checkpoint(rec, ckpt, resume_id)
+        if prog is not None:
             done, skipped = prog["done"], prog["skipped"]
             log.info("resuming %s after %d of %d images", desc, done, len(ids))
+
+    def save():
+        save_checkpoint(rec, ckpt, {"done": done, "skipped": skipped, "resume_id": resume_id, "n": len(ids)})
+
     bar = _progress(cfg, len(ids), done, desc)
     t0 = time.perf_counter()
     seen = 0
     for b, (x, bid, failed) in enumerate(rec.loader(ids[done:]), 1):
+        leaf = leaf_offset + done // bs
         for i, reason in failed:
             skipped.append([int(i), rec.probe.relpath(i), reason])
             log.warning("skipped image %s: %s", rec.probe.relpath(i), reason)
         if x is not None:
-            rec.step(x, bid)
+            rec.step(x, bid, leaf)
         n = len(bid) + len(failed)
         done += n
         seen += n
         bar.update(n)
-        if partial is not None and b % cfg.record.checkpoint_every == 0 and done < len(ids):
-            if rec.states is not None:
-                io.save_tensors(partial / "state.safetensors", rec.state())
-                io.write_json(partial / "progress.json", {"done": done, "skipped": skipped,
-                                                          "ids_hash": hash_ids(ids)})
+        if ckpt is not None and b % cfg.record.checkpoint_every == 0 and done < len(ids):
+            save()
     bar.close()
-    if rec.states is None:
-        rec.probe_shapes()  # every image failed: still write (empty) artifacts
+    if ckpt is not None and final_checkpoint and seen:
+        save()
     return {"skipped": skipped, "seconds": time.perf_counter() - t0, "images_this_run": seen}
 
 
-def hash_ids(ids: list[int]) -> str:
+def hash_ids(ids: list[int], *extra: str) -> str:
     import hashlib
-    return hashlib.blake2b(",".join(map(str, ids)).encode(), digest_size=8).hexdigest()
+    return hashlib.blake2b(",".join([*map(str, ids), *extra]).encode(), digest_size=8).hexdigest()
+
+
+def merge_ranks(rec: Recorder, res: dict, ctx: distributed.Context) -> dict:
+    """Gather every rank's state into rank 0's recorder (unit chunk by unit chunk); returns the merged results.
+
+    Memory on rank 0: its own state + one chunk from every rank (chunks of ~``chunk_bytes`` per rank).
+    """
+    info = {"skipped": res["skipped"], "images": res["images_this_run"], "seconds": res["seconds"],
+            "layers": {name: {"topk_w": st.topk.width, "quant_w": st.quant.width, "count": st.quant.count,
+                              "n": st.n, "sums": {k: v.cpu() for k, v in st.sums.state().items()}}
+                       for name, st in rec.states.items()}}
+    infos = distributed.gather_objects(info, dst=0)
+    main = ctx.is_main
+    for name, st in rec.states.items():
+        if main:
+            ls = [i["layers"][name] for i in infos]
+            st.topk.grow(min(st.topk.k, sum(x["topk_w"] for x in ls)))
+            st.quant.grow(min(st.quant.m, sum(x["quant_w"] for x in ls)))
+            st.quant.count = sum(x["count"] for x in ls)
+            st.n = sum(x["n"] for x in ls)
+            for x in ls[1:]:
+                other = CascadeSum(st.units, st.sums.device)
+                other.load(x["sums"])
+                st.sums.merge(other)
+        # the same chunking on every rank (from config-sized maxima, not from per-rank widths)
+        per_unit = st.topk.k * (st.map_shape[0] * st.map_shape[1] * 2 + 12) + st.quant.m * 4
+        chunk = int(max(1, min(st.units, (rec.chunk_bytes or CHUNK_BYTES) // per_unit)))
+        for u0 in range(0, st.units, chunk):
+            u1 = min(st.units, u0 + chunk)
+            piece = None
+            if not main:
+                piece = {"scores": st.topk.scores[u0:u1].cpu().clone(), "ids": st.topk.ids[u0:u1].cpu().clone(),
+                         "maps": st.topk.maps[u0:u1].cpu().clone(), "top": st.quant.top[u0:u1].cpu().clone()}
+            got = distributed.gather_objects(piece, dst=0)
+            if main:
+                for p in got[1:]:
+                    st.topk.add(p["scores"], p["ids"], p["maps"], start=u0, grow=False)
+                    st.quant.add(p["top"], start=u0, grow=False)
+            del got, piece
+    if not main:
+        return {}
+    return {"skipped": [s for i in infos for s in i["skipped"]], "images_this_run": sum(i["images"] for i in infos),
+            "seconds": max(i["seconds"] for i in infos)}
 
 
 def write_artifacts(rec: Recorder, out: Path, ident: dict, key: str, skipped: list, timing: dict) -> None:
@@ -228,7 +411,7 @@ def write_artifacts(rec: Recorder, out: Path, ident: dict, key: str, skipped: li
     for name, st in rec.states.items():
         thr = st.quant.value()
         mean = (st.sum / max(st.n, 1)).float().cpu()
-        scores, ids, maps = st.topk.scores, st.topk.ids, st.topk.maps
+        scores, ids, maps = st.topk.scores.cpu(), st.topk.ids.cpu(), st.topk.maps.cpu()
         k = rec.cfg.record.k
         if scores.shape[1] < k:  # fewer images than k: pad
             pad = k - scores.shape[1]
@@ -259,32 +442,74 @@ def write_artifacts(rec: Recorder, out: Path, ident: dict, key: str, skipped: li
     io.write_json(out / "run.json", timing)
 
 
+def _remove_stale(record_dir: Path, key: str) -> None:
+    """Temporary directories a killed run left behind for this key (never mistaken for results: no final name)."""
+    for p in record_dir.glob(f".{key}.*.tmp"):
+        shutil.rmtree(p, ignore_errors=True)
+    shutil.rmtree(record_dir / f".{key}.old", ignore_errors=True)
+
+
 def record(cfg: JobConfig) -> Path:
-    """Run (or reuse) the record stage of ``cfg``; returns the recording directory."""
-    device = resolve_device(cfg.device)
+    """Run (or reuse) the record stage of ``cfg``; returns the recording directory.
+
+    Under torchrun every rank calls this; rank 0 writes the artifacts and all ranks return the same path.
+    """
+    with distributed.session(cfg.device) as ctx:
+        return _record(cfg, ctx)
+
+
+def _record(cfg: JobConfig, ctx: distributed.Context) -> Path:
+    t_start = time.perf_counter()
+    device = distributed.compute_device(cfg.device, ctx) or resolve_device(cfg.device)
+    if device.type == "cuda":
+        torch.backends.cudnn.deterministic = True
+        torch.backends.cudnn.benchmark = False
     lm, probe = prepare(cfg, device)
     key, ident = cache_key(cfg, lm, probe)
     job = Path(cfg.out)
-    final = job / "record" / key
-    job.mkdir(parents=True, exist_ok=True)
-    io.write_text(job / "config.yaml", cfg.dump())
-    if (final / "meta.json").is_file():
-        log.info("record: artifacts for key %s are current; nothing to do", key)
-        io.write_json(job / "record.json", {"key": key, "path": f"record/{key}"})
+    record_dir = job / "record"
+    final = record_dir / key
+    partial_root = record_dir / f"{key}.partial"
+    if ctx.is_main:
+        job.mkdir(parents=True, exist_ok=True)
+        io.write_text(job / "config.yaml", cfg.dump())
+    current = distributed.broadcast_object((final / "meta.json").is_file() if ctx.is_main else None)
+    if current:
+        if ctx.is_main:
+            log.info("record: artifacts for key %s are current; nothing to do", key)
+            shutil.rmtree(partial_root, ignore_errors=True)  # left by a run killed after its final write
+            io.write_json(job / "record.json", {"key": key, "path": f"record/{key}"})
+        distributed.barrier()
         return final
-    partial = job / "record" / f"{key}.partial"
+    partial = partial_root / f"rank{ctx.rank}-of-{ctx.world}"
     partial.mkdir(parents=True, exist_ok=True)
     rec = Recorder(cfg, lm, probe, device)
-    t0 = time.perf_counter()
-    res = run_pass(rec, list(range(len(probe))), partial)
-    timing = {"seconds": round(time.perf_counter() - t0, 3), "images_this_run": res["images_this_run"],
-              "images_per_second": round(res["images_this_run"] / max(res["seconds"], 1e-9), 2),
-              "device": str(device), "batch_size": cfg.batch_size, "workers": cfg.workers}
-    with io.atomic_dir(final) as tmp:
-        write_artifacts(rec, tmp, ident, key, res["skipped"], timing)
-    shutil.rmtree(partial, ignore_errors=True)
-    io.write_json(job / "record.json", {"key": key, "path": f"record/{key}"})
-    n_units = sum(m["units"] for m in rec.layer_meta.values())
-    log.info("record: %d units in %d layers, %d images (%d skipped) in %.1fs -> %s", n_units, len(rec.states),
-             len(probe), len(res["skipped"]), timing["seconds"], final)
+    bs = cfg.batch_size
+    start, stop = distributed.shard_range(len(probe), ctx.world, ctx.rank, align=bs)
+    desc = "record" if ctx.world == 1 else f"record (rank 0 of {ctx.world})"
+    t_pass = time.perf_counter()
+    res = run_pass(rec, list(range(start, stop)), partial, desc, leaf_offset=start // bs,
+                   final_checkpoint=ctx.enabled)
+    if ctx.enabled:
+        res = merge_ranks(rec, res, ctx)
+    if ctx.is_main:
+        timing = {"seconds": round(time.perf_counter() - t_pass, 3), "pass_seconds": round(res["seconds"], 3),
+                  "total_seconds": round(time.perf_counter() - t_start, 3),
+                  "images_this_run": res["images_this_run"],
+                  "images_per_second": round(res["images_this_run"] / max(res["seconds"], 1e-9), 2),
+                  "device": str(device), "world_size": ctx.world, "batch_size": cfg.batch_size,
+                  "workers": cfg.workers}
+        _remove_stale(record_dir, key)
+        with io.atomic_dir(final) as tmp:
+            write_artifacts(rec, tmp, ident, key, res["skipped"], timing)
+        shutil.rmtree(partial_root, ignore_errors=True)
+        io.write_json(job / "record.json", {"key": key, "path": f"record/{key}"})
+        n_units = sum(m["units"] for m in rec.layer_meta.values())
+        log.info("record: %d units in %d layers, %d images (%d skipped) on %d rank(s) in %.1fs -> %s", n_units,
+                 len(rec.states), len(probe), len(res["skipped"]), ctx.world, timing["seconds"], final)
+    distributed.barrier()
+    if not ctx.is_main:  # node-local job directories (multi-node without a shared file system)
+        shutil.rmtree(partial, ignore_errors=True)
+        with contextlib.suppress(OSError):
+            partial_root.rmdir()
     return final

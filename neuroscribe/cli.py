@@ -100,6 +100,8 @@ def cmd_describe(a):
     from .describe.stage import describe
     cfg = job_config(a)
     out = describe(cfg)
+    if out is None:  # a non-zero torchrun rank: rank 0 reports
+        return
     import json
     summary = json.loads((Path(cfg.out) / "describe.json").read_text())
     print(f"described {summary['units']} units with the {summary['backend']} backend -> {out}")

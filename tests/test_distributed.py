@@ -253,3 +253,33 @@ def test_two_ranks_write_the_same_bytes_as_one_process(data, tmp_path):
     run = json.loads((sharded / "run.json").read_text())
     assert run["world_size"] == 2
     assert not list((out / "record").glob("*.partial")) and not list((out / "record").glob(".*"))
+
+
+def test_describe_sharded_across_two_ranks_equals_one_process(tmp_path):
+    """`describe` under torchrun: units split across 2 ranks, rank 0 writes the same exports as one process."""
+    import shutil
+    from neuroscribe.config import load_config
+    from neuroscribe.datasets.probe import sample_root
+    from neuroscribe.describe.record import record
+    from neuroscribe.describe.stage import describe
+    one = tmp_path / "one"
+    over = {"model": "efficientnet-lite0", "layers": ["_blocks.15"], "out": str(one), "progress": False,
+            "workers": 0, "batch_size": 20, "data": {"root": str(sample_root()), "split": "val", "limit": 30},
+            "describe": {"units": 8, "batch_units": 3, "faithfulness_images": 0, "gallery": False}}
+    cfg = load_config(None, over)
+    record(cfg)
+    two = tmp_path / "two"
+    shutil.copytree(one, two)
+    describe(cfg)
+    p = torchrun(["describe", "--out", str(two), "--layers", "_blocks.15", "--quiet", "--workers", "0",
+                  "--set", "describe.units=8", "--set", "describe.batch_units=3",
+                  "--set", "describe.faithfulness_images=0", "--set", "describe.gallery=false",
+                  "--data", str(sample_root()), "--split", "val", "--limit", "30", "--batch-size", "20"])
+    out, _ = p.communicate(timeout=600)
+    assert p.returncode == 0, out.decode()[-3000:]
+    logs = sorted((two / "describe").glob("*/units.rank*.jsonl"))
+    assert [f.name for f in logs] == ["units.rank0.jsonl", "units.rank1.jsonl"]
+    assert all(f.read_text().strip() for f in logs)  # both ranks described units
+    a = (one / "descriptions.csv").read_text().replace(str(one), "JOB")
+    b = (two / "descriptions.csv").read_text().replace(str(two), "JOB")
+    assert a == b

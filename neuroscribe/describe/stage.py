@@ -159,8 +159,19 @@ def faithfulness(cfg: JobConfig, rec: Recording, rows: list[Described]) -> dict[
     return out
 
 
-def describe(cfg: JobConfig) -> Path:
-    """Run the describe stage for the job in ``cfg.out``; returns the path of ``descriptions.csv``."""
+def describe(cfg: JobConfig) -> Path | None:
+    """Run the describe stage for the job in ``cfg.out``; returns the path of ``descriptions.csv``.
+
+    Under torchrun (``torchrun --nproc-per-node N -m neuroscribe describe ...``) the remaining units are split in
+    contiguous blocks across ranks, each rank logs its own ``units.rank<r>.jsonl``, and rank 0 writes the
+    exports and gallery (other ranks return None)."""
+    from .. import distributed
+    with distributed.session(cfg.device) as ctx:
+        return _describe(cfg, ctx)
+
+
+def _describe(cfg: JobConfig, ctx) -> Path | None:
+    from .. import distributed
     from .views import unit_grid, unit_views
     job = Path(cfg.out)
     rec = Recording.open(job)
@@ -174,20 +185,25 @@ def describe(cfg: JobConfig) -> Path:
     key = _key(cfg, rec)
     ddir = job / "describe" / key
     ddir.mkdir(parents=True, exist_ok=True)
-    progress = ddir / "units.jsonl"
-    done = _read_done(progress)
-    remaining = [t for t in todo if t not in done]
+    done = {}
+    for log_file in sorted(ddir.glob("units*.jsonl")):
+        done.update(_read_done(log_file))
+    # every rank works from rank 0's view of what is left, read before anyone writes
+    remaining = distributed.broadcast_object([t for t in todo if t not in done] if ctx.is_main else None)
+    remaining = [tuple(t) for t in remaining]
+    progress = ddir / ("units.jsonl" if ctx.world == 1 else f"units.rank{ctx.rank}.jsonl")
+    mine = distributed.shard_units(remaining)
     t0 = time.perf_counter()
-    device = resolve_device(cfg.device)
-    if remaining:
+    device = distributed.compute_device(cfg.device, ctx) or resolve_device(cfg.device)
+    if mine:
         describer = make_describer(cfg, device)
         describer.prepare(rec)
         from tqdm.auto import tqdm
-        bar = tqdm(total=len(todo), initial=len(todo) - len(remaining), unit="unit", desc="describe",
-                   disable=not cfg.progress, dynamic_ncols=True)
+        bar = tqdm(total=len(mine), unit="unit", desc="describe", dynamic_ncols=True,
+                   disable=not cfg.progress or not ctx.is_main)
         bs = cfg.describe.batch_units
-        for s in range(0, len(remaining), bs):
-            chunk = remaining[s:s + bs]
+        for s in range(0, len(mine), bs):
+            chunk = mine[s:s + bs]
             uvs = [unit_views(rec, l, u, dim=cfg.describe.dim) for l, u in chunk]
             rows = []
             for uv, d in zip(uvs, describer.describe(uvs)):
@@ -202,6 +218,12 @@ def describe(cfg: JobConfig) -> Path:
             bar.update(len(chunk))
         bar.close()
     seconds = time.perf_counter() - t0
+    if ctx.world > 1:
+        distributed.barrier()
+        if not ctx.is_main:
+            return None
+        for log_file in sorted(ddir.glob("units*.jsonl")):
+            done.update(_read_done(log_file))
     ordered = [done[t] for t in todo]
     described = [Described(r["layer"], r["unit"], r["description"], r["score"], r["backend"],
                            [tuple(c) for c in r["candidates"]], dict(r["extra"], exemplar_ids=r["exemplar_ids"]))

@@ -200,7 +200,6 @@ class AblateConfig(_Section):
                                                                   "of all recorded units; null = every unit")
     cache_mb: float = Field(1024.0, ge=0, description="keep validation batches in memory between passes up to "
                                                       "this size (else re-read them each pass)")
-    refit_last: bool = Field(False, description="also re-fit the final linear layer after ablation")
 
 
 class EvaluateConfig(_Section):

@@ -351,7 +351,52 @@ def report(cfg: JobConfig) -> dict:
 
 
 def run(cfg: JobConfig) -> dict:
-    """Every stage in order; each skips work whose artifacts are current."""
+    """Every stage in order; each skips work whose artifacts are current. With several ``train.seeds``, one
+    complete job per seed in ``JOBDIR/seed<S>/`` and ``JOBDIR/seeds.{json,md}``: mean and 95% CI over seeds."""
+    if cfg.train is not None and len(cfg.train.seeds) > 1:
+        reports = {}
+        for s in cfg.train.seeds:
+            sub = cfg.model_copy(update={"out": Path(cfg.out) / f"seed{s}",
+                                         "train": cfg.train.model_copy(update={"seeds": [s]})})
+            reports[s] = json.loads(Path(run(sub)["json"]).read_text())
+        return aggregate_seeds(reports, Path(cfg.out))
+    return _run_one(cfg)
+
+
+def aggregate_seeds(reports: dict[int, dict], out: Path) -> dict:
+    """Mean accuracy and a t-based 95% CI over training seeds, per variant and test set."""
+    import numpy as np
+    from scipy import stats
+    table: dict = {}
+    for seed, rep in reports.items():
+        for vname, v in rep["variants"].items():
+            results = v.get("results")
+            if results is None and v.get("draws"):  # random control: mean over its draws
+                sets = v["draws"][0]["results"]
+                results = {k: {"acc": float(np.mean([d["results"][k]["acc"] for d in v["draws"]]))} for k in sets}
+            for sname, acc in (results or {}).items():
+                table.setdefault(vname, {}).setdefault(sname, {})[seed] = acc["acc"]
+    agg = {}
+    for vname, sets in table.items():
+        for sname, by_seed in sets.items():
+            a = np.array(list(by_seed.values()))
+            half = float(stats.t.ppf(0.975, len(a) - 1) * a.std(ddof=1) / np.sqrt(len(a))) if len(a) > 1 else None
+            agg.setdefault(vname, {})[sname] = {"mean": float(a.mean()), "ci95_half": half, "per_seed": by_seed,
+                                                "n_seeds": len(a)}
+    cols = sorted({s for v in agg.values() for s in v})
+    lines = ["| variant | " + " | ".join(cols) + " |", "|---|" + "---|" * len(cols)]
+    for vname, sets in agg.items():
+        cells = [(f"{100 * sets[c]['mean']:.1f}% ± {100 * sets[c]['ci95_half']:.1f}" if sets[c]["ci95_half"] is not None
+                  else f"{100 * sets[c]['mean']:.1f}%") if c in sets else "" for c in cols]
+        lines.append(f"| {vname} | " + " | ".join(cells) + " |")
+    md = (f"# Accuracy over {len(reports)} training seeds (mean ± 95% CI half-width, t-distribution)\n\n"
+          + "\n".join(lines) + "\n")
+    io.write_json(out / "seeds.json", {"seeds": list(reports), "results": agg})
+    io.write_text(out / "seeds.md", md)
+    return {"json": str(out / "seeds.json"), "md": str(out / "seeds.md"), "html": None}
+
+
+def _run_one(cfg: JobConfig) -> dict:
     from .describe.record import record
     from .describe.stage import describe
     cfg = train(cfg)

@@ -70,3 +70,33 @@ def test_evaluate_and_report_carry_the_computed_numbers(job):
     assert (out / "curve.png").stat().st_size > 1000 and paths["html"].endswith("report.html")
     # the stages are current: a second run reuses them
     assert pipeline.ablate(cfg)["key"] == json.loads((out / "ablation.json").read_text())["key"]
+
+
+def test_several_seeds_run_one_job_each_and_aggregate(tmp_path, monkeypatch):
+    """run() with train.seeds = [0, 1, 2]: one complete job per seed, then mean and t-CI over seeds."""
+    import numpy as np
+    from scipy import stats
+    calls = []
+
+    def fake_run_one(cfg):
+        s = cfg.train.seeds[0]
+        calls.append((s, cfg.out))
+        acc = {0: 0.5, 1: 0.6, 2: 0.7}[s]
+        rep = {"variants": {
+            "base": {"results": {"wrong-text": {"acc": acc, "lo": acc, "hi": acc, "n": 10}}},
+            "random": {"draws": [{"results": {"wrong-text": {"acc": acc - d / 100}}} for d in range(5)]}}}
+        cfg.out.mkdir(parents=True, exist_ok=True)
+        (cfg.out / "report.json").write_text(json.dumps(rep))
+        return {"json": str(cfg.out / "report.json")}
+    monkeypatch.setattr(pipeline, "_run_one", fake_run_one)
+    cfg = load_config(None, {"train": {"seeds": [0, 1, 2]}, "out": str(tmp_path / "job")})
+    out = pipeline.run(cfg)
+    assert [s for s, _ in calls] == [0, 1, 2]
+    assert [o.name for _, o in calls] == ["seed0", "seed1", "seed2"]
+    agg = json.loads(open(out["json"]).read())["results"]
+    base = agg["base"]["wrong-text"]
+    a = np.array([0.5, 0.6, 0.7])
+    assert base["mean"] == pytest.approx(0.6)
+    assert base["ci95_half"] == pytest.approx(stats.t.ppf(0.975, 2) * a.std(ddof=1) / np.sqrt(3))
+    assert agg["random"]["wrong-text"]["mean"] == pytest.approx(0.58)
+    assert "60.0% ±" in open(out["md"]).read()

@@ -198,6 +198,9 @@ class AblateConfig(_Section):
     control_candidates: int | None = Field(512, ge=1, description="sort-all control: units scored alone (one "
                                                                   "validation pass each), a seeded random subset "
                                                                   "of all recorded units; null = every unit")
+    refit: bool = Field(False, description="also report MILAN's stronger edit: after ablation, re-fit the final "
+                                           "linear layer (logistic regression) on the probe shift's training "
+                                           "images; needs `probe`")
     cache_mb: float = Field(1024.0, ge=0, description="keep validation batches in memory between passes up to "
                                                       "this size (else re-read them each pass)")
 
@@ -263,6 +266,9 @@ class JobConfig(_Section):
             raise ValueError(f"flag.evidence_shift {self.flag.evidence_shift!r} is not one of shifts: {names}")
         if self.probe and self.probe not in names:
             raise ValueError(f"probe {self.probe!r} is not one of shifts: {names}")
+        if self.ablate.refit and not self.probe:
+            raise ValueError("ablate.refit re-fits the last layer on training images: set probe to the shift "
+                             "that holds them")
         if self.ablate.validation != "holdout" and self.ablate.validation not in names:
             raise ValueError(f"ablate.validation {self.ablate.validation!r} must be 'holdout' or one of {names}")
         return self

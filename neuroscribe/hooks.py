@@ -72,6 +72,7 @@ class Trace:
 
     def __init__(self) -> None:
         self.outputs: dict[str, torch.Tensor] = {}
+        self.inputs: dict[str, torch.Tensor] = {}  # first positional input of ``retain_inputs`` layers
         self.calls: dict[str, int] = {}
 
     def __getitem__(self, name: str) -> torch.Tensor:
@@ -83,7 +84,8 @@ class Trace:
 
 @contextlib.contextmanager
 def trace(model: nn.Module, retain: Iterable[str] = (), edit: dict[str, Callable] | None = None,
-          stop: bool = False, detach: bool = True, calls: dict[str, int] | None = None) -> Iterator[Trace]:
+          stop: bool = False, detach: bool = True, calls: dict[str, int] | None = None,
+          retain_inputs: Iterable[str] = ()) -> Iterator[Trace]:
     """Hook ``retain`` and ``edit`` layers of ``model`` for the duration of the block.
 
     ``edit[name](tensor) -> tensor`` replaces the layer's (first) output tensor (every call of a module that is
@@ -93,8 +95,9 @@ def trace(model: nn.Module, retain: Iterable[str] = (), edit: dict[str, Callable
     """
     calls = dict(calls or {})
     retain = list(retain)
+    retain_inputs = list(retain_inputs)
     edit = dict(edit or {})
-    modules = resolve_layers(model, list(dict.fromkeys(retain + list(edit))))  # all checked before any hook
+    modules = resolve_layers(model, list(dict.fromkeys(retain + list(edit) + retain_inputs)))  # checked first
     tr = Trace()
     remaining = set(retain)
     handles = []
@@ -102,6 +105,8 @@ def trace(model: nn.Module, retain: Iterable[str] = (), edit: dict[str, Callable
     def make_hook(name: str):
         def hook(_module, _inputs, output):
             result = None
+            if name in retain_inputs and _inputs:
+                tr.inputs[name] = _inputs[0].detach().clone()
             if name in edit:
                 result = _replace_first(output, edit[name](_first_tensor(output)))
                 output = result

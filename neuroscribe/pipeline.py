@@ -271,7 +271,7 @@ def evaluate(cfg: JobConfig) -> dict:
     job = Path(cfg.out)
     abl = json.loads((job / "ablation.json").read_text())
     key = _key(abl["key"], cfg.evaluate.model_dump(mode="json"), cfg.data.model_dump(mode="json"),
-               [s.model_dump(mode="json") for s in cfg.shifts], cfg.seed)
+               [s.model_dump(mode="json") for s in cfg.shifts], cfg.seed, cfg.ablate.refit, cfg.probe)
     done = _current(job / "evaluation.json", key)
     if done:
         return done
@@ -281,7 +281,15 @@ def evaluate(cfg: JobConfig) -> dict:
         variants[_VARIANT.get(name, name)] = [tuple(u) for u in v["units"]]
     variants["sort_all"] = [tuple(u) for u in abl["controls"]["sort_all"]]
     draws = [[tuple(u) for u in d] for d in abl["controls"]["random"]]
-    runs = dict(variants, **{f"random/{i}": d for i, d in enumerate(draws)})
+    runs = {k: (lm.module, u) for k, u in dict(variants, **{f"random/{i}": d for i, d in enumerate(draws)}).items()}
+    if cfg.ablate.refit and variants.get("ablated"):
+        from .ablate.refit import refit_last_layer
+        probe = next(s for s in cfg.shifts if s.name == cfg.probe)
+        train_ds, _, _ = shift_set(probe, lm.preprocess, cfg.seed)
+        refit = refit_last_layer(lm.module, variants["ablated"], _loader(cfg, train_ds), cfg.ablate.method, means,
+                                 device=dev, seed=cfg.seed)
+        runs["refit"] = (refit, variants["ablated"])
+        variants["refit"] = variants["ablated"]
     sets = test_sets(cfg, lm.preprocess)
     if cfg.evaluate.limit:
         sets = {k: (torch.utils.data.Subset(ds, range(min(cfg.evaluate.limit, len(ds)))), nm, d)
@@ -291,9 +299,9 @@ def evaluate(cfg: JobConfig) -> dict:
         out["test_sets"][sname] = {"description": desc, "n": len(ds), "in_distribution": sname == "in-distribution"}
         batches = list(_loader(cfg, ds))  # decoded once, reused by every variant
         ci = _class_index(lm, names)
-        for vname, units in runs.items():
-            edits = ablation_edits(lm.module, as_unit_dict(units), cfg.ablate.method, means) if units else None
-            p = predict(lm.module, batches, dev, edits, class_index=ci, keep_logits=False, progress=False)
+        for vname, (model, units) in runs.items():
+            edits = ablation_edits(model, as_unit_dict(units), cfg.ablate.method, means) if units else None
+            p = predict(model, batches, dev, edits, class_index=ci, keep_logits=False, progress=False)
             rep = accuracy_report(p.preds, p.labels, p.groups, cfg.evaluate.bootstrap, cfg.seed)
             out["results"].setdefault(vname, {})[sname] = _acc(rep)
             log.info("evaluate %s on %s: %.3f", vname, sname, rep["acc"])

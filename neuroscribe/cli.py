@@ -112,16 +112,22 @@ def cmd_describe(a):
         print(f"gallery: {Path(cfg.out) / 'gallery' / 'index.html'}")
 
 
+def _stage_cfg(cfg):
+    """Continue a job whose model was trained by `neuroscribe train`: use its checkpoint."""
+    tj = Path(cfg.out) / "train.json"
+    if cfg.train is not None and tj.is_file():
+        import json
+        ck = json.loads(tj.read_text())["checkpoint"]
+        cfg = cfg.model_copy(update={"model": cfg.model.model_copy(update={"spec": f"checkpoint:{ck}"})})
+    return cfg
+
+
 def _stage(name):
     def cmd(a):
         from . import pipeline
         cfg = job_config(a)
-        if name in ("flag", "ablate", "evaluate", "report") and cfg.train is not None:
-            tj = Path(cfg.out) / "train.json"
-            if tj.is_file():  # continue a job whose model was trained by `neuroscribe train`
-                import json
-                ck = json.loads(tj.read_text())["checkpoint"]
-                cfg = cfg.model_copy(update={"model": cfg.model.model_copy(update={"spec": f"checkpoint:{ck}"})})
+        if name in ("flag", "ablate", "evaluate", "report"):
+            cfg = _stage_cfg(cfg)
         out = getattr(pipeline, name)(cfg)
         if name == "train":
             print(f"trained {cfg.train.arch} -> {out.model.spec}")
@@ -130,6 +136,12 @@ def _stage(name):
         else:
             print(f"{name}: wrote {Path(cfg.out) / (name + ('s' if name == 'flag' else 'ion') + '.json')}")
     return cmd
+
+
+def cmd_export_edited(a):
+    from . import pipeline
+    cfg = _stage_cfg(job_config(a))
+    print(pipeline.export_edited(cfg, a.path, a.variant))
 
 
 def cmd_demo(a):
@@ -177,6 +189,11 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help_)
         _job_args(p)
         p.set_defaults(fn=_stage(name))
+    p = sub.add_parser("export-edited", help="bake the chosen ablation into the weights (safetensors + spec)")
+    _job_args(p)
+    p.add_argument("--path", required=True, help="output .safetensors file")
+    p.add_argument("--variant", default="description", choices=["description", "evidence", "both"])
+    p.set_defaults(fn=cmd_export_edited)
     p = sub.add_parser("demo", help="the whole mission offline on the shipped photos (a few minutes on CPU)")
     p.add_argument("--out", default="jobs/demo")
     p.add_argument("--quiet", action="store_true")

@@ -311,6 +311,31 @@ def evaluate(cfg: JobConfig) -> dict:
     return out
 
 
+def export_edited(cfg: JobConfig, path: str | Path, variant: str = "description") -> Path:
+    """Bake the chosen ablation (``ablation.json``, flag set ``variant``) into the weights and write
+    ``path`` (safetensors) + ``PATH.spec.json``, loadable as ``checkpoint:PATH``. Units produced by layers
+    without weights to edit (e.g. a residual block's output) cannot be baked: the error names them."""
+    import warnings
+    from .ablate.edit import as_unit_dict, permanent_edit, save_edited
+    job = Path(cfg.out)
+    abl = json.loads((job / "ablation.json").read_text())
+    units = [tuple(u) for u in abl["variants"][variant]["units"]]
+    if not units:
+        raise ValueError(f"ablation.json chose no units for {variant!r}: nothing to bake into the weights")
+    if cfg.ablate.method == "mean":
+        lm, _, _, means = _model_and_means(cfg)
+    else:
+        (lm, _), means = _model(cfg), None
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        edited = permanent_edit(lm.module, as_unit_dict(units), cfg.ablate.method, means)
+    meta = {"arch": cfg.model.arch or (cfg.train.arch if cfg.train else cfg.model.spec),
+            "num_classes": len(lm.class_names) if lm.class_names else cfg.model.num_classes,
+            "class_names": lm.class_names,
+            "preprocess": lm.preprocess.to_dict()}
+    return save_edited(edited, path, meta)
+
+
 # ------------------------------------------------------------------------------------------------ report
 def report(cfg: JobConfig) -> dict:
     """Assemble the robustness report (``report.json/.md/.html``, ``curve.png``) from the stage artifacts."""

@@ -100,3 +100,29 @@ def test_several_seeds_run_one_job_each_and_aggregate(tmp_path, monkeypatch):
     assert base["ci95_half"] == pytest.approx(stats.t.ppf(0.975, 2) * a.std(ddof=1) / np.sqrt(3))
     assert agg["random"]["wrong-text"]["mean"] == pytest.approx(0.58)
     assert "60.0% ±" in open(out["md"]).read()
+
+
+def test_export_edited_bakes_units_into_loadable_weights(tmp_path):
+    """ablation.json's units baked into a torchvision ResNet-18's weights load back as checkpoint:PATH and
+    give the same logits as hook ablation."""
+    import torch
+    from neuroscribe.ablate.edit import ablated
+    from neuroscribe.models import load_model
+    job = tmp_path / "job"
+    job.mkdir()
+    base = load_model("torchvision:resnet18@none", num_classes=4)
+    ck = tmp_path / "m.safetensors"
+    from safetensors.torch import save_file
+    save_file({k: v.contiguous() for k, v in base.module.state_dict().items()}, str(ck))
+    units = [["layer4.1.bn2", 5], ["layer3.0.conv1", 2]]
+    (job / "ablation.json").write_text(json.dumps({"variants": {"description": {"units": units}}}))
+    cfg = load_config(None, {"model": {"spec": f"checkpoint:{ck}", "arch": "torchvision:resnet18",
+                                       "num_classes": 4}, "out": str(job)})
+    out = pipeline.export_edited(cfg, tmp_path / "edited.safetensors")
+    edited = load_model(f"checkpoint:{out}")
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad(), ablated(base.module, {"layer4.1.bn2": [5], "layer3.0.conv1": [2]}):
+        want = base.module(x)
+    with torch.no_grad():
+        got = edited.module(x)
+    assert torch.allclose(got, want, atol=1e-5)

@@ -82,3 +82,5 @@ def test_demo_job_is_valid_and_configs_copy_matches_the_packaged_one():
     assert cfg.train is not None and cfg.probe == "train-text" and cfg.ablate.validation == "holdout"
     assert (Path(__file__).resolve().parents[1] / "configs" / "demo.yaml").read_text() == packaged.read_text()
     load_config(Path(__file__).resolve().parents[1] / "configs" / "quickstart.yaml")
+    study = load_config(Path(__file__).resolve().parents[1] / "configs" / "milan_study.yaml")
+    assert study.train.seeds == [0, 1, 2] and study.ablate.refit and study.probe == "train-text"

@@ -288,15 +288,9 @@ def test_describe_needs_prepare_and_valid_units():
 
 # ------------------------------------------------------------------------------------------------ tiny real CLIP
 @pytest.fixture(scope="module")
-def recording(tmp_path_factory):
-    from neuroscribe.config import load_config
-    from neuroscribe.describe.exemplars import Recording
-    from neuroscribe.describe.record import record
-    out = tmp_path_factory.mktemp("clipjob")
-    cfg = load_config(None, {"model": {"spec": "efficientnet-lite0"}, "layers": ["_blocks.12", "_fc"],
-                             "data": {"limit": 24}, "record": {"k": 5}, "out": str(out), "device": "cpu",
-                             "workers": 0, "progress": False, "batch_size": 24})
-    return Recording(record(cfg))
+def recording(rec):
+    """The session's shared real recording (EfficientNet-Lite0, 60 shipped photos, _blocks.12 and _fc)."""
+    return rec
 
 
 @pytest.fixture(scope="module")

@@ -8,6 +8,7 @@ appended to ``units.jsonl`` (one fsynced JSON line each) and skipped on rerun; a
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -75,18 +76,19 @@ def _append(path: Path, rows: list[dict]) -> None:
         os.fsync(f.fileno())
 
 
-def class_terms(name: str) -> list[str]:
+@functools.lru_cache(maxsize=None)
+def class_terms(name: str) -> tuple[str, ...]:
     """Words that count as naming a class: its name and, for ImageNet classes, its WordNet lemma names."""
-    from .tagger import ImageNetVocabulary
+    from .tagger import _default_vocabulary
     terms = {name.lower()}
-    vocab = ImageNetVocabulary()
+    vocab = _default_vocabulary()
     for i in range(len(vocab)):
         if name.lower() in (n.lower() for n in vocab.names(i)):
             terms.update(n.lower() for n in vocab.names(i))
-    return sorted(terms)
+    return tuple(sorted(terms))
 
 
-def names_any(description: str, terms: list[str]) -> bool:
+def names_any(description: str, terms) -> bool:
     text = description.lower()
     return any(re.search(rf"\b{re.escape(t)}s?\b", text) for t in terms)
 

@@ -14,6 +14,7 @@ import json
 import logging
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from . import io
@@ -223,7 +224,8 @@ def ablate(cfg: JobConfig) -> dict:
     val_ds, val_names, val_desc = validation_set(cfg, lm.preprocess)
     val = [(x, y) for x, y, _ in _loader(cfg, val_ds)]  # validation is small: decode once, reuse every pass
     ci = _class_index(lm, val_names)
-    kw = dict(method=cfg.ablate.method, means=means, device=dev, class_index=ci, progress=cfg.progress)
+    scores: dict = {}  # each unit scored alone once, shared by every flag set's ordering and the sort-all control
+    kw = dict(method=cfg.ablate.method, means=means, device=dev, class_index=ci, progress=cfg.progress, scores=scores)
     out = {"key": key, "validation": {"description": val_desc, "n": len(val_ds)}, "variants": {}}
     dlog = job / "describe" / json.loads((job / "describe.json").read_text())["key"] / "units.jsonl"
     support = {(r["layer"], r["unit"]): (r.get("extra") or {}).get("support", 0) for r in
@@ -238,7 +240,8 @@ def ablate(cfg: JobConfig) -> dict:
             out["variants"][name] = {"ordered": [], "curve": [[0, None]], "chosen_n": 0, "units": []}
             continue
         ordered = order_units(lm.module, units, val, **kw)
-        curve = accuracy_curve(lm.module, ordered, val, cfg.ablate.max_units, **kw)
+        curve = accuracy_curve(lm.module, ordered, val, cfg.ablate.max_units,
+                               **{k: v for k, v in kw.items() if k != "scores"})
         n = choose_n(curve)
         out["variants"][name] = {"ordered": [[l, u, a] for (l, u), a in ordered], "curve": curve, "chosen_n": n,
                                  "units": [[l, u] for (l, u), _ in ordered[:n]]}
@@ -248,6 +251,7 @@ def ablate(cfg: JobConfig) -> dict:
                                           random_units(all_units, n, cfg.ablate.random_draws, cfg.seed)]}
     out["controls"]["sort_all"] = [list(u) for u in sort_all(
         lm.module, all_units, val, n, max_candidates=cfg.ablate.control_candidates, seed=cfg.seed, **kw)] if n else []
+    out["passes"] = {"units_scored_alone": len(scores)}
     io.write_json(job / "ablation.json", out)
     return out
 
@@ -291,8 +295,9 @@ def evaluate(cfg: JobConfig) -> dict:
         runs["refit"] = (refit, variants["ablated"])
         variants["refit"] = variants["ablated"]
     sets = test_sets(cfg, lm.preprocess)
-    if cfg.evaluate.limit:
-        sets = {k: (torch.utils.data.Subset(ds, range(min(cfg.evaluate.limit, len(ds)))), nm, d)
+    if cfg.evaluate.limit:  # a seeded random subset (the same images for every variant): folders are class-sorted
+        sets = {k: (torch.utils.data.Subset(ds, sorted(np.random.default_rng(cfg.seed).permutation(len(ds))
+                                                       [:min(cfg.evaluate.limit, len(ds))].tolist())), nm, d)
                 for k, (ds, nm, d) in sets.items()}
     out = {"key": key, "test_sets": {}, "results": {}}
     for sname, (ds, names, desc) in sets.items():

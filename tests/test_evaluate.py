@@ -222,3 +222,46 @@ def test_validation_batches_cached_when_they_fit():
     assert len(reads) == 3  # over budget: re-read each pass
     with pytest.raises(ValueError, match="label for every image"):
         list(select.ValBatches([(torch.zeros(2, 4), torch.tensor([0, -1]))]))
+
+
+def test_shared_scores_give_the_same_orderings_with_fewer_passes(monkeypatch):
+    model, val = Toy(), _toy_batches()
+    passes = []
+    real = select.val_accuracy
+    monkeypatch.setattr(select, "val_accuracy", lambda *a, **k: passes.append(1) or real(*a, **k))
+    a_alone = order_units(model, [("feat", 3), ("feat", 1)], val, progress=False)
+    b_alone = order_units(model, [("feat", 1), ("feat", 2)], val, progress=False)
+    top_alone = sort_all(model, {"feat": 4}, val, 2, progress=False)
+    assert len(passes) == 2 + 2 + 4
+    passes.clear()
+    scores = {}
+    assert order_units(model, [("feat", 3), ("feat", 1)], val, progress=False, scores=scores) == a_alone
+    assert order_units(model, [("feat", 1), ("feat", 2)], val, progress=False, scores=scores) == b_alone
+    assert sort_all(model, {"feat": 4}, val, 2, progress=False, scores=scores) == top_alone
+    assert len(passes) == 4 and set(scores) == {("feat", u) for u in range(4)}  # each unit scored once
+
+
+def test_channels_last_passes_match_and_restore_the_layout():
+    import torchvision
+
+    from neuroscribe.hooks import trace
+    from neuroscribe.models import channels_last, to_layout
+    torch.manual_seed(0)
+    m = torchvision.models.resnet18(num_classes=10).eval()
+    x = torch.randn(4, 3, 64, 64)
+    edits = ablation_edits(m, {"layer3": [1, 5, 7]})
+    with torch.no_grad():
+        plain = m(x)
+        with trace(m, edit=edits):
+            plain_ablated = m(x)  # the usual layout
+        with channels_last(m) as on:
+            assert on and m.conv1.weight.is_contiguous(memory_format=torch.channels_last)
+            fast = m(to_layout(x, on))
+    assert all(p.is_contiguous() for p in m.parameters())  # layout restored on exit
+    assert torch.allclose(plain, fast, atol=1e-4)
+    pred = predict(m, [(x, torch.zeros(4, dtype=torch.long))], edits=edits, progress=False).outputs  # channels-last
+    assert np.allclose(plain_ablated.numpy(), pred, atol=1e-4)
+    assert not np.allclose(plain.numpy(), pred, atol=1e-3)  # the edit did change the logits
+    assert all(p.is_contiguous() for p in m.parameters())
+    with channels_last(nn.Linear(3, 2)) as on:
+        assert not on  # no convolutions: nothing to change

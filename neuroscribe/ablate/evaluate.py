@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from ..hooks import trace
+from ..models import channels_last, to_layout
 
 __all__ = [
     "Predictions",
@@ -121,13 +122,13 @@ def predict(model: nn.Module, loader: Iterable, device: str | torch.device | Non
     was_training = model.training
     model.eval()
     try:
-        with torch.no_grad(), trace(model, edit=dict(edits or {})), \
+        with torch.no_grad(), channels_last(model) as layout, trace(model, edit=dict(edits or {})), \
                 tqdm(total=total, unit="img", desc=desc, disable=not progress, leave=False) as bar:
             for batch in loader:
                 x, y, g = unpack_batch(batch)
                 if x is None or x.shape[0] == 0:
                     continue
-                out = model(x.to(dev, non_blocking=True))
+                out = model(to_layout(x.to(dev, non_blocking=True), layout))
                 if not torch.is_tensor(out):
                     out = getattr(out, "logits", out[0] if isinstance(out, (tuple, list)) else out)
                 if out.dim() != 2:

@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from ..hooks import trace
+from ..models import channels_last, to_layout
 from .edit import Method, ablation_edits, as_unit_dict
 from .evaluate import _model_device, unpack_batch
 
@@ -98,9 +99,9 @@ def val_accuracy(model: nn.Module, val: Iterable, edits: Mapping[str, Any] | Non
     was_training = model.training
     model.eval()
     try:
-        with torch.no_grad(), trace(model, edit=dict(edits or {})):
+        with torch.no_grad(), channels_last(model) as layout, trace(model, edit=dict(edits or {})):
             for x, y in val if isinstance(val, ValBatches) else ValBatches(val, cache_mb=0):
-                out = model(x.to(dev, non_blocking=True))
+                out = model(to_layout(x.to(dev, non_blocking=True), layout))
                 if cols is not None:
                     out = out.index_select(1, cols)
                 right += int((out.argmax(1).cpu() == y.reshape(-1).cpu()).sum())
@@ -135,9 +136,13 @@ def _bar(total: int, desc: str, progress: bool):
 def order_units(model: nn.Module, flagged: Iterable[Any], val_loader: Iterable, method: Method = "zero",
                 means: Mapping[str, Any] | None = None, *, device: str | torch.device | None = None,
                 class_index: Sequence[int] | None = None, cache_mb: float = 1024.0,
-                progress: bool = True) -> list[tuple[Unit, float]]:
+                progress: bool = True, scores: dict[Unit, float] | None = None) -> list[tuple[Unit, float]]:
     """``[((layer, unit), val_acc_alone), ...]``: each flagged unit's validation accuracy when it alone is ablated,
     highest first (best for validation first), one ordering across layers; ties keep the order of ``flagged``.
+
+    ``scores``: a dict shared between calls on the SAME model, validation data, method and means (e.g. the orderings
+    of several flag sets and the sort-all control): units already scored there are not scored again, new scores are
+    added. A unit's score does not depend on the set it is ordered in, so results are the same, with fewer passes.
 
     Raises ``ValueError`` for an empty flag set, and the errors of :func:`~neuroscribe.ablate.edit.ablation_edits`
     (unknown layer, unit out of range, missing means) before any pass.
@@ -148,11 +153,14 @@ def order_units(model: nn.Module, flagged: Iterable[Any], val_loader: Iterable, 
                          "flag.use and the descriptions)")
     ablation_edits(model, as_unit_dict(units), method, means)  # validate everything before the first pass
     val = ValBatches(val_loader, cache_mb)
+    scores = {} if scores is None else scores
     scored = []
     with _bar(len(units), "order units", progress) as bar:
         for i, (layer, u) in enumerate(units):
-            acc = val_accuracy(model, val, ablation_edits(model, {layer: [u]}, method, means), device, class_index)
-            scored.append((i, (layer, u), acc))
+            if (layer, u) not in scores:
+                scores[(layer, u)] = val_accuracy(model, val, ablation_edits(model, {layer: [u]}, method, means),
+                                                  device, class_index)
+            scored.append((i, (layer, u), scores[(layer, u)]))
             bar.update(1)
     scored.sort(key=lambda r: (-r[2], r[0]))
     return [(unit, acc) for _, unit, acc in scored]
@@ -228,7 +236,8 @@ def random_units(all_units: Mapping[str, int], n: int, draws: int = MIN_RANDOM_D
 def sort_all(model: nn.Module, all_units: Mapping[str, int], val_loader: Iterable, n: int, method: Method = "zero",
              means: Mapping[str, Any] | None = None, *, max_candidates: int | None = None, seed: int = 0,
              device: str | torch.device | None = None, class_index: Sequence[int] | None = None,
-             cache_mb: float = 1024.0, progress: bool = True) -> list[Unit]:
+             cache_mb: float = 1024.0, progress: bool = True,
+             scores: dict[Unit, float] | None = None) -> list[Unit]:
     """The "sort all units" control: :func:`order_units` over every unit of ``all_units`` (``{layer: number of
     units}``), then the first ``n``.
 
@@ -250,5 +259,5 @@ def sort_all(model: nn.Module, all_units: Mapping[str, int], val_loader: Iterabl
     if n == 0:
         return []
     ordered = order_units(model, pool, val_loader, method, means, device=device, class_index=class_index,
-                          cache_mb=cache_mb, progress=progress)
+                          cache_mb=cache_mb, progress=progress, scores=scores)
     return [unit for unit, _ in ordered[:n]]

@@ -264,6 +264,10 @@ class JobConfig(_Section):
             raise ValueError(f"shifts: names must be unique; repeated: {dup}")
         if self.flag.evidence_shift and self.flag.evidence_shift not in names:
             raise ValueError(f"flag.evidence_shift {self.flag.evidence_shift!r} is not one of shifts: {names}")
+        if self.flag.evidence_shift and self.flag.evidence_shift not in (self.probe, self.ablate.validation):
+            raise ValueError(f"flag.evidence_shift {self.flag.evidence_shift!r} is reported as a test set: evidence "
+                             "measured on it would choose units on test images. Name the probe shift "
+                             f"({self.probe!r}: training images) or the ablate.validation shift instead")
         if self.probe and self.probe not in names:
             raise ValueError(f"probe {self.probe!r} is not one of shifts: {names}")
         if self.ablate.refit and not self.probe:

@@ -84,3 +84,12 @@ def test_demo_job_is_valid_and_configs_copy_matches_the_packaged_one():
     load_config(Path(__file__).resolve().parents[1] / "configs" / "quickstart.yaml")
     study = load_config(Path(__file__).resolve().parents[1] / "configs" / "milan_study.yaml")
     assert study.train.seeds == [0, 1, 2] and study.ablate.refit and study.probe == "train-text"
+
+
+def test_evidence_shift_cannot_be_a_test_set(tmp_path):
+    shifts = ("shifts:\n  - {name: train-text, data: {split: train}, cue: {kind: text}, correlation: match}\n"
+              "  - {name: wrong-text, data: {split: val}, cue: {kind: text}}\n")
+    with pytest.raises(ConfigError, match="would choose units on test images"):
+        load_config(write(tmp_path, shifts + "probe: train-text\nflag: {evidence_shift: wrong-text}\n"))
+    cfg = load_config(write(tmp_path, shifts + "probe: train-text\nflag: {evidence_shift: train-text}\n"))
+    assert cfg.flag.evidence_shift == "train-text"

@@ -20,10 +20,13 @@ def job(tmp_path_factory):
         "layers": ["layer3", "layer4"], "data": {"split": "val", "limit": 40}, "record": {"k": 5},
         "describe": {"units": 12, "faithfulness_images": 0, "gallery": False},
         "shifts": [{"name": "wrong-text", "data": {"split": "val", "limit": 40}, "cue": TEXT,
-                    "correlation": "wrong"}],
+                    "correlation": "wrong"},
+                   {"name": "train-text", "data": {"split": "train", "limit": 40}, "cue": TEXT, "fraction": 0.5,
+                    "correlation": "match"}],
+        "probe": "train-text",  # training photos: the evidence shift (record itself reads data: in this test)
         # a cue vocabulary that the tagger's colour words are sure to hit, so the flag set is not empty
         "flag": {"cues": {"colour": ["gray", "white", "black", "brown", "blue", "green", "red", "yellow"]},
-                 "embedder": None, "evidence_shift": "wrong-text", "evidence_images": 20},
+                 "embedder": None, "evidence_shift": "train-text", "evidence_images": 20},
         "ablate": {"max_units": 4, "control_candidates": 6},
         "evaluate": {"bootstrap": 200}, "out": str(out), "progress": False, "workers": 0, "batch_size": 20})
     cfg = pipeline.train(cfg)
@@ -37,6 +40,8 @@ def test_flag_ablate_never_read_test_sets(job, monkeypatch):
     def no_test_sets(*a, **k):
         raise AssertionError("a choosing stage read the test sets")
     monkeypatch.setattr(pipeline, "test_sets", no_test_sets)
+    built, real_shift_set = [], pipeline.shift_set
+    monkeypatch.setattr(pipeline, "shift_set", lambda shift, *a: built.append(shift.name) or real_shift_set(shift, *a))
     flags = pipeline.flag(cfg)
     assert flags["sets"]["description"], "colour words should flag some units"
     assert "evidence" in flags["sets"]
@@ -50,6 +55,7 @@ def test_flag_ablate_never_read_test_sets(job, monkeypatch):
     assert all(len(d) == main["chosen_n"] for d in abl["controls"]["random"])
     assert len(abl["controls"]["sort_all"]) == main["chosen_n"]
     assert "WRONG class name" in abl["validation"]["description"]
+    assert built and set(built) <= {"train-text"}, built  # evidence came from training photos, never a test set
 
 
 def test_evaluate_and_report_carry_the_computed_numbers(job):

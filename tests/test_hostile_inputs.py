@@ -258,3 +258,22 @@ def test_pickled_module_needs_the_explicit_opt_in(tmp_path):
         load_model(f"checkpoint:{path}")
     lm = load_model(f"checkpoint:{path}", allow_pickle=True)  # a file the user trusts
     assert lm.info["format"] == "pickled module"
+
+
+def test_imagenet_wordnet_folders_get_readable_class_names(tmp_path):
+    """Imagenette/ImageNet trees name folders by WordNet id: cues must write 'tench', not 'n01440764'."""
+    img = Image.new("RGB", (8, 8))
+    for wnid in ("n01440764", "n03445777"):
+        (tmp_path / "wn" / wnid).mkdir(parents=True)
+        img.save(tmp_path / "wn" / wnid / "a.png")
+    assert image_folder(tmp_path / "wn").class_names == ["tench", "golf ball"]
+    (tmp_path / "wn" / "n99999999").mkdir()  # not an ImageNet-1k id: every folder keeps its own name
+    img.save(tmp_path / "wn" / "n99999999" / "a.png")
+    assert image_folder(tmp_path / "wn").class_names == ["n01440764", "n03445777", "n99999999"]
+    (tmp_path / "wn" / "classes.json").write_text(json.dumps({"n01440764": "fish"}))  # an explicit map wins
+    assert image_folder(tmp_path / "wn").class_names[:2] == ["fish", "n03445777"]
+
+
+def test_full_imagenette_class_names(imagenette):
+    names = image_folder(imagenette, "val").class_names
+    assert names[0] == "tench" and names[-1] == "parachute" and len(names) == 10

@@ -14,9 +14,11 @@ Grayscale, palette, CMYK, RGBA and 16-bit images are converted to 8-bit RGB (alp
 from __future__ import annotations
 
 import csv
+import functools
 import hashlib
 import json
 import random
+import re
 import stat
 import warnings
 from dataclasses import dataclass
@@ -139,11 +141,25 @@ class ProbeSet:
 
 
 def _class_display(root: Path, folders: list[str]) -> list[str]:
+    """Readable class names: ``classes.json`` (folder -> name) when the tree has one; else, when every folder is
+    an ImageNet-1k WordNet id (ImageNet, Imagenette, ImageNet-V2/-R/-Sketch layouts), the ImageNet class names
+    (``n01440764`` -> ``tench``), so cues write and descriptions compare real words; else the folder names."""
     meta = root / "classes.json"
     if meta.is_file():
         names = json.loads(meta.read_text())
         return [names.get(f, f) for f in folders]
+    if folders and all(re.fullmatch(r"n\d{8}", f) for f in folders):
+        known = _imagenet_wnid_names()
+        if all(f in known for f in folders):
+            return [known[f] for f in folders]
     return folders
+
+
+@functools.lru_cache(maxsize=1)
+def _imagenet_wnid_names() -> dict[str, str]:
+    """WordNet id -> ImageNet-1k class name, from the packaged WordNet table (no torchvision import needed)."""
+    data = json.loads(resources.files("neuroscribe").joinpath("data/imagenet_wordnet.json").read_text())
+    return {c["wnid"]: c["names"][0] for c in data["classes"]}
 
 
 def image_folder(root: str | Path, split: str | None = None) -> ProbeSet:

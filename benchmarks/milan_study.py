@@ -65,12 +65,12 @@ def seed_cfg(cfg, seed: int):
                                   "train": cfg.train.model_copy(update={"seeds": [seed]})})
 
 
-def final_layer_check(cfg) -> dict | None:
-    """Describe the trained model's ``fc`` logits on the job's probe photos (a separate small job)."""
+def final_layer_check(trained) -> dict | None:
+    """Describe the trained model's ``fc`` logits on the job's probe photos (a separate small job); ``trained`` is
+    the seed's job config with its model and probe set resolved."""
     from neuroscribe.describe.record import record
     from neuroscribe.describe.stage import describe
-    trained = pipeline.with_probe(pipeline.train(cfg))
-    sub = trained.model_copy(update={"layers": ["fc"], "out": Path(cfg.out) / "final-layer", "train": None,
+    sub = trained.model_copy(update={"layers": ["fc"], "out": Path(trained.out) / "final-layer", "train": None,
                                      "describe": trained.describe.model_copy(update={"gallery": False})})
     record(sub)
     describe(sub)
@@ -78,10 +78,10 @@ def final_layer_check(cfg) -> dict | None:
 
 
 def flag_truth(cfg, share: float, images: int) -> dict:
-    """Precision/recall of each flag set against the units the text cue moves most on paired val photos."""
+    """Precision/recall of each flag set against the units the text cue moves most on paired val photos; ``cfg``
+    is the seed's job config with its trained model resolved."""
     from neuroscribe.ablate.flag import cue_effect, cue_pairs
-    trained = pipeline.train(cfg)
-    lm, dev = pipeline._model(trained)
+    lm, dev = pipeline._model(cfg)
     shift = next(s for s in cfg.shifts if s.name == "wrong-text")
     ds, _, _ = pipeline.shift_set(shift, lm.preprocess, cfg.seed)
     pairs = cue_pairs(ds, lm.preprocess.to_tensor(), list(range(min(images, len(ds)))), cfg.batch_size)
@@ -260,7 +260,9 @@ def main(argv=None) -> int:
         t0 = time.perf_counter()
         pipeline.run(sub)
         seconds = time.perf_counter() - t0
-        per[s] = collect(sub, seconds, final_layer_check(sub), flag_truth(sub, a.truth_share, a.truth_images))
+        trained = pipeline.train(sub)  # current: returns the seed's model without training again
+        per[s] = collect(sub, seconds, final_layer_check(pipeline.with_probe(trained)),
+                         flag_truth(trained, a.truth_share, a.truth_images))
         print(f"[study] seed {s} done in {seconds / 60:.1f} min", file=sys.stderr, flush=True)
     pipeline.run(cfg)  # every seed is current: writes JOBDIR/seeds.{json,md}
     refs = [reference(cfg, int(s)) for s in a.reference_seeds.split(",") if s.strip()]

@@ -225,7 +225,7 @@ def ablate(cfg: JobConfig) -> dict:
     val = [(x, y) for x, y, _ in _loader(cfg, val_ds)]  # validation is small: decode once, reuse every pass
     ci = _class_index(lm, val_names)
     scores: dict = {}  # each unit scored alone once, shared by every flag set's ordering and the sort-all control
-    kw = dict(method=cfg.ablate.method, means=means, device=dev, class_index=ci, progress=cfg.progress, scores=scores)
+    kw = dict(method=cfg.ablate.method, means=means, device=dev, class_index=ci, progress=cfg.progress)
     out = {"key": key, "validation": {"description": val_desc, "n": len(val_ds)}, "variants": {}}
     dlog = job / "describe" / json.loads((job / "describe.json").read_text())["key"] / "units.jsonl"
     support = {(r["layer"], r["unit"]): (r.get("extra") or {}).get("support", 0) for r in
@@ -239,9 +239,8 @@ def ablate(cfg: JobConfig) -> dict:
         if not units:
             out["variants"][name] = {"ordered": [], "curve": [[0, None]], "chosen_n": 0, "units": []}
             continue
-        ordered = order_units(lm.module, units, val, **kw)
-        curve = accuracy_curve(lm.module, ordered, val, cfg.ablate.max_units,
-                               **{k: v for k, v in kw.items() if k != "scores"})
+        ordered = order_units(lm.module, units, val, scores=scores, **kw)
+        curve = accuracy_curve(lm.module, ordered, val, cfg.ablate.max_units, **kw)
         n = choose_n(curve)
         out["variants"][name] = {"ordered": [[l, u, a] for (l, u), a in ordered], "curve": curve, "chosen_n": n,
                                  "units": [[l, u] for (l, u), _ in ordered[:n]]}
@@ -250,7 +249,8 @@ def ablate(cfg: JobConfig) -> dict:
     out["controls"] = {"n": n, "random": [[list(u) for u in d] for d in
                                           random_units(all_units, n, cfg.ablate.random_draws, cfg.seed)]}
     out["controls"]["sort_all"] = [list(u) for u in sort_all(
-        lm.module, all_units, val, n, max_candidates=cfg.ablate.control_candidates, seed=cfg.seed, **kw)] if n else []
+        lm.module, all_units, val, n, max_candidates=cfg.ablate.control_candidates, seed=cfg.seed, scores=scores,
+        **kw)] if n else []
     out["passes"] = {"units_scored_alone": len(scores)}
     io.write_json(job / "ablation.json", out)
     return out

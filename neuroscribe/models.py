@@ -142,23 +142,60 @@ def imagenet_class_names() -> list[str]:
     return list(ResNet18_Weights.IMAGENET1K_V1.meta["categories"])
 
 
+def weights_seed(seed: int, spec: str) -> int:
+    """The seed that random (``@none``) weights of ``spec`` are drawn with for job seed ``seed``: the same in every
+    process and torchrun rank, different across specs."""
+    import hashlib
+    return int.from_bytes(hashlib.sha256(f"{int(seed)}|{spec}".encode()).digest()[:8], "little") % 2**63
+
+
 def load_model(spec: str, *, arch: str | None = None, num_classes: int | None = None,
-               allow_pickle: bool = False, device: str | torch.device = "cpu") -> LoadedModel:
-    """Resolve ``spec`` to a :class:`LoadedModel` in eval mode on ``device``."""
+               allow_pickle: bool = False, device: str | torch.device = "cpu", seed: int | None = 0) -> LoadedModel:
+    """Resolve ``spec`` to a :class:`LoadedModel` in eval mode on ``device``.
+
+    Random weights (``@none``, or parameters a checkpoint does not set) are drawn from
+    ``torch.manual_seed(weights_seed(seed, spec))`` inside a forked RNG, so every process builds the same model and
+    the caller's RNG is untouched; ``seed=None`` draws from the caller's RNG instead (training seeds it itself)."""
     spec = spec.strip()
-    if spec in _REGISTRY:
-        lm = _REGISTRY[spec]()
-    elif ":" in spec and spec.split(":", 1)[0] in _PREFIXES:
-        prefix, rest = spec.split(":", 1)
-        lm = _PREFIXES[prefix](rest, arch=arch, num_classes=num_classes, allow_pickle=allow_pickle)
-    else:
-        import difflib
-        near = difflib.get_close_matches(spec, list(_REGISTRY) + [p + ":" for p in _PREFIXES], n=3)
-        raise ModelSpecError(f"unknown model spec {spec!r}; did you mean {near}? Valid: {list_models()} "
-                             "(run `neuroscribe models`)")
+    with torch.random.fork_rng(devices=[], enabled=seed is not None):
+        if seed is not None:
+            torch.manual_seed(weights_seed(seed, spec))
+        lm = _build(spec, arch, num_classes, allow_pickle)
     lm.spec = spec
     lm.module.eval().to(device)
     return lm
+
+
+def _build(spec: str, arch: str | None, num_classes: int | None, allow_pickle: bool) -> LoadedModel:
+    if spec in _REGISTRY:
+        return _REGISTRY[spec]()
+    if ":" in spec and spec.split(":", 1)[0] in _PREFIXES:
+        prefix, rest = spec.split(":", 1)
+        return _PREFIXES[prefix](rest, arch=arch, num_classes=num_classes, allow_pickle=allow_pickle)
+    raise ModelSpecError(f"unknown model spec {spec!r}; did you mean {suggest_specs(spec)}? Valid: {list_models()} "
+                         "(run `neuroscribe models`)")
+
+
+def suggest_specs(spec: str, n: int = 5) -> list[str]:
+    """Close full specs across every zoo: ``resnet18`` -> ``torchvision:resnet18``, ``timm:resnet18``..."""
+    import difflib
+    name = spec.split(":", 1)[-1].partition("@")[0].lower()
+    pool = list(_REGISTRY)
+    try:
+        import torchvision
+        pool += [f"torchvision:{m}" for m in torchvision.models.list_models()]
+    except ImportError:  # pragma: no cover - torchvision is a dependency
+        pass
+    try:
+        import timm
+        pool += [f"timm:{m}" for m in timm.list_models()]
+    except ImportError:
+        pass
+    exact = [p for p in pool if p.split(":", 1)[-1].lower() == name]
+    short = {p: p.split(":", 1)[-1].lower() for p in pool}
+    close = difflib.get_close_matches(name, sorted(set(short.values())), n=n, cutoff=0.7)
+    near = [p for c in close for p in pool if short[p] == c]
+    return list(dict.fromkeys(exact + near))[:n] or [p + ":" for p in _PREFIXES]
 
 
 # --------------------------------------------------------------------------------------------- built-ins
@@ -318,6 +355,11 @@ def _checkpoint(rest: str, arch: str | None = None, num_classes: int | None = No
             with zipfile.ZipFile(path) as z:
                 scripted = any(n.endswith("constants.pkl") or "/code/" in n for n in z.namelist())
             if scripted:
+                if not allow_pickle:
+                    raise ModelSpecError(
+                        f"refusing to load {path}: it is a TorchScript archive, which carries code and pickled "
+                        "constants; set model.allow_pickle: true only for files you trust, or save a state dict "
+                        "(.safetensors) with a PATH.spec.json sidecar")
                 m = torch.jit.load(str(path), map_location="cpu")
                 return LoadedModel("", m, pre, names, {"format": "torchscript"})
         try:

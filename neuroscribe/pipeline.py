@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import logging
 from pathlib import Path
 
@@ -135,7 +136,7 @@ def _model(cfg: JobConfig):
     from .models import load_model
     dev = resolve_device(cfg.device)
     return load_model(cfg.model.spec, arch=cfg.model.arch, num_classes=cfg.model.num_classes,
-                      allow_pickle=cfg.model.allow_pickle, device=dev), dev
+                      allow_pickle=cfg.model.allow_pickle, device=dev, seed=cfg.seed), dev
 
 
 def _model_and_means(cfg: JobConfig):
@@ -191,8 +192,9 @@ def flag(cfg: JobConfig) -> dict:
         rec = Recording.open(job)
         shift = next(s for s in cfg.shifts if s.name == cfg.flag.evidence_shift)
         ds, _, _ = shift_set(shift, lm.preprocess, cfg.seed)
-        n = min(cfg.flag.evidence_images, len(ds))
-        pairs = cue_pairs(ds, lm.preprocess.to_tensor(), list(range(n)), cfg.batch_size)
+        from .datasets.splits import stratified_sample
+        ids = stratified_sample([y for _, y in ds.samples], cfg.flag.evidence_images, cfg.seed, purpose="evidence")
+        pairs = cue_pairs(ds, lm.preprocess.to_tensor(), ids, cfg.batch_size)
         evidence = cue_effect(lm.module, {l: None for l in rec.layers}, pairs, device=dev)
     embedder = None
     if cfg.flag.embedder:
@@ -211,6 +213,18 @@ def flag(cfg: JobConfig) -> dict:
 
 
 # ------------------------------------------------------------------------------------------------ ablate
+def _described_rows(job: Path) -> dict:
+    """(layer, unit) -> its describe log row, from every rank's log (``units.jsonl``, ``units.rank<r>.jsonl``)."""
+    ddir = job / "describe" / json.loads((job / "describe.json").read_text())["key"]
+    rows = {}
+    for log_file in sorted(ddir.glob("units*.jsonl")):
+        for line in log_file.read_text().splitlines():
+            if line.strip().endswith("}"):
+                r = json.loads(line)
+                rows[(r["layer"], r["unit"])] = r
+    return rows
+
+
 def ablate(cfg: JobConfig) -> dict:
     """For each flag set: order units (MILAN), the validation curve over N, N = argmax; plus the controls."""
     from .ablate.select import accuracy_curve, choose_n, order_units, random_units, sort_all
@@ -227,15 +241,19 @@ def ablate(cfg: JobConfig) -> dict:
     scores: dict = {}  # each unit scored alone once, shared by every flag set's ordering and the sort-all control
     kw = dict(method=cfg.ablate.method, means=means, device=dev, class_index=ci, progress=cfg.progress)
     out = {"key": key, "validation": {"description": val_desc, "n": len(val_ds)}, "variants": {}}
-    dlog = job / "describe" / json.loads((job / "describe.json").read_text())["key"] / "units.jsonl"
-    support = {(r["layer"], r["unit"]): (r.get("extra") or {}).get("support", 0) for r in
-               (json.loads(l) for l in dlog.read_text().splitlines() if l.strip().endswith("}"))}
+    described = _described_rows(job)
+    support = {k: (r.get("extra") or {}).get("support", 0) for k, r in described.items()}
+    words = {k: r.get("score") if r.get("score") is not None else -math.inf for k, r in described.items()}
     effect = {(f["layer"], f["unit"]): f.get("evidence") or 0.0 for f in flags["flags"]}
     for name, units in flags["sets"].items():
         units = [tuple(u) for u in units]
         cap = cfg.ablate.max_candidates
-        if cap and len(units) > cap:  # most consistent flags first; the validation ordering decides among them
-            units = sorted(units, key=lambda u: (-support.get(u, 0), -effect.get(u, 0.0), u))[:cap]
+        if cap and len(units) > cap:  # the validation ordering decides among the capped candidates
+            if name == "evidence":  # the evidence variant: largest cue effect first
+                rank = lambda u: (-effect.get(u, 0.0), u)  # noqa: E731
+            else:  # words choose: most consistent, then best-scored descriptions; never the evidence
+                rank = lambda u: (-support.get(u, 0), -words.get(u, -math.inf), u)  # noqa: E731
+            units = sorted(units, key=rank)[:cap]
         if not units:
             out["variants"][name] = {"ordered": [], "curve": [[0, None]], "chosen_n": 0, "units": []}
             continue

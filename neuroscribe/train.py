@@ -190,7 +190,7 @@ def _build_model(arch: str, n: int) -> LoadedModel:
     """``arch`` with ``n`` outputs: random weights, or pretrained ones with a new last linear layer."""
     random_spec, pretrained = _random_spec(arch)
     if not pretrained:
-        return load_model(random_spec, num_classes=n)
+        return load_model(random_spec, num_classes=n, seed=None)  # the caller seeded the RNG
     lm = load_model(arch)
     last = [(k, m) for k, m in lm.module.named_modules() if isinstance(m, nn.Linear)]
     if not last:

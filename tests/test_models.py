@@ -87,5 +87,32 @@ def test_torchscript_checkpoint(tmp_path):
     m = torch.nn.Sequential(torch.nn.Conv2d(3, 2, 1), torch.nn.ReLU()).eval()
     p = tmp_path / "s.pt"
     torch.jit.script(m).save(str(p))
-    lm = load_model(f"checkpoint:{p}")
+    with pytest.raises(ModelSpecError, match="TorchScript.*allow_pickle"):
+        load_model(f"checkpoint:{p}")  # TorchScript carries code: refused unless allowed
+    lm = load_model(f"checkpoint:{p}", allow_pickle=True)
     assert lm.info["format"] == "torchscript"
+
+
+def test_random_weights_are_seeded_by_job_seed_and_spec():
+    a = load_model("torchvision:resnet18@none")
+    b = load_model("torchvision:resnet18@none")
+    c = load_model("torchvision:resnet18@none", seed=1)
+    wa, wb, wc = (m.module.conv1.weight for m in (a, b, c))
+    assert torch.equal(wa, wb) and not torch.equal(wa, wc)
+    torch.manual_seed(123)
+    before = torch.rand(3)
+    torch.manual_seed(123)
+    load_model("torchvision:resnet18@none")
+    assert torch.equal(torch.rand(3), before)  # the caller's RNG is untouched
+    torch.manual_seed(5)
+    d = load_model("torchvision:resnet18@none", seed=None)  # seed=None: the caller's RNG decides
+    torch.manual_seed(5)
+    e = load_model("torchvision:resnet18@none", seed=None)
+    assert torch.equal(d.module.conv1.weight, e.module.conv1.weight)
+    assert not torch.equal(d.module.conv1.weight, wa)
+
+
+def test_unknown_spec_suggests_specs_across_zoos():
+    with pytest.raises(ModelSpecError, match=r"torchvision:resnet18") as e:
+        load_model("resnet18")
+    assert "timm:resnet18" in str(e.value)

@@ -107,3 +107,26 @@ def test_full_imagenette_golf_ball_unit(imagenette, tmp_path):
     assert sum(lbl == golf_class for lbl in labels) >= 12, labels
     tench = [int(rec.labels[e.image_id]) for e in rec.exemplars("_fc", 0)]
     assert sum(lbl == 0 for lbl in tench) >= 10, tench
+
+
+def test_random_weights_record_the_same_in_two_processes(tmp_path):
+    """`@none` weights come from the job seed and spec: two fresh processes record the same model (same cache key,
+    identical top-k), as torchrun ranks must."""
+    import subprocess
+    import sys
+    script = (
+        "import sys, json; from neuroscribe.config import load_config; from neuroscribe.describe.record import record;"
+        "from neuroscribe.datasets.probe import sample_root;"
+        "cfg = load_config(None, {'model': 'torchvision:resnet18@none', 'layers': ['layer1'], 'out': sys.argv[1],"
+        "'progress': False, 'workers': 0, 'batch_size': 8, 'record': {'k': 3},"
+        "'data': {'root': str(sample_root()), 'split': 'val', 'limit': 12}, 'preprocess': {'resize': 64, 'crop': 64}});"
+        "print(record(cfg).name)")
+    keys, ids = [], []
+    for i in range(2):
+        out = tmp_path / f"job{i}"
+        res = subprocess.run([sys.executable, "-c", script, str(out)], capture_output=True, text=True, timeout=300)
+        assert res.returncode == 0, res.stderr[-2000:]
+        keys.append(res.stdout.strip().splitlines()[-1])
+        ids.append(Recording(out / "record" / keys[-1]).tensors("layer1")["ids"])
+    assert keys[0] == keys[1]
+    assert np.array_equal(ids[0], ids[1])

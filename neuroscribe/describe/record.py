@@ -97,7 +97,7 @@ def prepare(cfg: JobConfig, device: torch.device | None = None) -> tuple[LoadedM
     if not cfg.layers:
         raise ValueError(f"no layers to record: set `layers:` (run `neuroscribe layers {cfg.model.spec}`)")
     lm = load_model(cfg.model.spec, arch=cfg.model.arch, num_classes=cfg.model.num_classes,
-                    allow_pickle=cfg.model.allow_pickle, device=device)
+                    allow_pickle=cfg.model.allow_pickle, device=device, seed=cfg.seed)
     lm.preprocess = lm.preprocess.with_overrides(**cfg.preprocess.model_dump())
     resolve_layers(lm.module, cfg.layers)
     probe = open_probe_set(cfg.data.root, cfg.data.format, cfg.data.split, cfg.data.limit, cfg.seed)

@@ -129,7 +129,7 @@ def faithfulness(cfg: JobConfig, rec: Recording, rows: list[Described]) -> dict[
     from ..models import load_model
     device = resolve_device(cfg.device)
     lm = load_model(cfg.model.spec, arch=cfg.model.arch, num_classes=cfg.model.num_classes,
-                    allow_pickle=cfg.model.allow_pickle, device=device)
+                    allow_pickle=cfg.model.allow_pickle, device=device, seed=cfg.seed)
     lm.preprocess = rec.preprocess
     probe = open_probe_set(cfg.data.root, cfg.data.format, cfg.data.split, cfg.data.limit, cfg.seed)
     labelled = [i for i, s in enumerate(probe.samples) if s.label is not None]

@@ -103,6 +103,27 @@ class SentenceEmbedder:
         return np.stack([self._cache[p] for p in phrases]).astype(np.float32, copy=False)
 
 
+#: Scores closer than this count as tied (then the phrase decides): far above float noise, far below any real gap.
+TIE_TOLERANCE = 1e-6
+
+
+def _tie_key(score: float) -> float:
+    """The score on a grid of :data:`TIE_TOLERANCE`, so float noise cannot reorder tied phrases."""
+    return round(float(score) / TIE_TOLERANCE) * TIE_TOLERANCE
+
+
+def _cosines(emb: np.ndarray) -> np.ndarray:
+    """Cosine matrix of unit-norm embeddings, exactly symmetric with exactly 1 on the diagonal.
+
+    BLAS gives ``a.b`` and ``b.a`` (and ``a.a`` vs 1) different last bits; a phrase's score must not depend on
+    which side of a product it sat, or ties between symmetric candidates break by float noise."""
+    emb = np.asarray(emb, dtype=np.float64)
+    cos = emb @ emb.T
+    cos = np.clip((cos + cos.T) / 2.0, -1.0, 1.0)
+    np.fill_diagonal(cos, 1.0)
+    return cos
+
+
 @dataclass(frozen=True)
 class Scored:
     """A description with its contrastive score (higher is better) and in how many of the unit's views it occurs."""
@@ -177,16 +198,16 @@ def summarise(
     bg_phrases = sorted(bg)
     view_phrases = [sorted(v) for v in views]
     all_phrases = sorted(set(pool) | set(bg_phrases))
-    emb = embedder.encode(all_phrases).astype(np.float64)
+    cosine = _cosines(embedder.encode(all_phrases))
     row = {p: i for i, p in enumerate(all_phrases)}
-    pool_emb = emb[[row[p] for p in pool]]
+    pool_rows = [row[p] for p in pool]
 
     def kernel(phrases: list[str]) -> tuple[np.ndarray, np.ndarray]:
         """(cosines [len(pool), len(phrases)], kernel values)."""
         if not phrases:
             empty = np.zeros((len(pool), 0))
             return empty, empty
-        cos = np.clip(pool_emb @ emb[[row[p] for p in phrases]].T, -1.0, 1.0)
+        cos = cosine[np.ix_(pool_rows, [row[p] for p in phrases])]
         return cos, np.exp((cos - 1.0) / tau)
 
     typical = np.zeros(len(pool))
@@ -217,12 +238,12 @@ def summarise(
         rate = (kb @ wb + 1.0) / (total + 1.0)
 
     scores = np.log(np.maximum(typical, 1e-12)) - alpha * np.log(rate)
-    order = sorted(range(len(pool)), key=lambda i: (-round(float(scores[i]), 9), pool[i]))
+    order = sorted(range(len(pool)), key=lambda i: (-_tie_key(scores[i]), pool[i]))
     chosen: list[int] = []
     for i in order:
         if len(chosen) == top:
             break
-        if any(float(pool_emb[i] @ pool_emb[j]) > duplicate_cosine for j in chosen):
+        if any(float(cosine[pool_rows[i], pool_rows[j]]) > duplicate_cosine for j in chosen):
             continue
         chosen.append(i)
     return [Scored(pool[i], float(scores[i]), int(support[i])) for i in chosen]

@@ -1,8 +1,21 @@
 """Reading a recording back: exemplars per unit, full-size masks rendered on demand, and MILAN's export layout.
 
 A mask is the unit's low-resolution activation map on one exemplar, upsampled bilinearly to the model's input
-size (``preprocess.crop``) and thresholded at the unit's quantile threshold (NetDissect/MILAN convention). Images
-are shown in the model's input geometry (resize + centre crop), so masks line up with them.
+size (``preprocess.crop``) and thresholded (``>``) at the unit's quantile threshold (NetDissect/MILAN convention).
+Images are shown in the model's input geometry (resize + centre crop), so masks line up with them.
+
+Two upsampling conventions, which differ only within half a map cell of the image border:
+
+- ``"edge"`` (views, :meth:`Recording.masks` by default): half-pixel bilinear resize that repeats the edge cells
+  outwards (``F.interpolate(..., align_corners=False)``, the usual image resize of PIL/OpenCV/torch);
+- ``"milan"`` (``export-milan``): MILAN's own, :func:`milan_upsample`, which blends the border half-cell with
+  zeros, so a unit firing on the border gets a mask that stops short of it.
+
+The views keep ``"edge"``: the zeros are not activations any layer computed (they are ``grid_sample``'s default
+padding, which NetDissect keeps), they cut a band half a cell wide (16 px of 224 on a 7x7 map) off the mask of a
+unit that fires at the border, and with a threshold below zero they add border pixels where the unit never fired.
+Our describers are not MILAN's model, so nothing asks them to see MILAN's masks; the export does, so it uses
+MILAN's convention exactly.
 """
 
 from __future__ import annotations
@@ -11,6 +24,7 @@ import json
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import torch
@@ -19,6 +33,41 @@ from PIL import Image
 
 from ..datasets.probe import load_image
 from ..models import Preprocess
+
+
+Convention = Literal["edge", "milan"]
+
+
+def milan_upsample(maps: torch.Tensor, size: int | tuple[int, int]) -> torch.Tensor:
+    """``[N, h, w]`` activation maps upsampled to ``[N, S, S]`` (or ``size=(H, W)``) exactly as MILAN does it.
+
+    Matches MILAN's masks (github.com/evandez/neuron-descriptions): ``src/exemplars/compute.py``, ``compute()``,
+    builds ``ImageVisualizer(output_size, image_size=..., renormalizer=..., source=dataset, level=levels)`` with
+    no ``convolutions``, so its ``pytorch_mask`` (``src/deps/netdissect/imgviz.py``) computes
+    ``upsampler(a[None, None, ...])[0, 0] > level`` with ``upsample.upsampler(self.size, a.shape, ...)`` and
+    ``scale_offset=None`` (``src/deps/netdissect/upsample.py``, ``upsampler`` and ``upsample_grid``). That is
+    ``torch.nn.functional.grid_sample(data, grid, mode='bilinear', padding_mode='zeros', align_corners=True)``,
+    the grid putting the centre of map cell ``i`` at output pixel ``(i + 0.5) * S / h - 0.5`` (a cell is
+    ``S / h`` pixels; the same pixel-centre alignment as ``F.interpolate(..., align_corners=False)``). Unlike
+    that resize, samples past the outermost cell centres blend with zeros (``padding_mode='zeros'``) instead of
+    repeating the edge cell; a map one cell wide is constant along that axis (``align_corners=True`` on one
+    cell). The grid is computed in the same float32 arithmetic, in the same order, so masks agree bit for bit.
+    """
+    if maps.ndim != 3:
+        raise ValueError(f"maps must be [N, h, w]; got shape {tuple(maps.shape)}")
+    out = (size, size) if isinstance(size, int) else tuple(size)
+    data = maps.float()[:, None]
+
+    def axis(n_out: int, n_in: int) -> torch.Tensor:
+        cell = float(n_out) / n_in              # output pixels per map cell
+        first = 0.5 * cell - 0.5                # output position of the first cell's centre
+        pos = torch.arange(n_out, dtype=data.dtype, device=data.device)
+        return (pos - first) * (2 / (cell * max(1, n_in - 1))) - 1  # in grid_sample's [-1, 1], align_corners=True
+
+    ys, xs = axis(out[0], maps.shape[1]), axis(out[1], maps.shape[2])
+    grid = torch.stack((xs[None, :].expand(out), ys[:, None].expand(out)), 2)  # grid_sample wants (x, y)
+    grid = grid[None].expand((data.shape[0], *out, 2))
+    return F.grid_sample(data, grid, mode="bilinear", padding_mode="zeros", align_corners=True)[:, 0]
 
 
 class RecordingError(FileNotFoundError):
@@ -114,25 +163,38 @@ class Recording:
         """The exemplar image in the model's input geometry (resized and centre-cropped)."""
         return self.preprocess.geometry()(load_image(self.image_paths[image_id]))
 
-    def upsampled(self, layer: str, unit: int, size: int | None = None) -> torch.Tensor:
-        """``[k, S, S]`` activation maps upsampled bilinearly to the input size (or ``size``)."""
-        size = size or self.preprocess.crop
-        m = self.tensors(layer)["maps"][self._unit(layer, unit)].float()[:, None]
-        return F.interpolate(m, size=(size, size), mode="bilinear", align_corners=False)[:, 0]
+    def upsampled(self, layer: str, unit: int, size: int | None = None,
+                  convention: Convention = "edge") -> torch.Tensor:
+        """``[k, S, S]`` activation maps upsampled bilinearly to the input size (or ``size``).
 
-    def masks(self, layer: str, unit: int, size: int | None = None) -> np.ndarray:
-        """``[k, S, S]`` boolean masks: where the upsampled map exceeds the unit's threshold."""
+        ``convention="edge"`` repeats the edge cells outwards (``F.interpolate``, ``align_corners=False``);
+        ``"milan"`` is MILAN's own (:func:`milan_upsample`: zeros past the outermost cell centres).
+        """
+        size = size or self.preprocess.crop
+        m = self.tensors(layer)["maps"][self._unit(layer, unit)].float()
+        if convention == "milan":
+            return milan_upsample(m, size)
+        if convention != "edge":
+            raise ValueError(f"convention must be 'edge' or 'milan'; got {convention!r}")
+        return F.interpolate(m[:, None], size=(size, size), mode="bilinear", align_corners=False)[:, 0]
+
+    def masks(self, layer: str, unit: int, size: int | None = None, convention: Convention = "edge") -> np.ndarray:
+        """``[k, S, S]`` boolean masks: where the upsampled map exceeds (``>``) the unit's threshold.
+
+        ``convention`` as in :meth:`upsampled`: ``"edge"`` for our views, ``"milan"`` for MILAN's layout.
+        """
         if self._check(layer)["kind"] == "flat":
             s = size or self.preprocess.crop
             return np.ones((self.tensors(layer)["ids"].shape[1], s, s), dtype=bool)
-        return (self.upsampled(layer, unit, size) > self.threshold(layer, unit)).numpy()
+        return (self.upsampled(layer, unit, size, convention) > self.threshold(layer, unit)).numpy()
 
     def export_milan(self, out: str | Path, layers: list[str] | None = None) -> Path:
         """Write MILAN's exemplar layout: ``out/<layer>/{images,masks,ids,units}.npy``.
 
         ``images [U,k,3,S,S] uint8``, ``masks [U,k,1,S,S] uint8``, ``ids [U,k] int64``, ``units [U] int64``, at
-        the model's input size S. (This is MILAN's full-size layout: large by design; our own is the compact
-        one.)
+        the model's input size S (MILAN's ``output_size``, default 224). Masks are MILAN's own
+        (:func:`milan_upsample`, thresholded with ``>`` as its ``pytorch_mask`` does), not the edge-repeating ones
+        of our views. (This is MILAN's full-size layout: large by design; our own is the compact one.)
         """
         from .. import io
         out = Path(out)
@@ -144,7 +206,7 @@ class Recording:
             images = np.zeros((n, k, 3, s, s), dtype=np.uint8)
             masks = np.zeros((n, k, 1, s, s), dtype=np.uint8)
             for u in range(n):
-                mk = self.masks(layer, u)
+                mk = self.masks(layer, u, convention="milan")
                 for r, i in enumerate(t["ids"][u].tolist()):
                     if i < 0:
                         continue

@@ -51,7 +51,10 @@ def job_config(a: argparse.Namespace):
             node[leaf] = v
     if getattr(a, "quiet", False):
         over["progress"] = False
-    return load_config(a.job, over)
+    cfg = load_config(a.job, over)
+    from .runtime import apply
+    apply(cfg.threads, cfg.progress)
+    return cfg
 
 
 def cmd_models(a):

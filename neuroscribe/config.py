@@ -233,7 +233,9 @@ class JobConfig(_Section):
     device: str = Field("auto", description="auto | cpu | cuda | cuda:N | mps")
     batch_size: int = Field(32, ge=1, le=4096)
     workers: int = Field(2, ge=0, le=64, description="data-loading worker processes")
-    progress: bool = True
+    progress: bool = Field(True, description="progress bars (false: silence every bar, ours and the libraries')")
+    threads: int | None = Field(None, ge=1, le=1024, description="CPU threads for torch; null = OMP_NUM_THREADS if "
+                                                                 "set, else one per physical core")
 
     @model_validator(mode="before")
     @classmethod

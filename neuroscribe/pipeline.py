@@ -409,6 +409,8 @@ def report(cfg: JobConfig) -> dict:
 def run(cfg: JobConfig) -> dict:
     """Every stage in order; each skips work whose artifacts are current. With several ``train.seeds``, one
     complete job per seed in ``JOBDIR/seed<S>/`` and ``JOBDIR/seeds.{json,md}``: mean and 95% CI over seeds."""
+    from .runtime import apply
+    apply(cfg.threads, cfg.progress)
     if cfg.train is not None and len(cfg.train.seeds) > 1:
         reports = {}
         for s in cfg.train.seeds:

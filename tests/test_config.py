@@ -93,3 +93,30 @@ def test_evidence_shift_cannot_be_a_test_set(tmp_path):
         load_config(write(tmp_path, shifts + "probe: train-text\nflag: {evidence_shift: wrong-text}\n"))
     cfg = load_config(write(tmp_path, shifts + "probe: train-text\nflag: {evidence_shift: train-text}\n"))
     assert cfg.flag.evidence_shift == "train-text"
+
+
+def test_runtime_threads_and_quiet(monkeypatch):
+    import os
+    import torch
+    from neuroscribe import runtime
+    cores = runtime.physical_cores()
+    assert 1 <= cores <= (os.cpu_count() or 1)
+    before = torch.get_num_threads()
+    try:
+        monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+        assert runtime.apply(None) == cores and torch.get_num_threads() == cores
+        assert runtime.apply(1) == 1 and torch.get_num_threads() == 1
+        monkeypatch.setenv("OMP_NUM_THREADS", "1")
+        assert runtime.apply(None) == 1
+        monkeypatch.delenv("TQDM_DISABLE", raising=False)
+        monkeypatch.delenv("HF_HUB_DISABLE_PROGRESS_BARS", raising=False)
+        runtime.apply(None, progress=False)
+        assert os.environ["TQDM_DISABLE"] == "1" and os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] == "1"
+        from transformers.utils import logging as hf_logging
+        assert not hf_logging.is_progress_bar_enabled()
+    finally:
+        torch.set_num_threads(before)
+        from transformers.utils import logging as hf_logging
+        hf_logging.enable_progress_bar()
+    cfg = load_config(None, {"threads": 3})
+    assert cfg.threads == 3

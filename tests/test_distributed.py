@@ -283,3 +283,37 @@ def test_describe_sharded_across_two_ranks_equals_one_process(tmp_path):
     a = (one / "descriptions.csv").read_text().replace(str(one), "JOB")
     b = (two / "descriptions.csv").read_text().replace(str(two), "JOB")
     assert a == b
+
+
+def test_torchrun_record_and_describe_then_flag_ablate_evaluate_report(tmp_path):
+    """The whole chain after a sharded record and a sharded describe (2 gloo ranks): flag, ablate (which reads
+    every rank's describe log), evaluate and report run on the job torchrun left behind."""
+    from neuroscribe import pipeline
+    job = tmp_path / "job.yaml"
+    text = {"kind": "text", "size": 0.25, "position": "bottom-left"}
+    spec = {"model": "efficientnet-lite0", "layers": ["_blocks.15"], "out": str(tmp_path / "out"),
+            "progress": False, "workers": 0, "batch_size": 10,
+            "data": {"root": str(sample_root()), "split": "val", "limit": 30}, "record": {"k": 5},
+            "describe": {"units": 8, "batch_units": 3, "faithfulness_images": 0, "gallery": False},
+            "shifts": [{"name": "val-text", "data": {"root": str(sample_root()), "split": "train", "limit": 30},
+                        "cue": text, "correlation": "wrong"},
+                       {"name": "wrong-text", "data": {"root": str(sample_root()), "split": "val", "limit": 20},
+                        "cue": text, "correlation": "wrong"}],
+            "flag": {"cues": {"colour": ["gray", "white", "black", "brown", "blue", "green", "red", "yellow"]},
+                     "embedder": None},
+            "ablate": {"validation": "val-text", "max_units": 2, "control_candidates": 3},
+            "evaluate": {"bootstrap": 50}}
+    job.write_text(yaml.safe_dump(spec))
+    for stage in ("record", "describe"):
+        p = torchrun([stage, str(job), "--quiet"])
+        out, _ = p.communicate(timeout=600)
+        assert p.returncode == 0, out.decode()[-3000:]
+    logs = sorted((tmp_path / "out" / "describe").glob("*/units*.jsonl"))
+    assert [f.name for f in logs] == ["units.rank0.jsonl", "units.rank1.jsonl"]
+    cfg = load_config(job)
+    assert pipeline.flag(cfg)["sets"]["description"], "colour words should flag some units"
+    abl = pipeline.ablate(cfg)
+    assert abl["variants"]["description"]["ordered"]
+    ev = pipeline.evaluate(cfg)
+    assert set(ev["test_sets"]) == {"in-distribution", "wrong-text"}
+    assert pipeline.report(cfg)["json"].endswith("report.json")

@@ -74,10 +74,12 @@ def cmd_layers(a):
     import fnmatch
     rows = [r for r in rows if fnmatch.fnmatch(r.name, a.filter)]
     w = max([len(r.name) for r in rows] + [5])
-    print(f"{'layer':<{w}}  {'type':<22} {'kind':<6} {'units':>6}  output shape")
+    print(f"{'layer':<{w}}  {'type':<22} {'kind':<6} {'layout':<6} {'units':>6}  output shape")
     for r in rows:
         note = f"  (called {r.calls}x: the last call is recorded)" if r.calls > 1 else ""
-        print(f"{r.name:<{w}}  {r.type:<22} {r.kind:<6} {r.units:>6}  {list(r.shape)}{note}")
+        if r.layout == "?":
+            note += "  (channels-first or -last? declare it in `layouts:` to record it)"
+        print(f"{r.name:<{w}}  {r.type:<22} {r.kind:<6} {r.layout or '-':<6} {r.units:>6}  {list(r.shape)}{note}")
     print(f"# {lm.spec}: {len(rows)} layers; preprocessing {lm.preprocess.to_dict()}")
 
 

@@ -215,6 +215,9 @@ class JobConfig(_Section):
 
     model: ModelConfig = Field(default_factory=ModelConfig)
     layers: list[str] = Field(default_factory=list, description="module names (neuroscribe layers SPEC)")
+    layouts: dict[str, Literal["nchw", "nhwc"]] = Field(
+        default_factory=dict, description="layer -> nchw (B,C,H,W) | nhwc (B,H,W,C): how a layer lays out its 4-D "
+                                          "output, where it cannot be told from the module and the shape")
     data: DataConfig = Field(default_factory=DataConfig)
     preprocess: PreprocessConfig = Field(default_factory=PreprocessConfig)
     record: RecordConfig = Field(default_factory=RecordConfig)

@@ -6,9 +6,18 @@ the retained output is always the one after the edit, copied at the hook so in-p
 model cannot change it. ``stop=True`` ends the forward pass as soon as every
 retained layer has produced its output, so recording early layers does not pay for the rest of the network.
 
-Layer outputs come in three kinds (see :func:`unit_view`): conv maps ``(B, C, H, W)`` -> C units on an HxW grid;
-transformer tokens ``(B, T, D)`` -> D units on a g x g grid of patch tokens after dropping the CLS/register
-prefix; flat ``(B, D)`` -> D units without spatial extent.
+Layer outputs come in three kinds (see :func:`unit_view`): spatial maps -> C units on an HxW grid, laid out
+channels-first ``(B, C, H, W)`` (conv nets) or channels-last ``(B, H, W, C)`` (Swin stages, blocks that end in a
+Linear or LayerNorm); transformer tokens ``(B, T, D)`` -> D units on a g x g grid of patch tokens after dropping
+the CLS/register prefix; flat ``(B, D)`` -> D units without spatial extent.
+
+Which of the two a map is, :func:`layer_layout` decides per layer, for recording and ablating alike: a declaration
+(the job's ``layouts:``, or :func:`declare_layouts` on the model, e.g. by a model adapter) wins; then the module's
+type where it fixes the layout (Conv2d, BatchNorm2d, pooling: channels-first; Linear, plain LayerNorm:
+channels-last); then the layer's channel count (the module's width, or the model's timm ``feature_info``) against
+the shape; then the shape alone (the spatial grid of a square input is square). An output both readings fit is
+refused with :class:`LayoutError`, which names the layer and how to declare it. (This is the logical order of the
+axes; torch's ``channels_last`` memory format, :func:`neuroscribe.models.channels_last`, leaves it unchanged.)
 """
 
 from __future__ import annotations
@@ -16,7 +25,7 @@ from __future__ import annotations
 import contextlib
 import difflib
 import math
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 
 import torch
@@ -160,10 +169,13 @@ def prefix_tokens(model: nn.Module | None, n_tokens: int) -> int:
     raise ValueError(f"cannot lay {n_tokens} tokens on a square grid after dropping up to 8 prefix tokens")
 
 
-def unit_view(t: torch.Tensor, n_prefix: int | None = None) -> torch.Tensor:
-    """Bring a layer output to ``(B, units, H, W)``: conv as is, tokens reshaped to the patch grid, flat 1x1."""
+def unit_view(t: torch.Tensor, n_prefix: int | None = None, layout: str | None = None) -> torch.Tensor:
+    """Bring a layer output to ``(B, units, H, W)``: a channels-first map as is, a channels-last one (``layout``
+    'nhwc') permuted, tokens reshaped to the patch grid, flat 1x1. A map without ``layout`` is read by its shape
+    alone (:func:`detect_layout`)."""
     if t.dim() == 4:
-        return t
+        layout = layout or detect_layout(tuple(t.shape), "<unnamed>")
+        return t.permute(0, 3, 1, 2) if _valid_layout("<unnamed>", layout) == "nhwc" else t
     if t.dim() == 2:
         return t[:, :, None, None]
     if t.dim() == 3:
@@ -180,6 +192,105 @@ def layer_kind(t: torch.Tensor) -> str:
     return {4: "conv", 3: "tokens", 2: "flat"}.get(t.dim(), "other")
 
 
+# --------------------------------------------------------------------------------------------- layouts
+LAYOUTS = ("nchw", "nhwc")
+#: Attribute holding a model's layout declarations ``{layer: 'nchw' | 'nhwc'}`` (see :func:`declare_layouts`).
+LAYOUT_ATTR = "neuroscribe_layouts"
+_CHANNELS_FIRST = (nn.Conv2d, nn.ConvTranspose2d, nn.BatchNorm2d, nn.GroupNorm, nn.MaxPool2d, nn.AvgPool2d,
+                   nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d)
+
+
+class LayoutError(ValueError):
+    """A 4-D layer output whose channel axis cannot be told; the message names the layer and how to declare it."""
+
+
+def _valid_layout(name: str, layout: str) -> str:
+    if layout not in LAYOUTS:
+        raise LayoutError(f"layer {name!r}: layout must be one of {list(LAYOUTS)}; got {layout!r}")
+    return layout
+
+
+def declare_layouts(model: nn.Module, layouts: Mapping[str, str]) -> nn.Module:
+    """Declare how layers of ``model`` lay out their 4-D outputs (``{layer: 'nchw' | 'nhwc'}``), for every later
+    recording and ablation; declarations add to (and override) earlier ones. Returns ``model``."""
+    checked = {name: _valid_layout(name, v) for name, v in layouts.items()}
+    setattr(model, LAYOUT_ATTR, {**(getattr(model, LAYOUT_ATTR, None) or {}), **checked})
+    return model
+
+
+def module_width(mod: nn.Module) -> int | None:
+    """The output width a module's parameters fix (conv/linear outputs, norm features), else None."""
+    if isinstance(mod, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+        return int(mod.out_channels)
+    if isinstance(mod, nn.Linear):
+        return int(mod.out_features)
+    if isinstance(mod, nn.modules.batchnorm._BatchNorm):
+        return int(mod.num_features)
+    if isinstance(mod, nn.GroupNorm):
+        return int(mod.num_channels)
+    if isinstance(mod, nn.LayerNorm) and len(mod.normalized_shape) == 1:
+        return int(mod.normalized_shape[0])
+    return None
+
+
+def module_layout(mod: nn.Module) -> str | None:
+    """The layout a module's type fixes for its 4-D output, else None (e.g. a block, an activation)."""
+    if isinstance(mod, _CHANNELS_FIRST):
+        return "nchw"
+    if isinstance(mod, nn.Linear) or type(mod) is nn.LayerNorm:  # both act on the last axis
+        return "nhwc"
+    return None
+
+
+def channel_count(model: nn.Module | None, name: str, mod: nn.Module) -> int | None:
+    """Layer ``name``'s channel count: the module's width, else the model's timm ``feature_info``, else None."""
+    width = module_width(mod)
+    if width is not None:
+        return width
+    info = getattr(model, "feature_info", None)
+    for f in info if isinstance(info, list) else []:
+        if isinstance(f, dict) and f.get("module") == name and isinstance(f.get("num_chs"), int):
+            return int(f["num_chs"])
+    return None
+
+
+def detect_layout(shape: tuple[int, ...], name: str, channels: int | None = None) -> str:
+    """'nchw' or 'nhwc' for a 4-D output ``shape`` (batch first) with ``channels`` channels (None: unknown, then
+    the reading whose spatial grid is square); raises :class:`LayoutError` unless exactly one reading fits."""
+    _, a, b, c = shape
+    if channels is not None:
+        fits = [lay for lay, n in zip(LAYOUTS, (a, c)) if n == channels]
+        why = f"its channel count {channels} matches {'both' if fits else 'neither'} axis 1 " \
+              f"{'and' if fits else 'nor'} axis 3"
+    else:
+        fits = [lay for lay, ok in zip(LAYOUTS, (b == c, a == b)) if ok]
+        why = f"no channel count is known for it and {'both readings' if fits else 'neither reading'} of the shape " \
+              "give a square spatial grid"
+    if len(fits) == 1:
+        return fits[0]
+    raise LayoutError(f"layer {name!r}: cannot tell whether its output {list(shape[1:])} is channels-first "
+                      f"(C, H, W) or channels-last (H, W, C): {why}. Declare it in the job config, e.g. "
+                      f"`layouts: {{{name}: nhwc}}` (or nchw), or in code with "
+                      f"neuroscribe.hooks.declare_layouts(model, {{{name!r}: 'nhwc'}})")
+
+
+def layer_layout(model: nn.Module, name: str, shape: tuple[int, ...], declared: Mapping[str, str] | None = None,
+                 module: nn.Module | None = None) -> str | None:
+    """How layer ``name`` of ``model`` lays out its output of ``shape``: 'nchw' or 'nhwc' for 4-D, None otherwise.
+
+    ``declared`` (e.g. the job's ``layouts``), then the model's own declarations (:func:`declare_layouts`), then
+    the module's type, then its channel count against the shape, then the shape alone (see the module docstring);
+    raises :class:`LayoutError` naming the layer where both readings fit. Recording and ablation both call this.
+    """
+    if len(shape) != 4:
+        return None
+    decl = {**(getattr(model, LAYOUT_ATTR, None) or {}), **(declared or {})}
+    if name in decl:
+        return _valid_layout(name, decl[name])
+    mod = module if module is not None else resolve_layers(model, [name])[name]
+    return module_layout(mod) or detect_layout(tuple(shape), name, channel_count(model, name, mod))
+
+
 @dataclass
 class LayerInfo:
     name: str
@@ -188,10 +299,11 @@ class LayerInfo:
     shape: tuple[int, ...]
     units: int
     calls: int
+    layout: str | None = None  # 'nchw' | 'nhwc' for a map ('?' where it must be declared), else None
 
 
 def layer_catalogue(model: nn.Module, input_size: int, device: str | torch.device = "cpu") -> list[LayerInfo]:
-    """Every named module with its output shape and unit count, from one forward pass of a blank image."""
+    """Every named module with its output shape, layout and unit count, from one forward pass of a blank image."""
     seen: dict[str, list] = {}
     handles = []
     for name, mod in model.named_modules():
@@ -214,8 +326,13 @@ def layer_catalogue(model: nn.Module, input_size: int, device: str | torch.devic
         for h in handles:
             h.remove()
     out = []
+    modules = dict(model.named_modules())
     for name, (typ, shape, calls) in seen.items():
         kind = {4: "conv", 3: "tokens", 2: "flat"}.get(len(shape), "other")
-        units = int(shape[1] if kind == "conv" else shape[-1]) if kind != "other" else 0
-        out.append(LayerInfo(name, typ, kind, tuple(int(s) for s in shape[1:]), units, calls))
+        try:
+            layout = layer_layout(model, name, tuple(shape), module=modules[name])
+        except LayoutError:
+            layout = "?"  # to be declared before recording it
+        units = int(shape[1] if layout in ("nchw", "?") else shape[-1]) if kind != "other" else 0
+        out.append(LayerInfo(name, typ, kind, tuple(int(s) for s in shape[1:]), units, calls, layout))
     return out

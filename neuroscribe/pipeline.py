@@ -132,18 +132,25 @@ def validation_set(cfg: JobConfig, pre):
 
 
 def _model(cfg: JobConfig):
+    """The job's model (its layers' declared ``layouts`` on it) and device."""
     from .describe.record import resolve_device
+    from .hooks import declare_layouts
     from .models import load_model
     dev = resolve_device(cfg.device)
-    return load_model(cfg.model.spec, arch=cfg.model.arch, num_classes=cfg.model.num_classes,
-                      allow_pickle=cfg.model.allow_pickle, device=dev, seed=cfg.seed), dev
+    lm = load_model(cfg.model.spec, arch=cfg.model.arch, num_classes=cfg.model.num_classes,
+                    allow_pickle=cfg.model.allow_pickle, device=dev, seed=cfg.seed)
+    declare_layouts(lm.module, cfg.layouts)
+    return lm, dev
 
 
 def _model_and_means(cfg: JobConfig):
-    """The job's model, its device, its recording and (for mean ablation) the recorded per-unit means."""
+    """The job's model (the recorded layouts declared on it), its device, its recording and (for mean ablation) the
+    recorded per-unit means."""
     from .describe.exemplars import Recording
+    from .hooks import declare_layouts
     lm, dev = _model(cfg)
     rec = Recording.open(cfg.out)
+    declare_layouts(lm.module, rec.layouts)  # ablation edits the axis the recording read
     means = {l: rec.tensors(l)["mean"] for l in rec.layers} if cfg.ablate.method == "mean" else None
     return lm, dev, rec, means
 
@@ -188,8 +195,10 @@ def flag(cfg: JobConfig) -> dict:
         return done
     evidence = None
     if cfg.flag.evidence_shift:
+        from .hooks import declare_layouts
         lm, dev = _model(cfg)
         rec = Recording.open(job)
+        declare_layouts(lm.module, rec.layouts)
         shift = next(s for s in cfg.shifts if s.name == cfg.flag.evidence_shift)
         ds, _, _ = shift_set(shift, lm.preprocess, cfg.seed)
         from .datasets.splits import stratified_sample

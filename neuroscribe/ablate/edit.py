@@ -1,6 +1,8 @@
 """Ablating units: zero or mean, through :func:`neuroscribe.hooks.trace`, or baked into a copy of the model.
 
-A *unit* is what :func:`neuroscribe.hooks.unit_view` calls a unit: channel ``c`` of a conv map ``(B, C, H, W)``,
+A *unit* is what :func:`neuroscribe.hooks.unit_view` calls a unit: channel ``c`` of a map, channels-first
+``(B, C, H, W)`` or channels-last ``(B, H, W, C)`` (as :func:`neuroscribe.hooks.layer_layout` decides for the layer,
+the same way recording does; an ambiguous one raises :class:`~neuroscribe.hooks.LayoutError` on its first call),
 dimension ``d`` of transformer tokens ``(B, T, D)`` (ablated in **every** token, the CLS/register prefix included)
 or feature ``d`` of a flat output ``(B, D)``. Ablating sets the unit's output to a constant:
 
@@ -23,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import numbers
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -32,7 +35,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from ..hooks import Trace, resolve_layers, trace
+from ..hooks import Trace, _valid_layout, detect_layout, layer_layout, module_width, resolve_layers, trace
 
 __all__ = [
     "ABLATION_ATTR",
@@ -101,9 +104,13 @@ def _as_list(layer: str, us: Any) -> list:
         raise TypeError(f"layer {layer!r}: expected a list of unit indices; got {us!r}") from None
 
 
-def unit_axis(t: torch.Tensor) -> int:
-    """The axis that indexes units: 1 for conv ``(B, C, H, W)`` and flat ``(B, D)``, 2 (the last) for tokens ``(B, T, D)``."""
-    if t.dim() in (2, 4):
+def unit_axis(t: torch.Tensor, layout: str | None = None) -> int:
+    """The axis that indexes units: 1 for a channels-first map ``(B, C, H, W)`` and flat ``(B, D)``, the last for a
+    channels-last map ``(B, H, W, C)`` (``layout`` 'nhwc'; a map without ``layout`` is read by its shape alone) and
+    for tokens ``(B, T, D)``."""
+    if t.dim() == 4:
+        return 3 if _valid_layout("<unnamed>", layout or detect_layout(tuple(t.shape), "<unnamed>")) == "nhwc" else 1
+    if t.dim() == 2:
         return 1
     if t.dim() == 3:
         return 2
@@ -140,17 +147,21 @@ def _check_means_length(layer: str, mean: torch.Tensor | None, n: int) -> None:
 class UnitAblation:
     """``edit`` callable for one layer: sets ``units`` to 0 or to their means in every call's output.
 
-    ``calls`` counts how often it ran (a layer that is never called, e.g. a module whose weights its parent uses
-    directly, would otherwise go unnoticed).
+    ``layout`` says where a 4-D output keeps its units: 'nchw' or 'nhwc', or a callable ``shape -> layout`` asked on
+    the first 4-D call (:func:`ablation_edits` passes :func:`~neuroscribe.hooks.layer_layout` for the layer); None
+    reads the shape alone. ``calls`` counts how often it ran (a layer that is never called, e.g. a module whose
+    weights its parent uses directly, would otherwise go unnoticed).
     """
 
-    def __init__(self, layer: str, units: Sequence[int], method: Method, mean: torch.Tensor | None = None):
+    def __init__(self, layer: str, units: Sequence[int], method: Method, mean: torch.Tensor | None = None,
+                 layout: str | Callable[[tuple[int, ...]], str | None] | None = None):
         if method not in ("zero", "mean"):
             raise ValueError(f"method must be 'zero' or 'mean'; got {method!r}")
         if method == "mean" and mean is None:
             raise ValueError(f"method='mean' for layer {layer!r} needs its mean vector")
         self.layer, self.units, self.method = layer, list(units), method
         self.mean = mean
+        self.layout = _valid_layout(layer, layout) if isinstance(layout, str) else layout
         self.calls = 0
         self._n: int | None = None  # the width seen on the last call
         self._cache: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
@@ -167,8 +178,14 @@ class UnitAblation:
             self._cache[key] = (idx, vals)
         return self._cache[key]
 
+    def _axis(self, t: torch.Tensor) -> int:
+        if t.dim() == 4 and not isinstance(self.layout, str):  # resolved once, on the first map
+            self.layout = self.layout(tuple(t.shape)) if callable(self.layout) else detect_layout(tuple(t.shape),
+                                                                                                   self.layer)
+        return unit_axis(t, self.layout if isinstance(self.layout, str) else None)
+
     def __call__(self, t: torch.Tensor) -> torch.Tensor:
-        ax = unit_axis(t)
+        ax = self._axis(t)
         n = t.shape[ax]
         if n != self._n:
             _check_range(self.layer, self.units, n, f"output shape {tuple(t.shape)}")
@@ -187,21 +204,6 @@ class UnitAblation:
                f"method={self.method!r})"
 
 
-def _known_width(mod: nn.Module) -> int | None:
-    """The output width a module's parameters fix (conv/linear outputs, norm features), else None."""
-    if isinstance(mod, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
-        return int(mod.out_channels)
-    if isinstance(mod, nn.Linear):
-        return int(mod.out_features)
-    if isinstance(mod, nn.modules.batchnorm._BatchNorm):
-        return int(mod.num_features)
-    if isinstance(mod, nn.GroupNorm):
-        return int(mod.num_channels)
-    if isinstance(mod, nn.LayerNorm) and len(mod.normalized_shape) == 1:
-        return int(mod.normalized_shape[0])
-    return None
-
-
 def _prepare(model: nn.Module, units: Units, method: Method, means: Mapping[str, Any] | None
              ) -> tuple[dict[str, list[int]], dict[str, nn.Module], dict[str, torch.Tensor | None]]:
     if method not in ("zero", "mean"):
@@ -211,11 +213,16 @@ def _prepare(model: nn.Module, units: Units, method: Method, means: Mapping[str,
     mean_vecs: dict[str, torch.Tensor | None] = {}
     for layer, us in spec.items():
         mean_vecs[layer] = _mean_vector(layer, means) if method == "mean" else None
-        width = _known_width(modules[layer])
+        width = module_width(modules[layer])
         if width is not None:
             _check_range(layer, us, width, f"{type(modules[layer]).__name__} with {width} outputs")
             _check_means_length(layer, mean_vecs[layer], width)
     return spec, modules, mean_vecs
+
+
+def _layout_of(model: nn.Module, layer: str, mod: nn.Module) -> Callable[[tuple[int, ...]], str | None]:
+    """The layer's layout, decided from its first output's shape exactly as recording decides it."""
+    return functools.partial(layer_layout, model, layer, module=mod)
 
 
 def ablation_edits(model: nn.Module, units: Units, method: Method = "zero",
@@ -224,11 +231,14 @@ def ablation_edits(model: nn.Module, units: Units, method: Method = "zero",
 
     Raises :class:`~neuroscribe.hooks.UnknownLayerError` for a layer the model lacks, :class:`UnitIndexError` for a
     negative index or one beyond the layer's width (eagerly where the module's parameters fix the width, else on the
-    first call), ``ValueError`` for ``method='mean'`` without a mean vector of the right length for every layer.
+    first call), ``ValueError`` for ``method='mean'`` without a mean vector of the right length for every layer, and
+    on a layer's first call :class:`~neuroscribe.hooks.LayoutError` for a 4-D output that could be channels-first or
+    channels-last (declare it with :func:`~neuroscribe.hooks.declare_layouts` or a recording's ``layouts``).
     Layers with an empty unit list are left out; no units at all gives ``{}`` (no edit).
     """
-    spec, _, mean_vecs = _prepare(model, units, method, means)
-    return {layer: UnitAblation(layer, us, method, mean_vecs[layer]) for layer, us in spec.items()}
+    spec, modules, mean_vecs = _prepare(model, units, method, means)
+    return {layer: UnitAblation(layer, us, method, mean_vecs[layer], _layout_of(model, layer, modules[layer]))
+            for layer, us in spec.items()}
 
 
 @contextlib.contextmanager
@@ -283,7 +293,7 @@ def permanent_edit(model: nn.Module, units: Units, method: Method = "zero",
         why = _edit_weights(modules[layer], us, method, mean_vecs[layer])
         how = "weights"
         if why is not None:
-            fn = UnitAblation(layer, us, method, mean_vecs[layer])
+            fn = UnitAblation(layer, us, method, mean_vecs[layer], _layout_of(edited, layer, modules[layer]))
             modules[layer].register_forward_hook(lambda _m, _i, out, fn=fn: _hook_output(out, fn))
             how = "hook"
             warnings.warn(f"permanent_edit: layer {layer!r}: {why}; ablating it with a permanent forward hook "

@@ -37,7 +37,7 @@ import torch
 from torch import nn
 
 from ..config import FlagConfig
-from ..hooks import prefix_tokens, run, trace, unit_view
+from ..hooks import layer_layout, prefix_tokens, run, trace, unit_view
 
 __all__ = [
     "EFFECT_EPS",
@@ -248,9 +248,9 @@ class LayerEffect:
     n: int
 
 
-def _spatial_max(t: torch.Tensor, model: nn.Module) -> torch.Tensor:
+def _spatial_max(t: torch.Tensor, model: nn.Module, layout: str | None) -> torch.Tensor:
     n_prefix = prefix_tokens(model, t.shape[1]) if t.dim() == 3 else None
-    return unit_view(t, n_prefix).float().amax(dim=(2, 3))
+    return unit_view(t, n_prefix, layout).float().amax(dim=(2, 3))
 
 
 def cue_effect_stats(model: nn.Module, layers: Mapping[str, Sequence[int] | None] | Sequence[str],
@@ -266,6 +266,7 @@ def cue_effect_stats(model: nn.Module, layers: Mapping[str, Sequence[int] | None
         (p.device for p in model.parameters()), torch.device("cpu"))
     acc: dict[str, list] = {}
     calls: dict[str, int] | None = None
+    layouts: dict[str, str | None] = {}
     n = 0
     was_training = model.training
     model.eval()
@@ -283,7 +284,9 @@ def cue_effect_stats(model: nn.Module, layers: Mapping[str, Sequence[int] | None
                 calls = dict(tr.calls)
             bsz = clean.shape[0]
             for name in spec:
-                a = _spatial_max(tr[name], model).double().cpu()
+                if name not in layouts:  # decided as recording and ablation decide it
+                    layouts[name] = layer_layout(model, name, tuple(tr[name].shape))
+                a = _spatial_max(tr[name], model, layouts[name]).double().cpu()
                 if name not in acc:
                     width = a.shape[1]
                     chosen = spec[name]

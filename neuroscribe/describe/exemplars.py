@@ -112,6 +112,17 @@ class Recording:
     def units(self, layer: str) -> int:
         return int(self._check(layer)["units"])
 
+    def layout(self, layer: str) -> str | None:
+        """'nchw' or 'nhwc' for a recorded map (recordings before layouts were read as 'nchw'), else None."""
+        m = self._check(layer)
+        return m.get("layout", "nchw" if m["kind"] == "conv" else None)
+
+    @property
+    def layouts(self) -> dict[str, str]:
+        """``{layer: layout}`` of the recorded maps, to declare on the model for later passes
+        (:func:`neuroscribe.hooks.declare_layouts`)."""
+        return {l: lay for l in self.layers if (lay := self.layout(l)) is not None}
+
     def _check(self, layer: str) -> dict:
         if layer not in self.meta["layers"]:
             import difflib

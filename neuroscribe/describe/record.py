@@ -4,8 +4,10 @@ mean activation (for mean ablation).
 
 Artifacts (``JOBDIR/record/<key>/``, ``key`` = hash of everything that changes the result):
 
-- ``meta.json``   model spec, weights fingerprint, preprocessing, layers (kind, units, map shape), k, quantile and
-                  how it was computed, dataset fingerprint, image counts, skipped images with reasons;
+- ``meta.json``   model spec, weights fingerprint, preprocessing, layers (kind, units, map shape, layout: 'nchw' or
+                  'nhwc' for a map as :func:`neuroscribe.hooks.layer_layout` decided, null for tokens and flat
+                  outputs), k, quantile and how it was computed, dataset fingerprint, image counts, skipped images
+                  with reasons;
 - ``images.parquet``  one row per probe image: id, path (relative to the data root), label, group, skipped;
 - ``layers/<layer>.safetensors``  ``scores [U,k] f32`` (spatial-max activation), ``ids [U,k] i64`` (image ids,
                   -1 where fewer than k images), ``maps [U,k,h,w] f16`` (the unit's activation map on each
@@ -68,11 +70,11 @@ import torch
 from .. import distributed, io
 from ..config import JobConfig
 from ..datasets.probe import ImageDataset, ProbeSet, collate_skipping, open_probe_set
-from ..hooks import prefix_tokens, resolve_layers, run, trace, unit_view
+from ..hooks import layer_layout, prefix_tokens, resolve_layers, run, trace, unit_view
 from ..models import LoadedModel, load_model
 from .stats import CascadeSum, QuantileSketch, TopK
 
-FORMAT_VERSION = 2  # 2: mean summed along a fixed tree
+FORMAT_VERSION = 3  # 2: mean summed along a fixed tree; 3: channels-last maps read as such (per-layer layout)
 CHUNK_BYTES = 256 * 2**20  # target scratch memory of one unit chunk
 STATE_GPU_FRACTION = 0.25  # states stay on the GPU while they fit in this share of its free memory
 log = logging.getLogger("neuroscribe.record")
@@ -107,7 +109,8 @@ def prepare(cfg: JobConfig, device: torch.device | None = None) -> tuple[LoadedM
 def cache_key(cfg: JobConfig, lm: LoadedModel, probe: ProbeSet) -> tuple[str, dict]:
     ident = {
         "format_version": FORMAT_VERSION, "model": lm.spec, "weights": lm.fingerprint(),
-        "layers": list(cfg.layers), "preprocess": lm.preprocess.to_dict(), "k": cfg.record.k,
+        "layers": list(cfg.layers), "layouts": dict(sorted(cfg.layouts.items())),
+        "preprocess": lm.preprocess.to_dict(), "k": cfg.record.k,
         "quantile": cfg.record.quantile, "quantile_budget_mb": cfg.record.quantile_budget_mb,
         "dataset": {"fingerprint": probe.fingerprint(), "n": len(probe), "limit": cfg.data.limit,
                     "split": cfg.data.split, "seed": cfg.seed},
@@ -224,9 +227,10 @@ class Recorder:
         for name in self.cfg.layers:
             raw = outputs[name]
             n_prefix = prefix_tokens(self.lm.module, raw.shape[1]) if raw.dim() == 3 else None
-            views[name] = (raw, n_prefix, unit_view(raw, n_prefix))
-        devices = self._state_devices({n: tuple(v.shape[1:]) for n, (_, _, v) in views.items()})
-        for name, (raw, n_prefix, v) in views.items():
+            layout = layer_layout(self.lm.module, name, tuple(raw.shape), self.cfg.layouts)
+            views[name] = (raw, n_prefix, layout, unit_view(raw, n_prefix, layout))
+        devices = self._state_devices({n: tuple(v.shape[1:]) for n, (*_, v) in views.items()})
+        for name, (raw, n_prefix, layout, v) in views.items():
             kind = {4: "conv", 3: "tokens", 2: "flat"}[raw.dim()]
             units, shape = int(v.shape[1]), tuple(v.shape[2:])
             st = LayerState(units, shape, r.k, r.quantile, len(self.probe), budget, devices[name])
@@ -235,7 +239,7 @@ class Recorder:
             self.states[name] = st
             self.layer_meta[name] = {"kind": kind, "units": units, "map_shape": list(shape),
                                      "output_shape": list(raw.shape[1:]), "prefix_tokens": n_prefix,
-                                     "file": f"layers/{layer_file(name)}"}
+                                     "layout": layout, "file": f"layers/{layer_file(name)}"}
 
     def probe_shapes(self) -> None:
         """One blank forward pass: output shapes and how often each layer is called per pass."""
@@ -252,7 +256,8 @@ class Recorder:
         with torch.no_grad(), trace(self.lm.module, self.cfg.layers, stop=True, calls=self.calls) as tr:
             run(self.lm.module, x.to(self.device, non_blocking=True))
         for name, st in self.states.items():
-            st.update(unit_view(tr.outputs[name], self.layer_meta[name]["prefix_tokens"]), ids, leaf)
+            meta = self.layer_meta[name]
+            st.update(unit_view(tr.outputs[name], meta["prefix_tokens"], meta["layout"]), ids, leaf)
         del tr
 
     def state(self) -> dict[str, torch.Tensor]:

@@ -146,7 +146,8 @@ def faithfulness(cfg: JobConfig, rec: Recording, rows: list[Described]) -> dict[
         with trace(lm.module, layers, stop=True) as tr:
             run(lm.module, x.to(device))
         for l in layers:
-            acts[l].append(unit_view(tr[l], rec.meta["layers"][l]["prefix_tokens"]).flatten(2).amax(2).float().cpu())
+            acts[l].append(unit_view(tr[l], rec.meta["layers"][l]["prefix_tokens"], rec.layout(l))
+                           .flatten(2).amax(2).float().cpu())
         labels += [probe.samples[i].label for i in bid.tolist()]
     labels = np.array(labels)
     out = {}

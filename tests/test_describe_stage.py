@@ -9,7 +9,7 @@ from PIL import Image
 from neuroscribe.config import load_config
 from neuroscribe.datasets.cues import TextCue, apply_cue
 from neuroscribe.datasets.probe import load_image, sample_root
-from neuroscribe.describe.describers import UnitViews
+from neuroscribe.describe.describers import Described, UnitViews
 from neuroscribe.describe.record import record
 from neuroscribe.describe.stage import describe
 
@@ -85,3 +85,21 @@ def test_text_unit_is_described_with_a_text_word(tmp_path):
     out = d.describe([uv])[0]
     text_words = {"text", "letters", "word", "words", "digits", "number"}
     assert any(w in out.description.split() for w in text_words) or out.description.startswith("the word"), out
+
+
+def test_faithfulness_uses_the_recordings_model_and_images(described):
+    """The job's config may name another model or data now: faithfulness still measures the recorded model on the
+    recording's own images, and refuses weights that changed since recording."""
+    from neuroscribe.describe.exemplars import Recording
+    from neuroscribe.describe.stage import faithfulness
+    cfg, out = described
+    rec = Recording.open(out)
+    rows = [Described("_fc", 0, "tench", 1.0, "tagger", [], {}), Described("_fc", 574, "golf ball", 1.0, "tagger", [], {})]
+    same = faithfulness(cfg, rec, rows)
+    other = cfg.model_copy(update={"model": cfg.model.model_copy(update={"spec": "torchvision:resnet18@none"}),
+                                   "data": cfg.data.model_copy(update={"split": "train", "limit": 20})})
+    assert faithfulness(other, rec, rows) == same
+    assert same[("_fc", 0)]["auc"] > 0.9 and same[("_fc", 0)]["n_pos"] + same[("_fc", 0)]["n_neg"] == 100
+    rec.meta["weights"] = "0" * 32
+    with pytest.raises(ValueError, match="weights it was recorded with"):
+        faithfulness(cfg, rec, rows)

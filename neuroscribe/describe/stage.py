@@ -107,6 +107,21 @@ def final_layer_targets(rec: Recording) -> tuple[str, dict[int, str]] | None:
     return (layers[-1], units) if units else None
 
 
+def recorded_model(cfg: JobConfig, rec: Recording, device):
+    """The model the recording was made with (its spec and arch from meta.json), checked against the recorded
+    weights' hash: faithfulness must measure the units that were described, whatever the job's config says now."""
+    from ..models import load_model
+    info = rec.meta.get("model_info") or {}
+    lm = load_model(rec.meta["model"], arch=info.get("arch") or cfg.model.arch,
+                    num_classes=cfg.model.num_classes, allow_pickle=cfg.model.allow_pickle, device=device,
+                    seed=rec.meta.get("dataset", {}).get("seed", cfg.seed))
+    if rec.meta.get("weights") and lm.fingerprint() != rec.meta["weights"]:
+        raise ValueError(f"the model {rec.meta['model']!r} no longer has the weights it was recorded with "
+                         f"(recording {rec.path}): record again")
+    lm.preprocess = rec.preprocess
+    return lm
+
+
 @torch.no_grad()
 def faithfulness(cfg: JobConfig, rec: Recording, rows: list[Described]) -> dict[tuple[str, int], dict]:
     """CoSy-style check on real probe images: for units whose description names a probe class, the AUC and
@@ -124,31 +139,33 @@ def faithfulness(cfg: JobConfig, rec: Recording, rows: list[Described]) -> dict[
             wanted[(r.layer, r.unit)] = hit[0]
     if not wanted:
         return {}
-    from ..datasets.probe import ImageDataset, collate_skipping, open_probe_set
+    from ..datasets.probe import ImageLoadError, load_image
     from ..hooks import run, trace, unit_view
-    from ..models import load_model
     device = resolve_device(cfg.device)
-    lm = load_model(cfg.model.spec, arch=cfg.model.arch, num_classes=cfg.model.num_classes,
-                    allow_pickle=cfg.model.allow_pickle, device=device, seed=cfg.seed)
-    lm.preprocess = rec.preprocess
-    probe = open_probe_set(cfg.data.root, cfg.data.format, cfg.data.split, cfg.data.limit, cfg.seed)
-    labelled = [i for i, s in enumerate(probe.samples) if s.label is not None]
+    lm = recorded_model(cfg, rec, device)
+    labelled = [i for i in range(len(rec.labels)) if rec.labels[i] >= 0 and i not in rec.skipped_ids]
     rng = np.random.default_rng(cfg.seed)
     ids = sorted(rng.choice(labelled, min(len(labelled), cfg.describe.faithfulness_images), replace=False).tolist())
     layers = sorted({l for l, _ in wanted})
-    loader = torch.utils.data.DataLoader(ImageDataset(probe, lm.preprocess.transform(), ids), batch_size=cfg.batch_size,
-                                         num_workers=cfg.workers, collate_fn=collate_skipping)
+    transform = rec.preprocess.transform()
     acts = {l: [] for l in layers}
     labels = []
-    for x, bid, _ in loader:
-        if x is None:
+    for s in range(0, len(ids), cfg.batch_size):
+        xs, ys = [], []
+        for i in ids[s:s + cfg.batch_size]:
+            try:
+                xs.append(transform(load_image(rec.image_paths[i])))
+                ys.append(int(rec.labels[i]))
+            except ImageLoadError:
+                continue
+        if not xs:
             continue
         with trace(lm.module, layers, stop=True) as tr:
-            run(lm.module, x.to(device))
+            run(lm.module, torch.stack(xs).to(device))
         for l in layers:
             acts[l].append(unit_view(tr[l], rec.meta["layers"][l]["prefix_tokens"], rec.layout(l))
                            .flatten(2).amax(2).float().cpu())
-        labels += [probe.samples[i].label for i in bid.tolist()]
+        labels += ys
     labels = np.array(labels)
     out = {}
     for (l, u), c in wanted.items():

@@ -100,7 +100,8 @@ def prepare(cfg: JobConfig, device: torch.device | None = None) -> tuple[LoadedM
                     allow_pickle=cfg.model.allow_pickle, device=device)
     lm.preprocess = lm.preprocess.with_overrides(**cfg.preprocess.model_dump())
     resolve_layers(lm.module, cfg.layers, spec=cfg.model.spec)
-    probe = open_probe_set(cfg.data.root, cfg.data.format, cfg.data.split, cfg.data.limit, cfg.seed)
+    probe = open_probe_set(cfg.data.root, cfg.data.format, cfg.data.split, cfg.data.limit, cfg.seed,
+                           lm.class_names)
     return lm, probe
 
 

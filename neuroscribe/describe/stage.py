@@ -131,7 +131,8 @@ def faithfulness(cfg: JobConfig, rec: Recording, rows: list[Described]) -> dict[
     lm = load_model(cfg.model.spec, arch=cfg.model.arch, num_classes=cfg.model.num_classes,
                     allow_pickle=cfg.model.allow_pickle, device=device)
     lm.preprocess = rec.preprocess
-    probe = open_probe_set(cfg.data.root, cfg.data.format, cfg.data.split, cfg.data.limit, cfg.seed)
+    probe = open_probe_set(cfg.data.root, cfg.data.format, cfg.data.split, cfg.data.limit, cfg.seed,
+                           lm.class_names)
     labelled = [i for i, s in enumerate(probe.samples) if s.label is not None]
     rng = np.random.default_rng(cfg.seed)
     ids = sorted(rng.choice(labelled, min(len(labelled), cfg.describe.faithfulness_images), replace=False).tolist())

@@ -83,7 +83,7 @@ def flag_truth(cfg, share: float, images: int) -> dict:
     from neuroscribe.ablate.flag import cue_effect, cue_pairs
     lm, dev = pipeline._model(cfg)
     shift = next(s for s in cfg.shifts if s.name == "wrong-text")
-    ds, _, _ = pipeline.shift_set(shift, lm.preprocess, cfg.seed)
+    ds, _, _ = pipeline.shift_set(shift, lm.preprocess, cfg.seed, lm.class_names)
     pairs = cue_pairs(ds, lm.preprocess.to_tensor(), list(range(min(images, len(ds)))), cfg.batch_size)
     effect = cue_effect(lm.module, {l: None for l in cfg.layers}, pairs, device=dev)
     truth = set()
@@ -114,7 +114,7 @@ def reference(cfg, seed: int) -> dict:
     dev = torch.device("cuda" if torch.cuda.is_available() and cfg.device in ("auto", "cuda") else "cpu")
     lm.module.to(dev)
     results = {}
-    for name, (ds, names, _) in pipeline.test_sets(cfg, lm.preprocess).items():
+    for name, (ds, names, _) in pipeline.test_sets(cfg, lm.preprocess, lm.class_names).items():
         p = predict(lm.module, pipeline._loader(cfg, ds), dev, class_index=pipeline._class_index(lm, names),
                     keep_logits=False, progress=False)
         r = accuracy_report(p.preds, p.labels, None, cfg.evaluate.bootstrap, cfg.seed)

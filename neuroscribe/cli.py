@@ -89,7 +89,7 @@ def cmd_config_show(a):
 
 def cmd_record(a):
     from .describe.record import record
-    out = record(job_config(a))
+    out = record(_stage_cfg(job_config(a)))
     from .distributed import is_main_process
     if not is_main_process():  # under torchrun only rank 0 reports (its job directory holds the artifacts)
         return
@@ -103,7 +103,7 @@ def cmd_record(a):
 
 def cmd_describe(a):
     from .describe.stage import describe
-    cfg = job_config(a)
+    cfg = _stage_cfg(job_config(a))
     out = describe(cfg)
     if out is None:  # a non-zero torchrun rank: rank 0 reports
         return
@@ -127,6 +127,9 @@ def _stage_cfg(cfg):
     return cfg
 
 
+_WROTE = {"flag": "flags.json", "ablate": "ablation.json", "evaluate": "evaluation.json"}  # what each stage writes
+
+
 def _stage(name):
     def cmd(a):
         from . import pipeline
@@ -139,7 +142,7 @@ def _stage(name):
         elif name in ("report", "run"):
             print(f"report: {out.get('html')}\n{Path(out['md']).read_text()}")
         else:
-            print(f"{name}: wrote {Path(cfg.out) / (name + ('s' if name == 'flag' else 'ion') + '.json')}")
+            print(f"{name}: wrote {Path(cfg.out) / _WROTE[name]}")
     return cmd
 
 

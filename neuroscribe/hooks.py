@@ -43,15 +43,25 @@ class _StopForward(Exception):
     pass
 
 
-def resolve_layers(model: nn.Module, names: Iterable[str]) -> dict[str, nn.Module]:
-    """Map each name to its module, or raise :class:`UnknownLayerError` naming the nearest valid ones."""
+def nearest_layers(name: str, valid: list[str], n: int = 5) -> list[str]:
+    """The ``n`` layer names of ``valid`` nearest to ``name``; never empty while ``valid`` is not: when no name is
+    close (another architecture's naming, e.g. ``features.3`` on a ResNet), the most similar names of the same depth
+    (number of dots), else of any depth."""
+    near = difflib.get_close_matches(name, valid, n=n, cutoff=0.5)
+    same_depth = [v for v in valid if v.count(".") == name.count(".")]
+    return near or difflib.get_close_matches(name, same_depth or valid, n=n, cutoff=0.0)
+
+
+def resolve_layers(model: nn.Module, names: Iterable[str], spec: str | None = None) -> dict[str, nn.Module]:
+    """Map each name to its module, or raise :class:`UnknownLayerError` naming the nearest valid ones of this
+    ``model`` (``spec``, when given, is named in the message)."""
     modules = dict(model.named_modules())
     out = {}
     for name in names:
         if name == "" or name not in modules:
-            near = difflib.get_close_matches(name, [n for n in modules if n], n=5, cutoff=0.5)
-            raise UnknownLayerError(f"unknown layer {name!r}; nearest valid names: {near}. "
-                                    "Run `neuroscribe layers SPEC` to list every layer.")
+            near = nearest_layers(name, [n for n in modules if n])
+            raise UnknownLayerError(f"unknown layer {name!r} in {spec or type(model).__name__}; nearest valid names: "
+                                    f"{near}. Run `neuroscribe layers {spec or 'SPEC'}` to list every layer.")
         out[name] = modules[name]
     return out
 

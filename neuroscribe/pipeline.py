@@ -43,9 +43,11 @@ def _file_key(path: Path) -> str:
 # ------------------------------------------------------------------------------------------------ train
 def train(cfg: JobConfig) -> JobConfig:
     """Train ``cfg.train`` (first seed) into ``JOBDIR/train/seed<S>``; return cfg with model.spec pointing at it."""
+    from .datasets.labels import check_job_labels
     from .train import train_classifier
     if cfg.train is None:
         return cfg
+    check_job_labels(cfg)  # a label problem of a test set stops the job now, not after training
     seed = cfg.train.seeds[0]
     out = Path(cfg.out) / "train" / f"seed{seed}"
     res = train_classifier(cfg.train, out, device=cfg.device, seed=seed, progress=cfg.progress,
@@ -80,12 +82,12 @@ def _collate(batch):
     return torch.utils.data.default_collate([b for b in batch if b is not None])
 
 
-def shift_set(shift: ShiftSetConfig, pre, seed: int):
+def shift_set(shift: ShiftSetConfig, pre, seed: int, classes: list[str] | None = None):
     """``(dataset, class_names, description)`` for one test set, items in the model's preprocessing ``pre``.
-    With a cue, the model's geometry (resize + crop) comes first and the cue is drawn on that, as in training,
-    so a corner cue is never cropped away."""
+    A manifest's integer labels index ``classes`` (the model's class list). With a cue, the model's geometry
+    (resize + crop) comes first and the cue is drawn on that, as in training, so a corner cue is never cropped away."""
     from .datasets.probe import open_probe_set
-    probe = open_probe_set(shift.data.root, shift.data.format, shift.data.split, shift.data.limit, seed)
+    probe = open_probe_set(shift.data.root, shift.data.format, shift.data.split, shift.data.limit, seed, classes)
     if (probe.labels() < 0).any():
         raise ValueError(f"shift {shift.name!r}: every image needs a label (class folders or a label column)")
     names = probe.class_names or [str(i) for i in range(int(probe.labels().max()) + 1)]
@@ -105,16 +107,17 @@ def _loader(cfg: JobConfig, ds):
                                        collate_fn=_collate)
 
 
-def test_sets(cfg: JobConfig, pre) -> dict[str, tuple]:
+def test_sets(cfg: JobConfig, pre, classes: list[str] | None = None) -> dict[str, tuple]:
     """In-distribution (the job's clean probe images) plus every ``shifts`` entry except the validation one."""
-    sets = {"in-distribution": shift_set(ShiftSetConfig(name="in-distribution", data=cfg.data), pre, cfg.seed)}
+    sets = {"in-distribution": shift_set(ShiftSetConfig(name="in-distribution", data=cfg.data), pre, cfg.seed,
+                                         classes)}
     for s in cfg.shifts:
         if s.name not in (cfg.ablate.validation, cfg.probe):
-            sets[s.name] = shift_set(s, pre, cfg.seed)
+            sets[s.name] = shift_set(s, pre, cfg.seed, classes)
     return sets
 
 
-def validation_set(cfg: JobConfig, pre):
+def validation_set(cfg: JobConfig, pre, classes: list[str] | None = None):
     """``(dataset, class_names, description)`` of the validation data that choices are made on."""
     if cfg.ablate.validation == "holdout":
         tj = Path(cfg.out) / "train.json"
@@ -123,12 +126,12 @@ def validation_set(cfg: JobConfig, pre):
                              "(set train: with holdout > 0), or name a shift as ablate.validation")
         t = json.loads(tj.read_text())
         from .datasets.probe import manifest
-        probe = manifest(t["holdout_manifest"])
+        probe = manifest(t["holdout_manifest"], t["class_names"])
         desc = (f"{len(probe)} training images held out before training ({cfg.train.holdout:.0%} per class), "
                 "each carrying a random WRONG class name, so the cue is decorrelated from the label")
         return _Labelled(probe.samples, pre.transform()), t["class_names"], desc
     shift = next(s for s in cfg.shifts if s.name == cfg.ablate.validation)
-    return shift_set(shift, pre, cfg.seed)
+    return shift_set(shift, pre, cfg.seed, classes)
 
 
 def _model(cfg: JobConfig):
@@ -174,7 +177,7 @@ def with_probe(cfg: JobConfig) -> JobConfig:
     key = _key(shift.model_dump(mode="json"), cfg.model.spec)
     if not _current(out / "probe.json", key):
         lm, _ = _model(cfg)
-        ds, _, _ = shift_set(shift, lm.preprocess, cfg.seed)
+        ds, _, _ = shift_set(shift, lm.preprocess, cfg.seed, lm.class_names)
         ds.transform = None
         materialise(ds, out, overwrite=True)
         io.write_json(out / "probe.json", {"key": key})
@@ -200,7 +203,7 @@ def flag(cfg: JobConfig) -> dict:
         rec = Recording.open(job)
         declare_layouts(lm.module, rec.layouts)
         shift = next(s for s in cfg.shifts if s.name == cfg.flag.evidence_shift)
-        ds, _, _ = shift_set(shift, lm.preprocess, cfg.seed)
+        ds, _, _ = shift_set(shift, lm.preprocess, cfg.seed, lm.class_names)
         from .datasets.splits import stratified_sample
         ids = stratified_sample([y for _, y in ds.samples], cfg.flag.evidence_images, cfg.seed, purpose="evidence")
         pairs = cue_pairs(ds, lm.preprocess.to_tensor(), ids, cfg.batch_size)
@@ -244,7 +247,7 @@ def ablate(cfg: JobConfig) -> dict:
     if done:
         return done
     lm, dev, rec, means = _model_and_means(cfg)
-    val_ds, val_names, val_desc = validation_set(cfg, lm.preprocess)
+    val_ds, val_names, val_desc = validation_set(cfg, lm.preprocess, lm.class_names)
     val = [(x, y) for x, y, _ in _loader(cfg, val_ds)]  # validation is small: decode once, reuse every pass
     ci = _class_index(lm, val_names)
     scores: dict = {}  # each unit scored alone once, shared by every flag set's ordering and the sort-all control
@@ -316,12 +319,12 @@ def evaluate(cfg: JobConfig) -> dict:
     if cfg.ablate.refit and variants.get("ablated"):
         from .ablate.refit import refit_last_layer
         probe = next(s for s in cfg.shifts if s.name == cfg.probe)
-        train_ds, _, _ = shift_set(probe, lm.preprocess, cfg.seed)
+        train_ds, _, _ = shift_set(probe, lm.preprocess, cfg.seed, lm.class_names)
         refit = refit_last_layer(lm.module, variants["ablated"], _loader(cfg, train_ds), cfg.ablate.method, means,
                                  device=dev, seed=cfg.seed)
         runs["refit"] = (refit, variants["ablated"])
         variants["refit"] = variants["ablated"]
-    sets = test_sets(cfg, lm.preprocess)
+    sets = test_sets(cfg, lm.preprocess, lm.class_names)
     if cfg.evaluate.limit:  # a seeded random subset (the same images for every variant): folders are class-sorted
         sets = {k: (torch.utils.data.Subset(ds, sorted(np.random.default_rng(cfg.seed).permutation(len(ds))
                                                        [:min(cfg.evaluate.limit, len(ds))].tolist())), nm, d)
@@ -417,15 +420,18 @@ def report(cfg: JobConfig) -> dict:
 
 def run(cfg: JobConfig) -> dict:
     """Every stage in order; each skips work whose artifacts are current. With several ``train.seeds``, one
-    complete job per seed in ``JOBDIR/seed<S>/`` and ``JOBDIR/seeds.{json,md}``: mean and 95% CI over seeds."""
+    complete job per seed in ``JOBDIR/seed<S>/`` and ``JOBDIR/seeds.{json,md}``: mean and 95% CI over seeds.
+    Every test set's labels are checked against the model's classes first, before any work."""
+    from .datasets.labels import check_job_labels
     from .runtime import apply
     apply(cfg.threads, cfg.progress)
+    check_job_labels(cfg)
     if cfg.train is not None and len(cfg.train.seeds) > 1:
         reports = {}
         for s in cfg.train.seeds:
             sub = cfg.model_copy(update={"out": Path(cfg.out) / f"seed{s}",
                                          "train": cfg.train.model_copy(update={"seeds": [s]})})
-            reports[s] = json.loads(Path(run(sub)["json"]).read_text())
+            reports[s] = json.loads(Path(_run_one(sub)["json"]).read_text())
         return aggregate_seeds(reports, Path(cfg.out))
     return _run_one(cfg)
 

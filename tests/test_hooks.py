@@ -1,9 +1,11 @@
 """The one hook mechanism: retain and edit, names checked first, token grids reshaped correctly."""
+import re
+
 import pytest
 import torch
 from torch import nn
 
-from neuroscribe.hooks import UnknownLayerError, layer_catalogue, prefix_tokens, run, trace, unit_view
+from neuroscribe.hooks import UnknownLayerError, layer_catalogue, prefix_tokens, resolve_layers, run, trace, unit_view
 
 
 class Tiny(nn.Module):
@@ -100,3 +102,12 @@ def test_retained_output_survives_inplace_ops_later_in_the_model():
     h.remove()
     assert tr["layer1.0.bn1"].min() < 0  # BN output, not the ReLU(inplace) that follows it
     assert torch.equal(tr["layer1.0.bn1"], seen["bn1"])
+
+
+def test_unknown_layer_in_another_naming_still_lists_real_layers():
+    import ast
+    m = Tiny()
+    with pytest.raises(UnknownLayerError) as e:
+        resolve_layers(m, ["features.3"])  # EfficientNet-style name, no close match among Tiny's layers
+    near = ast.literal_eval(re.search(r"nearest valid names: (\[.*?\])", str(e.value)).group(1))
+    assert near and set(near) <= {"conv", "act", "pool", "fc"} and "in Tiny" in str(e.value)

@@ -187,16 +187,23 @@ def label_map(dataset_classes: Sequence[str], model_classes: Sequence[str]) -> l
             unknown.append(c)
         out.append(-1 if i is None else i)
     if unknown:
-        import difflib
-        hints = {c: difflib.get_close_matches(c, [str(n) for n in model_classes], n=2, cutoff=0.6) for c in unknown}
-        raise ValueError(f"the test set has {len(unknown)} classes the model does not know: {unknown[:20]}"
-                         f"{' ...' if len(unknown) > 20 else ''} (closest model classes: "
-                         f"{ {c: h for c, h in list(hints.items())[:10] if h} }); the model has "
-                         f"{len(model_classes)} classes, e.g. {[str(n) for n in model_classes[:5]]}")
+        raise ValueError(_unknown_classes(unknown, [str(n) for n in model_classes]))
     dup = sorted({dataset_classes[k] for k, i in enumerate(out) if out.count(i) > 1})
     if dup:
         raise ValueError(f"test-set classes {dup} map to the same model class")
     return out
+
+
+def _unknown_classes(unknown: list[str], model: list[str]) -> str:
+    """The message for test-set classes the model lacks: the nearest model classes of each and the model's list."""
+    import difflib
+    hints = {c: difflib.get_close_matches(c, model, n=3, cutoff=0.5) or difflib.get_close_matches(c, model, n=2,
+                                                                                                   cutoff=0.0)
+             for c in unknown[:10]}
+    shown = f"{model[:30]}{' ...' if len(model) > 30 else ''}"
+    return (f"the test set has {len(unknown)} classes the model does not know: {unknown[:20]}"
+            f"{' ...' if len(unknown) > 20 else ''} (nearest model classes: {hints}); the model's "
+            f"{len(model)} classes: {shown}. Integer labels are indices into this list; names are matched by name")
 
 
 def correct(outputs: np.ndarray, labels: np.ndarray) -> np.ndarray:

@@ -2,8 +2,9 @@
 
 Two sources: an ImageFolder tree (``root/<class>/<image>``, optionally with ``train``/``val``/``test`` split
 folders above the classes and a ``classes.json`` mapping folder names to readable names) and a CSV/JSONL manifest
-(column ``path`` relative to the manifest's folder, optional ``label`` (index or class name) and ``group``). Paths
-that escape the manifest's folder are refused.
+(column ``path`` relative to the manifest's folder, optional ``label`` and ``group``). Paths that escape the
+manifest's folder are refused. Labels (:mod:`neuroscribe.datasets.labels`): integers are indices into the model's
+class list, names are class names, a column mixing both is an error naming the rows.
 
 Loading never stops a run: an unreadable, truncated, zero-byte, non-image, non-regular (directory, FIFO) or
 oversized (PIL's ``Image.MAX_IMAGE_PIXELS`` decompression-bomb limit) file is skipped, counted and named with its
@@ -162,20 +163,34 @@ def _imagenet_wnid_names() -> dict[str, str]:
     return {c["wnid"]: c["names"][0] for c in data["classes"]}
 
 
+def _split_tops(root: Path, split: str | None) -> list[Path]:
+    """The folders whose sub-folders are the classes: ``root/split``, every split in order, or ``root``."""
+    subdirs = sorted(d.name for d in root.iterdir() if d.is_dir())
+    if split is not None:
+        if split not in subdirs:
+            raise ProbeSetError(f"{root} has no split folder {split!r}; it has {subdirs}")
+        return [root / split]
+    if subdirs and all(d in SPLIT_NAMES for d in subdirs):
+        return [root / d for d in SPLIT_NAMES if d in subdirs]
+    return [root]
+
+
+def folder_classes(root: str | Path, split: str | None = None) -> list[str] | None:
+    """An ImageFolder tree's class names in class-index order, without listing its images; None without class
+    folders."""
+    root = Path(root)
+    if not root.is_dir():
+        raise ProbeSetError(f"image folder not found: {root}")
+    folders = sorted({d.name for t in _split_tops(root, split) for d in t.iterdir() if d.is_dir()})
+    return _class_display(root, folders) if folders else None
+
+
 def image_folder(root: str | Path, split: str | None = None) -> ProbeSet:
     """An ImageFolder tree; with split folders and ``split=None``, every split in order."""
     root = Path(root)
     if not root.is_dir():
         raise ProbeSetError(f"image folder not found: {root}")
-    subdirs = sorted(d.name for d in root.iterdir() if d.is_dir())
-    if split is not None:
-        if split not in subdirs:
-            raise ProbeSetError(f"{root} has no split folder {split!r}; it has {subdirs}")
-        tops = [root / split]
-    elif subdirs and all(d in SPLIT_NAMES for d in subdirs):
-        tops = [root / d for d in SPLIT_NAMES if d in subdirs]
-    else:
-        tops = [root]
+    tops = _split_tops(root, split)
     folders = sorted({d.name for t in tops for d in t.iterdir() if d.is_dir()})
     samples: list[Sample] = []
     for t in tops:
@@ -194,55 +209,64 @@ def image_folder(root: str | Path, split: str | None = None) -> ProbeSet:
     return ProbeSet(root, samples, names, "imagefolder")
 
 
-def manifest(path: str | Path) -> ProbeSet:
-    """A CSV or JSONL manifest with a ``path`` column (relative to the manifest's folder)."""
+def manifest_rows(path: str | Path) -> list[tuple[int, dict]]:
+    """A CSV or JSONL manifest's rows, each with its row number (the line number; a CSV's header is line 1)."""
     path = Path(path)
     if not path.is_file():
         raise ProbeSetError(f"manifest not found: {path}")
-    root = path.parent.resolve()
     if path.suffix.lower() in (".jsonl", ".ndjson"):
         rows = []
         for n, line in enumerate(path.read_text().splitlines(), 1):
             if line.strip():
                 try:
-                    rows.append(json.loads(line))
+                    rows.append((n, json.loads(line)))
                 except json.JSONDecodeError as e:
                     raise ProbeSetError(f"{path}:{n}: not valid JSON: {e}") from None
-    else:
-        with path.open(newline="") as f:
-            rows = list(csv.DictReader(f))
+        return rows
+    with path.open(newline="") as f:
+        return list(enumerate(csv.DictReader(f), 2))
+
+
+def manifest(path: str | Path, classes: list[str] | None = None) -> ProbeSet:
+    """A CSV or JSONL manifest with a ``path`` column (relative to the manifest's folder). Labels are read by
+    :func:`neuroscribe.datasets.labels.read_labels`: integers index ``classes`` (the model's class list), names
+    are the classes."""
+    from .labels import read_labels
+    path = Path(path)
+    rows = manifest_rows(path)
+    root = path.parent.resolve()
     if not rows:
         raise ProbeSetError(f"{path} lists no images")
-    if "path" not in rows[0]:
-        raise ProbeSetError(f"{path} needs a 'path' column; it has {sorted(rows[0])}")
-    raw_labels = [r.get("label") for r in rows]
-    names = None
-    if any(lbl not in (None, "") and not str(lbl).lstrip("-").isdigit() for lbl in raw_labels):
-        names = sorted({str(lbl) for lbl in raw_labels if lbl not in (None, "")})
-    shift_meta = path.parent / "shift.json"  # written beside materialised shifted sets: integer labels' names
-    if names is None and shift_meta.is_file():
-        names = json.loads(shift_meta.read_text()).get("class_names")
+    if "path" not in rows[0][1]:
+        raise ProbeSetError(f"{path} needs a 'path' column; it has {sorted(rows[0][1])}")
+    names, labels = read_labels(path, [(n, r.get("label")) for n, r in rows], classes)
     samples = []
-    for n, r in enumerate(rows, 2 if path.suffix.lower() == ".csv" else 1):
+    for (n, r), label in zip(rows, labels):
         rel = str(r["path"])
         p = (root / rel).resolve()
         if not p.is_relative_to(root):
             raise ProbeSetError(f"{path}: row {n}: path {rel!r} escapes the manifest's folder {root}; "
                                 "manifests may only name files under their own folder")
-        lbl = r.get("label")
-        label = None if lbl in (None, "") else (int(lbl) if str(lbl).lstrip("-").isdigit() else names.index(str(lbl)))
         grp = r.get("group")
         samples.append(Sample(p, label, None if grp in (None, "") else str(grp)))
     return ProbeSet(root, samples, names, "manifest")
 
 
-def open_probe_set(root: str | Path | None, format: str = "auto", split: str | None = None,
-                   limit: int | None = None, seed: int = 0) -> ProbeSet:
-    """Build the probe set a :class:`~neuroscribe.config.DataConfig` describes."""
+def data_source(root: str | Path | None, format: str = "auto") -> tuple[Path, str]:
+    """``(path, format)`` of a :class:`~neuroscribe.config.DataConfig`: unset root = the shipped sample, and
+    ``auto`` resolved to ``imagefolder``, ``csv`` or ``jsonl``."""
     root = sample_root() if root is None else Path(root)
     if format == "auto":
         format = {".csv": "csv", ".jsonl": "jsonl", ".ndjson": "jsonl"}.get(root.suffix.lower(), "imagefolder")
-    ps = image_folder(root, split) if format == "imagefolder" else manifest(root)
+    return root, format
+
+
+def open_probe_set(root: str | Path | None, format: str = "auto", split: str | None = None,
+                   limit: int | None = None, seed: int = 0, classes: list[str] | None = None) -> ProbeSet:
+    """Build the probe set a :class:`~neuroscribe.config.DataConfig` describes; a manifest's integer labels index
+    ``classes`` (the model's class list)."""
+    root, format = data_source(root, format)
+    ps = image_folder(root, split) if format == "imagefolder" else manifest(root, classes)
     return ps.subset(limit, seed)
 
 

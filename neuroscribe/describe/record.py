@@ -101,8 +101,9 @@ def prepare(cfg: JobConfig, device: torch.device | None = None) -> tuple[LoadedM
     lm = load_model(cfg.model.spec, arch=cfg.model.arch, num_classes=cfg.model.num_classes,
                     allow_pickle=cfg.model.allow_pickle, device=device, seed=cfg.seed)
     lm.preprocess = lm.preprocess.with_overrides(**cfg.preprocess.model_dump())
-    resolve_layers(lm.module, cfg.layers)
-    probe = open_probe_set(cfg.data.root, cfg.data.format, cfg.data.split, cfg.data.limit, cfg.seed)
+    resolve_layers(lm.module, cfg.layers, spec=cfg.model.spec)
+    probe = open_probe_set(cfg.data.root, cfg.data.format, cfg.data.split, cfg.data.limit, cfg.seed,
+                           lm.class_names)
     return lm, probe
 
 

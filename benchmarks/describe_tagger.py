@@ -28,7 +28,7 @@ def main() -> None:
     a = ap.parse_args()
     from neuroscribe.config import load_config
     from neuroscribe.datasets.probe import sample_root
-    from neuroscribe.describe.record import record
+    from neuroscribe.record.recorder import record
     from neuroscribe.describe.stage import describe
     n = a.images or (200 if a.quick else 2000)
     root = IMAGENETTE if IMAGENETTE.is_dir() else sample_root()

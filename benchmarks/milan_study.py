@@ -68,7 +68,7 @@ def seed_cfg(cfg, seed: int):
 def final_layer_check(trained) -> dict | None:
     """Describe the trained model's ``fc`` logits on the job's probe photos (a separate small job); ``trained`` is
     the seed's job config with its model and probe set resolved."""
-    from neuroscribe.describe.record import record
+    from neuroscribe.record.recorder import record
     from neuroscribe.describe.stage import describe
     sub = trained.model_copy(update={"layers": ["fc"], "out": Path(trained.out) / "final-layer", "train": None,
                                      "describe": trained.describe.model_copy(update={"gallery": False})})
@@ -105,7 +105,7 @@ def reference(cfg, seed: int) -> dict:
     """The same architecture and schedule trained on clean images, evaluated on the same test sets."""
     from neuroscribe.ablate.evaluate import accuracy_report, predict
     from neuroscribe.models import load_model
-    from neuroscribe.train import train_classifier
+    from neuroscribe.train.classifier.classifier import train_classifier
     out = Path(cfg.out) / "reference" / f"seed{seed}"
     t0 = time.perf_counter()
     res = train_classifier(cfg.train.model_copy(update={"cue": None, "seeds": [seed]}), out, device=cfg.device,

@@ -35,7 +35,8 @@ def data_root() -> str:
 def ratio(n_images: int, batch: int, crop: int | None) -> dict:
     from neuroscribe.config import load_config
     from neuroscribe.datasets.probe import load_image, open_probe_set
-    from neuroscribe.describe.record import Recorder, prepare, resolve_device
+    from neuroscribe.record.recorder import Recorder, prepare
+    from neuroscribe.runtime import resolve_device
     cfg = load_config(None, {"model": "efficientnet-lite0", "layers": LAYERS, "progress": False,
                              "data": {"root": data_root(), "limit": n_images}, "batch_size": batch,
                              "preprocess": {"crop": crop, "resize": crop}})
@@ -80,7 +81,7 @@ def peak_memory(n: int, crop: int | None, batch: int) -> float:
     code = f"""
 import resource, tempfile, json
 from neuroscribe.config import load_config
-from neuroscribe.describe.record import record
+from neuroscribe.record.recorder import record
 with tempfile.TemporaryDirectory() as d:
     record(load_config(None, {{"model": "efficientnet-lite0", "layers": {LAYERS!r}, "progress": False,
         "data": {{"root": {data_root()!r}, "limit": {n}}}, "out": d, "batch_size": {batch}, "workers": 2,

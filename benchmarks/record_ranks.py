@@ -8,7 +8,7 @@ Both runs get the same number of cores: the single process uses ``nproc x thread
 each rank ``threads-per-rank``. Throughput is images per second of the recording pass (``run.json``), excluding
 start-up and model loading, which are reported separately as wall time. The ratio printed last is
 ``N-rank throughput / 1-process throughput``. Artifacts are also compared (exemplar ids; bytes may differ in the
-last bit because the thread counts differ -- see ``neuroscribe.describe.record``).
+last bit because the thread counts differ -- see ``neuroscribe.record.recorder``).
 """
 
 from __future__ import annotations

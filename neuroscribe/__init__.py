@@ -7,13 +7,6 @@ from .models import LoadedModel, Preprocess, list_models, load_model, register_m
 __version__ = "0.1.0"
 
 
-def record(config, **overrides):
-    """Run the record stage for a :class:`JobConfig` (or a YAML path); returns the recording directory."""
-    from .describe.record import record as _record
-    cfg = config if isinstance(config, JobConfig) else load_config(config, overrides or None)
-    return _record(cfg)
-
-
 def layers(spec: str):
     """The layer catalogue of a model spec: names, kinds, unit counts and output shapes."""
     from .hooks import layer_catalogue
@@ -22,4 +15,4 @@ def layers(spec: str):
 
 
 __all__ = ["ConfigError", "JobConfig", "LoadedModel", "Preprocess", "layers", "list_models", "load_config",
-           "load_model", "record", "register_model"]
+           "load_model", "register_model"]

@@ -88,7 +88,7 @@ def cmd_config_show(a):
 
 
 def cmd_record(a):
-    from .describe.record import record
+    from .record.recorder import record
     out = record(_stage_cfg(job_config(a)))
     from .distributed import is_main_process
     if not is_main_process():  # under torchrun only rank 0 reports (its job directory holds the artifacts)
@@ -158,7 +158,7 @@ def cmd_demo(a):
 
 
 def cmd_export_milan(a):
-    from .describe.exemplars import Recording
+    from .record.exemplars import Recording
     rec = Recording.open(a.jobdir)
     layers = [s for s in a.layers.split(",") if s] if a.layers else None
     print(rec.export_milan(a.out, layers))

@@ -44,7 +44,7 @@ def _file_key(path: Path) -> str:
 def train(cfg: JobConfig) -> JobConfig:
     """Train ``cfg.train`` (first seed) into ``JOBDIR/train/seed<S>``; return cfg with model.spec pointing at it."""
     from .datasets.labels import check_job_labels
-    from .train import train_classifier
+    from .train.classifier import train_classifier
     if cfg.train is None:
         return cfg
     check_job_labels(cfg)  # a label problem of a test set stops the job now, not after training
@@ -136,7 +136,7 @@ def validation_set(cfg: JobConfig, pre, classes: list[str] | None = None):
 
 def _model(cfg: JobConfig):
     """The job's model (its layers' declared ``layouts`` on it) and device."""
-    from .describe.record import resolve_device
+    from .runtime import resolve_device
     from .hooks import declare_layouts
     from .models import load_model
     dev = resolve_device(cfg.device)
@@ -149,7 +149,7 @@ def _model(cfg: JobConfig):
 def _model_and_means(cfg: JobConfig):
     """The job's model (the recorded layouts declared on it), its device, its recording and (for mean ablation) the
     recorded per-unit means."""
-    from .describe.exemplars import Recording
+    from .record.exemplars import Recording
     from .hooks import declare_layouts
     lm, dev = _model(cfg)
     rec = Recording.open(cfg.out)
@@ -159,7 +159,7 @@ def _model_and_means(cfg: JobConfig):
 
 
 def _class_index(lm, names):
-    from .ablate.evaluate import label_map
+    from .datasets.labels import label_map
     if lm.class_names is None or list(lm.class_names) == list(names):
         return None
     return label_map(names, lm.class_names)
@@ -188,7 +188,7 @@ def with_probe(cfg: JobConfig) -> JobConfig:
 def flag(cfg: JobConfig) -> dict:
     """Flag units from ``descriptions.jsonl`` (and cue evidence where ``flag.evidence_shift`` pairs images)."""
     from .ablate.flag import cue_effect, cue_pairs, flag_units
-    from .describe.exemplars import Recording
+    from .record.exemplars import Recording
     job = Path(cfg.out)
     rows = [json.loads(l) for l in (job / "descriptions.jsonl").read_text().splitlines() if l.strip()]
     key = _key(_file_key(job / "descriptions.jsonl"), cfg.flag.model_dump(mode="json"), cfg.model.spec,
@@ -210,7 +210,7 @@ def flag(cfg: JobConfig) -> dict:
         evidence = cue_effect(lm.module, {l: None for l in rec.layers}, pairs, device=dev)
     embedder = None
     if cfg.flag.embedder:
-        from .describe.summarise import SentenceEmbedder
+        from .text import SentenceEmbedder
         embedder = SentenceEmbedder(cfg.flag.embedder)
     all_rows = flag_units(rows, cfg.flag.model_copy(update={"use": "either" if evidence else "description"}),
                           embedder, evidence, all_rows=True)
@@ -470,7 +470,7 @@ def aggregate_seeds(reports: dict[int, dict], out: Path) -> dict:
 
 
 def _run_one(cfg: JobConfig) -> dict:
-    from .describe.record import record
+    from .record.recorder import record
     from .describe.stage import describe
     cfg = train(cfg)
     probe_cfg = with_probe(cfg)

@@ -7,7 +7,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-__all__ = ["apply", "physical_cores"]
+__all__ = ["apply", "physical_cores", "resolve_device"]
 
 
 def physical_cores() -> int:
@@ -56,3 +56,14 @@ def apply(threads: int | None = None, progress: bool = True) -> int:
         except ImportError:  # pragma: no cover
             pass
     return n
+
+
+def resolve_device(name: str):
+    """``auto`` -> CUDA when available, else CPU; a named device is checked to exist."""
+    import torch
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(name)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {name!r} was asked for but CUDA is not available; use device: cpu or auto")
+    return dev

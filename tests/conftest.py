@@ -22,8 +22,8 @@ def rec(tmp_path_factory):
     """One real recording shared by the view/export/gallery tests: EfficientNet-Lite0 on 60 shipped photos,
     layers ``_blocks.12`` and ``_fc``."""
     from neuroscribe.config import load_config
-    from neuroscribe.describe.exemplars import Recording
-    from neuroscribe.describe.record import record
+    from neuroscribe.record.exemplars import Recording
+    from neuroscribe.record.recorder import record
     job = tmp_path_factory.getbasetemp() / "lite0-sample-60"
     cfg = load_config(None, {"model": "efficientnet-lite0", "layers": "_blocks.12,_fc", "data": {"limit": 60},
                              "out": str(job), "device": "cpu", "workers": 0, "progress": False,

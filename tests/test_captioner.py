@@ -237,8 +237,8 @@ class GenerateSpy:
 @pytest.fixture(scope="module")
 def recording(tmp_path_factory):
     from neuroscribe.config import load_config
-    from neuroscribe.describe.exemplars import Recording
-    from neuroscribe.describe.record import record
+    from neuroscribe.record.exemplars import Recording
+    from neuroscribe.record.recorder import record
     out = tmp_path_factory.mktemp("capjob")
     cfg = load_config(None, {"model": {"spec": "efficientnet-lite0"}, "layers": ["_blocks.12", "_fc"],
                              "data": {"limit": 24}, "record": {"k": 5}, "out": str(out), "device": "cpu",

@@ -19,8 +19,8 @@ import yaml
 
 from neuroscribe.config import load_config
 from neuroscribe.datasets.probe import sample_root
-from neuroscribe.describe.exemplars import Recording, RecordingError
-from neuroscribe.describe.record import Recorder, prepare, record, run_pass, save_checkpoint
+from neuroscribe.record.exemplars import Recording, RecordingError
+from neuroscribe.record.recorder import Recorder, prepare, record, run_pass, save_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -10,7 +10,7 @@ from neuroscribe.config import load_config
 from neuroscribe.datasets.cues import TextCue, apply_cue
 from neuroscribe.datasets.probe import load_image, sample_root
 from neuroscribe.describe.describers import Described, UnitViews
-from neuroscribe.describe.record import record
+from neuroscribe.record.recorder import record
 from neuroscribe.describe.stage import describe
 
 
@@ -90,7 +90,7 @@ def test_text_unit_is_described_with_a_text_word(tmp_path):
 def test_faithfulness_uses_the_recordings_model_and_images(described):
     """The job's config may name another model or data now: faithfulness still measures the recorded model on the
     recording's own images, and refuses weights that changed since recording."""
-    from neuroscribe.describe.exemplars import Recording
+    from neuroscribe.record.exemplars import Recording
     from neuroscribe.describe.stage import faithfulness
     cfg, out = described
     rec = Recording.open(out)

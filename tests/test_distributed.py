@@ -22,8 +22,8 @@ import yaml
 
 from neuroscribe.config import load_config
 from neuroscribe.datasets.probe import sample_root
-from neuroscribe.describe.record import LayerState, record
-from neuroscribe.describe.stats import CascadeSum
+from neuroscribe.record.recorder import LayerState, record
+from neuroscribe.record.stats import CascadeSum
 from neuroscribe.distributed import shard_range
 
 REPO = Path(__file__).resolve().parents[1]
@@ -260,7 +260,7 @@ def test_describe_sharded_across_two_ranks_equals_one_process(tmp_path):
     import shutil
     from neuroscribe.config import load_config
     from neuroscribe.datasets.probe import sample_root
-    from neuroscribe.describe.record import record
+    from neuroscribe.record.recorder import record
     from neuroscribe.describe.stage import describe
     one = tmp_path / "one"
     over = {"model": "efficientnet-lite0", "layers": ["_blocks.15"], "out": str(one), "progress": False,

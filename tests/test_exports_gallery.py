@@ -1,4 +1,4 @@
-"""Tests for neuroscribe.report: table exports (pandas/pyarrow/duckdb) and the static gallery's safety and links.
+"""Tests for the description exports and gallery (neuroscribe.describe.exports, .gallery): table exports (pandas/pyarrow/duckdb) and the static gallery's safety and links.
 
 Descriptions are fake (given here) over a real recording (efficientnet-lite0 on the shipped photos).
 """
@@ -14,9 +14,10 @@ from urllib.parse import unquote, urlsplit
 import pytest
 
 from neuroscribe.describe.describers import Described
-from neuroscribe.describe.exemplars import Recording
+from neuroscribe.record.exemplars import Recording
 from neuroscribe.describe.views import save_unit_views
-from neuroscribe.report import COLUMNS, MILAN_COLUMNS, layer_page_name, script_json, write_descriptions, write_gallery
+from neuroscribe.describe.exports import COLUMNS, MILAN_COLUMNS, write_descriptions
+from neuroscribe.describe.gallery import layer_page_name, script_json, write_gallery
 
 CONV, FLAT = "_blocks.12", "_fc"
 EVIL_LAYER = '"><img src=x onerror=alert(1)>'

@@ -26,7 +26,7 @@ def _rows(layer="_blocks.15"):
 
 @pytest.fixture(scope="module")
 def embedder():
-    from neuroscribe.describe.summarise import SentenceEmbedder
+    from neuroscribe.text import SentenceEmbedder
     return SentenceEmbedder()
 
 

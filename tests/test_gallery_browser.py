@@ -15,9 +15,9 @@ from pathlib import Path
 import pytest
 
 from neuroscribe.describe.describers import Described
-from neuroscribe.describe.exemplars import Recording
+from neuroscribe.record.exemplars import Recording
 from neuroscribe.describe.views import save_unit_views
-from neuroscribe.report import layer_page_name, write_gallery
+from neuroscribe.describe.gallery import layer_page_name, write_gallery
 
 CONV, FLAT = "_blocks.12", "_fc"
 EVIL_LAYER = '"><img src=x onerror=alert(1)>'

@@ -20,7 +20,7 @@ from neuroscribe.cli import main as cli_main
 from neuroscribe.config import load_config
 from neuroscribe.datasets.probe import (ImageDataset, ImageLoadError, ProbeSetError, check_resize, image_folder,
                                         load_image, manifest, sample_root)
-from neuroscribe.describe.record import record
+from neuroscribe.record.recorder import record
 from neuroscribe.models import ModelSpecError, load_model
 
 PHOTOS = sorted((sample_root() / "val" / "n03445777").glob("*.jpg"))  # real golf-ball photos

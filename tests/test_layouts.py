@@ -10,8 +10,8 @@ from neuroscribe import models
 from neuroscribe.ablate.edit import ablated, ablation_edits, permanent_edit
 from neuroscribe.config import load_config
 from neuroscribe.datasets.probe import load_image, sample_root
-from neuroscribe.describe.exemplars import Recording
-from neuroscribe.describe.record import record
+from neuroscribe.record.exemplars import Recording
+from neuroscribe.record.recorder import record
 from neuroscribe.hooks import layer_catalogue, trace
 
 SIZE = 64  # input side: Swin stage 0 is a 16 x 16 grid of patches

@@ -74,8 +74,8 @@ def _job(tmp_path, data, shifts=(), **over):
 
 def _stop_work(monkeypatch):
     """Any stage that starts work before the labels are checked fails the test."""
-    import neuroscribe.describe.record as rec
-    import neuroscribe.train as tr
+    import neuroscribe.record.recorder as rec
+    import neuroscribe.train.classifier as tr
 
     def started(*a, **k):
         raise AssertionError("the job started work before its labels were checked")

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from neuroscribe import io
-from neuroscribe.describe.exemplars import Recording, milan_upsample
+from neuroscribe.record.exemplars import Recording, milan_upsample
 
 K = 4        # exemplars per unit
 N_IMAGES = 5

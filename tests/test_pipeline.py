@@ -5,7 +5,7 @@ import pytest
 
 from neuroscribe import pipeline
 from neuroscribe.config import load_config
-from neuroscribe.describe.record import record
+from neuroscribe.record.recorder import record
 from neuroscribe.describe.stage import describe
 
 TEXT = {"kind": "text", "size": 0.25, "position": "bottom-left"}

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 
 from neuroscribe.config import load_config
-from neuroscribe.describe.exemplars import Recording
-from neuroscribe.describe.record import record
+from neuroscribe.record.exemplars import Recording
+from neuroscribe.record.recorder import record
 from neuroscribe.datasets.probe import sample_root
 
 GOLF = 574  # ImageNet-1k index of "golf ball"
@@ -115,7 +115,7 @@ def test_random_weights_record_the_same_in_two_processes(tmp_path):
     import subprocess
     import sys
     script = (
-        "import sys, json; from neuroscribe.config import load_config; from neuroscribe.describe.record import record;"
+        "import sys, json; from neuroscribe.config import load_config; from neuroscribe.record.recorder import record;"
         "from neuroscribe.datasets.probe import sample_root;"
         "cfg = load_config(None, {'model': 'torchvision:resnet18@none', 'layers': ['layer1'], 'out': sys.argv[1],"
         "'progress': False, 'workers': 0, 'batch_size': 8, 'record': {'k': 3},"

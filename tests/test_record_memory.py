@@ -18,7 +18,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 SCRATCH = textwrap.dedent("""
     import gc, sys, torch
-    from neuroscribe.describe.record import LayerState
+    from neuroscribe.record.recorder import LayerState
     U, H, B, N, K = 20000, 16, 4, 64, 5  # 20k units on 16x16 maps: 82 MB of activations per batch
 
     def kib(key):

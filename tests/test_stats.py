@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from neuroscribe.describe.stats import QuantileSketch, TopK, merge_topk
+from neuroscribe.record.stats import QuantileSketch, TopK, merge_topk
 
 
 def exact_topk(scores: np.ndarray, k: int):

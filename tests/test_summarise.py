@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 from PIL import Image, ImageDraw, ImageFont
 
-from neuroscribe.describe.summarise import Scored, SentenceEmbedder, summarise
+from neuroscribe.describe.summarise import Scored, summarise
+from neuroscribe.text import SentenceEmbedder
 from neuroscribe.describe.tagger import Candidate, Tagger
 
 IMAGENETTE = Path(__file__).resolve().parents[2] / "shared" / "data" / "imagenette" / "val"  # /work/shared/...

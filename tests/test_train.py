@@ -1,4 +1,4 @@
-"""neuroscribe.train on the shipped photo sample: tiny ResNet-18 runs at 32 px on the CPU (one thread: under a
+"""neuroscribe.train.classifier on the shipped photo sample: tiny ResNet-18 runs at 32 px on the CPU (one thread: under a
 shared, loaded CPU two OpenMP threads are several times slower than one)."""
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 from neuroscribe.config import DataConfig, TrainConfig
 from neuroscribe.datasets.probe import load_image, open_probe_set
 from neuroscribe.models import load_model
-from neuroscribe.train import TrainError, train_classifier
+from neuroscribe.train.classifier.classifier import TrainError, train_classifier
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -113,7 +113,7 @@ def test_same_seed_bit_identical_other_seed_differs(run, tmp_path):
 
 def test_resume_after_interruption_matches_uninterrupted(run, tmp_path, monkeypatch):
     res, _ = run
-    import neuroscribe.train as tr
+    import neuroscribe.train.classifier as tr
     calls = {"n": 0}
     real = tr._accuracy
 

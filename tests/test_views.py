@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from neuroscribe.describe.describers import UnitViews
-from neuroscribe.describe.exemplars import Recording
+from neuroscribe.record.exemplars import Recording
 from neuroscribe.describe.views import (
     OUTLINE_COLOUR, ImageCache, crop_box, crop_view, dim_outside, image_cache, safe_name, save_unit_views,
     unit_grid, unit_views,

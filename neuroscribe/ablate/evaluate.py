@@ -16,16 +16,14 @@ class_index=...)`` restricts), so a prediction is always one of the test set's c
 
 from __future__ import annotations
 
-import json
-import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from importlib import resources
 from typing import Any, NamedTuple
 
 import numpy as np
 import torch
 from torch import nn
 
+from ..datasets.labels import label_map
 from ..hooks import trace
 from ..models import channels_last, to_layout
 
@@ -150,60 +148,6 @@ def predict(model: nn.Module, loader: Iterable, device: str | torch.device | Non
         raise ValueError("predict: the loader yielded no images")
     return Predictions(np.concatenate(outs), np.concatenate(labels),
                        np.array(groups, dtype=object) if any_groups else None)
-
-
-def _norm_name(s: str) -> str:
-    return re.sub(r"[\s_\-]+", " ", str(s)).strip().lower()
-
-
-def _wnid_index() -> dict[str, int]:
-    try:
-        data = json.loads((resources.files("neuroscribe") / "data" / "imagenet_wordnet.json").read_text())
-        return {c["wnid"]: int(c["index"]) for c in data["classes"]}
-    except (OSError, KeyError, ValueError):
-        return {}
-
-
-def label_map(dataset_classes: Sequence[str], model_classes: Sequence[str]) -> list[int]:
-    """``class_index``: the model's logit column for each of the test set's classes, matched by name.
-
-    Names match exactly, then case-, space-, underscore- and hyphen-insensitively; for a 1000-class (ImageNet-1k)
-    model a WordNet id (``n01440764``, Imagenette's folder names) matches its ImageNet index. Raises ``ValueError``
-    naming every test-set class the model does not know, and for two test-set classes mapped to one column.
-    """
-    if not dataset_classes:
-        raise ValueError("the test set has no class names to map")
-    if not model_classes:
-        raise ValueError("the model has no class names; pass class_index explicitly (or None when the test set "
-                         "uses the model's own class numbering)")
-    exact = {str(n): i for i, n in reversed(list(enumerate(model_classes)))}
-    loose = {_norm_name(n): i for i, n in reversed(list(enumerate(model_classes)))}
-    wnids = _wnid_index() if len(model_classes) == 1000 else {}
-    out, unknown = [], []
-    for c in dataset_classes:
-        c = str(c)
-        i = exact.get(c, loose.get(_norm_name(c), wnids.get(c)))
-        if i is None:
-            unknown.append(c)
-        out.append(-1 if i is None else i)
-    if unknown:
-        raise ValueError(_unknown_classes(unknown, [str(n) for n in model_classes]))
-    dup = sorted({dataset_classes[k] for k, i in enumerate(out) if out.count(i) > 1})
-    if dup:
-        raise ValueError(f"test-set classes {dup} map to the same model class")
-    return out
-
-
-def _unknown_classes(unknown: list[str], model: list[str]) -> str:
-    """The message for test-set classes the model lacks: the nearest model classes of each and the model's list."""
-    import difflib
-    hints = {c: difflib.get_close_matches(c, model, n=3, cutoff=0.5) or difflib.get_close_matches(c, model, n=2,
-                                                                                                   cutoff=0.0)
-             for c in unknown[:10]}
-    shown = f"{model[:30]}{' ...' if len(model) > 30 else ''}"
-    return (f"the test set has {len(unknown)} classes the model does not know: {unknown[:20]}"
-            f"{' ...' if len(unknown) > 20 else ''} (nearest model classes: {hints}); the model's "
-            f"{len(model)} classes: {shown}. Integer labels are indices into this list; names are matched by name")
 
 
 def correct(outputs: np.ndarray, labels: np.ndarray) -> np.ndarray:

@@ -189,7 +189,7 @@ def flag_units(descriptions: Iterable[Mapping[str, Any]], cfg: FlagConfig, embed
                  if isinstance(k, tuple) and len(k) == 2}
     ev_flags = _evidence_flags(evidence, cfg) if evidence is not None else {}
     if desc and embedder is None and cfg.embedder:
-        from ..describe.summarise import SentenceEmbedder
+        from ..text import SentenceEmbedder
         embedder = SentenceEmbedder(cfg.embedder)
     keys = list(desc) + [k for k in ev_values if k not in desc]
     order = {layer: i for i, layer in enumerate(dict.fromkeys(k[0] for k in keys))}

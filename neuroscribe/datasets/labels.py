@@ -5,7 +5,7 @@ A manifest (CSV/JSONL, columns ``path[,label][,group]``) labels its images with 
 * integers are indices into the model's class list (``0`` = its first class); a manifest written by neuroscribe
   names its indices in the ``shift.json`` beside it. An index outside the list is an error naming the row and the
   valid range;
-* names are matched to the model's classes by name (:func:`neuroscribe.ablate.evaluate.label_map`: exactly, then
+* names are matched to the model's classes by name (:func:`label_map`: exactly, then
   ignoring case, spaces, underscores and hyphens);
 * a column mixing the two is an error naming the rows of the rarer kind. An empty label is no label.
 
@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Sequence
+from importlib import resources
 from pathlib import Path
 
 from .probe import ProbeSetError, data_source, folder_classes, manifest_rows
@@ -96,7 +98,7 @@ def read_labels(path, rows: list[tuple[int, object]], classes: list[str] | None 
 
 
 def _train_classes(data) -> list[str] | None:
-    """The classes a model trained on ``data`` gets (as :func:`neuroscribe.train.train_classifier` names them)."""
+    """The classes a model trained on ``data`` gets (as :func:`neuroscribe.train.classifier.train_classifier` names them)."""
     root, fmt = data_source(data.root, data.format)
     if fmt == "imagefolder":
         return folder_classes(root, data.split)
@@ -145,7 +147,6 @@ def check_job_labels(cfg) -> None:
     """Read the labels of every set ``cfg`` evaluates or draws cues on (``data`` and each shift) and check them
     against the model's class list; raises :class:`LabelError` (or ``ProbeSetError`` for missing data) before any
     work is done."""
-    from ..ablate.evaluate import label_map
     classes = job_classes(cfg)
     for where, data in [("data", cfg.data)] + [(f"shifts[{s.name}].data", s.data) for s in cfg.shifts]:
         names = _test_names(where, data, classes)
@@ -154,3 +155,57 @@ def check_job_labels(cfg) -> None:
                 label_map(names, classes)
             except ValueError as e:
                 raise LabelError(f"{where} ({data_source(data.root, data.format)[0]}): {e}") from None
+
+
+def _norm_name(s: str) -> str:
+    return re.sub(r"[\s_\-]+", " ", str(s)).strip().lower()
+
+
+def _wnid_index() -> dict[str, int]:
+    try:
+        data = json.loads((resources.files("neuroscribe") / "data" / "imagenet_wordnet.json").read_text())
+        return {c["wnid"]: int(c["index"]) for c in data["classes"]}
+    except (OSError, KeyError, ValueError):
+        return {}
+
+
+def label_map(dataset_classes: Sequence[str], model_classes: Sequence[str]) -> list[int]:
+    """``class_index``: the model's logit column for each of the test set's classes, matched by name.
+
+    Names match exactly, then case-, space-, underscore- and hyphen-insensitively; for a 1000-class (ImageNet-1k)
+    model a WordNet id (``n01440764``, Imagenette's folder names) matches its ImageNet index. Raises ``ValueError``
+    naming every test-set class the model does not know, and for two test-set classes mapped to one column.
+    """
+    if not dataset_classes:
+        raise ValueError("the test set has no class names to map")
+    if not model_classes:
+        raise ValueError("the model has no class names; pass class_index explicitly (or None when the test set "
+                         "uses the model's own class numbering)")
+    exact = {str(n): i for i, n in reversed(list(enumerate(model_classes)))}
+    loose = {_norm_name(n): i for i, n in reversed(list(enumerate(model_classes)))}
+    wnids = _wnid_index() if len(model_classes) == 1000 else {}
+    out, unknown = [], []
+    for c in dataset_classes:
+        c = str(c)
+        i = exact.get(c, loose.get(_norm_name(c), wnids.get(c)))
+        if i is None:
+            unknown.append(c)
+        out.append(-1 if i is None else i)
+    if unknown:
+        raise ValueError(_unknown_classes(unknown, [str(n) for n in model_classes]))
+    dup = sorted({dataset_classes[k] for k, i in enumerate(out) if out.count(i) > 1})
+    if dup:
+        raise ValueError(f"test-set classes {dup} map to the same model class")
+    return out
+
+
+def _unknown_classes(unknown: list[str], model: list[str]) -> str:
+    """The message for test-set classes the model lacks: the nearest model classes of each and the model's list."""
+    import difflib
+    hints = {c: difflib.get_close_matches(c, model, n=3, cutoff=0.5) or difflib.get_close_matches(c, model, n=2,
+                                                                                                   cutoff=0.0)
+             for c in unknown[:10]}
+    shown = f"{model[:30]}{' ...' if len(model) > 30 else ''}"
+    return (f"the test set has {len(unknown)} classes the model does not know: {unknown[:20]}"
+            f"{' ...' if len(unknown) > 20 else ''} (nearest model classes: {hints}); the model's "
+            f"{len(model)} classes: {shown}. Integer labels are indices into this list; names are matched by name")

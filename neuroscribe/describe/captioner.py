@@ -55,8 +55,8 @@ from .describers import Described, UnitViews
 from .tagger import Candidate
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .exemplars import Recording
-    from .summarise import SentenceEmbedder
+    from ..record.exemplars import Recording
+    from ..text import SentenceEmbedder
 
 __all__ = [
     "DEFAULT_CAPTIONER",
@@ -270,7 +270,7 @@ class CaptionerDescriber:
 
     # -- model -------------------------------------------------------------------------------------
     def _resolve_device(self) -> torch.device:
-        from .record import resolve_device
+        from ..runtime import resolve_device
         return resolve_device(self.device_name)
 
     def _load(self) -> None:
@@ -309,7 +309,7 @@ class CaptionerDescriber:
     @property
     def embedder(self) -> SentenceEmbedder:
         if self._embedder is None:
-            from .summarise import SentenceEmbedder
+            from ..text import SentenceEmbedder
             self._embedder = SentenceEmbedder()
         return self._embedder
 

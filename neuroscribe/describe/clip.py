@@ -58,7 +58,7 @@ from ..models import ModelSpecError
 from .describers import Described, UnitViews
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .exemplars import Recording
+    from ..record.exemplars import Recording
 
 __all__ = [
     "DEFAULT_CLIP",
@@ -293,7 +293,7 @@ class ClipDissectDescriber:
         return self._vocabulary
 
     def _device(self) -> torch.device:
-        from .record import resolve_device
+        from ..runtime import resolve_device
         return resolve_device(self.device_name)
 
     def _load(self) -> None:

@@ -20,7 +20,7 @@ import numpy as np
 from PIL import Image
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .exemplars import Recording
+    from ..record.exemplars import Recording
 
 
 @dataclass

@@ -20,7 +20,8 @@ from PIL import Image
 from ..config import DescribeConfig
 from ..models import load_model
 from .describers import Described, UnitViews
-from .summarise import SentenceEmbedder, summarise
+from ..text import SentenceEmbedder
+from .summarise import summarise
 from .tagger import OCRHit, OCRReader, Tagger, _binary_mask, _polygon_fraction
 
 

@@ -24,8 +24,8 @@ import torch
 from .. import io
 from ..config import JobConfig
 from .describers import Described
-from .exemplars import Recording
-from .record import resolve_device
+from ..record.exemplars import Recording
+from ..runtime import resolve_device
 
 log = logging.getLogger("neuroscribe.describe")
 FORMAT_VERSION = 1
@@ -40,7 +40,7 @@ def make_describer(cfg: JobConfig, device: torch.device):
     if d.backend == "captioner":
         from .captioner import CaptionerDescriber
         c = d.captioner
-        from .summarise import SentenceEmbedder
+        from ..text import SentenceEmbedder
         return CaptionerDescriber(c.model, device=str(device), batch_size=c.batch_size,
                                   max_new_tokens=c.max_new_tokens, prompt=c.prompt, seed=cfg.seed,
                                   alpha=d.alpha, dim=d.dim, embedder=SentenceEmbedder(d.embedder))
@@ -250,10 +250,10 @@ def _describe(cfg: JobConfig, ctx) -> Path | None:
                  for r in ordered]
     faith = faithfulness(cfg, rec, described)
     views = {(r["layer"], r["unit"]): {"grid": job / r["grid"], "views": []} for r in ordered}
-    from ..report.exports import write_descriptions
+    from .exports import write_descriptions
     paths = write_descriptions(described, rec, job, views, faith, job_dir=job)
     if cfg.describe.gallery:
-        from ..report.gallery import write_gallery
+        from .gallery import write_gallery
         write_gallery(described, job, views, rec=rec, faithfulness=faith)
     summary = {"key": key, "backend": cfg.describe.backend, "units": len(ordered), "layers": layers,
                "seconds_this_run": round(seconds, 2), "units_described_this_run": len(remaining),

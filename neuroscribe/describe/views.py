@@ -37,7 +37,7 @@ from .. import io
 from .describers import UnitViews
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .exemplars import Recording
+    from ..record.exemplars import Recording
 
 __all__ = ["ImageCache", "image_cache", "unit_views", "dim_outside", "crop_box", "crop_view", "unit_grid",
            "save_unit_views", "safe_name", "OUTLINE_COLOUR"]

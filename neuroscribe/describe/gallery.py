@@ -31,11 +31,11 @@ from urllib.parse import quote
 from markupsafe import Markup
 
 from .. import io
-from ..describe.views import safe_name
+from .views import safe_name
 
 if TYPE_CHECKING:  # pragma: no cover
-    from ..describe.describers import Described
-    from ..describe.exemplars import Recording
+    from .describers import Described
+    from ..record.exemplars import Recording
 
 __all__ = ["write_gallery", "layer_page_name", "script_json"]
 

@@ -29,7 +29,7 @@ every image goes through the model in exactly the batch it would meet in a singl
 own running state and checkpoints; at the end rank 0 gathers the others' states unit-chunk by unit-chunk, merges
 them and writes the artifacts. Top-k exemplars, their maps, exact-mode thresholds and the image counts are
 order-independent, and so is the sampled quantile (its sample is a hash of image id and position); the per-unit
-mean is a float64 sum along a fixed binary tree over batch indices (:class:`~neuroscribe.describe.stats.CascadeSum`),
+mean is a float64 sum along a fixed binary tree over batch indices (:class:`~neuroscribe.record.stats.CascadeSum`),
 so its rounding does not depend on the split either. Hence N ranks write byte-identical artifacts to one process
 with the same config (batch size included) -- provided each process computes the same activations. On CPU that
 means the same number of intra-op threads: oneDNN kernels (EfficientNet's, for one) round differently with 1 and
@@ -72,21 +72,13 @@ from ..config import JobConfig
 from ..datasets.probe import ImageDataset, ProbeSet, collate_skipping, open_probe_set
 from ..hooks import layer_layout, prefix_tokens, resolve_layers, run, trace, unit_view
 from ..models import LoadedModel, load_model
+from ..runtime import resolve_device
 from .stats import CascadeSum, QuantileSketch, TopK
 
 FORMAT_VERSION = 3  # 2: mean summed along a fixed tree; 3: channels-last maps read as such (per-layer layout)
 CHUNK_BYTES = 256 * 2**20  # target scratch memory of one unit chunk
 STATE_GPU_FRACTION = 0.25  # states stay on the GPU while they fit in this share of its free memory
 log = logging.getLogger("neuroscribe.record")
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(name)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {name!r} was asked for but CUDA is not available; use device: cpu or auto")
-    return dev
 
 
 def layer_file(name: str) -> str:

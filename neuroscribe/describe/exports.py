@@ -34,8 +34,8 @@ from typing import TYPE_CHECKING, Any
 from .. import io
 
 if TYPE_CHECKING:  # pragma: no cover
-    from ..describe.describers import Described
-    from ..describe.exemplars import Recording
+    from .describers import Described
+    from ..record.exemplars import Recording
 
 __all__ = ["COLUMNS", "MILAN_COLUMNS", "export_rows", "write_descriptions"]
 

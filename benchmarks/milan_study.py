@@ -35,6 +35,8 @@ from scipy import stats
 
 from neuroscribe import io, pipeline
 from neuroscribe.config import load_config, parse_overrides
+from neuroscribe.datasets.sets import class_index, loader
+from neuroscribe.runtime import job_model
 
 ROOT = Path(__file__).resolve().parents[1]
 SETS = ("in-distribution", "wrong-text", "wrong-text-new-style")
@@ -81,7 +83,7 @@ def flag_truth(cfg, share: float, images: int) -> dict:
     """Precision/recall of each flag set against the units the text cue moves most on paired val photos; ``cfg``
     is the seed's job config with its trained model resolved."""
     from neuroscribe.ablate.flag import cue_effect, cue_pairs
-    lm, dev = pipeline._model(cfg)
+    lm, dev = job_model(cfg)
     shift = next(s for s in cfg.shifts if s.name == "wrong-text")
     ds, _, _ = pipeline.shift_set(shift, lm.preprocess, cfg.seed, lm.class_names)
     pairs = cue_pairs(ds, lm.preprocess.to_tensor(), list(range(min(images, len(ds)))), cfg.batch_size)
@@ -105,7 +107,7 @@ def reference(cfg, seed: int) -> dict:
     """The same architecture and schedule trained on clean images, evaluated on the same test sets."""
     from neuroscribe.ablate.evaluate import accuracy_report, predict
     from neuroscribe.models import load_model
-    from neuroscribe.train.classifier.classifier import train_classifier
+    from neuroscribe.train.classifier import train_classifier
     out = Path(cfg.out) / "reference" / f"seed{seed}"
     t0 = time.perf_counter()
     res = train_classifier(cfg.train.model_copy(update={"cue": None, "seeds": [seed]}), out, device=cfg.device,
@@ -115,7 +117,7 @@ def reference(cfg, seed: int) -> dict:
     lm.module.to(dev)
     results = {}
     for name, (ds, names, _) in pipeline.test_sets(cfg, lm.preprocess, lm.class_names).items():
-        p = predict(lm.module, pipeline._loader(cfg, ds), dev, class_index=pipeline._class_index(lm, names),
+        p = predict(lm.module, loader(cfg, ds), dev, class_index=class_index(lm, names),
                     keep_logits=False, progress=False)
         r = accuracy_report(p.preds, p.labels, None, cfg.evaluate.bootstrap, cfg.seed)
         results[name] = {"acc": r["acc"], "lo": r["ci_low"], "hi": r["ci_high"], "n": r["n"]}

@@ -1,8 +1,11 @@
-"""Atomic writes: every artifact appears whole or not at all (write to a temporary name, fsync, rename)."""
+"""Artifacts on disk: atomic writes (every artifact appears whole or not at all: write to a temporary name, fsync,
+rename) and the keys that tell a stage whether its artifact is current (each JSON artifact carries the key of
+its inputs; a stage whose artifact has the same key skips its work)."""
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import shutil
@@ -90,3 +93,22 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def artifact_key(*parts: Any) -> str:
+    """A short hash of a stage's inputs (JSON-serialisable parts: configs, other keys, file keys)."""
+    return hashlib.blake2b(json.dumps(parts, sort_keys=True, default=str).encode(), digest_size=8).hexdigest()
+
+
+def current(path: Path, key: str) -> dict | None:
+    """The JSON artifact at ``path`` if it was made from inputs with this ``key``, else None (rerun the stage)."""
+    if path.is_file():
+        d = json.loads(path.read_text())
+        if d.get("key") == key:
+            return d
+    return None
+
+
+def file_key(path: Path) -> str:
+    """A short hash of a file's bytes ("missing" for no file)."""
+    return hashlib.blake2b(path.read_bytes(), digest_size=8).hexdigest() if path.is_file() else "missing"

@@ -7,7 +7,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-__all__ = ["apply", "physical_cores", "resolve_device"]
+__all__ = ["apply", "job_model", "physical_cores", "resolve_device"]
 
 
 def physical_cores() -> int:
@@ -67,3 +67,14 @@ def resolve_device(name: str):
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device {name!r} was asked for but CUDA is not available; use device: cpu or auto")
     return dev
+
+
+def job_model(cfg):
+    """The job's model (its layers' declared ``layouts`` on it, random weights seeded by the job) and device."""
+    from .hooks import declare_layouts
+    from .models import load_model
+    dev = resolve_device(cfg.device)
+    lm = load_model(cfg.model.spec, arch=cfg.model.arch, num_classes=cfg.model.num_classes,
+                    allow_pickle=cfg.model.allow_pickle, device=dev, seed=cfg.seed)
+    declare_layouts(lm.module, cfg.layouts)
+    return lm, dev

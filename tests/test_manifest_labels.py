@@ -11,6 +11,7 @@ from torch import nn
 from neuroscribe import pipeline
 from neuroscribe.config import DataConfig, ShiftSetConfig, load_config
 from neuroscribe.datasets.probe import load_image, open_probe_set, sample_root
+from neuroscribe.datasets.sets import class_index
 from neuroscribe.models import LoadedModel, Preprocess
 
 SAMPLE = sample_root()
@@ -94,14 +95,15 @@ def test_integer_csv_and_jsonl_shift_evaluated_against_a_name_labelled_model(tmp
     (tmp_path / "job" / "ablation.json").write_text(json.dumps(
         {"key": "k", "variants": {}, "controls": {"n": 0, "random": [], "sort_all": []}}))
     lm = _oracle(tmp_path, photos)
-    monkeypatch.setattr(pipeline, "_model_and_means", lambda cfg: (lm, torch.device("cpu"), None, None))
+    from neuroscribe.ablate import measure
+    monkeypatch.setattr(measure, "model_and_means", lambda cfg: (lm, torch.device("cpu"), None, None))
     ev = pipeline.evaluate(cfg)
     assert {s: ev["results"]["base"][s]["acc"] for s in ev["test_sets"]} == \
         {"in-distribution": 1.0, "ints-jsonl": 1.0, "names": 1.0}
     # label i is the model's class i: the set takes the model's class list and needs no re-mapping
     ds, set_names, _ = pipeline.shift_set(ShiftSetConfig(name="t", data=DataConfig(root=jsonl)), lm.preprocess, 0,
                                           lm.class_names)
-    assert set_names == MODEL_NAMES and pipeline._class_index(lm, set_names) is None
+    assert set_names == MODEL_NAMES and class_index(lm, set_names) is None
     assert [ds[i][1] for i in range(len(ds))] == [MODEL_NAMES.index(n) for _, n in photos]
     from neuroscribe.datasets.labels import check_job_labels
     check_job_labels(cfg)  # the job-start check accepts indices and names alike

@@ -39,9 +39,14 @@ def test_flag_ablate_never_read_test_sets(job, monkeypatch):
     cfg, out = job
     def no_test_sets(*a, **k):
         raise AssertionError("a choosing stage read the test sets")
-    monkeypatch.setattr(pipeline, "test_sets", no_test_sets)
-    built, real_shift_set = [], pipeline.shift_set
-    monkeypatch.setattr(pipeline, "shift_set", lambda shift, *a: built.append(shift.name) or real_shift_set(shift, *a))
+    from neuroscribe.ablate import stage as choosing
+    from neuroscribe.datasets import sets
+    for module in (choosing, sets):  # wherever a choosing stage could reach the builders from
+        monkeypatch.setattr(module, "test_sets", no_test_sets, raising=False)
+    built, real_shift_set = [], sets.shift_set
+    spy = lambda shift, *a: built.append(shift.name) or real_shift_set(shift, *a)  # noqa: E731
+    monkeypatch.setattr(choosing, "shift_set", spy)
+    monkeypatch.setattr(sets, "shift_set", spy)
     flags = pipeline.flag(cfg)
     assert flags["sets"]["description"], "colour words should flag some units"
     assert "evidence" in flags["sets"]

@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 from neuroscribe.config import DataConfig, TrainConfig
 from neuroscribe.datasets.probe import load_image, open_probe_set
 from neuroscribe.models import load_model
-from neuroscribe.train.classifier.classifier import TrainError, train_classifier
+from neuroscribe.train.classifier import TrainError, train_classifier
 
 
 @pytest.fixture(scope="module", autouse=True)

@@ -42,34 +42,27 @@ own data the same way. :func:`train_classifier` does, in order:
 from __future__ import annotations
 
 import contextlib
-import csv
 import hashlib
 import json
 import math
-import random
 import sys
 import time
-from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import torch
-from PIL import Image
 from torch import nn
 
 from neuroscribe.config import TrainConfig
-from neuroscribe.datasets.cues import cue_uses_class, parse_cue, render_cue
-from neuroscribe.datasets.probe import ImageDataset, ProbeSet, collate_skipping, load_image, open_probe_set
-from neuroscribe.datasets.shifts import CuedDataset, materialise
-from neuroscribe.io import atomic_dir, atomic_path, save_tensors, write_json
+from neuroscribe.datasets.cues import cue_uses_class, parse_cue
+from neuroscribe.datasets.probe import open_probe_set
+from neuroscribe.datasets.shifts import CuedDataset
+from neuroscribe.io import atomic_path, save_tensors, write_json
 from neuroscribe.models import LoadedModel, Preprocess, channels_last, load_model, to_layout
 
+from .data import TrainError, _decode_all, _holdout_sets, _split, _sub_seed, _TrainSet
+
 __all__ = ["TrainError", "TrainResult", "train_classifier"]
-
-
-class TrainError(ValueError):
-    """Training cannot start or continue; the message names the setting or file at fault."""
 
 
 @dataclass
@@ -86,89 +79,6 @@ class TrainResult:
     holdout_clean_manifest: Path | None = None
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (relative path, reason)
     model: nn.Module | None = None  # the trained module (eval mode, on the training device)
-
-
-def _sub_seed(*parts: object) -> int:
-    """A 63-bit seed from any parts, stable across processes and Python versions."""
-    digest = hashlib.blake2b(":".join(map(str, ("neuroscribe.train", *parts))).encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "big") >> 1
-
-
-def _pil_to_uint8(im: Image.Image) -> torch.Tensor:
-    """PIL image -> uint8 tensor [3, H, W]."""
-    return torch.from_numpy(np.asarray(im.convert("RGB"), dtype=np.uint8).copy()).permute(2, 0, 1).contiguous()
-
-
-class _ToUint8:
-    """PIL image -> uint8 tensor [3, R, R] through the evaluation geometry (resize shorter side, centre crop)."""
-
-    def __init__(self, pre: Preprocess):
-        self.geometry = pre.geometry()
-
-    def __call__(self, im: Image.Image) -> torch.Tensor:
-        return _pil_to_uint8(self.geometry(im))
-
-
-def _decode_all(probe: ProbeSet, pre: Preprocess, workers: int, progress: bool):
-    """Decode every image once: (uint8 cache [N,3,R,R], ok mask, [(relpath, reason)])."""
-    r = pre.crop
-    cache = torch.zeros((len(probe), 3, r, r), dtype=torch.uint8)
-    ok = np.zeros(len(probe), dtype=bool)
-    skipped: list[tuple[str, str]] = []
-    ds = ImageDataset(probe, _ToUint8(pre), resize=pre.resize)
-    loader = torch.utils.data.DataLoader(ds, batch_size=64, num_workers=workers, collate_fn=collate_skipping)
-    t0 = time.perf_counter()
-    for x, ids, failed in loader:
-        if x is not None:
-            cache[ids] = x
-            ok[ids.numpy()] = True
-        skipped += [(probe.relpath(i), reason) for i, reason in failed]
-    if progress:
-        print(f"[train] decoded {int(ok.sum())} images at {r} px in {time.perf_counter() - t0:.1f}s "
-              f"({cache.numel() / 2**20:.0f} MiB cache), skipped {len(skipped)}", file=sys.stderr, flush=True)
-    return cache, ok, skipped
-
-
-def _split(labels: np.ndarray, ok: np.ndarray, share: float, seed: int) -> tuple[list[int], list[int]]:
-    """Per-class seeded split of the decodable ids into (train, holdout); every class keeps >= 1 training image."""
-    by_class: dict[int, list[int]] = defaultdict(list)
-    for i in np.flatnonzero(ok):
-        by_class[int(labels[i])].append(int(i))
-    hold: list[int] = []
-    for c, ids in sorted(by_class.items()):
-        k = min(len(ids) - 1, max(1 if share > 0 else 0, round(share * len(ids))))
-        random.Random(_sub_seed(seed, "holdout", c)).shuffle(ids)
-        hold += ids[:max(k, 0)]
-    hold_set = set(hold)
-    return [i for i in np.flatnonzero(ok).tolist() if i not in hold_set], sorted(hold)
-
-
-class _TrainSet(torch.utils.data.Dataset):
-    """Cached training images: augmentation (from (seed, epoch, index)), then the planned cue, as uint8 tensors."""
-
-    def __init__(self, cache: torch.Tensor, ids: list[int], labels: list[int], cue, tokens: list,
-                 cue_seeds: list[int], seed: int, augment: bool):
-        self.cache, self.ids, self.labels, self.cue, self.tokens = cache, ids, labels, cue, tokens
-        self.cue_seeds, self.seed, self.augment, self.epoch = cue_seeds, seed, augment, 0
-
-    def __len__(self) -> int:
-        return len(self.labels)
-
-    def __getitem__(self, i: int):
-        from torchvision import transforms as T
-        x = self.cache[self.ids[i]]
-        if self.augment:
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(_sub_seed(self.seed, "aug", self.epoch, i))
-                top, left, h, w = T.RandomResizedCrop.get_params(x, scale=[0.6, 1.0], ratio=[3 / 4, 4 / 3])
-                flip = bool(torch.rand(1) < 0.5)
-            x = T.functional.resized_crop(x, top, left, h, w, [x.shape[-1]] * 2, antialias=True)
-            x = x.flip(-1) if flip else x
-        tok = self.tokens[i]
-        if tok is not None:
-            im = Image.fromarray(x.permute(1, 2, 0).numpy())
-            x = _pil_to_uint8(render_cue(im, self.cue, tok, random.Random(self.cue_seeds[i])).image)
-        return x, self.labels[i], tok is not None
 
 
 def _random_spec(arch: str) -> tuple[str, bool]:
@@ -235,38 +145,6 @@ def _accuracy(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, norm
     return correct / len(labels)
 
 
-def _holdout_sets(out: Path, cache: torch.Tensor, probe: ProbeSet, ids: list[int], names: list[str], cue,
-                  data_seed: int) -> tuple[Path | None, Path | None, torch.Tensor, torch.Tensor]:
-    """Write the clean and cue-decorrelated holdout manifests; return them and their uint8 images."""
-    clean = cache[ids]
-    if not ids:
-        return None, None, clean, clean
-    with atomic_dir(out / "holdout" / "clean") as tmp:  # PNG crops at R px + manifest (path, label, group, source)
-        rows = []
-        for j, i in enumerate(ids):
-            rel = Path(str(probe.samples[i].label)) / f"{j:05d}.png"
-            (tmp / rel.parent).mkdir(exist_ok=True)
-            Image.fromarray(cache[i].permute(1, 2, 0).numpy()).save(tmp / rel, format="PNG")
-            rows.append({"path": rel.as_posix(), "label": probe.samples[i].label, "group": "clean",
-                         "source": probe.relpath(i)})
-        with open(tmp / "manifest.csv", "w", newline="", encoding="utf-8") as fh:
-            w = csv.DictWriter(fh, fieldnames=["path", "label", "group", "source"])
-            w.writeheader()
-            w.writerows(rows)
-    clean_manifest = out / "holdout" / "clean" / "manifest.csv"
-    if cue is None:
-        return clean_manifest, clean_manifest, clean, clean
-    with clean_manifest.open(newline="", encoding="utf-8") as fh:
-        crops = [(clean_manifest.parent / row["path"], int(row["label"])) for row in csv.DictReader(fh)]
-    vds = CuedDataset(crops, names, cue, fraction=1.0, correlation="wrong",
-                      seed=_sub_seed(data_seed, "holdout-cue") % 2**31)
-    cued_manifest = materialise(vds, out / "holdout" / "cued", overwrite=True) / "manifest.csv"
-    with cued_manifest.open(newline="", encoding="utf-8") as fh:
-        cued = torch.stack([_pil_to_uint8(load_image(cued_manifest.parent / row["path"]))
-                            for row in csv.DictReader(fh)])
-    return clean_manifest, cued_manifest, clean, cued
-
-
 def _resolve_device(device: str) -> torch.device:
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
@@ -280,14 +158,46 @@ def train_classifier(cfg: TrainConfig, out_dir: str | Path, device: str = "auto"
     ``seed`` (default ``cfg.seeds[0]``) drives initialisation, batch order and augmentation; ``cfg.data_seed`` the
     holdout split and cue plan. ``workers`` data-loading processes (results do not depend on it). With ``resume``
     an interrupted run continues from its last finished epoch and a finished one is returned as it is. See the
-    module docstring for every step.
+    module docstring for every step: data (:func:`_data`), the loop (:func:`_fit`), the checkpoint (:func:`_save`).
     """
     out = Path(out_dir)
     seed = cfg.seeds[0] if seed is None else int(seed)
     dev = _resolve_device(device)
-    r = cfg.resolution
     say = (lambda msg: print(f"[train] {msg}", file=sys.stderr, flush=True)) if progress else (lambda msg: None)
+    probe, labels, names, cue = _open_data(cfg)
+    run = {"train": cfg.model_dump(mode="json", exclude={"seeds", "checkpoint"}), "seed": seed,
+           "data_fingerprint": probe.fingerprint(), "num_classes": len(names)}
+    run_fp = hashlib.blake2b(json.dumps(run, sort_keys=True).encode(), digest_size=16).hexdigest()
+    model_path, spec_path = out / "model.safetensors", out / "model.safetensors.spec.json"
+    if resume and spec_path.is_file() and model_path.is_file():
+        spec = json.loads(spec_path.read_text())
+        if spec.get("run_fingerprint") == run_fp:
+            say(f"{out} already holds this finished run; not training again")
+            split = json.loads((out / "split.json").read_text())
+            model = load_model(f"checkpoint:{model_path}", device=dev).module
+            return _result(out, spec["history"], split, names, model)
+    d = _data(cfg, out, probe, labels, names, cue, seed, workers, progress)
+    model, pre, history = _fit(cfg, d, len(names), seed, dev, out / "resume.pt", run_fp if resume else None,
+                               workers, say)
+    spec = {"arch": _random_spec(cfg.arch)[0], "source_arch": cfg.arch, "num_classes": len(names),
+            "class_names": names, "preprocess": pre.to_dict(), "seed": seed, "data_seed": cfg.data_seed,
+            "run_fingerprint": run_fp, "cue": None if cue is None else cue.model_dump(mode="json"),
+            "fraction": cfg.fraction, "correlation": cfg.correlation, "strength": cfg.strength,
+            "holdout": {"share": cfg.holdout, "n": len(d.hold_ids), "validation": "the cue on every image, naming a "
+                        "random wrong class" if cue is not None else "clean images"},
+            "data": {"root": str(probe.root), "fingerprint": probe.fingerprint(), "n_images": len(probe),
+                     "n_train": len(d.train_ids), "n_holdout": len(d.hold_ids), "n_skipped": len(d.skipped)},
+            "augmentation": "random resized crop 0.6-1 + flip, then the cue" if cfg.augment else "none",
+            "train": cfg.model_dump(mode="json"), "device": str(dev), "torch": torch.__version__, "history": history}
+    save_tensors(model_path, model.state_dict(), metadata={"arch": spec["arch"], "run_fingerprint": run_fp})
+    write_json(out / "history.json", history)
+    write_json(spec_path, spec)
+    (out / "resume.pt").unlink(missing_ok=True)
+    return _result(out, history, d.split, names, model)
 
+
+def _open_data(cfg: TrainConfig):
+    """``(probe, labels, class names, cue)`` of ``cfg.data``, checked: every image labelled, >= 2 classes."""
     probe = open_probe_set(cfg.data.root, cfg.data.format, cfg.data.split, cfg.data.limit, seed=cfg.data_seed)
     labels = probe.labels()
     if (labels < 0).any():
@@ -302,24 +212,28 @@ def train_classifier(cfg: TrainConfig, out_dir: str | Path, device: str = "auto"
             cue = parse_cue(cfg.cue)
         except ValueError as e:
             raise TrainError(f"train.cue is invalid: {e}") from None
-    run = {"train": cfg.model_dump(mode="json", exclude={"seeds", "checkpoint"}), "seed": seed,
-           "data_fingerprint": probe.fingerprint(), "num_classes": len(names)}
-    run_fp = hashlib.blake2b(json.dumps(run, sort_keys=True).encode(), digest_size=16).hexdigest()
-    model_path, spec_path = out / "model.safetensors", out / "model.safetensors.spec.json"
-    if resume and spec_path.is_file() and model_path.is_file():
-        spec = json.loads(spec_path.read_text())
-        if spec.get("run_fingerprint") == run_fp:
-            say(f"{out} already holds this finished run; not training again")
-            split = json.loads((out / "split.json").read_text())
-            model = load_model(f"checkpoint:{model_path}", device=dev).module
-            return _result(out, spec["history"], split, names, model)
+    return probe, labels, names, cue
 
-    random_spec, _ = _random_spec(cfg.arch)
+
+@dataclass
+class _Data:
+    train_set: _TrainSet
+    train_ids: list[int]
+    hold_ids: list[int]
+    hold_y: torch.Tensor
+    hold_clean: torch.Tensor
+    hold_cued: torch.Tensor
+    split: dict
+    skipped: list
+
+
+def _data(cfg: TrainConfig, out: Path, probe, labels, names, cue, seed: int, workers: int, progress: bool) -> _Data:
+    """Steps 1-3: decode once, split off the holdout (written with the cue decorrelated), plan the training cues."""
+    r = cfg.resolution
     cache, ok, skipped = _decode_all(probe, Preprocess(resize=r, crop=r), workers, progress)
     train_ids, hold_ids = _split(labels, ok, cfg.holdout, cfg.data_seed)
     if not train_ids:
         raise TrainError(f"train.data: no decodable training images under {probe.root}")
-
     tokens: list = [None] * len(train_ids)
     if cue is not None:
         try:
@@ -333,7 +247,6 @@ def train_classifier(cfg: TrainConfig, out_dir: str | Path, device: str = "auto"
     cue_seeds = [_sub_seed(cfg.data_seed, "cue-draw", i) for i in train_ids]
     train_set = _TrainSet(cache, train_ids, [int(labels[i]) for i in train_ids], cue, tokens, cue_seeds, seed,
                           cfg.augment)
-
     hold_y = torch.tensor([int(labels[i]) for i in hold_ids], dtype=torch.long)
     clean_manifest, cued_manifest, hold_clean, hold_cued = _holdout_sets(out, cache, probe, hold_ids, names, cue,
                                                                          cfg.data_seed)
@@ -343,8 +256,14 @@ def train_classifier(cfg: TrainConfig, out_dir: str | Path, device: str = "auto"
              "holdout_clean_manifest": None if clean_manifest is None else str(clean_manifest.relative_to(out)),
              "skipped": skipped, "class_names": names}
     write_json(out / "split.json", split)
+    return _Data(train_set, train_ids, hold_ids, hold_y, hold_clean, hold_cued, split, skipped)
 
-    n = len(train_set)
+
+def _fit(cfg: TrainConfig, d: _Data, n_classes: int, seed: int, dev: torch.device, state_path: Path,
+         run_fp: str | None, workers: int, say) -> tuple[nn.Module, Preprocess, list[dict]]:
+    """Step 4-5 and 7: build the model in a seeded forked RNG, SGD with cosine decay, one checkpoint per epoch
+    (``run_fp`` None: no resume state read or written). Returns the model (eval mode), its preprocessing, history."""
+    n = len(d.train_set)
     bs = min(cfg.batch_size, n)
     drop_last = n % bs == 1  # a batch of one breaks BatchNorm
     steps = (n // bs if drop_last else math.ceil(n / bs)) * cfg.epochs
@@ -355,12 +274,12 @@ def train_classifier(cfg: TrainConfig, out_dir: str | Path, device: str = "auto"
     try:
         with torch.random.fork_rng(devices=cuda_devs), contextlib.ExitStack() as stack:
             torch.manual_seed(seed)
-            lm = _build_model(cfg.arch, len(names))
+            lm = _build_model(cfg.arch, n_classes)
             model = lm.module.to(dev)
+            r = cfg.resolution
             pre = Preprocess(resize=r, crop=r, mean=tuple(lm.preprocess.mean), std=tuple(lm.preprocess.std))
             mean = torch.tensor(pre.mean, device=dev).view(1, 3, 1, 1)
             std = torch.tensor(pre.std, device=dev).view(1, 3, 1, 1)
-
             layout = stack.enter_context(channels_last(model))  # NHWC: ~1.2x faster training on CPU
 
             def norm(x: torch.Tensor) -> torch.Tensor:
@@ -370,64 +289,61 @@ def train_classifier(cfg: TrainConfig, out_dir: str | Path, device: str = "auto"
                                   weight_decay=cfg.weight_decay)
             sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, steps)
                                                                                        / steps)))
-            start = 0
-            state_path = out / "resume.pt"
-            if resume and state_path.is_file():
-                st = torch.load(state_path, map_location="cpu", weights_only=True)
-                if st.get("run_fingerprint") == run_fp:
-                    model.load_state_dict(st["model"])
-                    opt.load_state_dict(st["optimizer"])
-                    sched.load_state_dict(st["scheduler"])
-                    torch.set_rng_state(st["rng"])
-                    history, start = json.loads(st["history"]), int(st["epoch"]) + 1
-                    say(f"resuming after epoch {start}/{cfg.epochs}")
+            history, start = _resume(state_path, run_fp, model, opt, sched, say, cfg.epochs)
             for epoch in range(start, cfg.epochs):
-                t0 = time.perf_counter()
-                train_set.epoch = epoch
-                order = torch.randperm(n, generator=torch.Generator().manual_seed(_sub_seed(seed, "order", epoch)))
-                loader = torch.utils.data.DataLoader(
-                    train_set, batch_size=bs, sampler=order.tolist(), num_workers=workers, drop_last=drop_last,
-                    generator=torch.Generator().manual_seed(_sub_seed(seed, "loader", epoch)),
-                    pin_memory=dev.type == "cuda")
-                tot = _train_epoch(model, loader, opt, sched, norm, dev)
-                if not math.isfinite(tot["loss"]):
-                    raise TrainError(f"training diverged in epoch {epoch + 1} (loss {tot['loss']}); lower train.lr")
-                n_clean = tot["n"] - tot["n_cued"]
-                row = {"epoch": epoch + 1, "lr": opt.param_groups[0]["lr"], "train_loss": tot["loss"] / tot["n"],
-                       "train_acc": tot["ok"] / tot["n"],
-                       "train_acc_cued": tot["ok_cued"] / tot["n_cued"] if tot["n_cued"] else None,
-                       "train_acc_clean": (tot["ok"] - tot["ok_cued"]) / n_clean if n_clean else None,
-                       "holdout_acc": _accuracy(model, hold_cued, hold_y, norm, dev, bs) if hold_ids else None,
-                       "holdout_clean_acc": _accuracy(model, hold_clean, hold_y, norm, dev, bs) if hold_ids else None,
-                       "seconds": round(time.perf_counter() - t0, 3)}
-                history.append(row)
-                say(f"epoch {epoch + 1}/{cfg.epochs} loss {row['train_loss']:.3f} acc {row['train_acc']:.1%} "
-                    f"holdout {_pct(row['holdout_acc'])} (clean {_pct(row['holdout_clean_acc'])}) "
-                    f"{row['seconds']:.1f}s")
-                if resume and epoch + 1 < cfg.epochs:
+                history.append(_epoch(cfg, d, model, opt, sched, norm, dev, epoch, seed, bs, drop_last, workers))
+                _say_epoch(say, history[-1], cfg.epochs)
+                if run_fp is not None and epoch + 1 < cfg.epochs:
                     with atomic_path(state_path) as tmp:
                         torch.save({"run_fingerprint": run_fp, "epoch": epoch, "model": model.state_dict(),
                                     "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
                                     "rng": torch.get_rng_state(), "history": json.dumps(history)}, tmp)
     finally:
         torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = cudnn_flags
+    return model.eval(), pre, history
 
-    model.eval()
-    spec = {"arch": random_spec, "source_arch": cfg.arch, "num_classes": len(names), "class_names": names,
-            "preprocess": pre.to_dict(), "seed": seed, "data_seed": cfg.data_seed, "run_fingerprint": run_fp,
-            "cue": None if cue is None else cue.model_dump(mode="json"), "fraction": cfg.fraction,
-            "correlation": cfg.correlation, "strength": cfg.strength,
-            "holdout": {"share": cfg.holdout, "n": len(hold_ids), "validation": "the cue on every image, naming a "
-                        "random wrong class" if cue is not None else "clean images"},
-            "data": {"root": str(probe.root), "fingerprint": probe.fingerprint(), "n_images": len(probe),
-                     "n_train": len(train_ids), "n_holdout": len(hold_ids), "n_skipped": len(skipped)},
-            "augmentation": "random resized crop 0.6-1 + flip, then the cue" if cfg.augment else "none",
-            "train": cfg.model_dump(mode="json"), "device": str(dev), "torch": torch.__version__, "history": history}
-    save_tensors(model_path, model.state_dict(), metadata={"arch": random_spec, "run_fingerprint": run_fp})
-    write_json(out / "history.json", history)
-    write_json(spec_path, spec)
-    state_path.unlink(missing_ok=True)
-    return _result(out, history, split, names, model)
+
+def _resume(state_path: Path, run_fp: str | None, model, opt, sched, say, epochs: int) -> tuple[list[dict], int]:
+    """(history, first epoch to run): from ``resume.pt`` when it belongs to this run, else a fresh start."""
+    if run_fp is None or not state_path.is_file():
+        return [], 0
+    st = torch.load(state_path, map_location="cpu", weights_only=True)
+    if st.get("run_fingerprint") != run_fp:
+        return [], 0
+    model.load_state_dict(st["model"])
+    opt.load_state_dict(st["optimizer"])
+    sched.load_state_dict(st["scheduler"])
+    torch.set_rng_state(st["rng"])
+    start = int(st["epoch"]) + 1
+    say(f"resuming after epoch {start}/{epochs}")
+    return json.loads(st["history"]), start
+
+
+def _epoch(cfg: TrainConfig, d: _Data, model, opt, sched, norm, dev, epoch: int, seed: int, bs: int,
+           drop_last: bool, workers: int) -> dict:
+    """One epoch in the seeded order; its history row (training and holdout accuracies)."""
+    t0 = time.perf_counter()
+    d.train_set.epoch = epoch
+    order = torch.randperm(len(d.train_set), generator=torch.Generator().manual_seed(_sub_seed(seed, "order", epoch)))
+    loader = torch.utils.data.DataLoader(
+        d.train_set, batch_size=bs, sampler=order.tolist(), num_workers=workers, drop_last=drop_last,
+        generator=torch.Generator().manual_seed(_sub_seed(seed, "loader", epoch)), pin_memory=dev.type == "cuda")
+    tot = _train_epoch(model, loader, opt, sched, norm, dev)
+    if not math.isfinite(tot["loss"]):
+        raise TrainError(f"training diverged in epoch {epoch + 1} (loss {tot['loss']}); lower train.lr")
+    n_clean = tot["n"] - tot["n_cued"]
+    return {"epoch": epoch + 1, "lr": opt.param_groups[0]["lr"], "train_loss": tot["loss"] / tot["n"],
+            "train_acc": tot["ok"] / tot["n"],
+            "train_acc_cued": tot["ok_cued"] / tot["n_cued"] if tot["n_cued"] else None,
+            "train_acc_clean": (tot["ok"] - tot["ok_cued"]) / n_clean if n_clean else None,
+            "holdout_acc": _accuracy(model, d.hold_cued, d.hold_y, norm, dev, bs) if d.hold_ids else None,
+            "holdout_clean_acc": _accuracy(model, d.hold_clean, d.hold_y, norm, dev, bs) if d.hold_ids else None,
+            "seconds": round(time.perf_counter() - t0, 3)}
+
+
+def _say_epoch(say, row: dict, epochs: int) -> None:
+    say(f"epoch {row['epoch']}/{epochs} loss {row['train_loss']:.3f} acc {row['train_acc']:.1%} "
+        f"holdout {_pct(row['holdout_acc'])} (clean {_pct(row['holdout_clean_acc'])}) {row['seconds']:.1f}s")
 
 
 def _pct(v: float | None) -> str:

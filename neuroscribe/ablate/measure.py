@@ -1,0 +1,104 @@
+"""Measuring the edits: ``evaluate`` -> ``evaluation.json`` (accuracy with bootstrap CIs of the base model, every
+ablated variant and the controls on every test set: the only stage that reads the test sets) and
+``export_edited`` (the chosen ablation baked into the weights)."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .. import io
+from ..config import JobConfig
+from ..datasets.sets import class_index, loader, shift_set, test_sets
+from ..runtime import job_model
+from .stage import model_and_means
+
+log = logging.getLogger("neuroscribe.ablate")
+
+
+_VARIANT = {"description": "ablated", "evidence": "ablated_evidence", "both": "ablated_both"}
+
+
+def _acc(rep: dict) -> dict:
+    out = {"acc": rep["acc"], "lo": rep["ci_low"], "hi": rep["ci_high"], "n": rep["n"]}
+    if rep.get("per_group") and len(rep["per_group"]) > 1:
+        out["groups"] = {g: {"acc": v["acc"], "lo": v["ci_low"], "hi": v["ci_high"], "n": v["n"]}
+                         for g, v in rep["per_group"].items()}
+    return out
+
+
+def evaluate(cfg: JobConfig) -> dict:
+    """Accuracy with bootstrap CIs of the base model, every ablated variant and the controls on every test set."""
+    from .edit import ablation_edits, as_unit_dict
+    from .evaluate import accuracy_report, predict
+    job = Path(cfg.out)
+    abl = json.loads((job / "ablation.json").read_text())
+    key = io.artifact_key(abl["key"], cfg.evaluate.model_dump(mode="json"), cfg.data.model_dump(mode="json"),
+               [s.model_dump(mode="json") for s in cfg.shifts], cfg.seed, cfg.ablate.refit, cfg.probe)
+    done = io.current(job / "evaluation.json", key)
+    if done:
+        return done
+    lm, dev, rec, means = model_and_means(cfg)
+    variants = {"base": []}
+    for name, v in abl["variants"].items():
+        variants[_VARIANT.get(name, name)] = [tuple(u) for u in v["units"]]
+    variants["sort_all"] = [tuple(u) for u in abl["controls"]["sort_all"]]
+    draws = [[tuple(u) for u in d] for d in abl["controls"]["random"]]
+    runs = {k: (lm.module, u) for k, u in dict(variants, **{f"random/{i}": d for i, d in enumerate(draws)}).items()}
+    if cfg.ablate.refit and variants.get("ablated"):
+        from .refit import refit_last_layer
+        probe = next(s for s in cfg.shifts if s.name == cfg.probe)
+        train_ds, _, _ = shift_set(probe, lm.preprocess, cfg.seed, lm.class_names)
+        refit = refit_last_layer(lm.module, variants["ablated"], loader(cfg, train_ds), cfg.ablate.method, means,
+                                 device=dev, seed=cfg.seed)
+        runs["refit"] = (refit, variants["ablated"])
+        variants["refit"] = variants["ablated"]
+    sets = test_sets(cfg, lm.preprocess, lm.class_names)
+    if cfg.evaluate.limit:  # a seeded random subset (the same images for every variant): folders are class-sorted
+        sets = {k: (torch.utils.data.Subset(ds, sorted(np.random.default_rng(cfg.seed).permutation(len(ds))
+                                                       [:min(cfg.evaluate.limit, len(ds))].tolist())), nm, d)
+                for k, (ds, nm, d) in sets.items()}
+    out = {"key": key, "test_sets": {}, "results": {}}
+    for sname, (ds, names, desc) in sets.items():
+        out["test_sets"][sname] = {"description": desc, "n": len(ds), "in_distribution": sname == "in-distribution"}
+        batches = list(loader(cfg, ds))  # decoded once, reused by every variant
+        ci = class_index(lm, names)
+        for vname, (model, units) in runs.items():
+            edits = ablation_edits(model, as_unit_dict(units), cfg.ablate.method, means) if units else None
+            p = predict(model, batches, dev, edits, class_index=ci, keep_logits=False, progress=False)
+            rep = accuracy_report(p.preds, p.labels, p.groups, cfg.evaluate.bootstrap, cfg.seed)
+            out["results"].setdefault(vname, {})[sname] = _acc(rep)
+            log.info("evaluate %s on %s: %.3f", vname, sname, rep["acc"])
+    out["variants"] = {k: [list(u) for u in v] for k, v in variants.items()}
+    out["random_draws"] = [[list(u) for u in d] for d in draws]
+    io.write_json(job / "evaluation.json", out)
+    return out
+
+
+def export_edited(cfg: JobConfig, path: str | Path, variant: str = "description") -> Path:
+    """Bake the chosen ablation (``ablation.json``, flag set ``variant``) into the weights and write
+    ``path`` (safetensors) + ``PATH.spec.json``, loadable as ``checkpoint:PATH``. Units produced by layers
+    without weights to edit (e.g. a residual block's output) cannot be baked: the error names them."""
+    import warnings
+    from .edit import as_unit_dict, permanent_edit, save_edited
+    job = Path(cfg.out)
+    abl = json.loads((job / "ablation.json").read_text())
+    units = [tuple(u) for u in abl["variants"][variant]["units"]]
+    if not units:
+        raise ValueError(f"ablation.json chose no units for {variant!r}: nothing to bake into the weights")
+    if cfg.ablate.method == "mean":
+        lm, _, _, means = model_and_means(cfg)
+    else:
+        (lm, _), means = job_model(cfg), None
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        edited = permanent_edit(lm.module, as_unit_dict(units), cfg.ablate.method, means)
+    meta = {"arch": cfg.model.arch or (cfg.train.arch if cfg.train else cfg.model.spec),
+            "num_classes": len(lm.class_names) if lm.class_names else cfg.model.num_classes,
+            "class_names": lm.class_names,
+            "preprocess": lm.preprocess.to_dict()}
+    return save_edited(edited, path, meta)

@@ -1,0 +1,126 @@
+"""The choosing stages: ``flag`` -> ``flags.json`` (units whose descriptions, or cue evidence, tie them to a cue) and
+``ablate`` -> ``ablation.json`` (MILAN's ordering, the validation curve over N, N chosen on validation only, the
+random and sort-all controls). Neither reads a test set."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+from .. import io
+from ..config import JobConfig
+from ..datasets.sets import class_index, loader, shift_set, validation_set
+from ..runtime import job_model
+
+
+def model_and_means(cfg: JobConfig):
+    """The job's model (the recorded layouts declared on it), its device, its recording and (for mean ablation) the
+    recorded per-unit means."""
+    from ..record.exemplars import Recording
+    from ..hooks import declare_layouts
+    lm, dev = job_model(cfg)
+    rec = Recording.open(cfg.out)
+    declare_layouts(lm.module, rec.layouts)  # ablation edits the axis the recording read
+    means = {l: rec.tensors(l)["mean"] for l in rec.layers} if cfg.ablate.method == "mean" else None
+    return lm, dev, rec, means
+
+
+def flag(cfg: JobConfig) -> dict:
+    """Flag units from ``descriptions.jsonl`` (and cue evidence where ``flag.evidence_shift`` pairs images)."""
+    from .flag import cue_effect, cue_pairs, flag_units
+    from ..record.exemplars import Recording
+    job = Path(cfg.out)
+    rows = [json.loads(l) for l in (job / "descriptions.jsonl").read_text().splitlines() if l.strip()]
+    key = io.artifact_key(io.file_key(job / "descriptions.jsonl"), cfg.flag.model_dump(mode="json"), cfg.model.spec,
+               [s.model_dump(mode="json") for s in cfg.shifts if s.name == cfg.flag.evidence_shift])
+    done = io.current(job / "flags.json", key)
+    if done:
+        return done
+    evidence = None
+    if cfg.flag.evidence_shift:
+        from ..hooks import declare_layouts
+        lm, dev = job_model(cfg)
+        rec = Recording.open(job)
+        declare_layouts(lm.module, rec.layouts)
+        shift = next(s for s in cfg.shifts if s.name == cfg.flag.evidence_shift)
+        ds, _, _ = shift_set(shift, lm.preprocess, cfg.seed, lm.class_names)
+        from ..datasets.splits import stratified_sample
+        ids = stratified_sample([y for _, y in ds.samples], cfg.flag.evidence_images, cfg.seed, purpose="evidence")
+        pairs = cue_pairs(ds, lm.preprocess.to_tensor(), ids, cfg.batch_size)
+        evidence = cue_effect(lm.module, {l: None for l in rec.layers}, pairs, device=dev)
+    embedder = None
+    if cfg.flag.embedder:
+        from ..text import SentenceEmbedder
+        embedder = SentenceEmbedder(cfg.flag.embedder)
+    all_rows = flag_units(rows, cfg.flag.model_copy(update={"use": "either" if evidence else "description"}),
+                          embedder, evidence, all_rows=True)
+    sets = {"description": sorted({f.key for f in all_rows if f.by_keyword or f.by_embedding})}
+    if evidence is not None:
+        sets["evidence"] = sorted({f.key for f in all_rows if f.by_evidence})
+        sets["both"] = sorted(set(sets["description"]) | set(sets["evidence"]))
+    out = {"key": key, "sets": {k: [list(u) for u in v] for k, v in sets.items()},
+           "flags": [f.to_dict() for f in all_rows if f.flagged or f.by_keyword or f.by_embedding or f.by_evidence]}
+    io.write_json(job / "flags.json", out)
+    return out
+
+
+def described_rows(job: Path) -> dict:
+    """(layer, unit) -> its describe log row, from every rank's log (``units.jsonl``, ``units.rank<r>.jsonl``)."""
+    ddir = job / "describe" / json.loads((job / "describe.json").read_text())["key"]
+    rows = {}
+    for log_file in sorted(ddir.glob("units*.jsonl")):
+        for line in log_file.read_text().splitlines():
+            if line.strip().endswith("}"):
+                r = json.loads(line)
+                rows[(r["layer"], r["unit"])] = r
+    return rows
+
+
+def ablate(cfg: JobConfig) -> dict:
+    """For each flag set: order units (MILAN), the validation curve over N, N = argmax; plus the controls."""
+    from .select import accuracy_curve, choose_n, order_units, random_units, sort_all
+    job = Path(cfg.out)
+    flags = json.loads((job / "flags.json").read_text())
+    key = io.artifact_key(flags["key"], cfg.ablate.model_dump(mode="json"), cfg.model.spec, io.file_key(job / "train.json"))
+    done = io.current(job / "ablation.json", key)
+    if done:
+        return done
+    lm, dev, rec, means = model_and_means(cfg)
+    val_ds, val_names, val_desc = validation_set(cfg, lm.preprocess, lm.class_names)
+    val = [(x, y) for x, y, _ in loader(cfg, val_ds)]  # validation is small: decode once, reuse every pass
+    ci = class_index(lm, val_names)
+    scores: dict = {}  # each unit scored alone once, shared by every flag set's ordering and the sort-all control
+    kw = dict(method=cfg.ablate.method, means=means, device=dev, class_index=ci, progress=cfg.progress)
+    out = {"key": key, "validation": {"description": val_desc, "n": len(val_ds)}, "variants": {}}
+    described = described_rows(job)
+    support = {k: (r.get("extra") or {}).get("support", 0) for k, r in described.items()}
+    words = {k: r.get("score") if r.get("score") is not None else -math.inf for k, r in described.items()}
+    effect = {(f["layer"], f["unit"]): f.get("evidence") or 0.0 for f in flags["flags"]}
+    for name, units in flags["sets"].items():
+        units = [tuple(u) for u in units]
+        cap = cfg.ablate.max_candidates
+        if cap and len(units) > cap:  # the validation ordering decides among the capped candidates
+            if name == "evidence":  # the evidence variant: largest cue effect first
+                rank = lambda u: (-effect.get(u, 0.0), u)  # noqa: E731
+            else:  # words choose: most consistent, then best-scored descriptions; never the evidence
+                rank = lambda u: (-support.get(u, 0), -words.get(u, -math.inf), u)  # noqa: E731
+            units = sorted(units, key=rank)[:cap]
+        if not units:
+            out["variants"][name] = {"ordered": [], "curve": [[0, None]], "chosen_n": 0, "units": []}
+            continue
+        ordered = order_units(lm.module, units, val, scores=scores, **kw)
+        curve = accuracy_curve(lm.module, ordered, val, cfg.ablate.max_units, **kw)
+        n = choose_n(curve)
+        out["variants"][name] = {"ordered": [[l, u, a] for (l, u), a in ordered], "curve": curve, "chosen_n": n,
+                                 "units": [[l, u] for (l, u), _ in ordered[:n]]}
+    n = out["variants"].get("description", {}).get("chosen_n", 0)
+    all_units = {l: rec.units(l) for l in rec.layers}
+    out["controls"] = {"n": n, "random": [[list(u) for u in d] for d in
+                                          random_units(all_units, n, cfg.ablate.random_draws, cfg.seed)]}
+    out["controls"]["sort_all"] = [list(u) for u in sort_all(
+        lm.module, all_units, val, n, max_candidates=cfg.ablate.control_candidates, seed=cfg.seed, scores=scores,
+        **kw)] if n else []
+    out["passes"] = {"units_scored_alone": len(scores)}
+    io.write_json(job / "ablation.json", out)
+    return out

@@ -1,0 +1,93 @@
+"""The labelled image sets the robustness stages read: test sets (in-distribution and every shift), the validation
+set that choices are made on, and loaders over them. Items are ``(tensor, label, {'group': g})`` in the model's
+preprocessing; unreadable images are dropped by :func:`collate`."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from ..config import JobConfig, ShiftSetConfig
+
+
+class Labelled(torch.utils.data.Dataset):
+    """``(tensor, label, {'group': g})`` per sample; unreadable images give None (dropped by :func:`collate`)."""
+
+    def __init__(self, samples, transform):
+        self.samples, self.transform = samples, transform
+
+    def __len__(self):
+        return len(self.samples)
+
+    def __getitem__(self, i):
+        from .probe import ImageLoadError, load_image
+        s = self.samples[i]
+        try:
+            return self.transform(load_image(s.path)), int(s.label), {"group": s.group or "all"}
+        except ImageLoadError:
+            return None
+
+
+def collate(batch):
+    return torch.utils.data.default_collate([b for b in batch if b is not None])
+
+
+def shift_set(shift: ShiftSetConfig, pre, seed: int, classes: list[str] | None = None):
+    """``(dataset, class_names, description)`` for one test set, items in the model's preprocessing ``pre``.
+    A manifest's integer labels index ``classes`` (the model's class list). With a cue, the model's geometry
+    (resize + crop) comes first and the cue is drawn on that, as in training, so a corner cue is never cropped away."""
+    from .probe import open_probe_set
+    probe = open_probe_set(shift.data.root, shift.data.format, shift.data.split, shift.data.limit, seed, classes)
+    if (probe.labels() < 0).any():
+        raise ValueError(f"shift {shift.name!r}: every image needs a label (class folders or a label column)")
+    names = probe.class_names or [str(i) for i in range(int(probe.labels().max()) + 1)]
+    if shift.cue is None:
+        return Labelled(probe.samples, pre.transform()), names, f"{len(probe)} images from {probe.root}"
+    from .shifts import CuedDataset
+    ds = CuedDataset([(s.path, s.label) for s in probe.samples], names, shift.cue, fraction=shift.fraction,
+                     correlation=shift.correlation, strength=shift.strength, seed=shift.seed,
+                     transform=pre.to_tensor(), geometry=pre.geometry())
+    kind = shift.cue.get("kind", "text")
+    return ds, names, (f"{len(probe)} images from {probe.root}; {kind} cue on {shift.fraction:.0%} of them, "
+                       f"naming {'a random wrong' if shift.correlation == 'wrong' else shift.correlation} class")
+
+
+def loader(cfg: JobConfig, ds):
+    return torch.utils.data.DataLoader(ds, batch_size=cfg.batch_size, shuffle=False, num_workers=cfg.workers,
+                                       collate_fn=collate)
+
+
+def test_sets(cfg: JobConfig, pre, classes: list[str] | None = None) -> dict[str, tuple]:
+    """In-distribution (the job's clean probe images) plus every ``shifts`` entry except the validation one."""
+    sets = {"in-distribution": shift_set(ShiftSetConfig(name="in-distribution", data=cfg.data), pre, cfg.seed,
+                                         classes)}
+    for s in cfg.shifts:
+        if s.name not in (cfg.ablate.validation, cfg.probe):
+            sets[s.name] = shift_set(s, pre, cfg.seed, classes)
+    return sets
+
+
+def validation_set(cfg: JobConfig, pre, classes: list[str] | None = None):
+    """``(dataset, class_names, description)`` of the validation data that choices are made on."""
+    if cfg.ablate.validation == "holdout":
+        tj = Path(cfg.out) / "train.json"
+        if not tj.is_file() or not json.loads(tj.read_text()).get("holdout_manifest"):
+            raise ValueError("ablate.validation is 'holdout' but this job trained no model with a holdout "
+                             "(set train: with holdout > 0), or name a shift as ablate.validation")
+        t = json.loads(tj.read_text())
+        from .probe import manifest
+        probe = manifest(t["holdout_manifest"], t["class_names"])
+        desc = (f"{len(probe)} training images held out before training ({cfg.train.holdout:.0%} per class), "
+                "each carrying a random WRONG class name, so the cue is decorrelated from the label")
+        return Labelled(probe.samples, pre.transform()), t["class_names"], desc
+    shift = next(s for s in cfg.shifts if s.name == cfg.ablate.validation)
+    return shift_set(shift, pre, cfg.seed, classes)
+
+
+def class_index(lm, names):
+    from .labels import label_map
+    if lm.class_names is None or list(lm.class_names) == list(names):
+        return None
+    return label_map(names, lm.class_names)

@@ -1,0 +1,55 @@
+"""The report stage: ``report(cfg)`` assembles ``report.{json,md,html}`` and ``curve.png`` from the job's
+``flags.json``, ``ablation.json``, ``evaluation.json`` and ``descriptions.jsonl``."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from ..config import JobConfig
+
+
+def report(cfg: JobConfig) -> dict:
+    """Assemble the robustness report (``report.json/.md/.html``, ``curve.png``) from the stage artifacts."""
+    from .robustness import write_report
+    job = Path(cfg.out)
+    abl = json.loads((job / "ablation.json").read_text())
+    ev = json.loads((job / "evaluation.json").read_text())
+    flags = json.loads((job / "flags.json").read_text())
+    desc = {(r["layer"], r["unit"]): r for r in
+            (json.loads(l) for l in (job / "descriptions.jsonl").read_text().splitlines() if l.strip())}
+    variants = {}
+    for vname, units in ev["variants"].items():
+        variants[vname] = {"n_units": len(units), "units": [f"{l}:{u}" for l, u in units],
+                           "results": ev["results"][vname]}
+    variants["random"] = {"n_units": abl["controls"]["n"], "draws": [
+        {"seed": cfg.seed, "units": [f"{l}:{u}" for l, u in d], "results": ev["results"][f"random/{i}"]}
+        for i, d in enumerate(ev["random_draws"])]}
+    main = abl["variants"].get("description", {"curve": [[0, None]], "chosen_n": 0})
+    curve = [(n, a) for n, a in main["curve"] if a is not None]
+    reasons = {}
+    for f in flags["flags"]:
+        reasons.setdefault((f["layer"], f["unit"]), []).extend(
+            {"reason": r, "score": f.get("similarity")} for r in f.get("reasons") or [])
+    units = []
+    for l, u in ev["variants"].get("ablated", []):
+        d = desc.get((l, u), {})
+        units.append({"layer": l, "unit": u, "description": d.get("description", ""),
+                      "flags": reasons.get((l, u), []), "grid": d.get("grid_path") or d.get("grid")})
+    results = {
+        "title": f"neuroscribe robustness report: {cfg.model.spec}",
+        "model": {"spec": cfg.model.spec}, "job": {"dir": str(job), "config": json.loads(json.dumps(
+            cfg.model_dump(mode="json")))},
+        "validation": {"name": "validation", "description": abl["validation"]["description"],
+                       "n": abl["validation"]["n"]},
+        "test_sets": ev["test_sets"],
+        "ablation": {"method": cfg.ablate.method, "flagged_by": "descriptions (keywords + sentence embedding)",
+                     "chosen_n": main["chosen_n"], "selection": "N with the best validation accuracy (ties: "
+                     "smaller N), validation data only"},
+        "variants": variants,
+        "units": units,
+    }
+    if curve:
+        results["curve"] = {"n_units": [n for n, _ in curve], "validation": [a for _, a in curve],
+                            "chosen_n": main["chosen_n"]}
+    return {k: str(v) for k, v in write_report(results, job).items()}

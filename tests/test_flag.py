@@ -149,13 +149,37 @@ def test_cue_effect_of_real_text_on_efficientnet():
     assert ((diff[:, :3] > 0).sum(0) >= 7).all()  # the top 3 units: (nearly) every held-out photo
     assert up_top >= 0.8 and up_top > up_middle + 0.15
     # the formula, by hand, for two units on the held-out batch
+    floor = max(1e-6, 0.1 * float(np.median(stats.clean_std)))
     for j in range(2):
         d = diff[:, j].double()
         sd = a[:8, j].double().std()
-        assert stats.effect[j] == pytest.approx(float(d.mean() / (sd + 1e-6)), rel=1e-4)
+        assert stats.effect[j] == pytest.approx(float(d.mean() / max(float(sd), floor)), rel=1e-4)
     # and the least affected units do not move up the same way
     assert np.mean([effects[k] for k in bottom]) < 0
     with pytest.raises(IndexError, match=r"0\.\.1279"):
         cue_effect(lm.module, {layer: [1280]}, cue_pairs(ds, tf, [0, 1], batch_size=2))
     with pytest.raises(ValueError, match="at least 2"):
         cue_effect(lm.module, [layer], cue_pairs(ds, tf, [0], batch_size=1))
+
+
+def test_cue_effect_floors_the_standard_deviation_of_a_unit_silent_on_clean_images():
+    """A unit that is exactly 0 on every clean image (sd 0) and fires on the cued ones used to get an effect of
+    ~mean/1e-6 (427,607 in a study); the sd is floored at a tenth of the layer's median sd."""
+    conv = torch.nn.Conv2d(3, 3, 1)
+    with torch.no_grad():
+        conv.weight.zero_()
+        conv.bias.zero_()
+        conv.weight[0, :, 0, 0] = 1.0  # unit 0: brightness above 2.5, silent on the clean images below
+        conv.bias[0] = -2.5
+        conv.weight[1, 0, 0, 0] = 1.0  # units 1 and 2: plain channels, vary from image to image
+        conv.weight[2, 1, 0, 0] = 1.0
+    model = torch.nn.Sequential(conv, torch.nn.ReLU())
+    g = torch.Generator().manual_seed(0)
+    clean = torch.rand(6, 3, 4, 4, generator=g) * 0.5
+    cued = clean.clone()
+    cued[:, :, :2, :2] = 1.0  # the cue: a white corner
+    stats = cue_effect_stats(model, {"1": None}, [(clean, cued)])["1"]
+    assert stats.clean_std[0] == 0.0 and stats.mean_diff[0] > 0
+    floor = 0.1 * float(np.median(stats.clean_std))
+    assert stats.effect[0] == pytest.approx(stats.mean_diff[0] / floor)
+    assert stats.effect[0] < 1e3  # finite and comparable, not mean/1e-6

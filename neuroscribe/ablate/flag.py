@@ -51,8 +51,17 @@ __all__ = [
 ]
 
 Unit = tuple[str, int]
-#: Added to the clean-image standard deviation in :func:`cue_effect` (a unit constant on clean images).
+#: The smallest clean-image standard deviation :func:`cue_effect` divides by (a unit constant on clean images).
 EFFECT_EPS = 1e-6
+#: ... and at least this share of the layer's median standard deviation: a unit nearly constant on clean images
+#: (sd ~ 0) would otherwise get an effect of 10^5 from any small change and top every ranking.
+STD_FLOOR_SHARE = 0.1
+
+
+def floored_std(std: torch.Tensor) -> torch.Tensor:
+    """Per-unit sd floored at ``max(EFFECT_EPS, STD_FLOOR_SHARE * median sd of the layer)``."""
+    floor = max(EFFECT_EPS, STD_FLOOR_SHARE * float(std.median())) if std.numel() else EFFECT_EPS
+    return std.clamp_min(floor)
 _WORD = re.compile(r"[a-z0-9]+")
 
 
@@ -244,7 +253,7 @@ class LayerEffect:
     units: np.ndarray
     mean_diff: np.ndarray  # mean over pairs of a(cued) - a(clean)
     clean_std: np.ndarray  # sample sd of a(clean)
-    effect: np.ndarray  # mean_diff / (clean_std + EFFECT_EPS)
+    effect: np.ndarray  # mean_diff / floored_std(clean_std)
     n: int
 
 
@@ -315,7 +324,7 @@ def cue_effect_stats(model: nn.Module, layers: Mapping[str, Sequence[int] | None
         var = ((ss - n * mean ** 2) / (n - 1)).clamp_min(0)
         std = var.sqrt()
         md = sd / n
-        out[name] = LayerEffect(idx.numpy(), md.numpy(), std.numpy(), (md / (std + EFFECT_EPS)).numpy(), n)
+        out[name] = LayerEffect(idx.numpy(), md.numpy(), std.numpy(), (md / floored_std(std)).numpy(), n)
     return out
 
 

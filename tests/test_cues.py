@@ -410,3 +410,11 @@ def test_materialise_leaves_no_partial_dir(real_samples, tmp_path: Path, exc) ->
         materialise(ds, good, overwrite=True, progress=boom)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["shifted"]
     assert (good / "manifest.csv").read_bytes() == before
+
+
+def test_describe_cue_words_follow_the_cue_kind():
+    from neuroscribe.datasets.cues import describe_cue
+    assert describe_cue({"kind": "text"}, "wrong") == "the name of a random WRONG class written on it"
+    assert describe_cue({"kind": "patch"}, "match") == "a patch in the colour of the true class"
+    assert describe_cue({"kind": "watermark"}, "wrong") == "a watermark (it names no class)"
+    assert "class name" not in describe_cue({"kind": "colour"}, "wrong")

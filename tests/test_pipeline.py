@@ -59,7 +59,7 @@ def test_flag_ablate_never_read_test_sets(job, monkeypatch):
     assert len(abl["controls"]["random"]) >= 5
     assert all(len(d) == main["chosen_n"] for d in abl["controls"]["random"])
     assert len(abl["controls"]["sort_all"]) == main["chosen_n"]
-    assert "WRONG class name" in abl["validation"]["description"]
+    assert "the name of a random WRONG class written on it" in abl["validation"]["description"]
     assert built and set(built) <= {"train-text"}, built  # evidence came from training photos, never a test set
 
 

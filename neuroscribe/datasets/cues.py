@@ -180,6 +180,19 @@ def cue_uses_class(cue: Any) -> bool:
     return isinstance(cue, (ColourCue, PatchCue, BackgroundCue))
 
 
+def describe_cue(cue: Any, correlation: str) -> str:
+    """How a cue ties images to classes, in words for reports: "the name of a random WRONG class written on it",
+    "a patch in the colour of the true class", "a watermark (it names no class)"."""
+    cue = parse_cue(cue)
+    whose = {"wrong": "a random WRONG class", "match": "the true class", "random": "a random class"}.get(
+        correlation, "no class")
+    if isinstance(cue, TextCue):
+        return f"the name of {whose} written on it"
+    if isinstance(cue, WatermarkCue):
+        return "a watermark (it names no class)"
+    return f"{'a' if cue.kind != 'background' else 'the'} {cue.kind} in the colour of {whose}"
+
+
 _PALETTE: list[RGB] = list(CLASS_PALETTE)
 _PALETTE_SEEN: set[RGB] = set(CLASS_PALETTE)
 _PALETTE_STEP = [0]

@@ -49,9 +49,9 @@ def shift_set(shift: ShiftSetConfig, pre, seed: int, classes: list[str] | None =
     ds = CuedDataset([(s.path, s.label) for s in probe.samples], names, shift.cue, fraction=shift.fraction,
                      correlation=shift.correlation, strength=shift.strength, seed=shift.seed,
                      transform=pre.to_tensor(), geometry=pre.geometry())
-    kind = shift.cue.get("kind", "text")
-    return ds, names, (f"{len(probe)} images from {probe.root}; {kind} cue on {shift.fraction:.0%} of them, "
-                       f"naming {'a random wrong' if shift.correlation == 'wrong' else shift.correlation} class")
+    from .cues import describe_cue
+    return ds, names, (f"{len(probe)} images from {probe.root}; {shift.fraction:.0%} of them with "
+                       f"{describe_cue(shift.cue, shift.correlation)}")
 
 
 def loader(cfg: JobConfig, ds):
@@ -79,8 +79,11 @@ def validation_set(cfg: JobConfig, pre, classes: list[str] | None = None):
         t = json.loads(tj.read_text())
         from .probe import manifest
         probe = manifest(t["holdout_manifest"], t["class_names"])
+        from .cues import describe_cue
+        tied = (f"each with {describe_cue(cfg.train.cue, 'wrong')}, so the cue is decorrelated from the label"
+                if cfg.train.cue is not None else "clean")
         desc = (f"{len(probe)} training images held out before training ({cfg.train.holdout:.0%} per class), "
-                "each carrying a random WRONG class name, so the cue is decorrelated from the label")
+                f"{tied}")
         return Labelled(probe.samples, pre.transform()), t["class_names"], desc
     shift = next(s for s in cfg.shifts if s.name == cfg.ablate.validation)
     return shift_set(shift, pre, cfg.seed, classes)

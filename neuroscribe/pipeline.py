@@ -20,7 +20,7 @@ from . import io
 from .ablate.measure import evaluate, export_edited
 from .ablate.stage import ablate, flag
 from .config import JobConfig
-from .datasets.sets import shift_set, test_sets, validation_set
+from .datasets.sets import held_out, shift_set, test_sets, validation_set
 from .describe.stage import describe
 from .record import record
 from .report.stage import report
@@ -40,10 +40,10 @@ def with_probe(cfg: JobConfig) -> JobConfig:
     from .datasets.shifts import materialise
     out = Path(cfg.out) / "probe" / cfg.probe
     shift = next(s for s in cfg.shifts if s.name == cfg.probe)
-    key = io.artifact_key(shift.model_dump(mode="json"), cfg.model.spec)
+    key = io.artifact_key(shift.model_dump(mode="json"), cfg.model.spec, io.file_key(Path(cfg.out) / "train.json"))
     if not io.current(out / "probe.json", key):
         lm, _ = job_model(cfg)
-        ds, _, _ = shift_set(shift, lm.preprocess, cfg.seed, lm.class_names)
+        ds, _, _ = shift_set(shift, lm.preprocess, cfg.seed, lm.class_names, held_out(cfg.out))
         ds.transform = None
         materialise(ds, out, overwrite=True)
         io.write_json(out / "probe.json", {"key": key})

@@ -137,3 +137,20 @@ def test_export_edited_bakes_units_into_loadable_weights(tmp_path):
     with torch.no_grad():
         got = edited.module(x)
     assert torch.allclose(got, want, atol=1e-5)
+
+
+def test_probe_from_training_photos_leaves_out_the_validation_holdout(job):
+    """The probe (and evidence, re-fit) sets built from the training data never contain the held-out validation
+    photos: all 400 training photos as the probe, and none of the trained job's holdout in it."""
+    import csv
+    from pathlib import Path
+    from neuroscribe.datasets.sets import held_out
+    cfg, out = job
+    shifts = [s.model_copy(update={"data": s.data.model_copy(update={"limit": None})}) if s.name == "train-text"
+              else s for s in cfg.shifts]
+    probe_cfg = pipeline.with_probe(cfg.model_copy(update={"shifts": shifts}))
+    holdout = held_out(out)
+    assert len(holdout) == json.loads((out / "train.json").read_text())["holdout_n"] >= 25  # ~25% of 120 photos
+    with open(probe_cfg.data.root) as fh:
+        sources = {Path(r["source"]).resolve() for r in csv.DictReader(fh)}
+    assert len(sources) == 400 - len(holdout) and not sources & holdout

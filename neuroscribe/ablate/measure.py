@@ -13,7 +13,7 @@ import torch
 
 from .. import io
 from ..config import JobConfig
-from ..datasets.sets import class_index, loader, shift_set, test_sets
+from ..datasets.sets import class_index, held_out, loader, shift_set, test_sets
 from ..runtime import job_model
 from .stage import model_and_means
 
@@ -52,7 +52,7 @@ def evaluate(cfg: JobConfig) -> dict:
     if cfg.ablate.refit and variants.get("ablated"):
         from .refit import refit_last_layer
         probe = next(s for s in cfg.shifts if s.name == cfg.probe)
-        train_ds, _, _ = shift_set(probe, lm.preprocess, cfg.seed, lm.class_names)
+        train_ds, _, _ = shift_set(probe, lm.preprocess, cfg.seed, lm.class_names, held_out(cfg.out))
         refit = refit_last_layer(lm.module, variants["ablated"], loader(cfg, train_ds), cfg.ablate.method, means,
                                  device=dev, seed=cfg.seed)
         runs["refit"] = (refit, variants["ablated"])

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from .. import io
 from ..config import JobConfig
-from ..datasets.sets import class_index, loader, shift_set, validation_set
+from ..datasets.sets import class_index, held_out, loader, shift_set, validation_set
 from ..runtime import job_model
 
 
@@ -44,7 +44,7 @@ def flag(cfg: JobConfig) -> dict:
         rec = Recording.open(job)
         declare_layouts(lm.module, rec.layouts)
         shift = next(s for s in cfg.shifts if s.name == cfg.flag.evidence_shift)
-        ds, _, _ = shift_set(shift, lm.preprocess, cfg.seed, lm.class_names)
+        ds, _, _ = shift_set(shift, lm.preprocess, cfg.seed, lm.class_names, held_out(cfg.out))
         from ..datasets.splits import stratified_sample
         ids = stratified_sample([y for _, y in ds.samples], cfg.flag.evidence_images, cfg.seed, purpose="evidence")
         pairs = cue_pairs(ds, lm.preprocess.to_tensor(), ids, cfg.batch_size)

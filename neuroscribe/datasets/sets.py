@@ -34,12 +34,30 @@ def collate(batch):
     return torch.utils.data.default_collate([b for b in batch if b is not None])
 
 
-def shift_set(shift: ShiftSetConfig, pre, seed: int, classes: list[str] | None = None):
+def held_out(job: str | Path) -> set[Path]:
+    """The images a trained job held out as its validation set (resolved source paths; empty without training).
+    Sets that choose or fit something on training images (probe, evidence, re-fit) must not contain them."""
+    tj = Path(job) / "train.json"
+    if not tj.is_file():
+        return set()
+    split_file = Path(json.loads(tj.read_text())["checkpoint"]).parent / "split.json"
+    if not split_file.is_file():
+        return set()
+    split = json.loads(split_file.read_text())
+    root = Path(split["data_root"])
+    return {(root / rel).resolve() for rel in split.get("holdout_sources") or []}
+
+
+def shift_set(shift: ShiftSetConfig, pre, seed: int, classes: list[str] | None = None,
+              exclude: set[Path] | frozenset = frozenset()):
     """``(dataset, class_names, description)`` for one test set, items in the model's preprocessing ``pre``.
-    A manifest's integer labels index ``classes`` (the model's class list). With a cue, the model's geometry
-    (resize + crop) comes first and the cue is drawn on that, as in training, so a corner cue is never cropped away."""
+    A manifest's integer labels index ``classes`` (the model's class list); images in ``exclude`` (resolved paths,
+    e.g. :func:`held_out`) are left out. With a cue, the model's geometry (resize + crop) comes first and the cue is
+    drawn on that, as in training, so a corner cue is never cropped away."""
     from .probe import open_probe_set
     probe = open_probe_set(shift.data.root, shift.data.format, shift.data.split, shift.data.limit, seed, classes)
+    if exclude:
+        probe.samples = [s for s in probe.samples if Path(s.path).resolve() not in exclude]
     if (probe.labels() < 0).any():
         raise ValueError(f"shift {shift.name!r}: every image needs a label (class folders or a label column)")
     names = probe.class_names or [str(i) for i in range(int(probe.labels().max()) + 1)]

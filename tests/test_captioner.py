@@ -5,13 +5,13 @@ No captioning weights exist offline, so: the real transformers path runs on a ti
 captioning real photos' views from a real efficientnet-lite0 recording; its words are meaningless, so the tests
 check mechanics (batching across units, greedy decoding, prompts, caching, determinism, output shape). The
 method itself (captions -> candidates -> contrastive summary) is checked with a stub captioner whose captions are
-planted, and a hashing sentence embedder that keeps the tests independent of the MiniLM model.
+planted. Summaries use the real default sentence embedder (all-MiniLM-L6-v2, shipped in a wheel, offline), so
+related phrases ("green tree", "green bush") are compared as the describe stage compares them.
 """
 
 from __future__ import annotations
 
 import math
-import zlib
 
 import numpy as np
 import pytest
@@ -25,17 +25,6 @@ from neuroscribe.describe.captioner import (
     clean_caption,
 )
 from neuroscribe.describe.describers import Described, UnitViews
-
-
-class HashEmbedder:
-    """A deterministic stand-in for SentenceEmbedder: each distinct phrase gets its own random unit vector."""
-
-    def encode(self, phrases):
-        out = np.zeros((len(phrases), 64), dtype=np.float32)
-        for i, p in enumerate(phrases):
-            v = np.random.default_rng(zlib.crc32(p.encode())).normal(size=64)
-            out[i] = v / np.linalg.norm(v)
-        return out
 
 
 # ------------------------------------------------------------------------------------------------ candidates
@@ -111,9 +100,9 @@ def _planted_units():
             _unit("l", 2, [(0, 0, 200)] * 3 + [(0, 0, 201)] * 2)]
 
 
-def test_planted_captions_give_the_distinctive_phrase():
+def test_planted_captions_give_the_distinctive_phrase(embedder):
     model = StubCaptioner()
-    d = CaptionerDescriber(model_obj=model, processor=StubProcessor(), embedder=HashEmbedder(), batch_size=4,
+    d = CaptionerDescriber(model_obj=model, processor=StubProcessor(), embedder=embedder, batch_size=4,
                            device="cpu")
     out = d.describe(_planted_units())
     # "road" is in most of unit 1's views but also all over the background: the distinctive phrase wins
@@ -124,13 +113,20 @@ def test_planted_captions_give_the_distinctive_phrase():
         assert [s for _, s in o.candidates] == sorted((s for _, s in o.candidates), reverse=True)
     ranked = dict(out[1].candidates)
     assert ranked["green tree"] > ranked["road"]
+    assert all(o.candidates[-1][0] == "road" for o in out)  # in every unit's views, but generic: ranked last
+    # a whole caption and its own fragment can mean the same: "a red car on a road" (3 of 5 views) is a near-
+    # duplicate of "red car" for the real embedder (cosine > 0.8), so it is not listed again under it
+    assert [p for p, _ in out[0].candidates] == ["red car", "a red car in a field", "field", "road"]
+    for o in out:
+        vecs = embedder.encode([p for p, _ in o.candidates])
+        assert (vecs @ vecs.T - np.eye(len(vecs))).max() <= 0.8, o.candidates
     assert out[0].extra["captions"] == ["a red car on a road"] * 3 + ["a red car in a field"] * 2
     assert out[0].extra["support"]["red car"] == 5
     # 15 views in one pool, batches of 4 across units
     assert [c["n"] for c in model.calls] == [4, 4, 4, 3] and d.generate_calls == 4
 
 
-def test_background_is_seeded_excludes_own_views_and_ignores_unit_order(monkeypatch):
+def test_background_is_seeded_excludes_own_views_and_ignores_unit_order(monkeypatch, embedder):
     seen: dict[tuple, list] = {}
 
     def spy(cands, background, embedder, top=5, alpha=1.0):
@@ -142,7 +138,7 @@ def test_background_is_seeded_excludes_own_views_and_ignores_unit_order(monkeypa
     import neuroscribe.describe.summarise as summ
     monkeypatch.setattr(summ, "summarise", spy)
     units = _planted_units() + [_unit("l", 3, [(0, 0, 201)])]
-    kw = dict(processor=StubProcessor(), embedder=HashEmbedder(), device="cpu", background_size=6)
+    kw = dict(processor=StubProcessor(), embedder=embedder, device="cpu", background_size=6)
     d = CaptionerDescriber(model_obj=StubCaptioner(), seed=0, **kw)
     out = d.describe(units)
     assert [o.extra["background_views"] for o in out] == [6, 6, 6, 6]
@@ -155,8 +151,8 @@ def test_background_is_seeded_excludes_own_views_and_ignores_unit_order(monkeypa
     assert len([p for p in runs[0] if p.startswith("a ")]) == 6   # 6 views, one whole caption each
 
 
-def test_a_unit_without_views_and_a_single_unit():
-    d = CaptionerDescriber(model_obj=StubCaptioner(), processor=StubProcessor(), embedder=HashEmbedder(),
+def test_a_unit_without_views_and_a_single_unit(embedder):
+    d = CaptionerDescriber(model_obj=StubCaptioner(), processor=StubProcessor(), embedder=embedder,
                            device="cpu")
     empty = UnitViews("l", 9, [], [], [], [], [], [])
     out = d.describe([empty, _planted_units()[0]])
@@ -166,9 +162,9 @@ def test_a_unit_without_views_and_a_single_unit():
         d.describe([empty, empty])
 
 
-def test_prompt_is_sent_and_stripped():
+def test_prompt_is_sent_and_stripped(embedder):
     proc = StubProcessor()
-    d = CaptionerDescriber(model_obj=StubCaptioner(), processor=proc, embedder=HashEmbedder(), device="cpu",
+    d = CaptionerDescriber(model_obj=StubCaptioner(), processor=proc, embedder=embedder, device="cpu",
                            prompt="a picture of")
     assert d.caption([_solid((200, 0, 0), 1)]) == ["a red car on a road"]
     assert proc.texts == ["a picture of"]
@@ -258,7 +254,7 @@ def _key(im):
     return im.tobytes()
 
 
-def test_tiny_blip_batches_views_across_units(recording, tiny_blip):
+def test_tiny_blip_batches_views_across_units(recording, tiny_blip, embedder):
     model, proc = tiny_blip
     units = _views(recording, "_blocks.12", [3, 50, 120])
     n_views = sum(len(u.views) for u in units)
@@ -266,7 +262,7 @@ def test_tiny_blip_batches_views_across_units(recording, tiny_blip):
     assert n_views == 15
     spy = GenerateSpy(model)
     try:
-        d = CaptionerDescriber(model_obj=model, processor=proc, embedder=HashEmbedder(), batch_size=4,
+        d = CaptionerDescriber(model_obj=model, processor=proc, embedder=embedder, batch_size=4,
                                max_new_tokens=6, device="cpu")
         out = d.describe(units)
     finally:
@@ -286,12 +282,12 @@ def test_tiny_blip_batches_views_across_units(recording, tiny_blip):
         assert o.extra["views"] == "views"
 
 
-def test_tiny_blip_is_deterministic_and_caches(recording, tiny_blip):
+def test_tiny_blip_is_deterministic_and_caches(recording, tiny_blip, embedder):
     model, proc = tiny_blip
     units = _views(recording, "_blocks.12", [7, 8])
-    a = CaptionerDescriber(model_obj=model, processor=proc, embedder=HashEmbedder(), batch_size=4, device="cpu",
+    a = CaptionerDescriber(model_obj=model, processor=proc, embedder=embedder, batch_size=4, device="cpu",
                            max_new_tokens=5)
-    b = CaptionerDescriber(model_obj=model, processor=proc, embedder=HashEmbedder(), batch_size=16, device="cpu",
+    b = CaptionerDescriber(model_obj=model, processor=proc, embedder=embedder, batch_size=16, device="cpu",
                            max_new_tokens=5)
     out_a, out_b = a.describe(units), b.describe(units)
     assert [(o.description, o.score, o.candidates, o.extra["captions"]) for o in out_a] == \
@@ -303,13 +299,13 @@ def test_tiny_blip_is_deterministic_and_caches(recording, tiny_blip):
     assert alone.caption(units[0].views[:2]) == out_a[0].extra["captions"][:2] and alone.generate_calls == 2
 
 
-def test_tiny_blip_flat_layer_shares_images_and_prompt_is_stripped(recording, tiny_blip):
+def test_tiny_blip_flat_layer_shares_images_and_prompt_is_stripped(recording, tiny_blip, embedder):
     model, proc = tiny_blip
     units = _views(recording, "_fc", [0, 1, 2, 3])     # classifier logits: whole images, shared across units
     ids = {i for u in units for i in u.image_ids}
     spy = GenerateSpy(model)
     try:
-        d = CaptionerDescriber(model_obj=model, processor=proc, embedder=HashEmbedder(), batch_size=64,
+        d = CaptionerDescriber(model_obj=model, processor=proc, embedder=embedder, batch_size=64,
                                device="cpu", max_new_tokens=4, prompt="a picture of")
         out = d.describe(units)
     finally:
@@ -321,10 +317,10 @@ def test_tiny_blip_flat_layer_shares_images_and_prompt_is_stripped(recording, ti
         assert all(c for c in o.extra["captions"])
 
 
-def test_tiny_blip_use_crops_captions_the_crops(recording, tiny_blip):
+def test_tiny_blip_use_crops_captions_the_crops(recording, tiny_blip, embedder):
     model, proc = tiny_blip
     units = _views(recording, "_blocks.12", [11])
-    d = CaptionerDescriber(model_obj=model, processor=proc, embedder=HashEmbedder(), device="cpu",
+    d = CaptionerDescriber(model_obj=model, processor=proc, embedder=embedder, device="cpu",
                            max_new_tokens=5, use_crops=True)
     out = d.describe(units)
     assert out[0].extra["views"] == "crops"
@@ -332,11 +328,11 @@ def test_tiny_blip_use_crops_captions_the_crops(recording, tiny_blip):
     assert len(d._captions) == len({_key(c) for c in units[0].crops})   # only crops were captioned
 
 
-def test_prepared_recording_gives_a_layer_background_independent_of_batching(recording, tiny_blip):
+def test_prepared_recording_gives_a_layer_background_independent_of_batching(recording, tiny_blip, embedder):
     model, proc = tiny_blip
 
     def fresh():
-        d = CaptionerDescriber(model_obj=model, processor=proc, embedder=HashEmbedder(), batch_size=8,
+        d = CaptionerDescriber(model_obj=model, processor=proc, embedder=embedder, batch_size=8,
                                device="cpu", max_new_tokens=5, background_size=10, seed=3)
         d.prepare(recording)
         return d

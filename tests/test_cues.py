@@ -1,6 +1,7 @@
 """Tests for the seeded spurious-cue builders (neuroscribe.datasets.cues / .shifts).
 
-Uses real Imagenette photos and the real RapidOCR model to read the written class names back.
+Uses real Imagenette photos (the sample shipped in the package) and the real RapidOCR model to read the written class
+names back.
 """
 
 from __future__ import annotations
@@ -21,10 +22,10 @@ from neuroscribe.datasets.cues import (
     CLASS_PALETTE, BackgroundCue, ColourCue, PatchCue, TextCue, WatermarkCue, apply_cue, class_colour,
     load_font, parse_cue, render_cue,
 )
+from neuroscribe.datasets.probe import sample_root
 from neuroscribe.datasets.shifts import MANIFEST_COLUMNS, CuedDataset, ShiftConfig, materialise
 
-IMAGENETTE_VAL = Path("/work/shared/data/imagenette/val")
-# Sorted wnid order = class index (see /work/shared/data/imagenette/README.md).
+# Sorted wnid order = class index (see neuroscribe/data/sample/README.md).
 WNIDS = {
     "n01440764": "tench", "n02102040": "English springer", "n02979186": "cassette player",
     "n03000684": "chain saw", "n03028079": "church", "n03394916": "French horn",
@@ -33,25 +34,36 @@ WNIDS = {
 }
 ALL_NAMES = [WNIDS[w] for w in sorted(WNIDS)]
 OCR_NAMES = ["tench", "church", "golf ball", "parachute"]  # short, OCR-friendly
+PER_CLASS = 3
 
 
-def _imagenette(names: list[str], per_class: int) -> list[tuple[str, int]]:
-    if not IMAGENETTE_VAL.is_dir():
-        pytest.skip(f"Imagenette photos not found at {IMAGENETTE_VAL} (see shared/data/imagenette/README.md)")
+@pytest.fixture(scope="module")
+def photo_dir(tmp_path_factory) -> Path:
+    """The first PER_CLASS validation photos of every class of the real Imagenette sample shipped in the package
+    (128 px), enlarged to 224 px like the full Imagenette and saved losslessly (PNG), one folder per wnid."""
+    out = tmp_path_factory.mktemp("imagenette-224")
+    for wnid in WNIDS:
+        (out / wnid).mkdir()
+        for src in sorted((sample_root() / "val" / wnid).glob("*.jpg"))[:PER_CLASS]:
+            with Image.open(src) as im:
+                im.convert("RGB").resize((224, 224), Image.BICUBIC).save(out / wnid / f"{src.stem}.png")
+    return out
+
+
+def _imagenette(root: Path, names: list[str], per_class: int) -> list[tuple[str, int]]:
     by_name = {v: k for k, v in WNIDS.items()}
     per_label = []
     for label, name in enumerate(names):
-        files = sorted((IMAGENETTE_VAL / by_name[name]).glob("*.JPEG"))[:per_class]
-        if len(files) < per_class:
-            pytest.skip(f"need {per_class} photos of {name!r} in {IMAGENETTE_VAL}, found {len(files)}")
+        files = sorted((root / by_name[name]).glob("*.png"))[:per_class]
+        assert len(files) == per_class, f"need {per_class} photos of {name!r} in {root}, found {len(files)}"
         per_label.append([(str(f), label) for f in files])
     # interleave classes (round-robin) so the first k samples cover several classes
     return [group[j] for j in range(per_class) for group in per_label]
 
 
 @pytest.fixture(scope="module")
-def real_samples() -> list[tuple[str, int]]:
-    return _imagenette(ALL_NAMES, 3)  # 30 real photos, 3 per class
+def real_samples(photo_dir: Path) -> list[tuple[str, int]]:
+    return _imagenette(photo_dir, ALL_NAMES, PER_CLASS)  # 30 real photos, 3 per class
 
 
 def _fake(n: int, n_classes: int = 10) -> list[tuple[str, int]]:
@@ -78,8 +90,8 @@ def _read(ocr, img: Image.Image) -> str:
     return " ".join(r[1] for r in result or [])
 
 
-def test_text_cue_ocr_readback_match_and_wrong(ocr) -> None:
-    samples = _imagenette(OCR_NAMES, 3)
+def test_text_cue_ocr_readback_match_and_wrong(ocr, photo_dir: Path) -> None:
+    samples = _imagenette(photo_dir, OCR_NAMES, PER_CLASS)
     cue = TextCue(size=0.12, position="random-corner")
     match = CuedDataset(samples, OCR_NAMES, cue, fraction=1.0, correlation="match", seed=1)
     wrong = CuedDataset(samples, OCR_NAMES, cue, fraction=1.0, correlation="wrong", seed=2)

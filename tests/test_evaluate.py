@@ -190,20 +190,55 @@ def test_controls_same_size_and_seeded():
         sort_all(model, all_units, val, 3, max_candidates=2, progress=False)
 
 
+def _cued_batches(n=600, seed=1):
+    """Like :func:`_toy_batches`, but the spurious feature agrees with the label (as on a test set carrying the
+    cue): there the spurious unit helps, and removing it costs accuracy."""
+    g = torch.Generator().manual_seed(seed)
+    y = torch.randint(0, 2, (n,), generator=g)
+    s = (2 * y - 1).float() + 0.9 * torch.randn(n, generator=g)
+    spur = 1.5 * (2 * y - 1).float()
+    s2 = (2 * y - 1).float() + 0.9 * torch.randn(n, generator=g)
+    x = torch.stack([s, spur, torch.randn(n, generator=g), s2], 1)
+    return [(x[i:i + 100], y[i:i + 100]) for i in range(0, n, 100)]
+
+
+class Counted:
+    """A loader that counts how often it is read."""
+
+    def __init__(self, batches):
+        self.batches, self.reads = batches, 0
+
+    def __iter__(self):
+        self.reads += 1
+        return iter(self.batches)
+
+
 def test_choosing_never_sees_test_data():
+    # no choosing function can be handed a test set...
     for fn in (order_units, accuracy_curve, choose_n, sort_all, random_units, val_accuracy):
         params = inspect.signature(fn).parameters
         assert not [p for p in params if "test" in p.lower()], fn.__name__
     assert list(inspect.signature(choose_n).parameters) == ["curve"]
-    # the whole flow runs on validation data; the test set is read only afterwards, once, for the report
-    model, val, test = Toy(), _toy_batches(seed=0), Forbidden()
-    ordered = order_units(model, [("feat", 1), ("feat", 2)], val, progress=False)
-    n = choose_n(accuracy_curve(model, ordered, val, progress=False))
-    controls = random_units({"feat": 4}, n, draws=5)
-    assert n == 1 and len(controls[0]) == n
-    with pytest.raises(AssertionError, match="read the test set"):
-        predict(model, test, progress=False)
     assert "val_loader" in inspect.signature(select.order_units).parameters
+    # ...and none keeps one from an earlier call: on a test set where the spurious unit agrees with the label the
+    # flow would ablate nothing, on validation (spurious unit decorrelated) it ablates that unit. Run on the test
+    # set first, evaluate on it, and the validation choice must still be validation's own.
+    model, flagged = Toy(), [("feat", 1), ("feat", 2)]
+
+    def choose(loader):
+        ordered = order_units(model, flagged, loader, progress=False)
+        n = choose_n(accuracy_curve(model, ordered, loader, progress=False))
+        return [u for u, _ in ordered[:n]], sort_all(model, {"feat": 4}, loader, 1, progress=False)
+
+    test = Counted(_cued_batches())
+    assert choose(test) == ([], [("feat", 0)])  # what choosing on the test set would give (ties: input order)
+    predict(model, test, progress=False)
+    reads = test.reads
+    val = _toy_batches(seed=0)
+    assert choose(val) == ([("feat", 1)], [("feat", 1)])
+    assert choose(Counted(val)) == ([("feat", 1)], [("feat", 1)])
+    assert test.reads == reads  # the test set was not read again while choosing on validation
+    assert len(random_units({"feat": 4}, 1, draws=5)[0]) == 1
 
 
 def test_validation_batches_cached_when_they_fit():

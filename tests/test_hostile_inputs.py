@@ -274,6 +274,20 @@ def test_imagenet_wordnet_folders_get_readable_class_names(tmp_path):
     assert image_folder(tmp_path / "wn").class_names[:2] == ["fish", "n03445777"]
 
 
+def test_real_imagenette_tree_without_class_map_gets_wordnet_names(tmp_path):
+    """The shipped sample's real Imagenette folders, without its classes.json: every wnid folder is named from the
+    packaged WordNet table, and the names agree with the sample's own class map."""
+    from neuroscribe.datasets.probe import sample_root
+    for wnid in sorted(d.name for d in (sample_root() / "val").iterdir() if d.is_dir()):
+        (tmp_path / "val").mkdir(exist_ok=True)
+        (tmp_path / "val" / wnid).symlink_to(sample_root() / "val" / wnid, target_is_directory=True)
+    expected = json.loads((sample_root() / "classes.json").read_text())
+    probe = image_folder(tmp_path, "val")
+    assert probe.class_names == [expected[w] for w in sorted(expected)]
+    assert probe.class_names[0] == "tench" and probe.class_names[-1] == "parachute" and len(probe) == 100
+
+
 def test_full_imagenette_class_names(imagenette):
+    """The full Imagenette tree itself (no class map beside it) reads as the ten class names."""
     names = image_folder(imagenette, "val").class_names
     assert names[0] == "tench" and names[-1] == "parachute" and len(names) == 10

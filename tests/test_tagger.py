@@ -1,4 +1,5 @@
-"""Tests for neuroscribe.describe.tagger on real assets: WordNet JSON, Imagenette, EfficientNet-Lite0, RapidOCR."""
+"""Tests for neuroscribe.describe.tagger on real assets: WordNet JSON, the shipped Imagenette photo sample,
+EfficientNet-Lite0, RapidOCR."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageDraw, ImageFont
 
+from neuroscribe.datasets.probe import sample_root
 from neuroscribe.describe.tagger import (
     BASIC_COLOURS,
     HYPERNYM_STOP,
@@ -25,19 +27,15 @@ from neuroscribe.describe.tagger import (
     text_phrases,
 )
 
-# <checkout>/../shared/data/imagenette/val, i.e. /work/shared/data/imagenette/val here
-IMAGENETTE = Path(__file__).resolve().parents[2] / "shared" / "data" / "imagenette" / "val"
 GOLF_BALL, TENCH, PARACHUTE = "n03445777", "n01440764", "n03888257"
-needs_imagenette = pytest.mark.skipif(
-    not IMAGENETTE.is_dir(), reason=f"real Imagenette photos not found at {IMAGENETTE} (see shared/data/imagenette)"
-)
 
 
 def photos(wnid: str, n: int, start: int = 0) -> list[Image.Image]:
-    """The first ``n`` (sorted) Imagenette validation photos of class ``wnid`` as RGB images."""
-    paths = sorted((IMAGENETTE / wnid).glob("*.JPEG"))[start : start + n]
-    assert len(paths) == n, f"expected {n} photos under {IMAGENETTE / wnid}"
-    return [Image.open(p).convert("RGB") for p in paths]
+    """The first ``n`` (sorted) validation photos of class ``wnid`` from the real Imagenette sample shipped in the
+    package (128 px), enlarged to 224 px (the full Imagenette's size), as RGB images."""
+    paths = sorted((sample_root() / "val" / wnid).glob("*.jpg"))[start : start + n]
+    assert len(paths) == n, f"expected {n} photos under {sample_root() / 'val' / wnid}"
+    return [Image.open(p).convert("RGB").resize((224, 224), Image.BICUBIC) for p in paths]
 
 
 def font(size: int) -> ImageFont.FreeTypeFont | ImageFont.ImageFont:
@@ -191,7 +189,6 @@ def test_text_phrases_from_hits() -> None:
     assert text_phrases([]) == []
 
 
-@needs_imagenette
 def test_ocr_reads_word_drawn_on_photo_and_respects_mask(ocr: OCRReader) -> None:
     img = with_text(photos(TENCH, 1)[0], "HELLO", top=80)
     hits = ocr.read(img)
@@ -213,7 +210,6 @@ def test_ocr_reads_word_drawn_on_photo_and_respects_mask(ocr: OCRReader) -> None
 # ------------------------------------------------------------------------------------------------ tagger
 
 
-@needs_imagenette
 def test_golf_ball_photos_get_golf_ball_and_ball(classify: Callable, vocab: ImageNetVocabulary) -> None:
     views = photos(GOLF_BALL, 4)
     tags = Tagger(classify, vocab, ocr=False).tag(views, [None] * 4)
@@ -228,11 +224,10 @@ def test_golf_ball_photos_get_golf_ball_and_ball(classify: Callable, vocab: Imag
     assert all(any(c.source == "colour" for c in v) for v in tags)
 
 
-@needs_imagenette
 def test_classifier_is_batched_and_masks_optional(classify: Callable) -> None:
     tagger = Tagger(classify, ocr=False, colours=False)
     before = len(classify.calls)
-    tags = tagger.tag(photos(TENCH, 3) + photos(PARACHUTE, 1) + photos(PARACHUTE, 1, start=2))
+    tags = tagger.tag(photos(TENCH, 3) + photos(PARACHUTE, 1) + photos(PARACHUTE, 1, start=3))
     assert classify.calls[before:] == [5]
     assert all({"tench", "fish"} <= {c.phrase for c in v} for v in tags[:3])
     assert all("parachute" in {c.phrase for c in v} for v in tags[3:])
@@ -243,7 +238,6 @@ def test_classifier_is_batched_and_masks_optional(classify: Callable) -> None:
     assert tagger.tag([]) == []
 
 
-@needs_imagenette
 def test_text_on_photo_gives_text_candidates(classify: Callable, ocr: OCRReader) -> None:
     plain = photos(PARACHUTE, 1)[0]
     texted = with_text(with_text(plain, "OPEN", top=20), "2024", top=150)

@@ -201,3 +201,89 @@ def test_safe_name() -> None:
     assert len(set(safe)) == len(safe)
     for s in safe:
         assert s and not s.startswith(".") and "/" not in s and all(c.isalnum() or c in "_.-" for c in s)
+
+
+# ------------------------------------------------------------------------------------------------ geometry
+class _ColourMaps:
+    """A model whose layer ``feat`` is the input averaged over 8x8 blocks: unit 0 is the red channel, so its
+    activation map is hot exactly where an image is red (mean 0, std 1: red 255 -> 1.0, anything else 0)."""
+
+    @staticmethod
+    def load(**_):
+        import torch
+        from torch import nn
+
+        from neuroscribe.models import LoadedModel, Preprocess
+
+        class Net(nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.feat = nn.AvgPool2d(8)
+                self.head = nn.Linear(3, 2)
+                with torch.no_grad():
+                    self.head.weight.zero_()
+                    self.head.bias.zero_()
+
+            def forward(self, x):
+                return self.head(self.feat(x).mean((2, 3)))
+
+        # nearest-neighbour resizing keeps the red edges crisp, so the expected region is exact
+        pre = Preprocess(resize=64, crop=48, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0), interpolation="nearest")
+        return LoadedModel("", Net(), pre)
+
+
+RED, BLUE = (255, 0, 0), (0, 0, 200)
+# source size, the red region in MODEL geometry (crop coordinates: x0, y0, x1, y1 of the 48 px centre crop after
+# the shorter side is resized to 64), and how a crop coordinate maps back to the source image
+GEOMETRY = {
+    "landscape.png": ((192, 128), (24, 0, 48, 16), lambda x, y: (2 * (x + 24), 2 * (y + 8))),  # top-right band
+    "portrait.png": ((128, 192), (0, 24, 16, 48), lambda x, y: (2 * (x + 8), 2 * (y + 24))),   # bottom-left, tall
+    "square.png": ((96, 96), (0, 8, 24, 24), lambda x, y: (1.5 * (x + 8), 1.5 * (y + 8))),     # left, wide
+}
+
+
+def test_masks_and_views_light_the_region_the_unit_saw(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Pins mask geometry end to end (record -> stored maps -> upsampled masks -> views and crops): a unit that
+    fires on red must light, in every view, exactly the red region of the image in model geometry; on landscape,
+    portrait and square photos, the regions placed off the diagonal (so a rotation, flip or transpose moves them),
+    with red decoys in the margins that the centre crop removes."""
+    from PIL import ImageDraw
+
+    from neuroscribe import models
+    from neuroscribe.config import load_config
+    from neuroscribe.describe.record import record
+    monkeypatch.setitem(models._REGISTRY, "test-colour-maps", _ColourMaps.load)
+    folder = tmp_path / "imgs" / "c0"
+    folder.mkdir(parents=True)
+    for name, (size, (x0, y0, x1, y1), to_src) in GEOMETRY.items():
+        im = Image.new("RGB", size, BLUE)
+        draw = ImageDraw.Draw(im)
+        draw.rectangle([*to_src(x0, y0), to_src(x1, y1)[0] - 1, to_src(x1, y1)[1] - 1], fill=RED)
+        if name == "landscape.png":  # cropped away: must not appear in the unit's views
+            draw.rectangle([0, 0, 40, 127], fill=RED)
+            draw.rectangle([150, 64, 191, 127], fill=RED)
+        im.save(folder / name)
+    cfg = load_config(None, {"model": "test-colour-maps", "layers": ["feat"], "out": str(tmp_path / "job"),
+                             "data": {"root": str(tmp_path / "imgs")}, "record": {"k": 3, "quantile": 0.5},
+                             "device": "cpu", "workers": 0, "progress": False, "batch_size": 2})
+    rec = Recording(record(cfg))
+    assert rec.preprocess.crop == 48 and rec.threshold("feat", 0) == pytest.approx(0.0, abs=1e-6)
+    uv = unit_views(rec, "feat", 0, dim=0.25, outline=False)
+    assert sorted(rec.image_paths[i].name for i in uv.image_ids) == sorted(GEOMETRY)
+    yy, xx = np.mgrid[0:48, 0:48]
+    for image_id, image, mask, view, crop in zip(uv.image_ids, uv.images, uv.masks, uv.views, uv.crops,
+                                                 strict=True):
+        name = rec.image_paths[image_id].name
+        x0, y0, x1, y1 = GEOMETRY[name][1]
+        region = (xx >= x0) & (xx < x1) & (yy >= y0) & (yy < y1)
+        # bilinear upsampling of a block map spreads a hot cell half a cell (4 px) into its cold neighbours
+        near = (xx >= x0 - 4) & (xx < x1 + 4) & (yy >= y0 - 4) & (yy < y1 + 4)
+        img, v = np.asarray(image).astype(int), np.asarray(view).astype(int)
+        assert (img[region] == RED).all() and (img[~region] == BLUE).all(), f"{name}: image not in model geometry"
+        assert mask[region].all(), f"{name}: the mask misses the red region {GEOMETRY[name][1]}"
+        assert not mask[~near].any(), f"{name}: the mask lights pixels away from the red region"
+        assert (v[region] == img[region]).all(), f"{name}: the view dims the region the unit saw"
+        assert (v[~near] == np.rint(np.array(BLUE) * 0.25)).all(), f"{name}: the view keeps pixels away from it"
+        # the crop is cut around the lit region, so it shows all of it
+        bx0, by0, bx1, by1 = crop_box(mask)
+        assert bx0 <= x0 and by0 <= y0 and bx1 >= x1 and by1 >= y1 and crop.size == (48, 48), name

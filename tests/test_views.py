@@ -251,7 +251,7 @@ def test_masks_and_views_light_the_region_the_unit_saw(tmp_path: Path, monkeypat
 
     from neuroscribe import models
     from neuroscribe.config import load_config
-    from neuroscribe.describe.record import record
+    from neuroscribe.record import record
     monkeypatch.setitem(models._REGISTRY, "test-colour-maps", _ColourMaps.load)
     folder = tmp_path / "imgs" / "c0"
     folder.mkdir(parents=True)

@@ -127,6 +127,8 @@ def _documented_score(phrase: str, unit: list[list[Candidate]], background: list
         return out
 
     def k(a: str, b: str) -> float:
+        if a == b:  # a phrase's cosine with itself is exactly 1 (summarise does not let float noise in)
+            return 1.0
         ea, eb = embedder.encode([a, b]).astype(np.float64)
         return float(np.exp((np.clip(ea @ eb, -1, 1) - 1.0) / tau))
 

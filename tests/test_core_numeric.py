@@ -238,6 +238,9 @@ def test_topk_add_default_growth():
     assert t.ids[0].tolist() == ref_topk(acts[:2], ids[:2], 2)[0][1]
     assert [t.ids[j].tolist() for j in (1, 2)] == [top2[1][1], top2[2][1]]
     t = mine()
+    t.add(src.scores[:2, :3], src.ids[:2, :3], src.maps[:2, :3])  # a partial piece from unit 0: no growth
+    assert t.width == 2 and [t.ids[j].tolist() for j in (0, 1)] == [top2[0][1], top2[1][1]]
+    t = mine()
     t.add(src.scores, src.ids, src.maps, start=0, grow=False)  # every unit, told not to grow
     assert t.width == 2 and [t.ids[j].tolist() for j in range(3)] == [top2[j][1] for j in range(3)]
     t = mine()
@@ -262,24 +265,46 @@ def test_topk_state_round_trip():
 
 
 # =============================================================================================== hashed sample
-def ref_keep(i: int, p: int, rate: float) -> bool:
-    """The documented hash (integer mixing of image id and position), in plain Python integers."""
+def ref_hash(i: int, p: int) -> int:
+    """The documented hash of (image id, position), in plain Python integers: a value in [0, 2**32)."""
     x = i * 1_000_003 + p + 0x9E3779B9
     x = ((x ^ (x >> 16)) * 0x45D9F3B) % 2 ** 32
     x = ((x ^ (x >> 16)) * 0x45D9F3B) % 2 ** 32
-    x = x ^ (x >> 16)
-    return x < rate * 2 ** 32
+    return x ^ (x >> 16)
+
+
+def ref_keep(i: int, p: int, rate: float) -> bool:
+    return ref_hash(i, p) < rate * 2 ** 32
+
+
+def ref_keep_np(ids: np.ndarray, positions: int, rate: float) -> np.ndarray:
+    """The same hash, vectorised in numpy uint64 (no overflow for ids below 2**20)."""
+    u = np.uint64
+    x = ids.astype(u)[:, None] * u(1_000_003) + np.arange(positions, dtype=u)[None, :] + u(0x9E3779B9)
+    for _ in range(2):
+        x = ((x ^ (x >> u(16))) * u(0x45D9F3B)) % u(2 ** 32)
+    x = x ^ (x >> u(16))
+    return x.astype(np.float64) < rate * 2 ** 32
 
 
 def test_keep_mask_is_the_documented_hash():
-    ids = torch.tensor([0, 1, 7, 250, 999])
+    ids = torch.tensor([0, 1, 7, 250, 999, 5000])
     for rate in (0.3, 0.7):
         got = _keep_mask(ids, 12, rate)
-        assert got.shape == (5, 12) and got.dtype == torch.bool
+        assert got.shape == (6, 12) and got.dtype == torch.bool
         assert got.tolist() == [[ref_keep(int(i), p, rate) for p in range(12)] for i in ids]
+        assert torch.equal(_keep_mask(ids.int(), 12, rate), got)  # the ids' integer type does not matter
     assert _keep_mask(ids, 12, 1.0).all() and not _keep_mask(ids, 12, 0.0).any()
-    big = _keep_mask(torch.arange(100), 100, 0.25)
-    assert abs(float(big.float().mean()) - 0.25) < 0.02
+    # kept iff hash < rate * 2**32, compared exactly: a pair whose hash h is the threshold is dropped, h + 1 keeps it
+    h = next(h for h in (ref_hash(5, p) for p in range(50)) if h > 2 ** 31)
+    p = [ref_hash(5, q) for q in range(50)].index(h)
+    assert not _keep_mask(torch.tensor([5]), 50, h / 2 ** 32)[0, p]
+    assert _keep_mask(torch.tensor([5]), 50, (h + 1) / 2 ** 32)[0, p]
+    # a million (image, position) pairs: the last mixing steps only move the low bits, which decide a pair
+    # once in ~65k, so only this many pairs pin every step of the hash
+    big = _keep_mask(torch.arange(1000), 1000, 0.5)
+    assert np.array_equal(big.numpy(), ref_keep_np(np.arange(1000), 1000, 0.5))
+    assert abs(float(big.float().mean()) - 0.5) < 0.005
 
 
 # =============================================================================================== QuantileSketch
@@ -295,15 +320,15 @@ def test_quantile_needed_values():
 
 
 def test_quantile_budget_boundary_and_sample_rate():
-    # 3 units, q=0.9 over 20 images x 6 positions = 120 values: m = 120 - floor(0.9 * 119) = 13
-    exact = QuantileSketch(3, 0.9, 20, 6, budget_bytes=3 * 13 * 4)
-    assert exact.m == 13 and exact.rate == 1.0 and exact.count == 0 and exact.width == 0
-    assert exact.top.shape == (3, 0) and exact.rank_error() == 0.0
-    s = QuantileSketch(3, 0.9, 20, 6, budget_bytes=3 * 13 * 4 - 1)
-    rate = (3 * 13 * 4 - 1) / (3 * 13 * 4) * 0.9
+    # 3 units, q=0.5 over 20 images x 5 positions = 100 values: m = 100 - floor(0.5 * 99) = 51
+    exact = QuantileSketch(3, 0.5, 20, 5, budget_bytes=3 * 51 * 4)
+    assert exact.m == 51 and exact.rate == 1.0 and exact.count == 0 and exact.width == 0
+    assert exact.top.shape == (3, 0) and exact.rank_error() == 0.0 and exact.q == 0.5 and exact.positions == 5
+    s = QuantileSketch(3, 0.5, 20, 5, budget_bytes=3 * 51 * 4 - 1)
+    rate = (3 * 51 * 4 - 1) / (3 * 51 * 4) * 0.9
     assert s.rate == pytest.approx(rate, rel=1e-12)
-    n = math.ceil(120 * rate * 1.05) + 64
-    assert s.m == n - math.floor(0.9 * (n - 1))
+    n = math.ceil(100 * rate * 1.05) + 64  # 159 values planned for the sample: m = 159 - 79 = 80
+    assert n == 159 and s.m == 80
     tiny = QuantileSketch(3, 0.9, 20, 6, budget_bytes=1e-12)
     assert tiny.rate == 1e-9
 
@@ -416,6 +441,7 @@ def test_quantile_add_pieces_like_a_rank_merge():
     np.testing.assert_allclose(main.value().numpy(), want, rtol=1e-6)
     fresh = QuantileSketch(u, q, n, h * w, budget_bytes=1e9)
     fresh.add(other.top[1:3], start=1)  # a partial piece: no growth, nothing to merge into
+    fresh.add(other.top[:2])  # a partial piece from unit 0: no growth either
     assert fresh.width == 0
     fresh.add(other.top[1:3, :2], start=1, grow=True)
     assert fresh.width == 2 and fresh.top[1:3].tolist() == other.top[1:3, :2].tolist()
@@ -613,11 +639,11 @@ def test_state_is_made_on_the_requested_device_whatever_the_default():
         sampled = QuantileSketch(3, 0.5, 7, 6, budget_bytes=20, device="cpu")
         sampled.update(acts, ids)
         cs, cs2 = CascadeSum(3, device="cpu"), CascadeSum(3, device="cpu")
-        zero = cs.total()
+        zero, none = cs.total(), cs.state()["values"]
         cs.add(0, acts[0, :, 0, 0])
         cs2.add(1, acts[1, :, 0, 0])
         cs.merge(cs2)
-    for t in (tk.scores, tk.ids, tk.maps, qs.top, sampled.top, zero, *cs.nodes.values()):
+    for t in (tk.scores, tk.ids, tk.maps, qs.top, sampled.top, zero, none, *cs.nodes.values()):
         assert t.device.type == "cpu"
     assert torch.equal(tk.ids[:, :4], ref.ids) and bool((tk.ids[:, 4] == NO_ID).all())
     assert sampled.count > 0 and cs.total().tolist() == (acts[0, :, 0, 0] + acts[1, :, 0, 0]).tolist()
@@ -628,6 +654,7 @@ def test_correct():
     logits = np.array([[0.1, 0.9], [0.8, 0.2], [0.3, 0.7]])
     assert correct(logits, np.array([[1], [1], [1]])).tolist() == [True, False, True]
     assert correct(np.array([0, 2, 1]), [0, 1, 1]).tolist() == [True, False, True]
+    assert correct(np.array([[[1]], [[0]]]), [1, 1]).tolist() == [True, False]  # class ids of any shape
     with pytest.raises(ValueError, match="1 of 3 images have no label"):
         correct(np.array([0, 2, 1]), np.array([0, -1, 1]))
     with pytest.raises(ValueError, match="3 predictions but 2 labels"):
@@ -672,10 +699,11 @@ def test_accuracy_report_reproduces_the_documented_bootstrap():
 
 def test_accuracy_report_defaults_and_edges():
     preds, labels = np.array([1, 1, 0, 1]), np.array([1, 0, 0, 1])
-    r = accuracy_report(preds, labels)
-    rng = np.random.default_rng(0)
-    assert r["bootstrap"] == 1000
-    assert (r["ci_low"], r["ci_high"]) == tuple(np.percentile(_boot(rng, 4, 0.75, 1000), [2.5, 97.5]))
+    many = np.arange(997) < 601  # 601 of 997 right: a bootstrap fine enough that the seed shows
+    r = accuracy_report(many.astype(int), np.ones(997, int))
+    assert r["bootstrap"] == 1000 and r["acc"] == 601 / 997
+    want = np.percentile(_boot(np.random.default_rng(0), 997, 601 / 997, 1000), [2.5, 97.5])
+    assert (r["ci_low"], r["ci_high"]) == tuple(want)
     assert r["per_group"] == {} and r["worst_group"] is None
     one = accuracy_report(np.array([[0.2, 0.8]]), np.array([1]), ["g"], bootstrap=10)
     assert one["acc"] == 1.0 and one["ci_low"] == one["ci_high"] == 1.0 and one["per_group"]["g"]["n"] == 1
@@ -688,7 +716,7 @@ def test_accuracy_report_defaults_and_edges():
     assert tie["worst_group"]["group"] == "p"
     with pytest.raises(ValueError, match="bootstrap must be >= 0"):
         accuracy_report(preds, labels, bootstrap=-1)
-    with pytest.raises(ValueError, match="empty set"):
+    with pytest.raises(ValueError, match="^accuracy of an empty set$"):
         accuracy_report(np.zeros(0, int), np.zeros(0, int))
     with pytest.raises(ValueError, match="3 group names but 4 predictions"):
         accuracy_report(preds, labels, ["a", "b", "c"])
@@ -721,17 +749,19 @@ def test_paired_bootstrap_diff_reproduces_the_documented_bootstrap():
 
 def test_paired_bootstrap_diff_defaults_and_edges():
     a, b = np.array([1, 0, 1, 1]), np.array([0, 0, 1, 1])
-    r = paired_bootstrap_diff(a, b)
-    cnt = np.random.default_rng(0).multinomial(4, np.array([2, 1, 0, 1]) / 4, size=1000)
-    assert r["bootstrap"] == 1000 and r["per_group"] == {}
-    assert (r["ci_low"], r["ci_high"]) == tuple(np.percentile((cnt[:, 1] - cnt[:, 2]) / 4, [2.5, 97.5]))
+    idx = np.arange(997)  # cells: 500 both right, 250 a only, 100 b only, 147 neither
+    big_a, big_b = (idx < 750).astype(int), ((idx < 500) | (idx >= 750) & (idx < 850))[:, None]
+    r = paired_bootstrap_diff(big_a, big_b)
+    cnt = np.random.default_rng(0).multinomial(997, np.array([500, 250, 100, 147]) / 997, size=1000)
+    assert r["bootstrap"] == 1000 and r["per_group"] == {} and (r["n_a_only"], r["n_b_only"]) == (250, 100)
+    assert (r["ci_low"], r["ci_high"]) == tuple(np.percentile((cnt[:, 1] - cnt[:, 2]) / 997, [2.5, 97.5]))
     one = paired_bootstrap_diff(np.array([0]), np.array([1]), bootstrap=5)
     assert one["diff"] == -1.0 and one["ci_low"] == one["ci_high"] == -1.0 and one["n_b_only"] == 1
     z = paired_bootstrap_diff(a, b, bootstrap=0, groups=["g"] * 4)
     assert z["ci_low"] is None and z["ci_high"] is None and z["per_group"]["g"]["diff"] == 0.25
     with pytest.raises(ValueError, match="bootstrap must be >= 0"):
         paired_bootstrap_diff(a, b, bootstrap=-1)
-    with pytest.raises(ValueError, match="empty set"):
+    with pytest.raises(ValueError, match="^paired comparison of an empty set$"):
         paired_bootstrap_diff(np.zeros(0), np.zeros(0))
     with pytest.raises(ValueError, match="same images: 4 vs 3"):
         paired_bootstrap_diff(a, b[:3])
@@ -754,7 +784,7 @@ def _results(variants: dict, test_sets: dict | None = None) -> dict:
 
 
 def test_report_derived_numbers():
-    groups = {"g1": {"acc": 0.5, "lo": 0.4, "hi": 0.6, "n": 3}, "g0": {"acc": 0.5, "n": 1},
+    groups = {"g1": {"acc": 0.5, "lo": 0.4, "hi": 0.6, "n": 3}, "g0": {"acc": 0.5, "n": 1}, "a": {"acc": 0.9, "n": 4},
               "g2": {"acc": 0.25, "n": 0}, "g3": {"acc": 0.75, "n": 2}}
     draws = [{"results": {"shift": _acc(x, n=n)}} for x, n in ((0.25, 80), (0.5, 90), (0.75, 70))]
     r = _results({"zz": {"n_units": 2, "label": "Z!", "draws": [{"results": {"clean": _acc(0.5)}}]},
@@ -777,7 +807,7 @@ def test_report_derived_numbers():
     assert base["clean"]["delta_vs_base"] == 0.0 and base["clean"]["gap_to_id"] is None
     assert base["shift"]["gap_to_id"] == -0.25 and base["shift"]["n"] == 60
     # groups with n = 0 are dropped; the worst is the lowest accuracy, ties to the first name
-    assert set(base["shift"]["groups"]) == {"g0", "g1", "g3"} and base["shift"]["groups"]["g1"]["lo"] == 0.4
+    assert set(base["shift"]["groups"]) == {"a", "g0", "g1", "g3"} and base["shift"]["groups"]["g1"]["lo"] == 0.4
     assert base["shift"]["worst_group"] == {"name": "g0", "acc": 0.5, "lo": None, "hi": None, "n": 1}
     assert base["clean"]["groups"] is None and base["clean"]["worst_group"] is None
     ab = c["ablated"]

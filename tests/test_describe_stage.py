@@ -41,7 +41,13 @@ def test_exports_final_layer_check_and_faithfulness(described):
     summary = json.loads((out / "describe.json").read_text())
     check = summary["final_layer_check"]
     assert check["layer"] == "_fc" and check["classes"] == 10
-    assert check["accuracy"] >= 0.4, check  # the logit units of the probe classes are named after their class
+    # the logit units of the probe classes are named after their class (9 of 10 measured: church -> "monastery",
+    # EfficientNet-Lite0 itself calls most of these church photos a monastery); the three below were "ball", "dog"
+    # and "motor vehicle" while descriptions were contrasted against the probe set and hypernyms won
+    assert check["accuracy"] >= 0.8, check
+    per_class = check["per_class"]
+    assert [per_class[c]["description"] for c in ("golf ball", "English springer", "garbage truck")] == \
+        ["golf ball", "English springer", "garbage truck"], check
     tench = df[(df.layer == "_fc") & (df.unit == 0)].iloc[0]
     assert "tench" in tench.description or "fish" in tench.description
     # faithfulness is computed on real labelled images where a description names a probe class
@@ -80,9 +86,7 @@ def test_text_unit_is_described_with_a_text_word(tmp_path):
         m[150:, :150] = True  # the unit fires on the bottom-left corner where the text is
         masks.append(m)
     uv = UnitViews("layer", 0, list(range(10)), [1.0] * 10, images, masks, images, images)
-    d = TaggerDescriber(DescribeConfig(), torch.device("cpu"))
-    d.background = [d._prior(c) for c in d.tagger.tag([load_image(p).resize((224, 224)) for p in photos[::25]])]
-    out = d.describe([uv])[0]
+    out = TaggerDescriber(DescribeConfig(), torch.device("cpu")).describe([uv])[0]
     text_words = {"text", "letters", "word", "words", "digits", "number"}
     assert any(w in out.description.split() for w in text_words) or out.description.startswith("the word"), out
 

@@ -83,7 +83,7 @@ def test_each_seed_job_has_every_stage_artifact(study):
         assert Path(train["checkpoint"]).is_file() and f"seed{s}" in train["checkpoint"]
         assert train["train_n"] + train["holdout_n"] == 40 and len(train["history"]) == 1  # one epoch
         abl = json.loads((job / "ablation.json").read_text())
-        assert "WRONG class name" in abl["validation"]["description"]  # chosen on the held-out training photos
+        assert "the name of a random WRONG class" in abl["validation"]["description"]  # chosen on the held-out training photos
         assert abl["validation"]["n"] == train["holdout_n"]
         ev = json.loads((job / "evaluation.json").read_text())
         assert set(ev["test_sets"]) == set(SETS)  # the probe shift is never a test set
@@ -108,24 +108,29 @@ def test_probe_set_is_written_once_in_model_geometry_and_recorded(study):
     job = Path(cfg.out) / "seed0"
     probe_dir = job / "probe" / "train-text"
     rows = list(csv.DictReader(open(probe_dir / "manifest.csv", newline="", encoding="utf-8")))
-    assert len(rows) == PROBE_N and (probe_dir / "probe.json").is_file()
+    # PROBE_N training photos drawn, less those the trained model holds out as its validation set
+    from neuroscribe.datasets.sets import held_out
+    holdout = held_out(job)
+    assert holdout and not {Path(r["source"]).resolve() for r in rows} & holdout
+    n_probe = len(rows)
+    assert 0 < n_probe <= PROBE_N and (probe_dir / "probe.json").is_file()
     cued = [r for r in rows if r["has_cue"] == "1"]
     names = json.loads((ROOT / "neuroscribe" / "data" / "sample" / "classes.json").read_text())
     names = [names[w] for w in sorted(names)]
-    assert 0 < len(cued) < PROBE_N  # the true class name written on about half of them
+    assert 0 < len(cued) < n_probe  # the true class name written on about half of them
     assert all(r["cue_class"] == r["label"] and r["cue_token"] == names[int(r["label"])] for r in cued)
     assert all(Image.open(probe_dir / r["path"]).size == (32, 32) for r in rows)  # the model's input geometry
     # the recording (and so every view and description) is of the probe photos, not of data: (clean val photos)
     from neuroscribe.record import Recording
     rec = Recording.open(job)
-    assert Path(rec.meta["data_root"]).resolve() == probe_dir.resolve() and rec.meta["n_images"] == PROBE_N
+    assert Path(rec.meta["data_root"]).resolve() == probe_dir.resolve() and rec.meta["n_images"] == n_probe
     assert [p.resolve() for p in rec.image_paths] == [s.path.resolve() for s in
                                                        manifest(probe_dir / "manifest.csv").samples]
     first = rec.exemplars("layer4", 0)[0]
     assert np.array_equal(np.asarray(rec.image(first.image_id)), np.asarray(Image.open(first.path).convert("RGB")))
     described = [json.loads(line) for line in (job / "descriptions.jsonl").read_text().splitlines() if line]
     assert {(r["layer"], r["unit"]) for r in described} == {(l, u) for l in cfg.layers for u in range(UNITS)}
-    assert all(set(r["exemplar_ids"]) <= set(range(PROBE_N)) for r in described)
+    assert all(set(r["exemplar_ids"]) <= set(range(n_probe)) for r in described)
 
 
 def test_rerun_reuses_every_stage(study, monkeypatch):
@@ -138,7 +143,7 @@ def test_rerun_reuses_every_stage(study, monkeypatch):
     def forbidden(*a, **k):
         raise AssertionError("a current stage ran again")
 
-    from neuroscribe import train as train_mod
+    from neuroscribe.train import classifier as train_mod
     from neuroscribe.datasets import shifts
     monkeypatch.setattr(train_mod, "_train_epoch", forbidden)
     monkeypatch.setattr(train_mod, "_decode_all", forbidden)

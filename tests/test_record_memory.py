@@ -11,7 +11,8 @@ from torch import nn
 
 from neuroscribe.config import load_config
 from neuroscribe.datasets.probe import sample_root
-from neuroscribe.describe import record as record_mod
+from neuroscribe.record import recorder as record_mod
+from neuroscribe.record import state as state_mod
 from neuroscribe.models import LoadedModel, Preprocess, register_model
 
 REPO = Path(__file__).resolve().parents[1]
@@ -75,7 +76,7 @@ def _wide(**_):
 
 def test_chunked_recording_is_byte_identical_to_unchunked(tmp_path, monkeypatch):
     def run(out, chunk_bytes):
-        monkeypatch.setattr(record_mod, "CHUNK_BYTES", chunk_bytes)
+        monkeypatch.setattr(state_mod, "CHUNK_BYTES", chunk_bytes)
         cfg = load_config(None, {"model": "test-wide-20k", "layers": ["wide"], "out": str(out),
                                  "data": {"root": str(sample_root()), "limit": 12}, "record": {"k": 4},
                                  "batch_size": 4, "workers": 0, "progress": False, "device": "cpu"})

@@ -1,0 +1,184 @@
+"""The recorder's state: per layer, the streaming top-k exemplars with their maps, the quantile sketch and the
+exact mean (:class:`LayerState`), and the :class:`Recorder` that folds each batch's hooked outputs into them, in
+unit chunks of about ``CHUNK_BYTES`` of scratch memory."""
+
+from __future__ import annotations
+
+import logging
+import re
+from dataclasses import dataclass
+
+import torch
+
+from ..config import JobConfig
+from ..datasets.probe import ImageDataset, ProbeSet, collate_skipping
+from ..hooks import layer_layout, prefix_tokens, run, trace, unit_view
+from ..models import LoadedModel
+from .stats import CascadeSum, QuantileSketch, TopK
+
+CHUNK_BYTES = 256 * 2**20  # target scratch memory of one unit chunk
+STATE_GPU_FRACTION = 0.25  # states stay on the GPU while they fit in this share of its free memory
+log = logging.getLogger("neuroscribe.record")
+
+
+def layer_file(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]", "_", name) + ".safetensors"
+
+
+class LayerState:
+    """Everything kept for one layer during the pass; mergeable across shards."""
+
+    def __init__(self, units: int, map_shape: tuple[int, int], k: int, q: float, n_images: int,
+                 budget_bytes: float, device, chunk: int | None = None):
+        self.topk = TopK(units, k, map_shape, device)
+        self.quant = QuantileSketch(units, q, n_images, map_shape[0] * map_shape[1], budget_bytes, device)
+        self.sums = CascadeSum(units, device)
+        self.units, self.map_shape = units, tuple(map_shape)
+        self.n = 0
+        self.chunk = chunk  # units per chunk (None: all at once)
+        self._next_leaf = 0
+
+    @staticmethod
+    def chunk_units(units: int, positions: int, k: int, m: int, batch: int, target_bytes: float) -> int:
+        """Units per chunk so that one chunk's scratch (activation copies, merges, map gathers) is ~target."""
+        per_unit = 6 * batch * positions + 32 * m + 4 * k * positions + 64
+        return int(max(1, min(units, target_bytes // per_unit)))
+
+    @staticmethod
+    def state_bytes(units: int, positions: int, k: int, q: float, n_images: int, budget_bytes: float) -> int:
+        m = QuantileSketch(1, q, n_images, positions, budget_bytes / max(units, 1)).m
+        return units * k * (positions * 2 + 12) + min(units * m * 4, int(budget_bytes * 1.2)) + units * 8 * 40
+
+    @property
+    def sum(self) -> torch.Tensor:
+        """Per-unit sum of the per-image spatial means (float64)."""
+        return self.sums.total()
+
+    def update(self, acts: torch.Tensor, ids: torch.Tensor, leaf: int | None = None) -> None:
+        """Fold in ``acts [B, U, H, W]`` of images ``ids``; ``leaf`` is the batch's global index (for the mean)."""
+        b = acts.shape[0]
+        if b == 0:
+            return
+        self.topk.update(acts, ids, self.chunk)
+        self.quant.update(acts, ids, self.chunk)
+        u = acts.shape[1]
+        step = self.chunk or u
+        total = torch.empty(u, dtype=torch.float64, device=acts.device)
+        for u0 in range(0, u, step):
+            total[u0:u0 + step] = acts[:, u0:u0 + step].float().mean((2, 3)).double().sum(0)
+        leaf = self._next_leaf if leaf is None else int(leaf)
+        self.sums.add(leaf, total)
+        self._next_leaf = leaf + 1
+        self.n += b
+
+    def merge(self, other: "LayerState") -> None:
+        self.topk.merge(other.topk, self.chunk)
+        self.quant.merge(other.quant, self.chunk)
+        self.sums.merge(other.sums)
+        self.n += other.n
+        self._next_leaf = max(self._next_leaf, other._next_leaf)
+
+    def state(self) -> dict[str, torch.Tensor]:
+        st = {f"topk.{k}": v for k, v in self.topk.state().items()}
+        st.update({f"quant.{k}": v for k, v in self.quant.state().items()})
+        st.update({f"sum.{k}": v for k, v in self.sums.state().items()})
+        st["n"] = torch.tensor([self.n, self._next_leaf])
+        return st
+
+    def load(self, st: dict[str, torch.Tensor]) -> None:
+        self.topk.load({k[5:]: v for k, v in st.items() if k.startswith("topk.")})
+        self.quant.load({k[6:]: v for k, v in st.items() if k.startswith("quant.")})
+        self.sums.load({k[4:]: v for k, v in st.items() if k.startswith("sum.")})
+        self.n, self._next_leaf = int(st["n"][0]), int(st["n"][1])
+
+
+@dataclass
+class Recorder:
+    """The streaming pass over a list of image ids (all of them, or one rank's shard)."""
+
+    cfg: JobConfig
+    lm: LoadedModel
+    probe: ProbeSet
+    device: torch.device
+    states: dict[str, LayerState] | None = None
+    layer_meta: dict[str, dict] | None = None
+    calls: dict[str, int] | None = None
+    chunk_bytes: float | None = None  # None: the module's CHUNK_BYTES
+    state_device: torch.device | str | None = None  # None: decided per layer (see the module docstring)
+
+    def _state_devices(self, shapes: dict[str, tuple[int, int, int]]) -> dict[str, torch.device]:
+        """Where each layer's state lives: the compute device while the states fit, else host memory."""
+        cpu = torch.device("cpu")
+        if self.state_device is not None:
+            return {name: torch.device(self.state_device) for name in shapes}
+        if self.device.type != "cuda":
+            return {name: cpu for name in shapes}  # CPU; MPS has no float64
+        free = torch.cuda.mem_get_info(self.device)[0] * STATE_GPU_FRACTION
+        out = {}
+        r = self.cfg.record
+        for name, (u, h, w) in shapes.items():
+            need = LayerState.state_bytes(u, h * w, r.k, r.quantile, len(self.probe), r.quantile_budget_mb * 2**20)
+            out[name] = self.device if need <= free else cpu
+            free -= need if need <= free else 0
+            if out[name] == cpu:
+                log.info("layer %s: state (%.0f MiB) kept in host memory", name, need / 2**20)
+        return out
+
+    def _init_states(self, outputs: dict[str, torch.Tensor]) -> None:
+        self.states, self.layer_meta = {}, {}
+        r = self.cfg.record
+        budget = r.quantile_budget_mb * 2**20
+        views = {}
+        for name in self.cfg.layers:
+            raw = outputs[name]
+            n_prefix = prefix_tokens(self.lm.module, raw.shape[1]) if raw.dim() == 3 else None
+            layout = layer_layout(self.lm.module, name, tuple(raw.shape), self.cfg.layouts)
+            views[name] = (raw, n_prefix, layout, unit_view(raw, n_prefix, layout))
+        devices = self._state_devices({n: tuple(v.shape[1:]) for n, (*_, v) in views.items()})
+        for name, (raw, n_prefix, layout, v) in views.items():
+            kind = {4: "conv", 3: "tokens", 2: "flat"}[raw.dim()]
+            units, shape = int(v.shape[1]), tuple(v.shape[2:])
+            st = LayerState(units, shape, r.k, r.quantile, len(self.probe), budget, devices[name])
+            st.chunk = LayerState.chunk_units(units, shape[0] * shape[1], r.k, st.quant.m, self.cfg.batch_size,
+                                              self.chunk_bytes or CHUNK_BYTES)
+            self.states[name] = st
+            self.layer_meta[name] = {"kind": kind, "units": units, "map_shape": list(shape),
+                                     "output_shape": list(raw.shape[1:]), "prefix_tokens": n_prefix,
+                                     "layout": layout, "file": f"layers/{layer_file(name)}"}
+
+    def probe_shapes(self) -> None:
+        """One blank forward pass: output shapes and how often each layer is called per pass."""
+        crop = self.lm.preprocess.crop
+        with torch.no_grad(), trace(self.lm.module, self.cfg.layers) as tr:
+            run(self.lm.module, torch.zeros(1, 3, crop, crop, device=self.device))
+        self.calls = dict(tr.calls)
+        self._init_states(tr.outputs)
+
+    def step(self, x: torch.Tensor, ids: torch.Tensor, leaf: int | None = None) -> None:
+        """Fold one batch in; ``leaf`` is its global batch index (the position of its sum in the mean's tree)."""
+        if self.states is None:
+            self.probe_shapes()
+        with torch.no_grad(), trace(self.lm.module, self.cfg.layers, stop=True, calls=self.calls) as tr:
+            run(self.lm.module, x.to(self.device, non_blocking=True))
+        for name, st in self.states.items():
+            meta = self.layer_meta[name]
+            st.update(unit_view(tr.outputs[name], meta["prefix_tokens"], meta["layout"]), ids, leaf)
+        del tr
+
+    def state(self) -> dict[str, torch.Tensor]:
+        return {f"{name}::{k}": v for name, st in self.states.items() for k, v in st.state().items()}
+
+    def load(self, flat: dict[str, torch.Tensor]) -> None:
+        for name, st in self.states.items():
+            pre = f"{name}::"
+            part = {k[len(pre):]: v for k, v in flat.items() if k.startswith(pre)}
+            if not part:
+                raise KeyError(f"checkpoint holds no state for layer {name!r}")
+            st.load(part)
+
+    def loader(self, ids: list[int]):
+        ds = ImageDataset(self.probe, self.lm.preprocess.transform(), ids, resize=self.lm.preprocess.resize)
+        return torch.utils.data.DataLoader(ds, batch_size=self.cfg.batch_size, shuffle=False,
+                                           num_workers=self.cfg.workers, collate_fn=collate_skipping,
+                                           pin_memory=self.device.type == "cuda",
+                                           persistent_workers=False)

@@ -72,6 +72,7 @@ from ..hooks import resolve_layers
 from ..models import LoadedModel, load_model
 from ..runtime import resolve_device
 from . import state as state_mod
+from .heap import reuse_freed_memory
 from .state import LayerState, Recorder, layer_file  # noqa: F401 (LayerState, layer_file re-exported)
 from .stats import CascadeSum
 
@@ -168,19 +169,20 @@ def run_pass(rec: Recorder, ids: list[int], partial: Path | None, desc: str = "r
     bar = _progress(cfg, len(ids), done, desc)
     t0 = time.perf_counter()
     seen = 0
-    for b, (x, bid, failed) in enumerate(rec.loader(ids[done:]), 1):
-        leaf = leaf_offset + done // bs
-        for i, reason in failed:
-            skipped.append([int(i), rec.probe.relpath(i), reason])
-            log.warning("skipped image %s: %s", rec.probe.relpath(i), reason)
-        if x is not None:
-            rec.step(x, bid, leaf)
-        n = len(bid) + len(failed)
-        done += n
-        seen += n
-        bar.update(n)
-        if ckpt is not None and b % cfg.record.checkpoint_every == 0 and done < len(ids):
-            save()
+    with reuse_freed_memory():  # each batch reuses the pages the previous one freed (see heap.py)
+        for b, (x, bid, failed) in enumerate(rec.loader(ids[done:]), 1):
+            leaf = leaf_offset + done // bs
+            for i, reason in failed:
+                skipped.append([int(i), rec.probe.relpath(i), reason])
+                log.warning("skipped image %s: %s", rec.probe.relpath(i), reason)
+            if x is not None:
+                rec.step(x, bid, leaf)
+            n = len(bid) + len(failed)
+            done += n
+            seen += n
+            bar.update(n)
+            if ckpt is not None and b % cfg.record.checkpoint_every == 0 and done < len(ids):
+                save()
     bar.close()
     if ckpt is not None and final_checkpoint and seen:
         save()

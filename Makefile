@@ -47,9 +47,10 @@ mutation: $(STAMP)
 lock:
 	$(PYTHON) -m venv .venv-lock
 	.venv-lock/bin/python -m pip install -q $(PIP_TOOLS)
-	rm -f requirements/lock.txt
+	rm -f requirements/lock.new.txt
 	.venv-lock/bin/pip-compile -q --strip-extras --extra $(EXTRAS) -c requirements/torch.txt --allow-unsafe \
-	  --no-emit-index-url --no-emit-find-links -o requirements/lock.txt pyproject.toml
+	  --no-emit-index-url --no-emit-find-links -o requirements/lock.new.txt pyproject.toml
+	mv requirements/lock.new.txt requirements/lock.txt
 	rm -rf .venv-lock
 
 clean:

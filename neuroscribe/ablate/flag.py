@@ -172,7 +172,7 @@ def flag_units(descriptions: Iterable[Mapping[str, Any]], cfg: FlagConfig, embed
 
     ``descriptions``: dicts with ``layer``, ``unit``, ``description`` (other keys ignored; one row per unit).
     ``embedder``: an object with ``encode(list[str]) -> [n, dim]`` unit-norm array (e.g.
-    :class:`~neuroscribe.describe.summarise.SentenceEmbedder`); None builds ``cfg.embedder`` (None there too: keyword
+    :class:`~neuroscribe.text.SentenceEmbedder`); None builds ``cfg.embedder`` (None there too: keyword
     matching only). ``evidence``: ``{(layer, unit): effect}``; it applies to ``evidence_cue``, which defaults to the
     only cue when ``cfg.cues`` has one. Returns the flags that count under ``cfg.use`` (``all_rows=True``: every
     (unit, cue) row, with ``flagged`` saying whether it counts), ordered by layer (first seen), unit, cue.

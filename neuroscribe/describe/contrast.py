@@ -40,7 +40,8 @@ from typing import Protocol, Sequence
 
 import numpy as np
 
-from .summarise import TIE_TOLERANCE, SentenceEmbedder, _cosines, _tie_key
+from ..text import SentenceEmbedder
+from .summarise import TIE_TOLERANCE, _cosines, _tie_key
 from .tagger import Candidate
 
 __all__ = ["FRAGMENT_MIN_LETTERS", "SPECIFIC_SHARE", "Contrasted", "contrast", "merge_fragments"]

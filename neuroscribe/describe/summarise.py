@@ -5,8 +5,8 @@ pointwise mutual information ``log p(d | E) - lambda * log p(d)``: typical of *t
 general. Here ``p(d | E)`` and ``p(d)`` are estimated from tagger candidates (:class:`~neuroscribe.describe.tagger.
 Candidate`) with a sentence-embedding kernel instead of MILAN's captioning and language models; see
 :func:`summarise` for the exact formula. The captioner backend uses it; the offline tagger's descriptions are chosen
-against a fixed ImageNet background instead (:mod:`neuroscribe.describe.contrast`), which also provides the
-:class:`SentenceEmbedder` used there.
+against a fixed ImageNet background instead (:mod:`neuroscribe.describe.contrast`). Both embed phrases with
+:class:`neuroscribe.text.SentenceEmbedder`.
 """
 
 from __future__ import annotations

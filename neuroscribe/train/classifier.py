@@ -158,7 +158,7 @@ def train_classifier(cfg: TrainConfig, out_dir: str | Path, device: str = "auto"
     ``seed`` (default ``cfg.seeds[0]``) drives initialisation, batch order and augmentation; ``cfg.data_seed`` the
     holdout split and cue plan. ``workers`` data-loading processes (results do not depend on it). With ``resume``
     an interrupted run continues from its last finished epoch and a finished one is returned as it is. See the
-    module docstring for every step: data (:func:`_data`), the loop (:func:`_fit`), the checkpoint (:func:`_save`).
+    module docstring for every step: data (:func:`_data`), the loop (:func:`_fit`), the checkpoint (the end of this function).
     """
     out = Path(out_dir)
     seed = cfg.seeds[0] if seed is None else int(seed)

@@ -280,9 +280,14 @@ def test_describe_sharded_across_two_ranks_equals_one_process(tmp_path):
     logs = sorted((two / "describe").glob("*/units.rank*.jsonl"))
     assert [f.name for f in logs] == ["units.rank0.jsonl", "units.rank1.jsonl"]
     assert all(f.read_text().strip() for f in logs)  # both ranks described units
-    a = (one / "descriptions.csv").read_text().replace(str(one), "JOB")
-    b = (two / "descriptions.csv").read_text().replace(str(two), "JOB")
-    assert a == b
+    import csv
+    a = list(csv.DictReader((one / "descriptions.csv").read_text().replace(str(one), "JOB").splitlines()))
+    b = list(csv.DictReader((two / "descriptions.csv").read_text().replace(str(two), "JOB").splitlines()))
+    # the same words, exemplars and candidates; scores equal up to float rounding (each rank batches its own
+    # units, views and phrases, which moves float results in the 7th digit: 1.07335782 vs 1.07335764 seen)
+    assert [{k: v for k, v in r.items() if k != "score"} for r in a] == \
+        [{k: v for k, v in r.items() if k != "score"} for r in b]
+    assert [float(r["score"]) for r in a] == pytest.approx([float(r["score"]) for r in b], rel=1e-5)
 
 
 def test_torchrun_record_and_describe_then_flag_ablate_evaluate_report(tmp_path):

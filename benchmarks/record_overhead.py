@@ -2,27 +2,37 @@
 
 Part 1 (ratio): the same pre-decoded batches go through (a) the bare forward pass and (b) the recording step
 (hooks on every requested layer + running top-k + quantile + mean), alternating batch by batch so both see the
-same machine load. Prints ``ratio <record/bare>`` (target <= 1.10).
-Part 2 (memory): full ``record()`` runs (data loading included) on N1 and N4 images in fresh subprocesses; prints
-peak RSS for each (target: flat -- state is O(units x k), not O(images)).
+same machine load, with the heap settings the record pass uses (:mod:`neuroscribe.record.heap`) in force for
+both. Prints, side by side, wall time, user and system CPU time, the system-time share and minor page faults per
+image (``getrusage`` deltas) of each path, then ``ratio <record/bare>`` (target <= 1.10).
+Part 2 (memory): full ``record()`` runs (data loading included) on N1 and N4 images in fresh subprocesses;
+prints peak RSS, minor faults per image and the user/system split of each (the whole process, model loading
+included; DataLoader workers not counted) and the peak-RSS ratio (target: flat -- the state is O(units x k) plus
+the bounded quantile buffer).
 
     python benchmarks/record_overhead.py            # 256 images for the ratio, 1k and 4k for memory
-    python benchmarks/record_overhead.py --quick    # ends within about a minute
+    python benchmarks/record_overhead.py --quick    # well under two minutes
+
+It measures the checkout it lives in (its ``neuroscribe`` comes first on ``sys.path``).
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
+import resource
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-import torch
-
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+
 IMAGENETTE = ROOT.parent / "shared" / "data" / "imagenette"
 LAYERS = [f"_blocks.{i}" for i in range(16)] + ["_conv_head", "_fc"]
 
@@ -32,9 +42,23 @@ def data_root() -> str:
     return str(IMAGENETTE) if IMAGENETTE.is_dir() else str(sample_root())
 
 
+def heap_settings():
+    """The record pass's heap settings (a no-op context in checkouts that predate them)."""
+    try:
+        from neuroscribe.record.heap import reuse_freed_memory
+    except ImportError:
+        return contextlib.nullcontext(False)
+    return reuse_freed_memory()
+
+
+def usage() -> tuple[int, float, float]:
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_minflt, r.ru_utime, r.ru_stime
+
+
 def ratio(n_images: int, batch: int, crop: int | None) -> dict:
     from neuroscribe.config import load_config
-    from neuroscribe.datasets.probe import load_image, open_probe_set
+    from neuroscribe.datasets.probe import load_image
     from neuroscribe.record.recorder import Recorder, prepare
     from neuroscribe.runtime import resolve_device
     cfg = load_config(None, {"model": "efficientnet-lite0", "layers": LAYERS, "progress": False,
@@ -45,51 +69,67 @@ def ratio(n_images: int, batch: int, crop: int | None) -> dict:
     tf = lm.preprocess.transform()
     xs = [torch.stack([tf(load_image(s.path)) for s in probe.samples[i:i + batch]])
           for i in range(0, len(probe), batch)]
-    rec = Recorder(cfg, lm, probe, dev)
-    rec.probe_shapes()
     model = lm.module
-    with torch.no_grad():  # warm-up both paths
-        model(xs[0].to(dev))
-    rec.step(xs[0], torch.arange(len(xs[0])))
-    rec = Recorder(cfg, lm, probe, dev)
-    rec.probe_shapes()
-    bare = recd = 0.0
-    start = 0
-    for x in xs:
-        ids = torch.arange(start, start + len(x))
-        start += len(x)
-        if dev.type == "cuda":
-            torch.cuda.synchronize()
-        t = time.perf_counter()
-        with torch.no_grad():
-            model(x.to(dev))
-        if dev.type == "cuda":
-            torch.cuda.synchronize()
-        bare += time.perf_counter() - t
-        t = time.perf_counter()
-        rec.step(x, ids)
-        if dev.type == "cuda":
-            torch.cuda.synchronize()
-        recd += time.perf_counter() - t
+    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+    acc = {p: {"s": 0.0, "faults": 0, "user_s": 0.0, "sys_s": 0.0} for p in ("bare", "record")}
+    with heap_settings() as heap:
+        rec = Recorder(cfg, lm, probe, dev)
+        rec.probe_shapes()
+        with torch.no_grad():  # warm-up both paths
+            model(xs[0].to(dev))
+        rec.step(xs[0], torch.arange(len(xs[0])))
+        rec = Recorder(cfg, lm, probe, dev)
+        rec.probe_shapes()
+        start = 0
+        for x in xs:
+            ids = torch.arange(start, start + len(x))
+            start += len(x)
+            for path in ("bare", "record"):
+                sync()
+                u0, t = usage(), time.perf_counter()
+                if path == "bare":
+                    with torch.no_grad():
+                        model(x.to(dev))
+                else:
+                    rec.step(x, ids)
+                sync()
+                dt, u1 = time.perf_counter() - t, usage()
+                a = acc[path]
+                a["s"] += dt
+                a["faults"] += u1[0] - u0[0]
+                a["user_s"] += u1[1] - u0[1]
+                a["sys_s"] += u1[2] - u0[2]
+    n = len(probe)
+    for a in acc.values():
+        a["faults_per_image"] = round(a.pop("faults") / n)
+        a["sys_share"] = round(a["sys_s"] / max(a["user_s"] + a["sys_s"], 1e-9), 3)
+        a.update({k: round(a[k], 2) for k in ("s", "user_s", "sys_s")})
     units = sum(m["units"] for m in rec.layer_meta.values())
-    return {"images": len(probe), "layers": len(LAYERS), "units": units, "bare_s": round(bare, 2),
-            "record_s": round(recd, 2), "ratio": round(recd / bare, 3), "device": str(dev),
-            "bare_img_per_s": round(len(probe) / bare, 1)}
+    return {"images": n, "layers": len(LAYERS), "units": units, "device": str(dev), "heap_reuse": bool(heap),
+            "bare": acc["bare"], "record": acc["record"], "ratio": round(acc["record"]["s"] / acc["bare"]["s"], 3),
+            "bare_img_per_s": round(n / acc["bare"]["s"], 1)}
 
 
-def peak_memory(n: int, crop: int | None, batch: int) -> float:
+def record_run(n: int, crop: int | None, batch: int) -> dict:
+    """A full ``record()`` of ``n`` images in a fresh process: peak RSS, faults per image, CPU time split."""
     code = f"""
-import resource, tempfile, json
+import resource, sys, tempfile, json
+sys.path.insert(0, {str(ROOT)!r})
 from neuroscribe.config import load_config
 from neuroscribe.record.recorder import record
 with tempfile.TemporaryDirectory() as d:
     record(load_config(None, {{"model": "efficientnet-lite0", "layers": {LAYERS!r}, "progress": False,
         "data": {{"root": {data_root()!r}, "limit": {n}}}, "out": d, "batch_size": {batch}, "workers": 2,
         "preprocess": {{"crop": {crop!r}, "resize": {crop!r}}}}}))
-print(json.dumps(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024))
+r = resource.getrusage(resource.RUSAGE_SELF)
+print(json.dumps([r.ru_maxrss / 1024, r.ru_minflt, r.ru_utime, r.ru_stime]))
 """
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    return float(r.stdout.strip().splitlines()[-1])
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=str(ROOT))
+    if r.returncode:
+        sys.exit(f"the record run of {n} images failed:\n{r.stderr[-3000:]}")
+    rss, faults, user, sys_s = json.loads(r.stdout.strip().splitlines()[-1])
+    return {"images": n, "peak_rss_mib": round(rss), "faults_per_image": round(faults / n), "user_s": round(user, 1),
+            "sys_s": round(sys_s, 1), "sys_share": round(sys_s / max(user + sys_s, 1e-9), 3)}
 
 
 def main() -> None:
@@ -98,30 +138,42 @@ def main() -> None:
     ap.add_argument("--json", help="also write the figures to this file")
     ap.add_argument("--images", type=int, help="images for the ratio (default 256; quick 48)")
     ap.add_argument("--batch", type=int, help="batch size for the ratio (default 32; quick 16)")
+    ap.add_argument("--sizes", type=int, nargs=2, help="image counts of the memory runs (default 1000 4000; "
+                                                        "quick 60 240)")
     ap.add_argument("--no-memory", action="store_true", help="skip the memory runs")
     a = ap.parse_args()
     torch.manual_seed(0)
     if a.quick:
         r = ratio(a.images or 48, a.batch or 16, 160)
-        sizes, crop = (60, 240), 96
+        sizes, crop = tuple(a.sizes or (60, 240)), 96
     else:
         r = ratio(a.images or 256, a.batch or 32, None)
-        sizes, crop = (1000, 4000), None
-    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cpus, torch "
-          f"{torch.__version__}, threads {torch.get_num_threads()}")
+        sizes, crop = tuple(a.sizes or (1000, 4000)), None
+    import neuroscribe
+    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cpus, load average "
+          f"{os.getloadavg()[0]:.1f}, torch {torch.__version__}, threads {torch.get_num_threads()}; "
+          f"neuroscribe from {Path(neuroscribe.__file__).parent}")
     print(f"record vs bare forward, EfficientNet-Lite0, {r['layers']} layers / {r['units']} units, "
-          f"{r['images']} images on {r['device']}: bare {r['bare_s']}s, record {r['record_s']}s")
+          f"{r['images']} images on {r['device']}, alternating batch by batch; glibc heap reuse "
+          f"{'on' if r['heap_reuse'] else 'off'} for both")
+    print(f"{'':22s}{'bare':>10s}{'record':>10s}")
+    for key, label in [("s", "wall s"), ("user_s", "user s"), ("sys_s", "system s"), ("sys_share", "system share"),
+                       ("faults_per_image", "minor faults / image")]:
+        print(f"{label:22s}{r['bare'][key]:>10}{r['record'][key]:>10}")
     print(f"bare forward: {r['bare_img_per_s']} images/s")
-    if a.no_memory:
-        print(f"ratio {r['ratio']:.2f}")
-        return
-    mem = {n: peak_memory(n, crop, 16 if a.quick else 32) for n in sizes}
-    for n, m in mem.items():
-        print(f"peak RSS, full record of {n} images{' at ' + str(crop) + ' px' if crop else ''}: {m:.0f} MiB")
-    print(f"memory ratio {sizes[1]}/{sizes[0]} images: {mem[sizes[1]] / mem[sizes[0]]:.2f}")
+    out = {"ratio": r}
+    if not a.no_memory:
+        mem = {n: record_run(n, crop, 16 if a.quick else 32) for n in sizes}
+        px = f" at {crop} px" if crop else ""
+        for n, m in mem.items():
+            print(f"full record of {n} images{px}: peak RSS {m['peak_rss_mib']} MiB, {m['faults_per_image']} minor "
+                  f"faults / image, user {m['user_s']}s, system {m['sys_s']}s ({m['sys_share']:.0%})")
+        ratio_mem = mem[sizes[1]]["peak_rss_mib"] / mem[sizes[0]]["peak_rss_mib"]
+        print(f"memory ratio {sizes[1]}/{sizes[0]} images: {ratio_mem:.2f}")
+        out.update(memory=mem, memory_ratio=round(ratio_mem, 3))
     print(f"ratio {r['ratio']:.2f}")
     if a.json:
-        Path(a.json).write_text(json.dumps({"ratio": r, "peak_rss_mib": mem}, indent=1))
+        Path(a.json).write_text(json.dumps(out, indent=1))
 
 
 if __name__ == "__main__":

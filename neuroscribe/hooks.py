@@ -15,8 +15,10 @@ Which of the two a map is, :func:`layer_layout` decides per layer, for recording
 (the job's ``layouts:``, or :func:`declare_layouts` on the model, e.g. by a model adapter) wins; then the module's
 type where it fixes the layout (Conv2d, BatchNorm2d, pooling: channels-first; Linear, plain LayerNorm:
 channels-last); then the layer's channel count (the module's width, or the model's timm ``feature_info``) against
-the shape; then the shape alone (the spatial grid of a square input is square). An output both readings fit is
-refused with :class:`LayoutError`, which names the layer and how to declare it. (This is the logical order of the
+the shape; then the shape alone (the spatial grid of a square input is square). An output both readings fit
+(e.g. 24 channels on a 24 x 24 grid) is refused with :class:`LayoutError`, which names the layer and how to declare
+it; the recorder then runs a second blank pass at another input size and takes as channels the axis whose length
+did not change (:func:`layout_from_resize`), declaring the result on the model. (This is the logical order of the
 axes; torch's ``channels_last`` memory format, :func:`neuroscribe.models.channels_last`, leaves it unchanged.)
 """
 
@@ -281,6 +283,21 @@ def detect_layout(shape: tuple[int, ...], name: str, channels: int | None = None
     raise LayoutError(f"layer {name!r}: cannot tell whether its output {list(shape[1:])} is channels-first "
                       f"(C, H, W) or channels-last (H, W, C): {why}. Declare it in the job config, e.g. "
                       f"`layouts: {{{name}: nhwc}}` (or nchw), or in code with "
+                      f"neuroscribe.hooks.declare_layouts(model, {{{name!r}: 'nhwc'}})")
+
+
+def layout_from_resize(name: str, shape: tuple[int, ...], other: tuple[int, ...]) -> str:
+    """'nchw' or 'nhwc' for a layer whose 4-D output had ``shape`` at one input size and ``other`` at another: the
+    channel axis is the one that kept its length while the two spatial axes changed. Raises :class:`LayoutError`
+    (naming the layer) unless exactly one reading fits."""
+    (_, a, b, c), (_, a2, b2, c2) = shape, other
+    fits = [lay for lay, kept, moved in (("nchw", a == a2, b != b2 and c != c2), ("nhwc", c == c2, a != a2 and b != b2))
+            if kept and moved]
+    if len(fits) == 1:
+        return fits[0]
+    raise LayoutError(f"layer {name!r}: cannot tell whether its output is channels-first (C, H, W) or channels-last "
+                      f"(H, W, C): it is {list(shape[1:])} at one input size and {list(other[1:])} at another. "
+                      f"Declare it in the job config, e.g. `layouts: {{{name}: nhwc}}` (or nchw), or in code with "
                       f"neuroscribe.hooks.declare_layouts(model, {{{name!r}: 'nhwc'}})")
 
 

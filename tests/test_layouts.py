@@ -138,3 +138,55 @@ def test_ambiguous_layout_is_refused_naming_the_layer(registered, tmp_path):
     with torch.no_grad(), ablated(m, {"layers.0": [3]}, retain=["layers.0"]) as ab:
         m(x)
     assert _diff_channels(ab["layers.0"], tr["layers.0"]) == [3]
+
+
+class _Blocks(torch.nn.Module):
+    """A stride-4 stem with 16 channels, then a bare block that keeps NCHW and one that turns it to NHWC: at 64 px
+    both outputs are 16 x 16 x 16, so the shape alone cannot tell them apart."""
+
+    class Keep(torch.nn.Module):
+        def forward(self, x):
+            return x * 1.0
+
+    class ToLast(torch.nn.Module):
+        def forward(self, x):
+            return x.permute(0, 2, 3, 1).contiguous()
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.stem = torch.nn.Conv2d(3, 16, 4, stride=4)
+        self.first, self.last = self.Keep(), self.ToLast()
+        self.head = torch.nn.Linear(16, 10)
+
+    def forward(self, x):
+        x = self.first(self.stem(x))
+        return self.head(self.last(x).mean((1, 2)))
+
+
+def test_square_layouts_told_apart_by_a_second_input_size(monkeypatch, tmp_path):
+    pre = models.Preprocess(resize=SIZE, crop=SIZE)
+    net = _Blocks().eval()
+    monkeypatch.setitem(models._REGISTRY, "test-square", lambda **_: models.LoadedModel("test-square", net, pre))
+    rec = Recording(record(job(tmp_path / "j", "test-square", ["first", "last"])))
+    assert rec.layouts == {"first": "nchw", "last": "nhwc"}
+    x = torch.randn(2, 3, SIZE, SIZE)
+    with torch.no_grad(), trace(net, retain=["first", "last"]) as tr:
+        net(x)
+    assert torch.equal(tr["first"], tr["last"].permute(0, 3, 1, 2))  # one map, two layouts
+    maps = rec.tensors("last")["maps"]  # the exemplars' maps: the same units on both layers
+    assert torch.equal(maps, rec.tensors("first")["maps"])
+    from neuroscribe.hooks import declare_layouts
+    m = declare_layouts(_Blocks().eval(), rec.layouts)
+    with torch.no_grad(), ablated(m, {"last": [5]}, retain=["last"]) as ab:
+        m(x)
+    assert _diff_channels(ab["last"], tr["last"]) == [5]
+
+
+def test_efficientnet_block_with_as_many_channels_as_pixels_records(tmp_path):
+    """EfficientNet-Lite0 at 96 px: ``_blocks.1`` outputs 24 channels on a 24 x 24 grid (was a LayoutError)."""
+    cfg = job(tmp_path / "e", "efficientnet-lite0", ["_blocks.1", "_blocks.3"],
+              preprocess={"resize": 96, "crop": 96})
+    rec = Recording(record(cfg))
+    assert rec.layouts == {"_blocks.1": "nchw", "_blocks.3": "nchw"}
+    assert rec.meta["layers"]["_blocks.1"]["map_shape"] == [24, 24] and rec.units("_blocks.1") == 24

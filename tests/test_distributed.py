@@ -265,7 +265,8 @@ def test_describe_sharded_across_two_ranks_equals_one_process(tmp_path):
     one = tmp_path / "one"
     over = {"model": "efficientnet-lite0", "layers": ["_blocks.15"], "out": str(one), "progress": False,
             "workers": 0, "batch_size": 20, "data": {"root": str(sample_root()), "split": "val", "limit": 30},
-            "describe": {"units": 8, "batch_units": 3, "faithfulness_images": 0, "gallery": False}}
+            "describe": {"units": 8, "batch_units": 3, "faithfulness_images": 0, "gallery": False,
+                         "verify": {"images": 8}}}
     cfg = load_config(None, over)
     record(cfg)
     two = tmp_path / "two"
@@ -299,7 +300,8 @@ def test_torchrun_record_and_describe_then_flag_ablate_evaluate_report(tmp_path)
     spec = {"model": "efficientnet-lite0", "layers": ["_blocks.15"], "out": str(tmp_path / "out"),
             "progress": False, "workers": 0, "batch_size": 10,
             "data": {"root": str(sample_root()), "split": "val", "limit": 30}, "record": {"k": 5},
-            "describe": {"units": 8, "batch_units": 3, "faithfulness_images": 0, "gallery": False},
+            "describe": {"units": 8, "batch_units": 3, "faithfulness_images": 0, "gallery": False,
+                         "verify": {"images": 8}},
             "shifts": [{"name": "val-text", "data": {"root": str(sample_root()), "split": "train", "limit": 30},
                         "cue": text, "correlation": "wrong"},
                        {"name": "wrong-text", "data": {"root": str(sample_root()), "split": "val", "limit": 20},

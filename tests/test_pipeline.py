@@ -18,7 +18,7 @@ def job(tmp_path_factory):
         "train": {"arch": "torchvision:resnet18", "data": {"split": "train", "limit": 120}, "cue": TEXT,
                   "fraction": 0.5, "holdout": 0.25, "resolution": 48, "epochs": 2, "batch_size": 30},
         "layers": ["layer3", "layer4"], "data": {"split": "val", "limit": 40}, "record": {"k": 5},
-        "describe": {"units": 12, "faithfulness_images": 0, "gallery": False},
+        "describe": {"units": 12, "faithfulness_images": 0, "gallery": False, "verify": {"images": 8}},
         "shifts": [{"name": "wrong-text", "data": {"split": "val", "limit": 40}, "cue": TEXT,
                     "correlation": "wrong"},
                    {"name": "train-text", "data": {"split": "train", "limit": 40}, "cue": TEXT, "fraction": 0.5,

@@ -31,7 +31,8 @@ JOB = {
     "layers": ["layer3", "layer4"],
     "data": {"split": "val", "limit": TEST_N},
     "record": {"k": 2},
-    "describe": {"units": UNITS, "faithfulness_images": 0, "gallery": False, "tagger": {"ocr": False}},
+    "describe": {"units": UNITS, "faithfulness_images": 0, "gallery": False, "tagger": {"ocr": False},
+                 "verify": {"enabled": False}},  # verification is tested in test_verify, test_pipeline
     "probe": "train-text",
     "shifts": [
         {"name": "train-text", "data": {"split": "train", "limit": PROBE_N}, "cue": TEXT, "fraction": 0.5,

@@ -9,7 +9,9 @@ Descriptions (:func:`flag_units`). For every unit and every cue of :class:`~neur
 * embedding similarity: ``max_k cos(e(description), e(keyword_k))`` with a sentence embedder (unit-norm
   embeddings); it is always recorded, and flags when ``>= embedding_threshold``.
 
-The description flags the unit when either holds. Evidence (optional): ``evidence[(layer, unit)]``, usually
+The description flags the unit when either holds and, with ``verified`` (the default), its verification by
+experiment (``verify_status`` of the row, :mod:`neuroscribe.describe.verify`) is ``confirmed``; a row without a
+verification flags by its words alone. Evidence (optional): ``evidence[(layer, unit)]``, usually
 :func:`cue_effect`, flags a unit when it is among the top ``evidence_top`` share of units ranked by effect (within
 its layer, or over all units with ``evidence_scope='all'``) and its effect exceeds ``evidence_min``. ``use`` decides
 what counts: ``description``, ``evidence``, ``both`` (description and evidence) or ``either``.
@@ -82,6 +84,7 @@ class Flag:
     by_embedding: bool = False
     description: str | None = None
     flagged: bool = True
+    verified: str | None = None  # the description's verification status (describe.verify), None: not verified
 
     @property
     def key(self) -> Unit:
@@ -180,7 +183,9 @@ def flag_units(descriptions: Iterable[Mapping[str, Any]], cfg: FlagConfig, embed
     """
     if not cfg.cues:
         raise ValueError("flag.cues is empty: give at least one cue name with its keywords")
+    descriptions = list(descriptions)
     desc = _read_descriptions(descriptions)
+    status = {(str(r["layer"]), int(r["unit"])): r.get("verify_status") for r in descriptions}
     if evidence is None and cfg.use != "description":
         raise ValueError(f"flag.use={cfg.use!r} needs cue-effect evidence, but none was given (set "
                              "flag.evidence_shift to a shift with a cue, or use flag.use='description')")
@@ -237,11 +242,16 @@ def flag_units(descriptions: Iterable[Mapping[str, Any]], cfg: FlagConfig, embed
             if by_ev:
                 reasons.append(ev_flags[key])
             by_desc = bool(hits) or by_emb
+            ver = status.get(key)
+            if by_desc and cfg.verified and ver is not None:
+                by_desc = ver == "confirmed"
+                reasons.append(f"verification by experiment: {ver}")
             counts = {"description": by_desc, "evidence": by_ev, "both": by_desc and by_ev,
                       "either": by_desc or by_ev}[cfg.use]
             if counts or all_rows:
                 out.append(Flag(key[0], key[1], cue, bool(hits), hits[0] if hits else None, sim, by_ev,
-                                ev_values.get(key) if cue == ev_cue else None, reasons, by_emb, text, counts))
+                                ev_values.get(key) if cue == ev_cue else None, reasons, by_emb, text, counts,
+                                status.get(key)))
     return out
 
 

@@ -90,8 +90,8 @@ def export_edited(cfg: JobConfig, path: str | Path, variant: str = "description"
     units = [tuple(u) for u in abl["variants"][variant]["units"]]
     if not units:
         raise ValueError(f"ablation.json chose no units for {variant!r}: nothing to bake into the weights")
-    if cfg.ablate.method == "mean":
-        lm, _, _, means = model_and_means(cfg)
+    if cfg.ablate.method == "mean" or (job / "record.json").is_file():
+        lm, _, _, means = model_and_means(cfg)  # the recorded layouts declared (and the means for 'mean')
     else:
         (lm, _), means = job_model(cfg), None
     with warnings.catch_warnings():

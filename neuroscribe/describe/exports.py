@@ -10,6 +10,11 @@ score               the describer's score for ``description`` (empty/null when N
 backend             the describer backend (tagger, captioner, clip, ...)
 faithfulness_auc    from the ablation stage, when given (empty/null otherwise)
 faithfulness_mad    from the ablation stage, when given (empty/null otherwise)
+verify_kind         the intervention the description's words became (text, colour, object; empty: none)
+verify_target       what it rendered, painted or pasted (the word, the colour, the object's description)
+verify_status       confirmed, not confirmed, unverifiable (empty: verification off)
+verify_effect       mean(treated - control) / sd of the unit, on images where it is quiet
+verify_auc          P(treated > control) on those images
 exemplar_ids        the unit's exemplar image ids, best first (CSV: space-separated; JSONL/Parquet: a list)
 grid_path           the unit's exemplar grid image, POSIX path relative to the job directory (or empty)
 candidates          ranked alternatives as ``[{"text": ..., "score": ...}, ...]`` (CSV: that list as JSON)
@@ -40,8 +45,9 @@ if TYPE_CHECKING:  # pragma: no cover
 __all__ = ["COLUMNS", "MILAN_COLUMNS", "export_rows", "write_descriptions"]
 
 MILAN_COLUMNS = ("layer", "unit", "description")
-COLUMNS = MILAN_COLUMNS + ("model", "score", "backend", "faithfulness_auc", "faithfulness_mad", "exemplar_ids",
-                           "grid_path", "candidates")
+VERIFY_COLUMNS = ("verify_kind", "verify_target", "verify_status", "verify_effect", "verify_auc")
+COLUMNS = MILAN_COLUMNS + ("model", "score", "backend", "faithfulness_auc", "faithfulness_mad") + VERIFY_COLUMNS \
+    + ("exemplar_ids", "grid_path", "candidates")
 
 UnitKey = tuple[str, int]
 
@@ -101,7 +107,8 @@ def _rel(path: str | Path | None, job_dir: Path) -> str | None:
 def export_rows(rows: Sequence["Described"], rec: "Recording | Mapping | None" = None,
                 view_paths: Mapping[UnitKey, Mapping] | None = None,
                 faithfulness: Mapping[UnitKey, Mapping | None] | None = None,
-                job_dir: str | Path = ".") -> list[dict[str, Any]]:
+                job_dir: str | Path = ".", verification: Mapping[UnitKey, Mapping] | None = None
+                ) -> list[dict[str, Any]]:
     """The export records (one dict per unit, keys in :data:`COLUMNS` order; lists as lists).
 
     Rows are ordered by layer (first appearance) then unit; a unit described twice is an error.
@@ -123,6 +130,7 @@ def export_rows(rows: Sequence["Described"], rec: "Recording | Mapping | None" =
         key = (str(r.layer), int(r.unit))
         auc, mad = _faith(faithfulness, key)
         vp = (view_paths or {}).get(key) or {}
+        ver = (verification or {}).get(key) or {}
         cands = []
         for j, c in enumerate(r.candidates or []):
             try:
@@ -133,7 +141,10 @@ def export_rows(rows: Sequence["Described"], rec: "Recording | Mapping | None" =
         out.append({
             "layer": key[0], "unit": key[1], "description": str(r.description), "model": model,
             "score": _float(r.score, f"{key!r} score"), "backend": str(r.backend),
-            "faithfulness_auc": auc, "faithfulness_mad": mad, "exemplar_ids": _exemplar_ids(rec, r),
+            "faithfulness_auc": auc, "faithfulness_mad": mad, "verify_kind": ver.get("kind"),
+            "verify_target": ver.get("target"), "verify_status": ver.get("status"),
+            "verify_effect": _float(ver.get("effect"), f"{key!r} verify effect"),
+            "verify_auc": _float(ver.get("auc"), f"{key!r} verify auc"), "exemplar_ids": _exemplar_ids(rec, r),
             "grid_path": _rel(vp.get("grid"), job_dir), "candidates": cands,
         })
     return out
@@ -165,7 +176,9 @@ def _parquet_table(records: list[dict[str, Any]]):
     schema = pa.schema([
         ("layer", pa.string()), ("unit", pa.int64()), ("description", pa.string()), ("model", pa.string()),
         ("score", pa.float64()), ("backend", pa.string()), ("faithfulness_auc", pa.float64()),
-        ("faithfulness_mad", pa.float64()), ("exemplar_ids", pa.list_(pa.int64())), ("grid_path", pa.string()),
+        ("faithfulness_mad", pa.float64()), ("verify_kind", pa.string()), ("verify_target", pa.string()),
+        ("verify_status", pa.string()), ("verify_effect", pa.float64()), ("verify_auc", pa.float64()),
+        ("exemplar_ids", pa.list_(pa.int64())), ("grid_path", pa.string()),
         ("candidates", pa.list_(pa.struct([("text", pa.string()), ("score", pa.float64())]))),
     ])
     return pa.Table.from_pylist(records, schema=schema)
@@ -174,7 +187,8 @@ def _parquet_table(records: list[dict[str, Any]]):
 def write_descriptions(rows: Sequence["Described"], rec: "Recording | Mapping | None", out_dir: str | Path,
                        view_paths: Mapping[UnitKey, Mapping] | None = None,
                        faithfulness: Mapping[UnitKey, Mapping | None] | None = None, *,
-                       job_dir: str | Path | None = None, stem: str = "descriptions") -> dict[str, Path]:
+                       job_dir: str | Path | None = None, stem: str = "descriptions",
+                       verification: Mapping[UnitKey, Mapping] | None = None) -> dict[str, Path]:
     """Write ``<stem>.csv``, ``<stem>.jsonl`` and ``<stem>.parquet`` into ``out_dir`` atomically.
 
     ``rec`` is the :class:`Recording` (or its ``meta`` dict) the rows describe: it gives the model spec and,
@@ -185,7 +199,8 @@ def write_descriptions(rows: Sequence["Described"], rec: "Recording | Mapping | 
     """
     import pyarrow.parquet as pq
     out_dir = Path(out_dir)
-    records = export_rows(rows, rec, view_paths, faithfulness, out_dir if job_dir is None else job_dir)
+    records = export_rows(rows, rec, view_paths, faithfulness, out_dir if job_dir is None else job_dir,
+                          verification)
     paths = {"csv": out_dir / f"{stem}.csv", "jsonl": out_dir / f"{stem}.jsonl",
              "parquet": out_dir / f"{stem}.parquet"}
     with io.atomic_path(paths["csv"]) as tmp:

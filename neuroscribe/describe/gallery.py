@@ -105,9 +105,19 @@ def _faith_text(f: Mapping | None) -> str | None:
     return f"AUC {_fmt(auc)} · MAD {_fmt(mad)}"
 
 
+def _verify_text(v: Mapping | None) -> str | None:
+    if not v or not v.get("status"):
+        return None
+    if v.get("kind") is None:
+        return str(v["status"])
+    return (f"{v['status']} ({v['kind']}: {v.get('target')}; effect {_fmt(v.get('effect'))} · "
+            f"AUC {_fmt(v.get('auc'))})")
+
+
 def write_gallery(rows: Sequence["Described"], job_dir: str | Path,
                   view_paths: Mapping[UnitKey, Mapping] | None = None, *, rec: "Recording | None" = None,
                   faithfulness: Mapping[UnitKey, Mapping | None] | None = None,
+                  verification: Mapping[UnitKey, Mapping] | None = None,
                   title: str = "neuroscribe unit descriptions") -> Path:
     """Write the gallery into ``job_dir/gallery/`` and return the path of its ``index.html``.
 
@@ -161,7 +171,8 @@ def write_gallery(rows: Sequence["Described"], job_dir: str | Path,
             units_ctx.append({"unit": key[1], "description": str(r.description), "score": _fmt(score),
                               "backend": str(r.backend), "candidates": cands, "grid": grid_href,
                               "grid_size": grid_size, "search": search,
-                              "faithfulness": _faith_text(faithfulness.get(key))})
+                              "faithfulness": _faith_text(faithfulness.get(key)),
+                              "verification": _verify_text((verification or {}).get(key))})
             index_units.append({"l": layer, "u": key[1], "d": str(r.description), "s": _fmt(score) if
                                 score is not None else None, "c": " ".join(t for t, _ in cands),
                                 "h": f"{quote(pages[layer])}#unit-{key[1]}"})

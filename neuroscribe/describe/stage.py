@@ -51,7 +51,7 @@ def make_describer(cfg: JobConfig, device: torch.device):
 
 
 def _key(cfg: JobConfig, rec: Recording) -> str:
-    d = cfg.describe.model_dump(mode="json", exclude={"gallery", "batch_units", "faithfulness_images"})
+    d = cfg.describe.model_dump(mode="json", exclude={"gallery", "batch_units", "faithfulness_images", "verify"})
     ident = {"v": FORMAT_VERSION, "record": rec.meta["key"], "describe": d, "seed": cfg.seed}
     return hashlib.blake2b(json.dumps(ident, sort_keys=True).encode(), digest_size=8).hexdigest()
 
@@ -195,6 +195,28 @@ def faithfulness(cfg: JobConfig, rec: Recording, rows: list[Described]) -> dict[
     return out
 
 
+def verification(cfg: JobConfig, rec: Recording, rows: list[Described], ddir: Path) -> dict[tuple[str, int], dict]:
+    """Every described unit's verification by experiment (:mod:`.verify`) on the recording's own model, kept in
+    ``<describe dir>/verify.json`` under a key of the descriptions and ``describe.verify`` (reused on rerun)."""
+    v = cfg.describe.verify
+    if not v.enabled or not rows:
+        return {}
+    descriptions = {(r.layer, r.unit): r.description for r in rows}
+    key = io.artifact_key(sorted(descriptions.items()), v.model_dump(mode="json"), cfg.seed, rec.meta["key"])
+    path = ddir / "verify.json"
+    done = io.current(path, key)
+    if done is None:
+        from .verify import verify_units
+        device = resolve_device(cfg.device)
+        t0 = time.perf_counter()
+        res = verify_units(rec, recorded_model(cfg, rec, device), descriptions, v, cfg.seed, device,
+                           cfg.batch_size, progress=cfg.progress)
+        done = {"key": key, "seconds": round(time.perf_counter() - t0, 2),
+                "units": [dict(layer=l, unit=u, **r) for (l, u), r in res.items()]}
+        io.write_json(path, done)
+    return {(r["layer"], int(r["unit"])): r for r in done["units"]}
+
+
 def describe(cfg: JobConfig) -> Path | None:
     """Run the describe stage for the job in ``cfg.out``; returns the path of ``descriptions.csv``.
 
@@ -265,16 +287,20 @@ def _describe(cfg: JobConfig, ctx) -> Path | None:
                            [tuple(c) for c in r["candidates"]], dict(r["extra"], exemplar_ids=r["exemplar_ids"]))
                  for r in ordered]
     faith = faithfulness(cfg, rec, described)
+    verified = verification(cfg, rec, described, ddir)
     views = {(r["layer"], r["unit"]): {"grid": job / r["grid"], "views": []} for r in ordered}
     from .exports import write_descriptions
-    paths = write_descriptions(described, rec, job, views, faith, job_dir=job)
+    paths = write_descriptions(described, rec, job, views, faith, job_dir=job, verification=verified)
     if cfg.describe.gallery:
         from .gallery import write_gallery
-        write_gallery(described, job, views, rec=rec, faithfulness=faith)
+        write_gallery(described, job, views, rec=rec, faithfulness=faith, verification=verified)
     summary = {"key": key, "backend": cfg.describe.backend, "units": len(ordered), "layers": layers,
                "seconds_this_run": round(seconds, 2), "units_described_this_run": len(remaining),
                "units_per_second": round(len(remaining) / seconds, 3) if remaining and seconds > 0 else None,
                "faithfulness_units": len(faith)}
+    if verified:
+        status = [r["status"] for r in verified.values()]
+        summary["verification"] = {s: status.count(s) for s in ("confirmed", "not confirmed", "unverifiable")}
     if target:
         layer, units = target
         hits = {names: names_any(done[(layer, u)]["description"], class_terms(names)) for u, names in units.items()}

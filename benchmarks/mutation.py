@@ -20,7 +20,9 @@ written, with their changed lines, to ``build/mutation/<file>/survivors.txt`` (a
     python benchmarks/mutation.py --only neuroscribe/record/stats.py --keep \\
         --mutants 'neuroscribe.record.stats.xǁTopKǁadd__mutmut_*'   # rerun some mutants in the kept copy
 
-Adding a file (e.g. ``neuroscribe/hooks.py``) is one entry in TARGETS: the file and the tests that cover it.
+Adding a file is one entry in TARGETS: the file, the tests that cover it and (optionally) its functions to mutate.
+mutmut leaves decorated functions alone (``@contextlib.contextmanager``, ``@property``, ...), so what they compute
+must live in a plain function to be covered (e.g. :func:`neuroscribe.hooks._layer_hook` of ``trace``).
 """
 
 from __future__ import annotations
@@ -50,8 +52,9 @@ THRESHOLD = 95.0
 FAST = ["tests/test_core_numeric.py"]
 
 # source file -> tests that must kill its mutants (paths or pytest node ids) and, optionally, the functions to
-# mutate. Later: "neuroscribe/hooks.py": {"tests": ["tests/test_hooks.py"]},
-# "neuroscribe/record/exemplars.py": {...}, "neuroscribe/ablate/edit.py": {...}.
+# mutate (the numeric and geometric ones; I/O, rendering and plumbing are left to the other tests). Each file's own
+# fast test file: test_core_numeric.py (stats, evaluate, robustness, schema), test_core_hooks.py (hooks),
+# test_core_edit.py (the ablation edit), test_core_masks.py (exemplar masks and view geometry).
 TARGETS: dict[str, dict] = {
     "neuroscribe/record/stats.py": {"tests": FAST},  # streaming top-k, quantiles, sums
     "neuroscribe/ablate/evaluate.py": {  # accuracy, per-group / worst-group accuracy, bootstrap CIs
@@ -59,6 +62,23 @@ TARGETS: dict[str, dict] = {
     "neuroscribe/report/robustness.py": {  # the report's numbers: means over draws, deltas, gaps, worst groups
         "tests": FAST, "functions": ["_pct", "_interval", "_cell", "_derive"]},
     "neuroscribe/report/schema.py": {"tests": FAST, "functions": ["_frac"]},  # every accuracy a fraction
+    "neuroscribe/hooks.py": {  # reading and editing a layer: hooks, unit views (NCHW/NHWC/tokens/flat), layouts
+        "tests": ["tests/test_core_hooks.py"],
+        "functions": ["_first_tensor", "_replace_first", "_layer_hook", "run", "prefix_tokens", "unit_view",
+                      "layer_kind", "_valid_layout", "declare_layouts", "module_width", "module_layout",
+                      "channel_count", "detect_layout", "layer_layout", "layer_catalogue"]},
+    "neuroscribe/ablate/edit.py": {  # the ablation edit: unit lists, zero/mean through a hook or baked into weights
+        "tests": ["tests/test_core_edit.py"],
+        "functions": ["as_unit_dict", "_as_list", "unit_axis", "_check_range", "_mean_vector", "_check_means_length",
+                      "UnitAblation.__init__", "UnitAblation._index_and_values", "UnitAblation._axis",
+                      "UnitAblation.__call__", "_prepare", "_layout_of", "ablation_edits", "_edit_weights",
+                      "permanent_edit", "_hook_output"]},
+    "neuroscribe/record/exemplars.py": {  # exemplar masks: MILAN's and the edge upsampling, thresholds, exemplars
+        "tests": ["tests/test_core_masks.py"],
+        "functions": ["milan_upsample", "Recording.units", "Recording.layout", "Recording._check", "Recording._unit",
+                      "Recording.exemplars", "Recording.threshold", "Recording.upsampled", "Recording.masks"]},
+    "neuroscribe/describe/views.py": {  # view geometry: the dimmed view, its outline, the crop box
+        "tests": ["tests/test_core_masks.py"], "functions": ["dim_outside", "_ring", "crop_box", "crop_view"]},
 }
 
 KILLED = {"killed", "timeout", "segfault"}  # the tests failed (a timeout or a crash is a failure too)

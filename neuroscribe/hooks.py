@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import difflib
+import functools
 import math
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
@@ -122,35 +123,37 @@ def trace(model: nn.Module, retain: Iterable[str] = (), edit: dict[str, Callable
     tr = Trace()
     remaining = set(retain)
     handles = []
-
-    def make_hook(name: str):
-        def hook(_module, _inputs, output):
-            result = None
-            if name in retain_inputs and _inputs:
-                tr.inputs[name] = _inputs[0].detach().clone()
-            if name in edit:
-                result = _replace_first(output, edit[name](_first_tensor(output)))
-                output = result
-            if name in retain:
-                t = _first_tensor(output)
-                # a copy: later in-place ops of the model (ReLU(inplace=True), ``out += identity``) would
-                # otherwise rewrite the retained tensor
-                tr.outputs[name] = t.detach().clone() if detach else t.clone()
-                tr.calls[name] = tr.calls.get(name, 0) + 1
-                if tr.calls[name] >= calls.get(name, 1):
-                    remaining.discard(name)
-                if stop and not remaining and not edit:
-                    raise _StopForward
-            return result
-        return hook
-
     try:
         for name, mod in modules.items():
-            handles.append(mod.register_forward_hook(make_hook(name)))
+            handles.append(mod.register_forward_hook(functools.partial(
+                _layer_hook, name, tr, remaining, retain, edit, retain_inputs, calls, stop, detach)))
         yield tr
     finally:
         for h in handles:
             h.remove()
+
+
+def _layer_hook(name: str, tr: Trace, remaining: set[str], retain: list[str], edit: dict[str, Callable],
+                retain_inputs: list[str], calls: dict[str, int], stop: bool, detach: bool, _module, _inputs, output):
+    """The forward hook of layer ``name`` in a :func:`trace` block (a module-level function, so that mutation
+    testing reaches it: mutmut leaves decorated functions such as :func:`trace` alone)."""
+    result = None
+    if name in retain_inputs and _inputs:
+        tr.inputs[name] = _inputs[0].detach().clone()
+    if name in edit:
+        result = _replace_first(output, edit[name](_first_tensor(output)))
+        output = result
+    if name in retain:
+        t = _first_tensor(output)
+        # a copy: later in-place ops of the model (ReLU(inplace=True), ``out += identity``) would
+        # otherwise rewrite the retained tensor
+        tr.outputs[name] = t.detach().clone() if detach else t.clone()
+        tr.calls[name] = tr.calls.get(name, 0) + 1
+        if tr.calls[name] >= calls.get(name, 1):
+            remaining.discard(name)
+        if stop and not remaining and not edit:
+            raise _StopForward
+    return result
 
 
 def run(model: nn.Module, x: torch.Tensor):

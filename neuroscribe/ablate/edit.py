@@ -96,8 +96,8 @@ def as_unit_dict(units: Units) -> dict[str, list[int]]:
 def _as_list(layer: str, us: Any) -> list:
     if isinstance(us, numbers.Integral) and not isinstance(us, bool):
         return [us]
-    if torch.is_tensor(us):
-        return [int(v) for v in us.reshape(-1).tolist()]
+    if torch.is_tensor(us):  # its Python numbers, checked like any others (a float or bool tensor is refused)
+        return us.reshape(-1).tolist()
     try:
         return list(us)
     except TypeError:

@@ -253,6 +253,21 @@ def test_detect_layout():
         assert str(e.value) == msg("blk.1", shape[1:], why)
 
 
+def test_layout_from_resize():
+    assert H.layout_from_resize("l", (1, 24, 24, 24), (2, 24, 32, 32)) == "nchw"
+    assert H.layout_from_resize("l", (1, 24, 24, 24), (2, 32, 32, 24)) == "nhwc"
+    why = ("layer 'blk.1': cannot tell whether its output is channels-first (C, H, W) or channels-last (H, W, C): "
+           "it is [4, 4, 4] at one input size and {} at another. Declare it in the job config, e.g. "
+           "`layouts: {{blk.1: nhwc}}` (or nchw), or in code with "
+           "neuroscribe.hooks.declare_layouts(model, {{'blk.1': 'nhwc'}})")
+    assert H.layout_from_resize("blk.1", (1, 4, 4, 4), (1, 5, 5, 4)) == "nhwc"
+    # nothing moved, only one spatial axis moved (either reading), or nothing kept
+    for other in [(1, 4, 4, 4), (1, 4, 5, 4), (1, 4, 4, 5), (1, 5, 4, 4), (1, 5, 5, 5)]:
+        with pytest.raises(LayoutError) as e:
+            H.layout_from_resize("blk.1", (1, 4, 4, 4), other)
+        assert str(e.value) == why.format(list(other[1:]))
+
+
 def test_layer_layout_order_of_evidence():
     m = nn.Sequential(nn.Conv2d(1, 4, 1), nn.Linear(2, 4), nn.ReLU(), nn.ReLU())
     assert H.layer_layout(m, "0", (1, 4, 5)) is None and H.layer_layout(m, "0", (1, 4)) is None

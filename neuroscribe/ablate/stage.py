@@ -66,7 +66,8 @@ def flag(cfg: JobConfig) -> dict:
 
 
 def described_rows(job: Path) -> dict:
-    """(layer, unit) -> its describe log row, from every rank's log (``units.jsonl``, ``units.rank<r>.jsonl``)."""
+    """(layer, unit) -> its describe log row, from every rank's log (``units.jsonl``, ``units.rank<r>.jsonl``),
+    with ``verify_status`` / ``verify_effect`` from ``verify.json``."""
     ddir = job / "describe" / json.loads((job / "describe.json").read_text())["key"]
     rows = {}
     for log_file in sorted(ddir.glob("units*.jsonl")):
@@ -74,6 +75,10 @@ def described_rows(job: Path) -> dict:
             if line.strip().endswith("}"):
                 r = json.loads(line)
                 rows[(r["layer"], r["unit"])] = r
+    ver = ddir / "verify.json"  # the words' own experiment (describe.verify), when it ran
+    for v in json.loads(ver.read_text())["units"] if ver.is_file() else []:
+        if (v["layer"], v["unit"]) in rows:
+            rows[(v["layer"], v["unit"])].update(verify_status=v["status"], verify_effect=v["effect"])
     return rows
 
 
@@ -96,6 +101,8 @@ def ablate(cfg: JobConfig) -> dict:
     described = described_rows(job)
     support = {k: (r.get("extra") or {}).get("support", 0) for k, r in described.items()}
     words = {k: r.get("score") if r.get("score") is not None else -math.inf for k, r in described.items()}
+    verified = {k: r.get("verify_effect") if r.get("verify_effect") is not None else -math.inf
+                for k, r in described.items()}
     effect = {(f["layer"], f["unit"]): f.get("evidence") or 0.0 for f in flags["flags"]}
     for name, units in flags["sets"].items():
         units = [tuple(u) for u in units]
@@ -103,8 +110,10 @@ def ablate(cfg: JobConfig) -> dict:
         if cap and len(units) > cap:  # the validation ordering decides among the capped candidates
             if name == "evidence":  # the evidence variant: largest cue effect first
                 rank = lambda u: (-effect.get(u, 0.0), u)  # noqa: E731
-            else:  # words choose: most consistent, then best-scored descriptions; never the evidence
-                rank = lambda u: (-support.get(u, 0), -words.get(u, -math.inf), u)  # noqa: E731
+            else:  # words choose: the words' own experiment (verification effect), the most consistent, then the
+                # best-scored descriptions; never the cue evidence
+                rank = lambda u: (-verified.get(u, -math.inf), -support.get(u, 0), -words.get(u, -math.inf),  # noqa: E731
+                                  u)
             units = sorted(units, key=rank)[:cap]
         if not units:
             out["variants"][name] = {"ordered": [], "curve": [[0, None]], "chosen_n": 0, "units": []}

@@ -85,6 +85,10 @@ class TaggerConfig(_Section):
                                                   "to 736 by default: slower, finds smaller text)")
     ocr_min_side: int = Field(320, ge=32, description="views are enlarged to at least this side before OCR (the "
                                                       "detector misses faint or small text in smaller inputs)")
+    colour_lift: float = Field(2.0, ge=1, description="a colour word only where the unit's share of that colour "
+                                                      "(over its masks) is this many times the probe set's")
+    colour_images: int = Field(256, ge=1, description="probe images (a seeded sample) whose colours are the "
+                                                      "baseline for colour_lift")
 
 
 class CaptionerConfig(_Section):

@@ -5,11 +5,14 @@ classifier and OCR run once per distinct image and are cached; per view, only th
 words overlap the mask, the colours inside it) are computed. With ``tagger.view: image`` (default) the object
 labels describe the whole exemplar image; ``tagger.view: crop`` classifies the crop around the mask region instead
 (more specific to the unit's region, and one classifier pass per exemplar rather than per image: slower).
+Colour words are kept only where a unit's colour is unusual for the probe set: its share over the unit's masks is
+at least ``tagger.colour_lift`` times the share over a seeded sample of ``tagger.colour_images`` probe images.
 """
 
 from __future__ import annotations
 
 import hashlib
+import random
 
 import numpy as np
 import torch
@@ -98,22 +101,34 @@ class TaggerDescriber:
         self.view = t.view
         self.classify = ImageNetClassifier(t.classifier, device)
         self.ocr = describer_ocr(t) if t.ocr else None
-        self.tagger = Tagger(self.classify, ocr=False, colours=t.colours, top_labels=t.top_labels)
+        self.tagger = Tagger(self.classify, ocr=False, colours=t.colours, top_labels=t.top_labels,
+                             colour_lift=t.colour_lift)
+        self.colour_images = t.colour_images
         self.embedder = SentenceEmbedder(cfg.embedder)
         self.alpha = cfg.alpha
         self.seed = seed
 
     def prepare(self, recording) -> None:
-        """Nothing to prepare: the background is fixed (:class:`~neuroscribe.describe.background.Background`),
-        never sampled from the probe set."""
+        """The probe's colour baseline: the share of each basic colour over a seeded sample of whole probe images
+        at the view size (what colour words are judged unusual against). The background the words are contrasted
+        with is fixed (:class:`~neuroscribe.describe.background.Background`), never sampled from the probe set."""
+        ok = [i for i in range(len(recording.image_paths)) if i not in recording.skipped_ids]
+        if not self.tagger.colours or not ok:
+            return
+        size = getattr(recording, "view_size", None)
+        ids = sorted(random.Random(f"colours:{self.seed}").sample(ok, min(self.colour_images, len(ok))))
+        self.tagger.fit_colour_baseline([recording.image(i) if size is None else recording.image(i, size)
+                                         for i in ids])
 
     def tag(self, units: list[UnitViews]) -> list[list[Candidate]]:
         """Candidate lists, one per view of every unit in order: the tagger's objects and colours, plus the text
         read on the exemplar image inside its mask (in ``crop`` view too, so a crop's margin lends no words)."""
+        groups = [k for k, uv in enumerate(units) for _ in uv.image_ids]  # colours are judged per unit
         if self.view == "crop":
-            cands = self.tagger.tag([im for uv in units for im in uv.crops])
+            cands = self.tagger.tag([im for uv in units for im in uv.crops], None, groups)
         else:
-            cands = self.tagger.tag([im for uv in units for im in uv.images], [m for uv in units for m in uv.masks])
+            cands = self.tagger.tag([im for uv in units for im in uv.images], [m for uv in units for m in uv.masks],
+                                    groups)
         if self.ocr is None:
             return cands
         out = []

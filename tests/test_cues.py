@@ -298,6 +298,20 @@ def test_colour_cue_tints_toward_class_colour(real_samples) -> None:
         assert np.allclose(out, 0.6 * src + 0.4 * target, atol=1.0)
 
 
+def test_faint_text_is_the_opaque_drawing_blended_at_its_opacity() -> None:
+    """``opacity`` blends text and box over the image; the same box is drawn; opacity 1 is the opaque drawing."""
+    img = Image.fromarray(np.random.default_rng(0).integers(0, 256, (80, 120, 3), dtype=np.uint8))
+    opaque = render_cue(img, TextCue(size=0.2), "tench", random.Random(0))
+    faint = render_cue(img, TextCue(size=0.2, opacity=0.5), "tench", random.Random(0))
+    assert faint.box == opaque.box
+    src, a, b = (np.asarray(x, dtype=float) for x in (img, opaque.image, faint.image))
+    assert np.abs(b - (src + a) / 2).max() <= 1.0  # half way between the photo and the opaque drawing
+    assert render_cue(img, TextCue(size=0.2, opacity=1.0), "tench", random.Random(0)).image.tobytes() == \
+        opaque.image.tobytes()
+    with pytest.raises(ValidationError, match="opacity"):
+        TextCue(opacity=0)
+
+
 def test_text_fits_and_default_font_fallback(real_samples, monkeypatch) -> None:
     img = Image.open(real_samples[0][0]).convert("RGB").resize((96, 96))
     box = render_cue(img, TextCue(size=0.3), "garbage truck", random.Random(0)).box

@@ -306,8 +306,7 @@ def test_torchrun_record_and_describe_then_flag_ablate_evaluate_report(tmp_path)
                         "cue": text, "correlation": "wrong"},
                        {"name": "wrong-text", "data": {"root": str(sample_root()), "split": "val", "limit": 20},
                         "cue": text, "correlation": "wrong"}],
-            "flag": {"cues": {"colour": ["gray", "white", "black", "brown", "blue", "green", "red", "yellow"]},
-                     "embedder": None},
+            "flag": {"embedder": None},
             "ablate": {"validation": "val-text", "max_units": 2, "control_candidates": 3},
             "evaluate": {"bootstrap": 50}}
     job.write_text(yaml.safe_dump(spec))
@@ -317,8 +316,13 @@ def test_torchrun_record_and_describe_then_flag_ablate_evaluate_report(tmp_path)
         assert p.returncode == 0, out.decode()[-3000:]
     logs = sorted((tmp_path / "out" / "describe").glob("*/units*.jsonl"))
     assert [f.name for f in logs] == ["units.rank0.jsonl", "units.rank1.jsonl"]
+    # flag on a word of a description rank 0 exported, so the flag set is not empty whatever the units are called
+    # (colour words, which it used to rely on, are now named only where unusual for the probe)
+    rows = [json.loads(l) for l in (tmp_path / "out" / "descriptions.jsonl").read_text().splitlines() if l.strip()]
+    word = next(r["description"].split()[-1] for r in rows if r["description"])
+    job.write_text(yaml.safe_dump({**spec, "flag": {"cues": {"picked": [word]}, "embedder": None}}))
     cfg = load_config(job)
-    assert pipeline.flag(cfg)["sets"]["description"], "colour words should flag some units"
+    assert pipeline.flag(cfg)["sets"]["description"], f"units described with {word!r} should be flagged"
     abl = pipeline.ablate(cfg)
     assert abl["variants"]["description"]["ordered"]
     ev = pipeline.evaluate(cfg)

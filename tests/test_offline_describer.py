@@ -98,3 +98,29 @@ def test_crop_view_counts_only_the_words_inside_the_mask(describer) -> None:
         describer.view = view
     words = [c for c, _ in out.candidates if c.startswith("the word")]
     assert out.description == "the word open" and "the word sale" not in words, out
+
+
+def test_colour_words_are_judged_against_the_probe(describer) -> None:
+    """``prepare`` measures the probe's colours; a unit whose masks land on a white card is "white" on a probe of
+    ordinary photos, and gets no colour word on a probe where white cards are everywhere (#18)."""
+    def carded(im: Image.Image) -> Image.Image:
+        im = im.copy()
+        ImageDraw.Draw(im).rectangle([0, 0, 111, 223], fill=(245, 245, 245))  # the left half: a white card
+        return im
+
+    left = np.zeros((224, 224), bool)
+    left[:, :112] = True
+    views = [carded(im) for im in photos("val")[3::20]]
+    ordinary = [im for k, im in enumerate(photos("train")) if k % 20 == 0]
+
+    def colours() -> list[str]:
+        return sorted({c.phrase for view in describer.tag([unit(views, [left] * len(views))]) for c in view
+                       if c.source == "colour"})
+
+    try:
+        describer.prepare(Probe(ordinary))
+        assert describer.tagger.colour_baseline is not None and colours() == ["white"]
+        describer.prepare(Probe([carded(im) for im in ordinary]))  # white on half of every probe photo
+        assert colours() == []
+    finally:
+        describer.prepare(Probe(ordinary))

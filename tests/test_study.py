@@ -104,7 +104,7 @@ def test_each_seed_job_has_every_stage_artifact(study):
     assert base["n_seeds"] == 2 and base["mean"] == pytest.approx(np.mean(list(base["per_seed"].values())))
 
 
-def test_probe_set_is_written_once_in_model_geometry_and_recorded(study):
+def test_probe_set_is_written_once_in_the_models_field_of_view_and_recorded(study):
     ms, cfg, _, _ = study
     job = Path(cfg.out) / "seed0"
     probe_dir = job / "probe" / "train-text"
@@ -120,7 +120,10 @@ def test_probe_set_is_written_once_in_model_geometry_and_recorded(study):
     names = [names[w] for w in sorted(names)]
     assert 0 < len(cued) < n_probe  # the true class name written on about half of them
     assert all(r["cue_class"] == r["label"] and r["cue_token"] == names[int(r["label"])] for r in cued)
-    assert all(Image.open(probe_dir / r["path"]).size == (32, 32) for r in rows)  # the model's input geometry
+    # the model's field of view at the view size (224 px for a 32 px model), the cue drawn there; record reads them
+    # through a preprocess that resizes them to the model's 32 px crop
+    assert json.loads((probe_dir / "probe.json").read_text())["view_size"] == 224
+    assert all(Image.open(probe_dir / r["path"]).size == (224, 224) for r in rows)
     # the recording (and so every view and description) is of the probe photos, not of data: (clean val photos)
     from neuroscribe.record import Recording
     rec = Recording.open(job)
@@ -128,7 +131,9 @@ def test_probe_set_is_written_once_in_model_geometry_and_recorded(study):
     assert [p.resolve() for p in rec.image_paths] == [s.path.resolve() for s in
                                                        manifest(probe_dir / "manifest.csv").samples]
     first = rec.exemplars("layer4", 0)[0]
-    assert np.array_equal(np.asarray(rec.image(first.image_id)), np.asarray(Image.open(first.path).convert("RGB")))
+    stored = Image.open(first.path).convert("RGB")
+    assert rec.preprocess.resize == rec.preprocess.crop == 32 and rec.image(first.image_id).size == (32, 32)
+    assert np.array_equal(np.asarray(rec.image(first.image_id, rec.view_size)), np.asarray(stored))
     described = [json.loads(line) for line in (job / "descriptions.jsonl").read_text().splitlines() if line]
     assert {(r["layer"], r["unit"]) for r in described} == {(l, u) for l in cfg.layers for u in range(UNITS)}
     assert all(set(r["exemplar_ids"]) <= set(range(n_probe)) for r in described)

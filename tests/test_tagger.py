@@ -25,6 +25,7 @@ from neuroscribe.describe.tagger import (
     dominant_colours,
     srgb_to_lab,
     text_phrases,
+    unusual_colours,
 )
 
 GOLF_BALL, TENCH, PARACHUTE = "n03445777", "n01440764", "n03888257"
@@ -177,6 +178,62 @@ def test_mask_restricts_colour_region() -> None:
     assert dominant_colours(img, min_fraction=0.5) == [("red", pytest.approx(0.6, abs=0.03))]
     with pytest.raises(ValueError, match="2-D"):
         dominant_colours(img, np.zeros((2, 3, 4)))
+
+
+def _uniform(views: list[Image.Image]) -> np.ndarray:
+    return np.full((len(views), 1000), 1 / 1000)
+
+
+def _photo_like(rgb_share: dict[tuple[int, int, int], float], size: int = 60) -> Image.Image:
+    """An image whose rows are split between colours in the given shares (top to bottom)."""
+    arr, row = np.zeros((size, size, 3), np.uint8), 0
+    for rgb, share in rgb_share.items():
+        n = round(share * size)
+        arr[row:row + n] = rgb
+        row += n
+    arr[row:] = list(rgb_share)[-1]
+    return Image.fromarray(arr)
+
+
+def test_colour_words_only_where_unusual_for_the_probe() -> None:
+    """A probe where white is everywhere: a unit whose masks land on white is not "white"; a unit on blue is "blue";
+    a colour seen once in a unit of otherwise ordinary views is not the unit's."""
+    white, gray, blue = (245, 245, 245), (135, 135, 135), (30, 80, 210)
+    probe = [_photo_like({white: 0.6, gray: 0.35, blue: 0.05}) for _ in range(8)]
+    tagger = Tagger(_uniform, ocr=False)
+    base = tagger.fit_colour_baseline(probe)
+    assert base[list(BASIC_COLOURS).index("white")] == pytest.approx(0.6, abs=0.02)
+    on_white = [Image.new("RGB", (60, 60), white)] * 3
+    on_blue = [Image.new("RGB", (60, 60), blue)] * 2 + [_photo_like({gray: 0.5, blue: 0.5})]
+    tags = tagger.tag(on_white + on_blue, None, ["a"] * 3 + ["b"] * 3)
+    colours = [{c.phrase: c.weight for c in t if c.source == "colour"} for t in tags]
+    assert colours[:3] == [{}] * 3  # white share 1.0 is 1.7x the probe's 0.6: not unusual at lift 2 ...
+    lenient = Tagger(_uniform, ocr=False, colour_baseline=base, colour_lift=1.5)  # ... but at lift 1.5
+    assert [c.phrase for c in lenient.tag(on_white, None, [0] * 3)[0] if c.source == "colour"] == ["white"]
+    # blue: unit share (1 + 1 + 0.5) / 3 = 0.83 vs 0.05 in the probe: weight = view share x (1 - 0.05 / 0.83)
+    assert colours[3] == {"blue": pytest.approx(1 - 0.05 / (2.5 / 3), abs=0.02)}
+    assert colours[5]["blue"] == pytest.approx(0.5 * (1 - 0.05 / (2.5 / 3)), abs=0.02) and "gray" not in colours[5]
+    # one blue view among three white ones: the unit's blue share (0.25) is unusual, white (0.75) is not
+    mixed = tagger.tag([Image.new("RGB", (60, 60), blue)] + on_white, None, [0] * 4)
+    assert [[c.phrase for c in t if c.source == "colour"] for t in mixed] == [["blue"], [], [], []]
+    # without groups (background views) or without a baseline: every dominant colour, weighted by its share
+    assert [(c.phrase, c.weight) for c in tagger.tag(on_white)[0] if c.source == "colour"] == [("white", 1.0)]
+    plain = Tagger(_uniform, ocr=False).tag(on_white, None, [0] * 3)[0]
+    assert [(c.phrase, c.weight) for c in plain if c.source == "colour"] == [("white", 1.0)]
+
+
+def test_unusual_colours_arithmetic() -> None:
+    names = list(BASIC_COLOURS)
+    base = np.zeros(len(names))
+    base[names.index("white")], base[names.index("blue")] = 0.3, 0.1
+    share = np.zeros(len(names))
+    share[names.index("white")], share[names.index("blue")] = 0.5, 0.5
+    assert unusual_colours([share, None], base) == {"blue": pytest.approx(0.8)}  # white 0.5 < 2 x 0.3
+    assert unusual_colours([share], base, lift=1.5) == {"white": pytest.approx(0.4), "blue": pytest.approx(0.8)}
+    assert unusual_colours([share], base, min_fraction=0.6) == {}
+    assert unusual_colours([None], base) == {}
+    with pytest.raises(ValueError, match="lift"):
+        unusual_colours([share], base, lift=0.5)
 
 
 # ------------------------------------------------------------------------------------------------ OCR

@@ -268,22 +268,27 @@ def test_masks_and_views_light_the_region_the_unit_saw(tmp_path: Path, monkeypat
                              "device": "cpu", "workers": 0, "progress": False, "batch_size": 2})
     rec = Recording(record(cfg))
     assert rec.preprocess.crop == 48 and rec.threshold("feat", 0) == pytest.approx(0.0, abs=1e-6)
-    uv = unit_views(rec, "feat", 0, dim=0.25, outline=False)
-    assert sorted(rec.image_paths[i].name for i in uv.image_ids) == sorted(GEOMETRY)
-    yy, xx = np.mgrid[0:48, 0:48]
-    for image_id, image, mask, view, crop in zip(uv.image_ids, uv.images, uv.masks, uv.views, uv.crops,
-                                                 strict=True):
-        name = rec.image_paths[image_id].name
-        x0, y0, x1, y1 = GEOMETRY[name][1]
-        region = (xx >= x0) & (xx < x1) & (yy >= y0) & (yy < y1)
-        # bilinear upsampling of a block map spreads a hot cell half a cell (4 px) into its cold neighbours
-        near = (xx >= x0 - 4) & (xx < x1 + 4) & (yy >= y0 - 4) & (yy < y1 + 4)
-        img, v = np.asarray(image).astype(int), np.asarray(view).astype(int)
-        assert (img[region] == RED).all() and (img[~region] == BLUE).all(), f"{name}: image not in model geometry"
-        assert mask[region].all(), f"{name}: the mask misses the red region {GEOMETRY[name][1]}"
-        assert not mask[~near].any(), f"{name}: the mask lights pixels away from the red region"
-        assert (v[region] == img[region]).all(), f"{name}: the view dims the region the unit saw"
-        assert (v[~near] == np.rint(np.array(BLUE) * 0.25)).all(), f"{name}: the view keeps pixels away from it"
-        # the crop is cut around the lit region, so it shows all of it
-        bx0, by0, bx1, by1 = crop_box(mask)
-        assert bx0 <= x0 and by0 <= y0 and bx1 >= x1 and by1 >= y1 and crop.size == (48, 48), name
+    assert rec.view_size == 224 and unit_views(rec, "feat", 0).images[0].size == (224, 224)  # the default views
+    # at the model's own size and at twice it (cut from the source: nearest resampling keeps the edges exact)
+    for size in (48, 96):
+        s = size // 48
+        uv = unit_views(rec, "feat", 0, dim=0.25, outline=False, size=size)
+        assert sorted(rec.image_paths[i].name for i in uv.image_ids) == sorted(GEOMETRY)
+        yy, xx = np.mgrid[0:size, 0:size]
+        for image_id, image, mask, view, crop in zip(uv.image_ids, uv.images, uv.masks, uv.views, uv.crops,
+                                                     strict=True):
+            name = rec.image_paths[image_id].name
+            x0, y0, x1, y1 = (s * c for c in GEOMETRY[name][1])
+            region = (xx >= x0) & (xx < x1) & (yy >= y0) & (yy < y1)
+            # bilinear upsampling of a block map spreads a hot cell half a cell (4 model px) into its neighbours
+            m = 4 * s
+            near = (xx >= x0 - m) & (xx < x1 + m) & (yy >= y0 - m) & (yy < y1 + m)
+            img, v = np.asarray(image).astype(int), np.asarray(view).astype(int)
+            assert (img[region] == RED).all() and (img[~region] == BLUE).all(), f"{name}: not the model's view"
+            assert mask[region].all(), f"{name}: the mask misses the red region {GEOMETRY[name][1]} (x{s})"
+            assert not mask[~near].any(), f"{name}: the mask lights pixels away from the red region"
+            assert (v[region] == img[region]).all(), f"{name}: the view dims the region the unit saw"
+            assert (v[~near] == np.rint(np.array(BLUE) * 0.25)).all(), f"{name}: the view keeps pixels away from it"
+            # the crop is cut around the lit region, so it shows all of it
+            bx0, by0, bx1, by1 = crop_box(mask)
+            assert bx0 <= x0 and by0 <= y0 and bx1 >= x1 and by1 >= y1 and crop.size == (size, size), name

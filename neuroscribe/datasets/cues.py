@@ -3,7 +3,8 @@
 Five cue kinds, each a validated pydantic model discriminated by ``kind``:
 
 * :class:`TextCue` (``kind='text'``): a word (usually a class name) written in a corner or the
-  centre, as in MILAN's spurious-text experiment (Hernandez et al., ICLR 2022, section 7).
+  centre, as in MILAN's spurious-text experiment (Hernandez et al., ICLR 2022, section 7);
+  ``opacity < 1`` makes it a faint overlay.
 * :class:`WatermarkCue` (``kind='watermark'``): a fixed, semi-transparent text over the centre
   of the image, in the style of ImageNet-W (Li et al., CVPR 2023, the "iStock" watermark).
 * :class:`ColourCue` (``kind='colour'``): the whole image tinted toward a class colour.
@@ -117,6 +118,7 @@ class TextCue(_FontMixin):
     stroke_colour: Colour = (0, 0, 0)
     margin: float = Field(0.02, ge=0, lt=0.5, description="Gap to the edge, fraction of the shorter side.")
     fit: bool = True
+    opacity: float = Field(1.0, gt=0, le=1, description="Opacity of the text and its box (1 = opaque).")
 
 
 class WatermarkCue(_FontMixin):
@@ -255,6 +257,11 @@ def _clip(box: tuple[float, float, float, float], width: int, height: int) -> Bo
 
 
 def _draw_text(img: Image.Image, cue: TextCue, text: str, rng: random.Random) -> RenderedCue:
+    if cue.opacity < 1:  # drawn opaque on a transparent layer, then composited at ``opacity``
+        layer = Image.new("RGBA", img.size, (0, 0, 0, 0))
+        box = _draw_text(layer, cue.model_copy(update={"opacity": 1.0}), text, rng).box
+        layer.putalpha(layer.getchannel("A").point(lambda a: int(round(a * cue.opacity))))
+        return RenderedCue(Image.alpha_composite(img.convert("RGBA"), layer).convert("RGB"), box)
     width, height = img.size
     margin = int(round(cue.margin * min(width, height)))
     px = max(1, int(round(cue.size * height)))

@@ -41,7 +41,10 @@ TEXT_RATES: dict[str, float] = {"text": 0.059, "letters": 0.047, "digits": 0.017
 WORD_SHARE: float = 1e-4
 
 #: Mean tagger weight (pixel fraction when among the two dominant colours covering >= 15%, else 0) of each basic
-#: colour name on the same 500 whole views (``tools/background_rates.py``), floored at :data:`COLOUR_FLOOR`.
+#: colour name on the same 500 whole views (``tools/background_rates.py``), floored at :data:`COLOUR_FLOOR`. A
+#: unit's own colour weights are smaller than these raw fractions: the tagger names a colour only where it is unusual
+#: for the probe and discounts the probe's share (:func:`~neuroscribe.describe.colours.unusual_colours`), so a
+#: colour description must be both unusual for the probe and frequent against this background.
 COLOUR_FLOOR: float = 0.001
 COLOUR_RATES: dict[str, float] = {
     "black": 0.107, "white": 0.047, "gray": 0.42, "red": 0.0069, "orange": COLOUR_FLOOR, "yellow": 0.0024,

@@ -33,8 +33,8 @@ size.
   CLIP was trained with), where the reference uses ``a = 10`` for this softmax too; pass ``scale=10`` to match it.
 - Only images that are an exemplar of some recorded unit are embedded: ``P`` is a per-image softmax, so the other
   probe images never enter the formula. Images are embedded in the recording's model geometry
-  (:meth:`Recording.image`: the target model's resize + centre crop, i.e. what the unit saw), then CLIP's own
-  preprocessing.
+  (:meth:`Recording.image`: the target model's resize + centre crop, i.e. what the unit saw), cut from the source
+  at the view size (``Recording.view_size``, as the other describers' views), then CLIP's own preprocessing.
 - ``log p(c)`` runs over every recorded unit of the unit's layer (as the reference runs over the layer's
   neurons), whichever units ``describe`` is asked about.
 - Concepts are embedded as plain text (``template="{}"``, as the reference does); the default vocabulary is the
@@ -44,6 +44,7 @@ size.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 from concurrent.futures import ThreadPoolExecutor
@@ -265,9 +266,11 @@ class ClipDissectDescriber:
         log.info("clip: embedding %d exemplar images", len(ids))
         feats = []
         workers = max(1, min(8, os.cpu_count() or 1))
+        size = getattr(recording, "view_size", None)  # the describer's views, cut from the source files
+        load = recording.image if size is None else functools.partial(recording.image, size=size)
         with ThreadPoolExecutor(workers) as pool:
             for s in range(0, len(ids), self.batch_size):  # decode one batch at a time (bounded memory)
-                images = list(pool.map(recording.image, ids[s:s + self.batch_size]))
+                images = list(pool.map(load, ids[s:s + self.batch_size]))
                 feats.append(self.encode_images(images))
         dim = self.text_features.shape[1]
         self.image_features = torch.cat(feats) if feats else torch.zeros(0, dim)

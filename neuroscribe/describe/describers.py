@@ -27,13 +27,13 @@ if TYPE_CHECKING:  # pragma: no cover
 
 @dataclass
 class UnitViews:
-    """What a describer sees of one unit: its top exemplars, as images in the model's input geometry."""
+    """What a describer sees of one unit: its top exemplars in the model's field of view, at the view size."""
 
     layer: str
     unit: int
     image_ids: list[int]
     scores: list[float]
-    images: list[Image.Image]          # the exemplar images (model input geometry)
+    images: list[Image.Image]          # the exemplar images (model's field of view, view size S from the source)
     masks: list[np.ndarray]            # bool [S, S]: where the unit fired above its threshold
     views: list[Image.Image]           # MILAN-style: mask region kept, the rest dimmed
     crops: list[Image.Image]           # a crop around the mask region (the whole image if the mask is empty)

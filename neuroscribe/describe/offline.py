@@ -5,17 +5,20 @@ classifier and OCR run once per distinct image and are cached; per view, only th
 words overlap the mask, the colours inside it) are computed. With ``tagger.view: image`` (default) the object
 labels describe the whole exemplar image; ``tagger.view: crop`` classifies the crop around the mask region instead
 (more specific to the unit's region, and one classifier pass per exemplar rather than per image: slower).
+Colour words are kept only where a unit's colour is unusual for the probe set: its share over the unit's masks is
+at least ``tagger.colour_lift`` times the share over a seeded sample of ``tagger.colour_images`` probe images.
 """
 
 from __future__ import annotations
 
 import hashlib
+import random
 
 import numpy as np
 import torch
 from PIL import Image
 
-from ..config import DescribeConfig
+from ..config import DescribeConfig, TaggerConfig
 from ..models import load_model
 from .contrast import contrast
 from .describers import Described, UnitViews
@@ -29,12 +32,15 @@ def _image_key(img: Image.Image) -> str:
 
 
 class CachedOCR(OCRReader):
-    """OCR each distinct image once; a mask then only selects which lines and words count."""
+    """OCR each distinct image once; a mask then only selects which lines and words count.
 
-    min_side = 224  # low-resolution models' views are enlarged before reading (boxes scaled back)
+    Images are enlarged (bicubic) to at least ``min_side`` pixels a side before reading, boxes scaled back:
+    RapidOCR's detector misses faint or small text in small inputs (a semi-transparent watermark 22 px high in a
+    224 px view: 60% of photos read at 224, 90% at 320; its own default enlarges to 736, ~6x slower than 224)."""
 
-    def __init__(self, **kw):
+    def __init__(self, min_side: int = 320, **kw):
         super().__init__(**kw)
+        self.min_side = int(min_side)
         self._cache: dict[str, list[OCRHit]] = {}
 
     def read(self, img: Image.Image, mask: np.ndarray | None = None) -> list[OCRHit]:
@@ -45,6 +51,12 @@ class CachedOCR(OCRReader):
             self._cache[key] = [OCRHit(h.text, h.confidence, tuple((x / s, y / s) for x, y in h.box), 1.0)
                                 for h in super().read(big, None)]
         return words_in_mask(self._cache[key], _binary_mask(mask, img.size), self.min_mask_overlap)
+
+
+def describer_ocr(t: TaggerConfig) -> CachedOCR:
+    """The tagger backend's OCR reader, as ``describe.tagger`` configures it."""
+    return CachedOCR(min_side=t.ocr_min_side, det_limit_side_len=t.ocr_side, det_limit_type="max",
+                     use_angle_cls=False)
 
 
 class ImageNetClassifier:
@@ -88,24 +100,35 @@ class TaggerDescriber:
         t = cfg.tagger
         self.view = t.view
         self.classify = ImageNetClassifier(t.classifier, device)
-        self.ocr = (CachedOCR(det_limit_side_len=t.ocr_side, det_limit_type="max", use_angle_cls=False)
-                    if t.ocr else None)
-        self.tagger = Tagger(self.classify, ocr=False, colours=t.colours, top_labels=t.top_labels)
+        self.ocr = describer_ocr(t) if t.ocr else None
+        self.tagger = Tagger(self.classify, ocr=False, colours=t.colours, top_labels=t.top_labels,
+                             colour_lift=t.colour_lift)
+        self.colour_images = t.colour_images
         self.embedder = SentenceEmbedder(cfg.embedder)
         self.alpha = cfg.alpha
         self.seed = seed
 
     def prepare(self, recording) -> None:
-        """Nothing to prepare: the background is fixed (:class:`~neuroscribe.describe.background.Background`),
-        never sampled from the probe set."""
+        """The probe's colour baseline: the share of each basic colour over a seeded sample of whole probe images
+        at the view size (what colour words are judged unusual against). The background the words are contrasted
+        with is fixed (:class:`~neuroscribe.describe.background.Background`), never sampled from the probe set."""
+        ok = [i for i in range(len(recording.image_paths)) if i not in recording.skipped_ids]
+        if not self.tagger.colours or not ok:
+            return
+        size = getattr(recording, "view_size", None)
+        ids = sorted(random.Random(f"colours:{self.seed}").sample(ok, min(self.colour_images, len(ok))))
+        self.tagger.fit_colour_baseline([recording.image(i) if size is None else recording.image(i, size)
+                                         for i in ids])
 
     def tag(self, units: list[UnitViews]) -> list[list[Candidate]]:
         """Candidate lists, one per view of every unit in order: the tagger's objects and colours, plus the text
         read on the exemplar image inside its mask (in ``crop`` view too, so a crop's margin lends no words)."""
+        groups = [k for k, uv in enumerate(units) for _ in uv.image_ids]  # colours are judged per unit
         if self.view == "crop":
-            cands = self.tagger.tag([im for uv in units for im in uv.crops])
+            cands = self.tagger.tag([im for uv in units for im in uv.crops], None, groups)
         else:
-            cands = self.tagger.tag([im for uv in units for im in uv.images], [m for uv in units for m in uv.masks])
+            cands = self.tagger.tag([im for uv in units for im in uv.images], [m for uv in units for m in uv.masks],
+                                    groups)
         if self.ocr is None:
             return cands
         out = []

@@ -28,7 +28,8 @@ from ..record.exemplars import Recording
 from ..runtime import resolve_device
 
 log = logging.getLogger("neuroscribe.describe")
-FORMAT_VERSION = 2  # 2: the tagger contrasts against a fixed ImageNet background (#13): old unit logs are not reused
+FORMAT_VERSION = 3  # 2: the tagger contrasts against a fixed ImageNet background (#13): old unit logs are not reused
+#                    3: views cut from the source at the view size; colour words only where unusual (#18)
 
 
 def make_describer(cfg: JobConfig, device: torch.device):
@@ -230,9 +231,10 @@ def describe(cfg: JobConfig) -> Path | None:
 
 def _describe(cfg: JobConfig, ctx) -> Path | None:
     from .. import distributed
-    from .views import unit_grid, unit_views
+    from .views import unit_grid, unit_views, view_size
     job = Path(cfg.out)
     rec = Recording.open(job)
+    rec.view_size = view_size(rec.preprocess.crop, cfg.describe.view_size)
     layers = cfg.describe.layers or rec.layers
     for l in layers:
         rec.units(l)  # raises naming the recorded layers

@@ -10,7 +10,8 @@ phrases from three fixed sources:
   all classes under that hypernym, so ten terrier breeds at 4% each still give "terrier" at 40%.
 * **Text** (``source="text"``): RapidOCR (Latin letters and digits; its recogniser also reads Chinese) -> "text",
   "letters", "the word stop", "digits", "number".
-* **Colour** (``source="colour"``): the 11 Berlin-Kay basic colour terms, by nearest centroid in CIELAB.
+* **Colour** (``source="colour"``): the 11 Berlin-Kay basic colour terms, by nearest centroid in CIELAB
+  (:mod:`neuroscribe.describe.colours`); given a probe baseline, only colours unusual for the unit.
 
 What it can see: the 1000 ImageNet-1k object classes and their WordNet ancestors, printed/overlaid text, and coarse
 colour. What it cannot see, so never says: textures and patterns (stripes, fur, dots), object parts (eyes, wheels,
@@ -29,12 +30,16 @@ import numpy as np
 from PIL import Image
 
 from .background import Background
+from .colours import (  # noqa: F401 - re-exported: the colour half of the tagger lives in colours.py
+    BASIC_COLOURS, colour_baseline, colour_shares, dominant_colours, ranked_colours, srgb_to_lab, unusual_colours,
+)
 from .ocr import OCRHit, OCRReader, _binary_mask, _polygon_fraction, normalise_text, text_phrases  # noqa: F401
 from .wordnet import HYPERNYM_MIN_ZIPF, HYPERNYM_STOP, ImageNetVocabulary, default_vocabulary
 
 __all__ = [
     "BASIC_COLOURS", "HYPERNYM_MIN_ZIPF", "HYPERNYM_STOP", "Candidate", "CandidateSource", "ImageNetVocabulary",
-    "OCRHit", "OCRReader", "Tagger", "dominant_colours", "normalise_text", "srgb_to_lab", "text_phrases",
+    "OCRHit", "OCRReader", "Tagger", "colour_baseline", "colour_shares", "dominant_colours", "normalise_text",
+    "srgb_to_lab", "text_phrases", "unusual_colours",
 ]
 
 #: The tagger emits label/hypernym/text/colour; "caption" and "phrase" are used by the captioner backend.
@@ -48,73 +53,6 @@ class Candidate:
     phrase: str
     source: CandidateSource
     weight: float
-
-
-# --------------------------------------------------------------------------------------------------- colour
-
-#: Berlin & Kay's 11 basic colour terms, each with one or more exemplar sRGB centroids (a mid-saturation typical
-#: value, plus light/dark variants where one centroid alone would lose them to a neighbour in CIELAB: navy and sky
-#: blue stay "blue", tan stays "brown", dark/light gray stay "gray"). A pixel takes the term of its nearest centroid.
-BASIC_COLOURS: dict[str, tuple[tuple[int, int, int], ...]] = {
-    "black": ((20, 20, 20),),
-    "white": ((245, 245, 245),),
-    "gray": ((135, 135, 135), (85, 85, 85), (190, 190, 190)),
-    "red": ((210, 30, 35), (140, 15, 20)),
-    "orange": ((245, 140, 20),),
-    "yellow": ((250, 225, 30), (240, 230, 140)),
-    "green": ((50, 150, 50), (0, 95, 0), (140, 205, 100)),
-    "blue": ((30, 80, 210), (20, 30, 120), (110, 160, 225), (140, 205, 235)),
-    "purple": ((120, 40, 150), (175, 110, 200)),
-    "pink": ((245, 150, 190), (255, 105, 180)),
-    "brown": ((120, 75, 35), (190, 150, 100), (75, 45, 25)),
-}
-
-
-def srgb_to_lab(rgb: np.ndarray) -> np.ndarray:
-    """Convert sRGB values in [0, 255] (shape ``[..., 3]``) to CIELAB (D65 white point)."""
-    c = np.asarray(rgb, dtype=np.float64) / 255.0
-    linear = np.where(c <= 0.04045, c / 12.92, ((c + 0.055) / 1.055) ** 2.4)
-    m = np.array([[0.4124564, 0.3575761, 0.1804375],
-                  [0.2126729, 0.7151522, 0.0721750],
-                  [0.0193339, 0.1191920, 0.9503041]])
-    xyz = linear @ m.T / np.array([0.95047, 1.0, 1.08883])
-    eps, kappa = 216 / 24389, 24389 / 27
-    f = np.where(xyz > eps, np.cbrt(xyz), (kappa * xyz + 16) / 116)
-    return np.stack([116 * f[..., 1] - 16, 500 * (f[..., 0] - f[..., 1]), 200 * (f[..., 1] - f[..., 2])], axis=-1)
-
-
-_COLOUR_NAMES = list(BASIC_COLOURS)
-_CENTROID_TERM = np.array([k for k, n in enumerate(_COLOUR_NAMES) for _ in BASIC_COLOURS[n]])
-_CENTROID_LAB = srgb_to_lab(np.array([c for n in _COLOUR_NAMES for c in BASIC_COLOURS[n]], dtype=np.float64))
-
-
-def dominant_colours(
-    img: Image.Image, mask: np.ndarray | None = None, top: int = 2, min_fraction: float = 0.15, max_side: int = 96
-) -> list[tuple[str, float]]:
-    """The ``top`` basic colour names covering at least ``min_fraction`` of the (masked) pixels.
-
-    Every pixel takes the term of its nearest :data:`BASIC_COLOURS` centroid in CIELAB; the image is first shrunk
-    to at most ``max_side`` pixels a side (the mask with it). Returns ``[(name, fraction), ...]`` by fraction, ties
-    by name; an empty mask gives ``[]``.
-    """
-    rgb = img.convert("RGB")
-    binary = _binary_mask(mask, rgb.size)
-    scale = max_side / max(rgb.size)
-    if scale < 1:
-        small = (max(1, round(rgb.width * scale)), max(1, round(rgb.height * scale)))
-        rgb = rgb.resize(small, Image.BILINEAR)
-        if binary is not None:
-            binary = np.asarray(Image.fromarray(binary).resize(small, Image.NEAREST))
-    pixels = np.asarray(rgb, dtype=np.float64).reshape(-1, 3)
-    if binary is not None:
-        pixels = pixels[binary.reshape(-1)]
-    if len(pixels) == 0:
-        return []
-    lab = srgb_to_lab(pixels)
-    nearest = _CENTROID_TERM[np.argmin(((lab[:, None, :] - _CENTROID_LAB[None]) ** 2).sum(-1), axis=1)]
-    fractions = np.bincount(nearest, minlength=len(_COLOUR_NAMES)) / len(pixels)
-    ranked = sorted(((float(f), n) for n, f in zip(_COLOUR_NAMES, fractions)), key=lambda t: (-t[0], t[1]))
-    return [(n, f) for f, n in ranked[:top] if f >= min_fraction]
 
 
 # --------------------------------------------------------------------------------------------------- tagger
@@ -141,7 +79,12 @@ class Tagger:
     * OCR text (``ocr=True`` or an :class:`OCRReader`): "text" plus "the word X" for each ASCII word of 2+ letters,
       "letters" if any letter, "digits"/"number" if any digit (weight = best line confidence); masked views only
       count words whose own box overlaps the mask (:mod:`neuroscribe.describe.ocr`);
-    * ``colours``: the dominant basic colours of the (masked) view (weight = pixel fraction).
+    * ``colours``: the dominant basic colours of the (masked) view (weight = pixel fraction). With a
+      ``colour_baseline`` (the probe set's share of each colour, :meth:`fit_colour_baseline`) and ``groups`` in
+      :meth:`tag` (each view's unit) only colours unusual for the view's group are kept, weighted by pixel fraction
+      times the share of the group's colour above the probe's (:func:`~neuroscribe.describe.colours.
+      unusual_colours`, ``colour_lift``), so a colour common in the probe ("white", "gray") is not what a unit that
+      shows nothing specific is called.
 
     Repeated phrases keep their largest weight. Views are classified in one batch per :meth:`tag` call.
     """
@@ -150,6 +93,7 @@ class Tagger:
         self, classify: Classifier, vocabulary: ImageNetVocabulary | None = None, ocr: bool | OCRReader = True,
         colours: bool = True, top_labels: int = 3, min_prob: float = 0.05, hypernym_depth: int = 3,
         max_hypernyms: int = 6, colour_top: int = 2, colour_min_fraction: float = 0.15,
+        colour_baseline: np.ndarray | None = None, colour_lift: float = 2.0,
     ) -> None:
         if not callable(classify):
             raise TypeError(f"classify must be a callable list[PIL.Image] -> [N, 1000] probabilities, got {classify!r}")
@@ -160,19 +104,43 @@ class Tagger:
         self.top_labels, self.min_prob = int(top_labels), float(min_prob)
         self.max_hypernyms, self.colour_top = int(max_hypernyms), int(colour_top)
         self.colour_min_fraction = float(colour_min_fraction)
+        self.colour_baseline = None if colour_baseline is None else np.asarray(colour_baseline, dtype=np.float64)
+        self.colour_lift = float(colour_lift)
         #: The fixed background these phrases are contrasted against (same vocabulary and hypernym depth).
         self.background = Background(self.vocabulary, hypernym_depth)
         # Membership matrix [n_hypernyms, 1000]: hypernym mass of a view = membership @ probabilities.
         self._hyper_names, self._membership = self.background.hypernym_names, self.background.membership
 
+    def fit_colour_baseline(self, images: Sequence[Image.Image]) -> np.ndarray:
+        """Set (and return) the probe set's share of each basic colour from whole probe ``images``."""
+        self.colour_baseline = colour_baseline(images)
+        return self.colour_baseline
+
+    def _colours(self, views: list, masks: list, groups: list | None) -> list[list[tuple[str, float]]]:
+        """Per view, its colour candidates: dominant colours, kept where unusual for the view's group."""
+        shares = [colour_shares(v, m) for v, m in zip(views, masks)]
+        dominant = [ranked_colours(s, self.colour_top, self.colour_min_fraction) for s in shares]
+        if self.colour_baseline is None or groups is None:
+            return dominant
+        unusual = {g: unusual_colours([s for s, h in zip(shares, groups) if h == g], self.colour_baseline,
+                                      self.colour_lift, self.colour_min_fraction) for g in set(groups)}
+        return [[(n, f * unusual[g][n]) for n, f in d if n in unusual[g]] for d, g in zip(dominant, groups)]
+
     def tag(
-        self, views: Sequence[Image.Image], masks: Sequence[np.ndarray | None] | None = None
+        self, views: Sequence[Image.Image], masks: Sequence[np.ndarray | None] | None = None,
+        groups: Sequence[Any] | None = None,
     ) -> list[list[Candidate]]:
-        """One candidate list per view (sorted by weight, then phrase); ``masks`` aligns with ``views`` or is None."""
+        """One candidate list per view (sorted by weight, then phrase); ``masks`` aligns with ``views`` or is None.
+
+        ``groups`` (one hashable per view: its unit) pools views for the colour baseline test, so only colours
+        unusual for the unit are named; None = every dominant colour of each view."""
         views = list(views)
         masks = [None] * len(views) if masks is None else list(masks)
-        if len(masks) != len(views):
-            raise ValueError(f"got {len(views)} views but {len(masks)} masks; pass one mask (or None) per view")
+        groups = None if groups is None else list(groups)
+        if len(masks) != len(views) or (groups is not None and len(groups) != len(views)):
+            raise ValueError(f"got {len(views)} views but {len(masks)} masks and "
+                             f"{len(views) if groups is None else len(groups)} groups; pass one mask (or None) and "
+                             "one group per view")
         if not views:
             return []
         probs = _to_numpy(self.classify([v.convert("RGB") for v in views]))
@@ -184,9 +152,12 @@ class Tagger:
         if probs.min() < -1e-6 or np.abs(probs.sum(1) - 1).max() > 1e-2:
             raise ValueError("classify must return probabilities (softmax over 1000 classes); rows do not sum to 1")
         hyper_mass = probs @ self._membership.T
-        return [self._tag_one(view, mask, p, hm) for view, mask, p, hm in zip(views, masks, probs, hyper_mass)]
+        colours = self._colours(views, masks, groups) if self.colours else [[] for _ in views]
+        return [self._tag_one(view, mask, p, hm, c) for view, mask, p, hm, c in
+                zip(views, masks, probs, hyper_mass, colours)]
 
-    def _tag_one(self, view: Image.Image, mask: np.ndarray | None, p: np.ndarray, hm: np.ndarray) -> list[Candidate]:
+    def _tag_one(self, view: Image.Image, mask: np.ndarray | None, p: np.ndarray, hm: np.ndarray,
+                 colours: list[tuple[str, float]]) -> list[Candidate]:
         best: dict[str, Candidate] = {}
 
         def add(phrase: str, source: CandidateSource, weight: float) -> None:
@@ -203,9 +174,8 @@ class Tagger:
         if self.ocr is not None:
             for phrase, weight in text_phrases(self.ocr.read(view, mask)):
                 add(phrase, "text", weight)
-        if self.colours:
-            for name, fraction in dominant_colours(view, mask, self.colour_top, self.colour_min_fraction):
-                add(name, "colour", fraction)
+        for name, weight in colours:
+            add(name, "colour", weight)
         return sorted(best.values(), key=lambda c: (-c.weight, c.phrase))
 
 _default_vocabulary = default_vocabulary  # the name stage.py and older callers import

@@ -1,21 +1,30 @@
 """What a describer (and a person) sees of a unit: its exemplars, masks, MILAN-style views and crops.
 
+Views show the model's field of view (the box its resize and centre crop cut from the source photo) but at the
+describer's resolution, ``size`` px a side (:func:`~neuroscribe.datasets.geometry.view_size`: ``describe.view_size``,
+by default ``max(224, model crop)``, the input size of the tagger's classifier, of the OCR reader and of the
+gallery): they are cut from the source file (:class:`~neuroscribe.datasets.geometry.ViewGeometry`), not blown up
+from the model's pixels, so a caption or a faint watermark that a person reads in the photo stays readable for a
+model run at 64 px. Masks are upsampled from the unit's activation grid straight to that size. The model's own
+input is untouched.
+
 For every exemplar of a unit (:meth:`Recording.exemplars`) :func:`unit_views` builds
 
-- the image in the model's input geometry (:meth:`Recording.image`),
-- its boolean mask (:meth:`Recording.masks`: the upsampled activation map above the unit's threshold),
+- the image in the model's field of view at the view size (:meth:`Recording.image`),
+- its boolean mask (:meth:`Recording.masks`: the activation map upsampled to the view size, above the unit's
+  threshold),
 - the MILAN-style *view*: pixels inside the mask unchanged, every other pixel scaled to ``dim`` brightness, with
   an optional one-pixel outline drawn just *outside* the region (so the region itself stays untouched),
 - a square *crop* around the mask's bounding box plus a margin (the whole image when the mask is empty),
-  resized back to the input size.
+  resized back to the view size.
 
 A mask that is empty (the unit never passed its threshold on that image) gives a view dimmed everywhere and a
 crop equal to the whole image. Flat layers (``kind == "flat"``, e.g. a classifier) have all-ones masks, so their
 views and crops are the images themselves.
 
-Decoded images are cached per :class:`Recording` in a small LRU (:class:`ImageCache`), so an image shared by
-many units' exemplars of one layer is decoded and resized once. :func:`unit_grid` tiles a unit's views into one
-image and :func:`save_unit_views` writes the grid and the views atomically.
+Decoded images are cached per :class:`Recording` and view size in a small LRU (:class:`ImageCache`), so an image
+shared by many units' exemplars of one layer is decoded and resized once. :func:`unit_grid` tiles a unit's views
+into one image and :func:`save_unit_views` writes the grid and the views atomically.
 """
 
 from __future__ import annotations
@@ -34,20 +43,22 @@ import numpy as np
 from PIL import Image
 
 from .. import io
+from ..datasets.geometry import MIN_VIEW_SIZE, ViewGeometry, model_box, view_size
 from .describers import UnitViews
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..record.exemplars import Recording
 
 __all__ = ["ImageCache", "image_cache", "unit_views", "dim_outside", "crop_box", "crop_view", "unit_grid",
-           "save_unit_views", "safe_name", "OUTLINE_COLOUR"]
+           "save_unit_views", "safe_name", "OUTLINE_COLOUR", "MIN_VIEW_SIZE", "view_size", "model_box",
+           "ViewGeometry"]
 
 OUTLINE_COLOUR = (255, 214, 0)  # the outline drawn around a mask region in views
 _DEFAULT_CACHE_SIZE = 512       # ~75 MB of 224 px RGB images
 
 
 class ImageCache:
-    """A thread-safe LRU of decoded exemplar images (model geometry), keyed by image id.
+    """A thread-safe LRU of decoded exemplar images (of one size), keyed by image id.
 
     ``get(i)`` calls ``loader(i)`` only on a miss; ``decoded`` counts those calls (tests and profiling).
     """
@@ -84,16 +95,20 @@ class ImageCache:
         return len(self._items)
 
 
-_caches: "weakref.WeakKeyDictionary[Recording, ImageCache]" = weakref.WeakKeyDictionary()
+_caches: "weakref.WeakKeyDictionary[Recording, dict[int, ImageCache]]" = weakref.WeakKeyDictionary()
 _caches_lock = threading.Lock()
 
 
-def image_cache(rec: "Recording", maxsize: int | None = None) -> ImageCache:
-    """The image cache of ``rec`` (created on first use; dropped with the Recording). ``maxsize`` resizes it."""
+def image_cache(rec: "Recording", maxsize: int | None = None, size: int | None = None) -> ImageCache:
+    """The cache of ``rec``'s images at ``size`` px (default: ``rec.view_size``), created on first use and dropped
+    with the Recording. ``maxsize`` resizes it."""
+    size = rec.view_size if size is None else size
     with _caches_lock:
-        cache = _caches.get(rec)
+        by_size = _caches.setdefault(rec, {})
+        cache = by_size.get(size)
         if cache is None:
-            cache = _caches[rec] = ImageCache(rec.image, maxsize or _DEFAULT_CACHE_SIZE)
+            ref = weakref.ref(rec)  # the cache must not keep its Recording alive (a weak key's value)
+            cache = by_size[size] = ImageCache(lambda i: ref().image(i, size=size), maxsize or _DEFAULT_CACHE_SIZE)
         elif maxsize is not None:
             if maxsize < 1:
                 raise ValueError(f"image cache maxsize must be at least 1; got {maxsize}")
@@ -109,7 +124,7 @@ def dim_outside(image: Image.Image, mask: np.ndarray, dim: float = 0.25, outline
     mask = np.asarray(mask, dtype=bool)
     if mask.shape != arr.shape[:2]:
         raise ValueError(f"mask shape {mask.shape} does not match image size {arr.shape[1]}x{arr.shape[0]} "
-                         "(masks must be rendered at the model's input size)")
+                         "(masks must be rendered at the view size)")
     lut = np.rint(np.arange(256, dtype=np.float32) * dim).astype(np.uint8)  # x -> round(x * dim)
     out = np.where(mask[..., None], arr, lut[arr])
     if outline and mask.any() and not mask.all():
@@ -163,15 +178,19 @@ def crop_view(image: Image.Image, mask: np.ndarray, margin: float = 0.15, min_si
 
 
 def unit_views(rec: "Recording", layer: str, unit: int, dim: float = 0.25, crop_margin: float = 0.15,
-               min_crop: int = 48, *, outline: bool = True, cache: ImageCache | None = None) -> UnitViews:
+               min_crop: int = 48, *, outline: bool = True, cache: ImageCache | None = None,
+               size: int | None = None) -> UnitViews:
     """Everything a describer sees of ``layer``/``unit``: images, masks, dimmed views and crops per exemplar.
 
-    Images come from ``cache`` (default: the Recording's shared :func:`image_cache`), so building the views of
-    every unit of a layer decodes each distinct image once while it stays in the cache.
+    All are ``size`` px a side (default ``rec.view_size``), in the model's field of view; ``min_crop`` is in
+    pixels of the model's input (scaled to the view). Images come from ``cache`` (default: the Recording's shared
+    :func:`image_cache` for ``size``), so building the views of every unit of a layer decodes each distinct image
+    once while it stays in the cache.
     """
-    cache = image_cache(rec) if cache is None else cache
+    size = rec.view_size if size is None else size
+    cache = image_cache(rec, size=size) if cache is None else cache
     exemplars = rec.exemplars(layer, unit)          # raises KeyError/IndexError naming the bad layer/unit
-    size = rec.preprocess.crop
+    min_crop = max(1, round(min_crop * size / rec.preprocess.crop))
     masks_all = rec.masks(layer, unit, size) if exemplars else np.zeros((0, size, size), dtype=bool)
     images, masks, views, crops = [], [], [], []
     for ex in exemplars:
@@ -179,7 +198,7 @@ def unit_views(rec: "Recording", layer: str, unit: int, dim: float = 0.25, crop_
         mask = np.asarray(masks_all[ex.rank], dtype=bool)
         if mask.shape != (im.height, im.width):
             raise ValueError(f"{layer!r} unit {unit}: mask {mask.shape} and image {im.size} of image id "
-                             f"{ex.image_id} differ; the recording's preprocessing does not match its images")
+                             f"{ex.image_id} differ; the cache holds images of another size than {size} px")
         images.append(im)
         masks.append(mask)
         views.append(dim_outside(im, mask, dim, outline))

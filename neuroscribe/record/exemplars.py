@@ -1,8 +1,10 @@
 """Reading a recording back: exemplars per unit, full-size masks rendered on demand, and MILAN's export layout.
 
 A mask is the unit's low-resolution activation map on one exemplar, upsampled bilinearly to the model's input
-size (``preprocess.crop``) and thresholded (``>``) at the unit's quantile threshold (NetDissect/MILAN convention).
-Images are shown in the model's input geometry (resize + centre crop), so masks line up with them.
+size (``preprocess.crop``) or to the view size, and thresholded (``>``) at the unit's quantile threshold
+(NetDissect/MILAN convention). Images are shown in the model's field of view (its resize + centre crop): at the
+model's input size, or cut from the source at the describer's view size (``Recording.view_size``, see
+:mod:`neuroscribe.datasets.geometry`), so masks line up with them either way.
 
 Two upsampling conventions, which differ only within half a map cell of the image border:
 
@@ -31,6 +33,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from ..datasets.geometry import ViewGeometry, view_size
 from ..datasets.probe import load_image
 from ..models import Preprocess
 
@@ -95,6 +98,7 @@ class Recording:
         self.preprocess = Preprocess(**{k: tuple(v) if isinstance(v, list) else v
                                         for k, v in self.meta["preprocess"].items()})
         self.root = Path(self.meta["data_root"])
+        self.view_size = view_size(self.preprocess.crop)  # side of describer views; the describe stage may set it
         self._layers: dict[str, dict[str, torch.Tensor]] = {}
 
     @classmethod
@@ -170,9 +174,12 @@ class Recording:
     def threshold(self, layer: str, unit: int) -> float:
         return float(self.tensors(layer)["threshold"][self._unit(layer, unit)])
 
-    def image(self, image_id: int) -> Image.Image:
-        """The exemplar image in the model's input geometry (resized and centre-cropped)."""
-        return self.preprocess.geometry()(load_image(self.image_paths[image_id]))
+    def image(self, image_id: int, size: int | None = None) -> Image.Image:
+        """The exemplar image in the model's field of view: what the model saw (its resize and centre crop, at
+        ``preprocess.crop``) or, with ``size``, the same box cut from the source file at ``size`` px
+        (:class:`~neuroscribe.datasets.geometry.ViewGeometry`)."""
+        im = load_image(self.image_paths[image_id])
+        return self.preprocess.geometry()(im) if size is None else ViewGeometry(self.preprocess, size)(im)
 
     def upsampled(self, layer: str, unit: int, size: int | None = None,
                   convention: Convention = "edge") -> torch.Tensor:

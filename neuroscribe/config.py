@@ -106,13 +106,10 @@ class ClipConfig(_Section):
 
 class VerifyConfig(_Section):
     """Verification by experiment (neuroscribe.describe.verify): the words become an edit, measured on the unit."""
-
     enabled: bool = True
-    images: int = Field(24, ge=4, description="probe images (class-stratified, seeded) the edits are drawn on; "
-                                              "each unit is measured on the half where it is quiet")
-    kinds: list[Literal["text", "colour", "object"]] = Field(
-        default_factory=lambda: ["text", "colour", "object"], description="intervention kinds tried, in order")
-    effect_min: float = Field(1.0, description="confirmed needs mean(treated - control) / sd(unit) >= this")
+    images: int = Field(24, ge=4, description="stratified seeded probe images edited; a unit uses its quiet half")
+    kinds: list[Literal["text", "colour", "object"]] = Field(default_factory=lambda: ["text", "colour", "object"])
+    effect_min: float = Field(1.0, description="confirmed: mean(treated - control) / sd(unit) >= this ...")
     auc_min: float = Field(0.8, ge=0, le=1, description="... and P(treated > control) >= this")
 
 

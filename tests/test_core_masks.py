@@ -180,7 +180,7 @@ def test_dim_outside():
         with pytest.raises(ValueError, match=re.escape(f"dim must be a brightness factor in [0, 1]; got {dim}") + "$"):
             V.dim_outside(grey, mask, dim)
     with pytest.raises(ValueError, match=re.escape(
-            "mask shape (5, 4) does not match image size 5x4 (masks must be rendered at the model's input size)")):
+            "mask shape (5, 4) does not match image size 5x4 (masks must be rendered at the view size)")):
         V.dim_outside(grey, np.ones((5, 4), bool))
 
 

@@ -66,7 +66,8 @@ TARGETS: dict[str, dict] = {
         "tests": ["tests/test_core_hooks.py"],
         "functions": ["_first_tensor", "_replace_first", "_layer_hook", "run", "prefix_tokens", "unit_view",
                       "layer_kind", "_valid_layout", "declare_layouts", "module_width", "module_layout",
-                      "channel_count", "detect_layout", "layout_from_resize", "layer_layout", "layer_catalogue"]},
+                      "channel_count", "detect_layout", "_how_to_declare", "layout_from_resize", "layer_layout",
+                      "layer_catalogue"]},
     "neuroscribe/ablate/edit.py": {  # the ablation edit: unit lists, zero/mean through a hook or baked into weights
         "tests": ["tests/test_core_edit.py"],
         "functions": ["as_unit_dict", "_as_list", "unit_axis", "_check_range", "_mean_vector", "_check_means_length",

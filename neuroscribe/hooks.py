@@ -284,9 +284,12 @@ def detect_layout(shape: tuple[int, ...], name: str, channels: int | None = None
     if len(fits) == 1:
         return fits[0]
     raise LayoutError(f"layer {name!r}: cannot tell whether its output {list(shape[1:])} is channels-first "
-                      f"(C, H, W) or channels-last (H, W, C): {why}. Declare it in the job config, e.g. "
-                      f"`layouts: {{{name}: nhwc}}` (or nchw), or in code with "
-                      f"neuroscribe.hooks.declare_layouts(model, {{{name!r}: 'nhwc'}})")
+                      f"(C, H, W) or channels-last (H, W, C): {why}. {_how_to_declare(name)}")
+
+
+def _how_to_declare(name: str) -> str:
+    return (f"Declare it in the job config, e.g. `layouts: {{{name}: nhwc}}` (or nchw), or in code with "
+            f"neuroscribe.hooks.declare_layouts(model, {{{name!r}: 'nhwc'}})")
 
 
 def layout_from_resize(name: str, shape: tuple[int, ...], other: tuple[int, ...]) -> str:
@@ -300,8 +303,7 @@ def layout_from_resize(name: str, shape: tuple[int, ...], other: tuple[int, ...]
         return fits[0]
     raise LayoutError(f"layer {name!r}: cannot tell whether its output is channels-first (C, H, W) or channels-last "
                       f"(H, W, C): it is {list(shape[1:])} at one input size and {list(other[1:])} at another. "
-                      f"Declare it in the job config, e.g. `layouts: {{{name}: nhwc}}` (or nchw), or in code with "
-                      f"neuroscribe.hooks.declare_layouts(model, {{{name!r}: 'nhwc'}})")
+                      f"{_how_to_declare(name)}")
 
 
 def layer_layout(model: nn.Module, name: str, shape: tuple[int, ...], declared: Mapping[str, str] | None = None,

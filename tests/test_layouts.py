@@ -183,10 +183,13 @@ def test_square_layouts_told_apart_by_a_second_input_size(monkeypatch, tmp_path)
     assert _diff_channels(ab["last"], tr["last"]) == [5]
 
 
-def test_efficientnet_block_with_as_many_channels_as_pixels_records(tmp_path):
-    """EfficientNet-Lite0 at 96 px: ``_blocks.1`` outputs 24 channels on a 24 x 24 grid (was a LayoutError)."""
+def test_efficientnet_block_with_as_many_channels_as_pixels_records(tmp_path, caplog):
+    """EfficientNet-Lite0 at 96 px: ``_blocks.1`` outputs 24 channels on a 24 x 24 grid (was a LayoutError); 96 px
+    is under half the model's native 224, which the log says."""
     cfg = job(tmp_path / "e", "efficientnet-lite0", ["_blocks.1", "_blocks.3"],
               preprocess={"resize": 96, "crop": 96})
-    rec = Recording(record(cfg))
+    with caplog.at_level("WARNING", logger="neuroscribe.record"):
+        rec = Recording(record(cfg))
+    assert "at 96 px, under half of its native input (224 px)" in caplog.text
     assert rec.layouts == {"_blocks.1": "nchw", "_blocks.3": "nchw"}
     assert rec.meta["layers"]["_blocks.1"]["map_shape"] == [24, 24] and rec.units("_blocks.1") == 24

@@ -87,7 +87,12 @@ def prepare(cfg: JobConfig, device: torch.device | None = None) -> tuple[LoadedM
         raise ValueError(f"no layers to record: set `layers:` (run `neuroscribe layers {cfg.model.spec}`)")
     lm = load_model(cfg.model.spec, arch=cfg.model.arch, num_classes=cfg.model.num_classes,
                     allow_pickle=cfg.model.allow_pickle, device=device, seed=cfg.seed)
+    native = lm.preprocess.crop
     lm.preprocess = lm.preprocess.with_overrides(**cfg.preprocess.model_dump())
+    if lm.preprocess.crop < native / 2:
+        log.warning("recording %s at %d px, under half of its native input (%d px): units tuned to fine detail "
+                    "(text, small objects) may not fire; set preprocess.crop/resize nearer %d", cfg.model.spec,
+                    lm.preprocess.crop, native, native)
     resolve_layers(lm.module, cfg.layers, spec=cfg.model.spec)
     probe = open_probe_set(cfg.data.root, cfg.data.format, cfg.data.split, cfg.data.limit, cfg.seed,
                            lm.class_names)

@@ -19,12 +19,13 @@ SIZE = 96
 
 
 class Detectors(torch.nn.Module):
-    """``units`` outputs (B, 3, H/4, W/4): blueness, redness and local contrast, each pooled over 4 x 4 cells."""
+    """``units`` outputs (B, 4, H/4, W/4): blueness, redness, local contrast and another blueness (blue over the
+    larger of red and green: other exemplars, the same kind of region), each pooled over 4 x 4 cells."""
 
     def __init__(self):
         super().__init__()
         self.units = torch.nn.Identity()
-        self.head = torch.nn.Linear(3, 10)
+        self.head = torch.nn.Linear(4, 10)
 
     def forward(self, x):
         rgb = x * torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1) + torch.tensor([0.485, 0.456, 0.406]).view(
@@ -32,7 +33,7 @@ class Detectors(torch.nn.Module):
         r, g, b = rgb[:, 0], rgb[:, 1], rgb[:, 2]
         lum = rgb.mean(1, keepdim=True)
         contrast = (lum - torch.nn.functional.avg_pool2d(lum, 3, 1, 1, count_include_pad=False)).abs()[:, 0]
-        maps = torch.stack([b - (r + g) / 2, r - (g + b) / 2, 4 * contrast], 1)
+        maps = torch.stack([b - (r + g) / 2, r - (g + b) / 2, 4 * contrast, b - torch.maximum(r, g)], 1)
         out = self.units(torch.nn.functional.avg_pool2d(maps, 4))
         return self.head(out.amax((2, 3)))
 
@@ -45,16 +46,17 @@ def rec(tmp_path_factory):
                                                                                   Detectors().eval(), pre))
     out = tmp_path_factory.mktemp("verify") / "job"
     cfg = load_config(None, {"model": "test-detectors", "layers": ["units"], "out": str(out), "progress": False,
-                             "device": "cpu", "batch_size": 32, "workers": 0, "record": {"k": 4},
+                             "device": "cpu", "batch_size": 32, "workers": 0, "record": {"k": 8},
                              "data": {"root": str(sample_root()), "split": "val"}})
     r = Recording(record(cfg))
     yield r, models.load_model("test-detectors")
     mp.undo()
 
 
-def run(rec, descriptions, **cfg):
+def run(rec, descriptions, null=False, **cfg):
     r, lm = rec
-    return verify_units(r, lm, descriptions, VerifyConfig(images=24, **cfg), seed=0, device=torch.device("cpu"))
+    return verify_units(r, lm, descriptions, VerifyConfig(images=24, **cfg), seed=0, device=torch.device("cpu"),
+                        null=null)
 
 
 def test_words_confirmed_where_the_unit_responds_and_rejected_elsewhere(rec):
@@ -83,19 +85,66 @@ def test_quiet_images_and_seed_make_the_result_reproducible(rec):
     b = run(rec, {("units", 0): "blue", ("units", 2): "letters"})
     assert a == b
     assert all(r["n"] == 12 for r in a.values())  # the quiet half of 24 images
+    r, lm = rec
+    other = verify_units(r, lm, {("units", 0): "blue"}, VerifyConfig(images=24), seed=1, device=torch.device("cpu"))
+    assert other[("units", 0)]["effect"] != a[("units", 0)]["effect"]  # another seed, other images and edits
 
 
-def test_text_edit_and_its_control_differ_only_in_readability():
-    words = Pools(words=["house", "table", "green", "water"])
+def test_null_draws_confirm_nothing(rec):
+    """``null=True``: the treatment is a second control draw, so the words play no part."""
+    res = run(rec, {("units", 0): "blue", ("units", 1): "red", ("units", 2): "text"}, null=True)
+    assert all(v["status"] == "not confirmed" for v in res.values()), res
+    assert abs(res[("units", 2)]["effect"]) < 1.0 and abs(res[("units", 0)]["effect"]) < 1.0, res
+
+
+def test_objects_are_pasted_from_other_units_with_that_description(rec):
+    """Units 0 and 3 (both blueness) are described "sky": each is shown the other's exemplar crops (blue regions)
+    against crops of units described otherwise, and confirmed; a description no other unit has is unverifiable."""
+    res = run(rec, {("units", 0): "sky", ("units", 3): "sky", ("units", 1): "fire", ("units", 2): "stripes"})
+    assert res[("units", 0)]["kind"] == res[("units", 3)]["kind"] == "object"
+    assert res[("units", 0)]["status"] == res[("units", 3)]["status"] == "confirmed", res
+    assert res[("units", 1)]["status"] == res[("units", 2)]["status"] == "unverifiable" and "why" in res[("units", 1)]
+
+
+def test_measure_uses_the_quiet_half_and_a_floored_sd():
+    from neuroscribe.describe.verify import measure
+    base = np.array([[0.0, 5.0, 1.0], [1.0, 5.0, 2.0], [2.0, 5.0, 3.0], [3.0, 5.0, 4.0]])  # unit 1 is constant
+    treated = np.array([[4.0, 6.0, 0.0], [4.0, 6.0, 0.0], [0.0, 5.0, 0.0], [0.0, 5.0, 0.0]])
+    control = np.zeros((4, 3))
+    control[:, 1] = 5.0
+    r = measure(base, treated, control, 0)  # quiet: images 0 and 1 (<= median 1.5); sd of 0..3 = 1.291
+    assert r["n"] == 2 and r["auc"] == 1.0 and r["effect"] == pytest.approx(4.0 / np.std([0, 1, 2, 3], ddof=1))
+    # a constant unit: sd 0, floored at 10 % of the layer's median sd (1.291 -> 0.129), not 1e-6
+    r1 = measure(base, treated, control, 1)
+    assert r1["n"] == 4 and r1["effect"] == pytest.approx(0.5 / (0.1 * np.std([0, 1, 2, 3], ddof=1)))
+    assert r1["auc"] == pytest.approx((2 * 1.0 + 2 * 0.5) / 4)
+
+
+def _box(a: np.ndarray, a0: np.ndarray) -> tuple[int, int, int, int]:
+    changed = np.abs(a.astype(int) - a0.astype(int)).sum(2) > 0
+    rows, cols = np.flatnonzero(changed.any(1)), np.flatnonzero(changed.any(0))
+    return rows[0], rows[-1] + 1, cols[0], cols[-1] + 1
+
+
+def _iou(p, q) -> float:
+    inter = max(0, min(p[1], q[1]) - max(p[0], q[0])) * max(0, min(p[3], q[3]) - max(p[2], q[2]))
+    return inter / ((p[1] - p[0]) * (p[3] - p[2]) + (q[1] - q[0]) * (q[3] - q[2]) - inter)
+
+
+def test_text_edit_and_its_control_differ_only_in_the_word():
+    from neuroscribe.describe.verify import _draw_words, _same_length_word
+    words = Pools(words=["house", "table", "green", "water", "step", "stop", "shop", "ship"])
     iv = intervention_for("The word STOP", ("l", 0), words)
     assert iv.kind == "text" and iv.key == "word:stop"
-    img = Image.new("RGB", (96, 96), (120, 130, 140))
-    t, c = iv.treat(img, random.Random(3)), iv.control(img, random.Random(3))
-    at, ac, a0 = (np.asarray(x, dtype=np.int16) for x in (t, c, img))
-    changed_t, changed_c = np.abs(at - a0).sum(2) > 0, np.abs(ac - a0).sum(2) > 0
-    assert changed_t.any() and changed_c.any() and not np.array_equal(at, ac)
-    rows_t, rows_c = np.flatnonzero(changed_t.any(1)), np.flatnonzero(changed_c.any(1))
-    assert abs(int(rows_t.mean()) - int(rows_c.mean())) <= 2  # same place and size, other word
+    img = Image.new("RGB", (128, 128), (120, 130, 140))
+    a0 = np.asarray(img)
+    for s in range(20):  # same font, size, ink and place, another word of the same length
+        t, c = np.asarray(iv.treat(img, random.Random(s))), np.asarray(iv.control(img, random.Random(s)))
+        assert not np.array_equal(t, c) and _iou(_box(t, a0), _box(c, a0)) > 0.6, s
+        r = random.Random(s)
+        r.random()
+        assert np.array_equal(t, np.asarray(_draw_words(img, "stop", r)))  # the treatment renders the word itself
+        assert _same_length_word("STOP", words.words, random.Random(s)) in {"step", "shop", "ship"}
     generic = intervention_for("letters", ("l", 0), words)
     tb, cb = generic.treat(img, random.Random(5)), generic.control(img, random.Random(5))
     edge = lambda x: np.abs(np.diff(np.asarray(x.convert("L"), dtype=float), axis=1)).sum()  # noqa: E731
@@ -104,8 +153,9 @@ def test_text_edit_and_its_control_differ_only_in_readability():
 
 def test_registry_order_kinds_and_objects_never_use_the_units_own_crops():
     crop = {u: Image.new("RGB", (20, 20), (u[1] * 40, 0, 0)) for u in [("a", 0), ("a", 1), ("a", 2), ("b", 0)]}
-    pools = Pools(words=["house"], crops={"golf ball": [(u, crop[u]) for u in [("a", 0), ("a", 1), ("a", 2)]],
-                                          "tench": [(("b", 0), crop[("b", 0)])]})
+    pools = Pools(words=["house"], crops={"golf ball": [(u, crop[u], 10 + u[1]) for u in [("a", 0), ("a", 1),
+                                                                                             ("a", 2)]],
+                                          "tench": [(("b", 0), crop[("b", 0)], 20)]})
     assert intervention_for("red letters", ("a", 0), pools).kind == "text"  # text before colour
     assert intervention_for("red letters", ("a", 0), pools, ["colour"]).target == "red"
     assert intervention_for("Grey", ("a", 0), pools).target == "gray"
@@ -115,6 +165,13 @@ def test_registry_order_kinds_and_objects_never_use_the_units_own_crops():
     base = Image.new("RGB", (64, 64), (0, 0, 255))
     reds = {int(np.asarray(iv0.treat(base, random.Random(s)))[..., 0].max()) for s in range(40)}
     assert reds == {40}, reds  # unit ("a", 0) sees only the other fold's crops: ("a", 1)'s, never its own
+    # a crop of an image that is one of the unit's own exemplars is never pasted for it (nor as its control)
+    pools.own = {("a", 1): {10}, ("a", 3): {11}}
+    iv1b = intervention_for("golf ball", ("a", 1), pools)  # fold 1 is shown fold 0's crops: images 10 and 12
+    assert iv1b.key != iv1.key
+    assert {int(np.asarray(iv1b.treat(base, random.Random(s)))[..., 0].max()) for s in range(40)} == {80}
+    iv3 = intervention_for("golf ball", ("a", 3), pools)  # not in a fold: every crop but image 11's
+    assert {int(np.asarray(iv3.treat(base, random.Random(s)))[..., 0].max()) for s in range(60)} == {0, 80}
     seen = []
     INTERVENTIONS["always"] = lambda d, u, p: seen.append(d) or Intervention(
         "always", d, "k", lambda im, r: im, lambda im, r: im)
@@ -129,9 +186,10 @@ def test_flags_need_the_words_and_the_experiment():
     from neuroscribe.config import FlagConfig
     rows = [{"layer": "l", "unit": 0, "description": "text", "verify_status": "confirmed"},
             {"layer": "l", "unit": 1, "description": "letters", "verify_status": "not confirmed"},
-            {"layer": "l", "unit": 2, "description": "the word stop"},  # not verified: the words alone
-            {"layer": "l", "unit": 3, "description": "dog", "verify_status": "confirmed"}]
+            {"layer": "l", "unit": 2, "description": "the word stop"},  # verification off: the words alone
+            {"layer": "l", "unit": 3, "description": "dog", "verify_status": "confirmed"},
+            {"layer": "l", "unit": 4, "description": "a sign", "verify_status": "unverifiable"}]  # no experiment
     flags = flag_units(rows, FlagConfig(embedder=None))
     assert [f.unit for f in flags] == [0, 2] and flags[0].verified == "confirmed" and flags[1].verified is None
     assert "verification by experiment: confirmed" in flags[0].reasons
-    assert [f.unit for f in flag_units(rows, FlagConfig(embedder=None, verified=False))] == [0, 1, 2]
+    assert [f.unit for f in flag_units(rows, FlagConfig(embedder=None, verified=False))] == [0, 1, 2, 4]

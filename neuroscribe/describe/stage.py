@@ -203,7 +203,9 @@ def verification(cfg: JobConfig, rec: Recording, rows: list[Described], ddir: Pa
     if not v.enabled or not rows:
         return {}
     descriptions = {(r.layer, r.unit): r.description for r in rows}
-    key = io.artifact_key(sorted(descriptions.items()), v.model_dump(mode="json"), cfg.seed, rec.meta["key"])
+    from .verify import VERIFY_VERSION
+    key = io.artifact_key(VERIFY_VERSION, sorted(descriptions.items()), v.model_dump(mode="json"), cfg.seed,
+                          rec.meta["key"])
     path = ddir / "verify.json"
     done = io.current(path, key)
     if done is None:

@@ -6,14 +6,18 @@ description into an :class:`Intervention`, or None when the words are not its ki
 the description is used:
 
 * ``text`` -- "the word X": X is rendered (a font, size, colour and place drawn per image from the verifier's own
-  seeded choices, never the study's cue); the control renders another common English word of the same length the
-  same way. "text", "letters", "writing", "number", ...: common words (digits for "number"/"digits") are
-  rendered; the control is the same drawing blurred until unreadable (same place, ink and colour).
+  seeded choices, never the study's cue); the control renders another common English word of the same length with
+  the same choices. "text", "letters", "writing", "number", ...: common words (digits for "number"/"digits") are
+  rendered; the control is the same drawing blurred until unreadable (same place, ink and colour; the blur also
+  softens the strokes, so a plain contrast detector passes as "text").
 * ``colour`` -- a basic colour term in the description: a patch of that colour (a third to a half of the side, at
   a random place); the control is the same patch in another basic colour.
 * ``object`` -- any other description shared by at least one *other* unit: crops of that unit's exemplars under
   its mask are pasted in (scaled to 35-55 % of the side); the control pastes crops of units described otherwise.
-  A description no other unit has cannot be verified this way (status ``unverifiable``).
+  The units of one description form two folds, each shown the other's crops, and no crop of an image among the
+  unit's own exemplars is used. A description no other unit has cannot be verified this way (``unverifiable``).
+  The crops come from the probe: on a cued probe they can carry the cue, so an object verdict says that units
+  labelled alike drive each other, not that the label is true.
 
 Measurement (:func:`verify_units`): ``images`` probe images, a class-stratified seeded sample drawn for this
 purpose; a unit is measured on those where it is quiet (spatial-max activation at most its median over the
@@ -42,7 +46,8 @@ from PIL import Image, ImageDraw, ImageFilter
 from ..datasets.cues import DEFAULT_FONT, load_font
 from .tagger import BASIC_COLOURS
 
-__all__ = ["INTERVENTIONS", "Intervention", "Pools", "intervention_for", "normalise", "register", "verify_units"]
+__all__ = ["INTERVENTIONS", "VERIFY_VERSION", "Intervention", "Pools", "intervention_for", "measure", "normalise",
+           "register", "verify_units"]
 
 TEXT_WORDS = {"text", "texts", "word", "words", "letter", "letters", "writing", "written", "caption", "label",
               "sign", "font", "number", "numbers", "digit", "digits", "lettering", "inscription"}
@@ -53,6 +58,7 @@ _FONTS = [p for p in (DEFAULT_FONT, DEFAULT_FONT.with_name("DejaVuSans-Bold.ttf"
           if p.is_file()]
 _INK = [(255, 255, 255), (0, 0, 0), (220, 30, 30), (250, 220, 40), (30, 60, 200)]
 UnitKey = tuple[str, int]
+VERIFY_VERSION = 2  # part of verify.json's key: results of an older verifier are not reused
 
 
 @dataclass
@@ -69,11 +75,13 @@ class Intervention:
 
 @dataclass
 class Pools:
-    """What interventions may draw on besides the words: common words, and exemplar crops of units by description
-    (``crops[description] = [(unit, crop), ...]``)."""
+    """What interventions may draw on besides the words: common words, exemplar crops of units by description
+    (``crops[description] = [(unit, crop, image id), ...]``) and each unit's own exemplar image ids (``own``),
+    which are never pasted for it."""
 
     words: list[str] = field(default_factory=list)
-    crops: dict[str, list[tuple[UnitKey, Image.Image]]] = field(default_factory=dict)
+    crops: dict[str, list[tuple[UnitKey, Image.Image, int]]] = field(default_factory=dict)
+    own: dict[UnitKey, set[int]] = field(default_factory=dict)
 
 
 INTERVENTIONS: dict[str, Callable[[str, UnitKey, Pools], Intervention | None]] = {}
@@ -141,11 +149,14 @@ def _text(desc: str, unit: UnitKey, pools: Pools) -> Intervention | None:
     m = _WORD_RE.match(desc)
     if m:
         word = m.group(1)
-        return Intervention(
-            "text", f"the word {word}", f"word:{word.lower()}",
-            lambda im, rng: _draw_words(im, word, rng),
-            lambda im, rng: _draw_words(im, _same_length_word(word, pools.words, random.Random(rng.random())),
-                                        rng))
+
+        def treat_word(im, rng):
+            rng.random()  # the control's choice of word, drawn here too so both are drawn alike
+            return _draw_words(im, word, rng)
+
+        def control_word(im, rng):
+            return _draw_words(im, _same_length_word(word, pools.words, random.Random(rng.random())), rng)
+        return Intervention("text", f"the word {word}", f"word:{word.lower()}", treat_word, control_word)
     tokens = set(re.findall(r"[a-z]+", desc))
     if not tokens & TEXT_WORDS:
         return None
@@ -206,14 +217,18 @@ def _paste(img: Image.Image, crop: Image.Image, rng: random.Random) -> Image.Ima
 @register("object")
 def _object(desc: str, unit: UnitKey, pools: Pools) -> Intervention | None:
     items = pools.crops.get(desc, [])
-    members = sorted({u for u, _ in items})
-    # two folds of the units sharing the description: a unit is shown the other fold's crops, never its own
+    members = sorted({u for u, _, _ in items})
+    # two folds of the units sharing the description: a unit is shown the other fold's crops, never its own, and
+    # never a crop of an image that is one of its own exemplars
     fold = members.index(unit) % 2 if unit in members else -1
-    same = [c for u, c in items if fold < 0 or members.index(u) % 2 != fold]
-    other = [c for d, rows in sorted(pools.crops.items()) if d != desc for _, c in rows]
+    own = pools.own.get(unit, set())
+    same = [(c, i) for u, c, i in items if fold < 0 or members.index(u) % 2 != fold]
+    other = [(c, i) for d, rows in sorted(pools.crops.items()) if d != desc for _, c, i in rows]
+    dropped = sorted({i for _, i in same + other if i in own})
+    same, other = [c for c, i in same if i not in own], [c for c, i in other if i not in own]
     if not same or not other:
         return None
-    return Intervention("object", desc, f"object:{desc}:{fold}",
+    return Intervention("object", desc, f"object:{desc}:{fold}:{dropped}",
                         lambda im, rng: _paste(im, same[int(rng.random() * len(same))], rng),
                         lambda im, rng: _paste(im, other[int(rng.random() * len(other))], rng))
 
@@ -230,8 +245,8 @@ def common_words(n: int = 3000) -> list[str]:
 
 
 def _crop_pools(rec, rows: Mapping[UnitKey, str], seed: int, per_description: int = 8,
-                extra_units: int = 32) -> dict[str, list[tuple[UnitKey, Image.Image]]]:
-    """Exemplar crops (top 2 exemplars under the unit's mask) of up to ``per_description`` units of every description
+                extra_units: int = 32) -> dict[str, list[tuple[UnitKey, Image.Image, int]]]:
+    """Exemplar crops (every exemplar, under the unit's mask) of up to ``per_description`` units of every description
     that several units share, and of ``extra_units`` other units (control material)."""
     from .views import crop_box
     groups: dict[str, list[UnitKey]] = {}
@@ -244,9 +259,9 @@ def _crop_pools(rec, rows: Mapping[UnitKey, str], seed: int, per_description: in
             chosen += rng.sample(units, min(per_description, len(units)))
     singles = sorted(k for d, units in groups.items() if len(units) == 1 for k in units)
     chosen += rng.sample(singles, min(extra_units, len(singles)))
-    out: dict[str, list[tuple[UnitKey, Image.Image]]] = {}
+    out: dict[str, list[tuple[UnitKey, Image.Image, int]]] = {}
     for layer, unit in sorted(set(chosen)):
-        exemplars = rec.exemplars(layer, unit)[:2]
+        exemplars = rec.exemplars(layer, unit)
         if not exemplars:
             continue
         masks = rec.masks(layer, unit)
@@ -256,7 +271,7 @@ def _crop_pools(rec, rows: Mapping[UnitKey, str], seed: int, per_description: in
             except OSError:
                 continue
             out.setdefault(normalise(rows[(layer, unit)]), []).append(((layer, unit),
-                                                                      im.crop(crop_box(masks[ex.rank]))))
+                                                                      im.crop(crop_box(masks[ex.rank])), ex.image_id))
     return out
 
 
@@ -281,6 +296,17 @@ def _auc(t: np.ndarray, c: np.ndarray) -> float:
     gt = (t[:, None] > c[None, :]).mean()
     eq = (t[:, None] == c[None, :]).mean()
     return float(gt + 0.5 * eq)
+
+
+def measure(base: np.ndarray, treated: np.ndarray, control: np.ndarray, unit: int) -> dict:
+    """Effect and AUC of column ``unit`` of ``[images, units]`` spatial maxima (see the module docstring): on the
+    images where the unit is at most its median on ``base``; sd over all of ``base``, floored at 10 % of the
+    median sd of the layer's units."""
+    sd = base.std(0, ddof=1)
+    floor = max(1e-6, 0.1 * float(np.median(sd)))
+    quiet = base[:, unit] <= np.median(base[:, unit])
+    t, c = treated[quiet, unit], control[quiet, unit]
+    return {"effect": float((t - c).mean() / max(float(sd[unit]), floor)), "auc": _auc(t, c), "n": int(quiet.sum())}
 
 
 def verify_units(rec, lm, descriptions: Mapping[UnitKey, str], cfg, seed: int, device, batch_size: int = 32,
@@ -309,6 +335,7 @@ def verify_units(rec, lm, descriptions: Mapping[UnitKey, str], cfg, seed: int, d
     if "object" in cfg.kinds:
         rest = {k: d for k, d in descriptions.items() if ivs[k] is None}
         pools.crops = _crop_pools(rec, rest, seed) if rest else {}
+        pools.own = {k: {ex.image_id for ex in rec.exemplars(*k)} for k in rest}
         ivs.update({k: intervention_for(d, k, pools, ["object"]) for k, d in rest.items()})
     layers = sorted({l for l, _ in descriptions}, key=rec.layers.index)
     acts0 = _maxima(lm, rec, layers, base, batch_size, device)
@@ -327,16 +354,10 @@ def verify_units(rec, lm, descriptions: Mapping[UnitKey, str], cfg, seed: int, d
         at = _maxima(lm, rec, ls, treated, batch_size, device)
         ac = _maxima(lm, rec, ls, control, batch_size, device)
         for l, u in units:
-            b = acts0[l]
-            sd = b.std(0, ddof=1)
-            floor = max(1e-6, 0.1 * float(np.median(sd)))
-            quiet = b[:, u] <= np.median(b[:, u])
-            t, c = at[l][quiet, u], ac[l][quiet, u]
-            effect = float((t - c).mean() / max(float(sd[u]), floor))
-            auc = _auc(t, c)
-            ok = effect >= cfg.effect_min and auc >= cfg.auc_min
-            out[(l, u)] = {"kind": iv.kind, "target": ivs[(l, u)].target, "status":
-                           "confirmed" if ok else "not confirmed", "effect": effect, "auc": auc, "n": int(quiet.sum())}
+            r = measure(acts0[l], at[l], ac[l], u)
+            ok = r["effect"] >= cfg.effect_min and r["auc"] >= cfg.auc_min
+            out[(l, u)] = {"kind": iv.kind, "target": ivs[(l, u)].target,
+                           "status": "confirmed" if ok else "not confirmed", **r}
     for k, iv in ivs.items():
         if iv is None:
             out[k] = {"kind": None, "target": None, "status": "unverifiable", "effect": None, "auc": None, "n": 0,

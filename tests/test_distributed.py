@@ -275,6 +275,7 @@ def test_describe_sharded_across_two_ranks_equals_one_process(tmp_path):
     p = torchrun(["describe", "--out", str(two), "--layers", "_blocks.15", "--quiet", "--workers", "0",
                   "--set", "describe.units=8", "--set", "describe.batch_units=3",
                   "--set", "describe.faithfulness_images=0", "--set", "describe.gallery=false",
+                  "--set", "describe.verify.images=8",
                   "--data", str(sample_root()), "--split", "val", "--limit", "30", "--batch-size", "20"])
     out, _ = p.communicate(timeout=600)
     assert p.returncode == 0, out.decode()[-3000:]
@@ -286,9 +287,12 @@ def test_describe_sharded_across_two_ranks_equals_one_process(tmp_path):
     b = list(csv.DictReader((two / "descriptions.csv").read_text().replace(str(two), "JOB").splitlines()))
     # the same words, exemplars and candidates; scores equal up to float rounding (each rank batches its own
     # units, views and phrases, which moves float results in the 7th digit: 1.07335782 vs 1.07335764 seen)
-    assert [{k: v for k, v in r.items() if k != "score"} for r in a] == \
-        [{k: v for k, v in r.items() if k != "score"} for r in b]
-    assert [float(r["score"]) for r in a] == pytest.approx([float(r["score"]) for r in b], rel=1e-5)
+    floats = ("score", "verify_effect", "verify_auc")  # verification runs on rank 0 with its own thread count
+    assert [{k: v for k, v in r.items() if k not in floats} for r in a] == \
+        [{k: v for k, v in r.items() if k not in floats} for r in b]
+    for k in floats:
+        assert [float(r[k] or "nan") for r in a] == pytest.approx([float(r[k] or "nan") for r in b], rel=1e-5,
+                                                                  abs=1e-4, nan_ok=True), k  # 2.4e-6 seen
 
 
 def test_torchrun_record_and_describe_then_flag_ablate_evaluate_report(tmp_path):

@@ -35,6 +35,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--images", type=int, default=300, help="probe images (seeded subset of val)")
+    ap.add_argument("--descriptions", nargs="+", default=DESCRIPTIONS)
     ap.add_argument("--root", default=str(Path(__file__).resolve().parents[2] / "shared" / "data" / "imagenette"))
     a = ap.parse_args()
     cfg_v = VerifyConfig()
@@ -50,7 +51,7 @@ def main() -> None:
             rec = Recording(record(cfg))
             lm = load_model("efficientnet-lite0")
             units = [(l, u) for l in LAYERS for u in range(rec.units(l))]
-            for text in DESCRIPTIONS:
+            for text in a.descriptions:
                 descs = {k: text for k in units}
                 res = {null: verify_units(rec, lm, descs, cfg_v, seed, torch.device("cpu"), null=null)
                        for null in (True, False)}

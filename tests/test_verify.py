@@ -74,10 +74,14 @@ def test_words_confirmed_where_the_unit_responds_and_rejected_elsewhere(rec):
 
 def test_a_specific_word_needs_more_than_any_text(rec):
     """"the word stop" is tested against other words of the same length: a unit that reads any text is not a
-    detector of that word (its effect is near zero), while "text" is confirmed for it."""
-    res = run(rec, {("units", 2): "the word stop"})[("units", 2)]
-    assert res["kind"] == "text" and res["target"] == "the word stop"
-    assert res["status"] == "not confirmed" and abs(res["effect"]) < 1.0, res
+    detector of that word (its word effect is near zero); it is then tested, and confirmed, as "text". A unit that
+    does not read text is confirmed neither way."""
+    res = run(rec, {("units", 2): "the word stop", ("units", 0): "the word stop"})
+    r = res[("units", 2)]
+    assert r["kind"] == "text" and r["target"] == "text" and r["status"] == "confirmed", r
+    assert abs(r["word_effect"]) < 1.0 and r["word_auc"] < 0.8 and r["effect"] >= 1.0, r
+    r0 = res[("units", 0)]
+    assert r0["status"] == "not confirmed" and r0["target"] == "text" and "word_effect" in r0, r0
 
 
 def test_quiet_images_and_seed_make_the_result_reproducible(rec):
@@ -191,5 +195,8 @@ def test_flags_need_the_words_and_the_experiment():
             {"layer": "l", "unit": 4, "description": "a sign", "verify_status": "unverifiable"}]  # no experiment
     flags = flag_units(rows, FlagConfig(embedder=None))
     assert [f.unit for f in flags] == [0, 2] and flags[0].verified == "confirmed" and flags[1].verified is None
+    rows_all = flag_units(rows, FlagConfig(embedder=None), all_rows=True)
+    assert [f.unit for f in rows_all if f.by_description] == [0, 2]  # the set the ablate stage's variant uses
+    assert [f.unit for f in rows_all if f.by_keyword] == [0, 1, 2, 4]
     assert "verification by experiment: confirmed" in flags[0].reasons
     assert [f.unit for f in flag_units(rows, FlagConfig(embedder=None, verified=False))] == [0, 1, 2, 4]

@@ -85,6 +85,7 @@ class Flag:
     description: str | None = None
     flagged: bool = True
     verified: str | None = None  # the description's verification status (describe.verify), None: not verified
+    by_description: bool = False  # the words flag it (keyword or embedding) and, with ``verified``, were confirmed
 
     @property
     def key(self) -> Unit:
@@ -251,7 +252,7 @@ def flag_units(descriptions: Iterable[Mapping[str, Any]], cfg: FlagConfig, embed
             if counts or all_rows:
                 out.append(Flag(key[0], key[1], cue, bool(hits), hits[0] if hits else None, sim, by_ev,
                                 ev_values.get(key) if cue == ev_cue else None, reasons, by_emb, text, counts,
-                                status.get(key)))
+                                status.get(key), by_desc))
     return out
 
 

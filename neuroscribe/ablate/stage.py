@@ -55,7 +55,7 @@ def flag(cfg: JobConfig) -> dict:
         embedder = SentenceEmbedder(cfg.flag.embedder)
     all_rows = flag_units(rows, cfg.flag.model_copy(update={"use": "either" if evidence else "description"}),
                           embedder, evidence, all_rows=True)
-    sets = {"description": sorted({f.key for f in all_rows if f.by_keyword or f.by_embedding})}
+    sets = {"description": sorted({f.key for f in all_rows if f.by_description})}  # words (and their experiment)
     if evidence is not None:
         sets["evidence"] = sorted({f.key for f in all_rows if f.by_evidence})
         sets["both"] = sorted(set(sets["description"]) | set(sets["evidence"]))

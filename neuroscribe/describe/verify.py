@@ -9,7 +9,9 @@ the description is used:
   seeded choices, never the study's cue); the control renders another common English word of the same length with
   the same choices. "text", "letters", "writing", "number", ...: common words (digits for "number"/"digits") are
   rendered; the control is the same drawing blurred until unreadable (same place, ink and colour; the blur also
-  softens the strokes, so a plain contrast detector passes as "text").
+  softens the strokes, so a plain contrast detector passes as "text"). A unit whose "the word X" is not confirmed
+  is then tested as "text" (its target becomes "text"; ``word_effect``/``word_auc`` keep the word's figures): the
+  words still name text, just not that one word.
 * ``colour`` -- a basic colour term in the description: a patch of that colour (a third to a half of the side, at
   a random place); the control is the same patch in another basic colour.
 * ``object`` -- any other description shared by at least one *other* unit: crops of that unit's exemplars under
@@ -58,7 +60,7 @@ _FONTS = [p for p in (DEFAULT_FONT, DEFAULT_FONT.with_name("DejaVuSans-Bold.ttf"
           if p.is_file()]
 _INK = [(255, 255, 255), (0, 0, 0), (220, 30, 30), (250, 220, 40), (30, 60, 200)]
 UnitKey = tuple[str, int]
-VERIFY_VERSION = 2  # part of verify.json's key: results of an older verifier are not reused
+VERIFY_VERSION = 3  # part of verify.json's key: results of an older verifier are not reused
 
 
 @dataclass
@@ -344,20 +346,29 @@ def verify_units(rec, lm, descriptions: Mapping[UnitKey, str], cfg, seed: int, d
         if iv is not None:
             by_key.setdefault(iv.key, []).append(k)
     from tqdm.auto import tqdm
-    out: dict[UnitKey, dict] = {}
-    for key, units in tqdm(sorted(by_key.items()), desc="verify", unit="edit", disable=not progress):
-        iv = ivs[units[0]]
-        treated = [iv.control(im, random.Random(_seed(seed, key, i, "null"))) if null else
-                   iv.treat(im, random.Random(_seed(seed, key, i))) for im, i in zip(base, kept)]
-        control = [iv.control(im, random.Random(_seed(seed, key, i))) for im, i in zip(base, kept)]
+
+    def run_edit(iv: Intervention, units: list[UnitKey]) -> dict[UnitKey, dict]:
+        treated = [iv.control(im, random.Random(_seed(seed, iv.key, i, "null"))) if null else
+                   iv.treat(im, random.Random(_seed(seed, iv.key, i))) for im, i in zip(base, kept)]
+        control = [iv.control(im, random.Random(_seed(seed, iv.key, i))) for im, i in zip(base, kept)]
         ls = sorted({l for l, _ in units}, key=rec.layers.index)
         at = _maxima(lm, rec, ls, treated, batch_size, device)
         ac = _maxima(lm, rec, ls, control, batch_size, device)
+        res = {}
         for l, u in units:
             r = measure(acts0[l], at[l], ac[l], u)
             ok = r["effect"] >= cfg.effect_min and r["auc"] >= cfg.auc_min
-            out[(l, u)] = {"kind": iv.kind, "target": ivs[(l, u)].target,
-                           "status": "confirmed" if ok else "not confirmed", **r}
+            res[(l, u)] = {"kind": iv.kind, "target": iv.target, "status": "confirmed" if ok else "not confirmed", **r}
+        return res
+
+    out: dict[UnitKey, dict] = {}
+    for key, units in tqdm(sorted(by_key.items()), desc="verify", unit="edit", disable=not progress):
+        out.update(run_edit(ivs[units[0]], units))
+    # "the word X" not confirmed: the words still say text; tested as text (the word's own figures kept)
+    words = [k for k, r in out.items() if r["target"].startswith("the word ") and r["status"] != "confirmed"]
+    if words:
+        for k, r in run_edit(intervention_for("text", ("", -1), pools), words).items():
+            out[k] = {**r, "word_effect": out[k]["effect"], "word_auc": out[k]["auc"]}
     for k, iv in ivs.items():
         if iv is None:
             out[k] = {"kind": None, "target": None, "status": "unverifiable", "effect": None, "auc": None, "n": 0,

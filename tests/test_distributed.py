@@ -324,7 +324,8 @@ def test_torchrun_record_and_describe_then_flag_ablate_evaluate_report(tmp_path)
     # (colour words, which it used to rely on, are now named only where unusual for the probe)
     rows = [json.loads(l) for l in (tmp_path / "out" / "descriptions.jsonl").read_text().splitlines() if l.strip()]
     word = next(r["description"].split()[-1] for r in rows if r["description"])
-    job.write_text(yaml.safe_dump({**spec, "flag": {"cues": {"picked": [word]}, "embedder": None}}))
+    # words alone (flag.verified off): this tests the torchrun stages, not verification (tests/test_verify.py)
+    job.write_text(yaml.safe_dump({**spec, "flag": {"cues": {"picked": [word]}, "embedder": None, "verified": False}}))
     cfg = load_config(job)
     assert pipeline.flag(cfg)["sets"]["description"], f"units described with {word!r} should be flagged"
     abl = pipeline.ablate(cfg)

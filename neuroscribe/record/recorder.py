@@ -229,7 +229,7 @@ def merge_ranks(rec: Recorder, res: dict, ctx: distributed.Context) -> dict:
             piece = None
             if not main:
                 piece = {"scores": st.topk.scores[u0:u1].cpu().clone(), "ids": st.topk.ids[u0:u1].cpu().clone(),
-                         "maps": st.topk.maps[u0:u1].cpu().clone(), "top": st.quant.top[u0:u1].cpu().clone()}
+                         "maps": st.topk.maps_of(u0, u1).cpu(), "top": st.quant.top[u0:u1].cpu().clone()}
             got = distributed.gather_objects(piece, dst=0)
             if main:
                 for p in got[1:]:

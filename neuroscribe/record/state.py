@@ -5,6 +5,7 @@ unit chunks of about ``CHUNK_BYTES`` of scratch memory."""
 from __future__ import annotations
 
 import logging
+import math
 import re
 from dataclasses import dataclass
 
@@ -19,6 +20,7 @@ from .stats import CascadeSum, QuantileSketch, TopK
 
 CHUNK_BYTES = 256 * 2**20  # target scratch memory of one unit chunk
 STATE_GPU_FRACTION = 0.25  # states stay on the GPU while they fit in this share of its free memory
+FUSE_MAX_POSITIONS = 256  # same-shape layers with at most this many positions per map are folded in together
 log = logging.getLogger("neuroscribe.record")
 
 
@@ -72,6 +74,38 @@ class LayerState:
         self._next_leaf = leaf + 1
         self.n += b
 
+    @staticmethod
+    def concat(states: list["LayerState"], chunk_bytes: float, batch: int) -> "LayerState":
+        """One state over the units of ``states`` side by side (same map shape, k, quantile plan, batches seen):
+        every statistic is per unit, so folding a batch into it equals folding each layer's part into its own."""
+        first = states[0]
+        units = sum(st.units for st in states)
+        out = LayerState(units, first.map_shape, first.topk.k, first.quant.q, 1, math.inf, first.topk.scores.device)
+        out.quant.m, out.quant.rate, out.quant.count = first.quant.m, first.quant.rate, first.quant.count
+        out.topk.scores = torch.cat([st.topk.scores for st in states])
+        out.topk.ids = torch.cat([st.topk.ids for st in states])
+        out.topk._maps = torch.cat([st.topk._maps for st in states])
+        out.topk.slot = torch.cat([st.topk.slot for st in states])
+        out.quant.top = torch.cat([st.quant._top for st in states])
+        out.sums.nodes = {key: torch.cat([st.sums.nodes[key] for st in states]) for key in first.sums.nodes}
+        out.n, out._next_leaf = first.n, first._next_leaf
+        out.chunk = LayerState.chunk_units(units, first.map_shape[0] * first.map_shape[1], first.topk.k,
+                                           first.quant.m, batch, chunk_bytes)
+        return out
+
+    def show(self, states: list["LayerState"]) -> None:
+        """Point each of ``states`` (the parts :meth:`concat` joined) at its units of this state (views)."""
+        u0 = 0
+        for st in states:
+            u1 = u0 + st.units
+            st.topk.scores, st.topk.ids = self.topk.scores[u0:u1], self.topk.ids[u0:u1]
+            st.topk._maps, st.topk.slot = self.topk._maps[u0:u1], self.topk.slot[u0:u1]
+            st.quant._top, st.quant._is_sorted = self.quant._top[u0:u1], self.quant._is_sorted
+            st.quant.count = self.quant.count
+            st.sums.nodes = {key: v[u0:u1] for key, v in self.sums.nodes.items()}
+            st.n, st._next_leaf = self.n, self._next_leaf
+            u0 = u1
+
     def merge(self, other: "LayerState") -> None:
         self.topk.merge(other.topk, self.chunk)
         self.quant.merge(other.quant, self.chunk)
@@ -106,6 +140,7 @@ class Recorder:
     calls: dict[str, int] | None = None
     chunk_bytes: float | None = None  # None: the module's CHUNK_BYTES
     state_device: torch.device | str | None = None  # None: decided per layer (see the module docstring)
+    groups: list[tuple[list[str], LayerState | None]] | None = None  # layers folded in together (see _fuse)
 
     def _state_devices(self, shapes: dict[str, tuple[int, int, int]]) -> dict[str, torch.device]:
         """Where each layer's state lives: the compute device while the states fit, else host memory."""
@@ -146,6 +181,26 @@ class Recorder:
             self.layer_meta[name] = {"kind": kind, "units": units, "map_shape": list(shape),
                                      "output_shape": list(raw.shape[1:]), "prefix_tokens": n_prefix,
                                      "layout": layout, "file": f"layers/{layer_file(name)}"}
+        self._fuse()
+
+    def _fuse(self) -> None:
+        """Group layers whose maps are small (<= FUSE_MAX_POSITIONS positions) and alike (shape, state device,
+        quantile plan): each group is folded in as one state over its units side by side, which costs one set of
+        tensor operations instead of one per layer; the layers' own states are views of it (results identical)."""
+        buckets: dict = {}
+        for name, st in self.states.items():
+            h, w = st.map_shape
+            key = ((st.map_shape, str(st.topk.scores.device), st.quant.m, st.quant.rate)
+                   if h * w <= FUSE_MAX_POSITIONS else name)
+            buckets.setdefault(key, []).append(name)
+        self.groups = []
+        for names in buckets.values():
+            fused = None
+            if len(names) > 1:
+                fused = LayerState.concat([self.states[n] for n in names], self.chunk_bytes or CHUNK_BYTES,
+                                          self.cfg.batch_size)
+                fused.show([self.states[n] for n in names])
+            self.groups.append((names, fused))
 
     def _blank_pass(self, size: int):
         with torch.no_grad(), trace(self.lm.module, self.cfg.layers) as tr:
@@ -182,13 +237,25 @@ class Recorder:
             self.probe_shapes()
         with torch.no_grad(), trace(self.lm.module, self.cfg.layers, stop=True, calls=self.calls) as tr:
             run(self.lm.module, x.to(self.device, non_blocking=True))
-        for name, st in self.states.items():
+
+        def view(name: str) -> torch.Tensor:
             meta = self.layer_meta[name]
-            st.update(unit_view(tr.outputs[name], meta["prefix_tokens"], meta["layout"]), ids, leaf)
+            return unit_view(tr.outputs[name], meta["prefix_tokens"], meta["layout"])
+
+        for names, fused in self.groups:
+            if fused is None:
+                self.states[names[0]].update(view(names[0]), ids, leaf)
+            else:
+                fused.update(torch.cat([view(n) for n in names], 1), ids, leaf)
+                fused.show([self.states[n] for n in names])
         del tr
 
     def state(self) -> dict[str, torch.Tensor]:
-        return {f"{name}::{k}": v for name, st in self.states.items() for k, v in st.state().items()}
+        """Every layer's state, flat (the layers of a fused group are views of one tensor: copied, so that no two
+        tensors share memory)."""
+        shared = {n for names, fused in self.groups or [] if fused is not None for n in names}
+        return {f"{name}::{k}": v.clone() if name in shared else v
+                for name, st in self.states.items() for k, v in st.state().items()}
 
     def load(self, flat: dict[str, torch.Tensor]) -> None:
         for name, st in self.states.items():
@@ -197,6 +264,7 @@ class Recorder:
             if not part:
                 raise KeyError(f"checkpoint holds no state for layer {name!r}")
             st.load(part)
+        self._fuse()
 
     def loader(self, ids: list[int]):
         ds = ImageDataset(self.probe, self.lm.preprocess.transform(), ids, resize=self.lm.preprocess.resize)

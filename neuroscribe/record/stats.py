@@ -28,14 +28,28 @@ import math
 import torch
 
 
+_ID_SPAN = 2 ** 32 - 1  # image ids must stay below this: the id is the low 32 bits of the order key
+_NAN = float("nan")
+
+
+def _order_key(scores: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """int64 keys whose descending order is (score desc, id asc), as a stable float sort orders scores.
+
+    High 32 bits: the float32 score as a signed integer of the same order (``-0.0`` is made ``+0.0`` and every
+    NaN the one positive NaN, so both compare as a float sort compares them: zeros equal, NaN above ``+inf``);
+    low 32 bits: ``2**32 - 1 - id`` (an empty slot's id clamps to 0 and loses every tie).
+    """
+    s = scores.float()
+    s = torch.where(s.isnan(), _NAN, s + 0.0)
+    bits = s.view(torch.int32).to(torch.int64)
+    bits = torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits)
+    return bits * 2 ** 32 + (_ID_SPAN - ids.clamp(max=_ID_SPAN))
+
+
 def merge_topk(scores: torch.Tensor, ids: torch.Tensor, k: int, *extra: torch.Tensor):
     """Keep the best ``k`` columns of ``scores [U, n]`` by (score desc, id asc); gather ``extra [U, n, ...]``."""
-    order = torch.argsort(ids, dim=1, stable=True)
-    scores = torch.gather(scores, 1, order)
-    ids = torch.gather(ids, 1, order)
-    order2 = torch.argsort(scores, dim=1, descending=True, stable=True)[:, :k]
-    idx = torch.gather(order, 1, order2)
-    out = [torch.gather(scores, 1, order2), torch.gather(ids, 1, order2)]
+    idx = torch.topk(_order_key(scores, ids), min(k, scores.shape[1]), dim=1, sorted=True).indices
+    out = [torch.gather(scores, 1, idx), torch.gather(ids, 1, idx)]
     for e in extra:
         shape = idx.shape + (1,) * (e.dim() - 2)
         out.append(torch.gather(e, 1, idx.view(shape).expand(idx.shape + e.shape[2:])))
@@ -51,19 +65,22 @@ def _chunks(units: int, chunk: int | None):
         yield u0, min(units, u0 + chunk)
 
 
-def _fetch_batch(a: torch.Tensor, pos: torch.Tensor, unit: torch.Tensor, col: torch.Tensor) -> torch.Tensor:
-    """Maps ``a[pos[unit, col], unit]`` (``a [B, c, H, W]``, ``pos [c, kb]`` batch positions) for entering exemplars."""
-    unit, col = unit.to(a.device), col.to(a.device)
-    return a[pos[unit, col], unit]
+def _maps_of(a: torch.Tensor, image: torch.Tensor, unit: torch.Tensor) -> torch.Tensor:
+    """``a[image, unit]`` (``a [B, c, h, w]``): the maps ``[E, h, w]`` of the exemplars that enter."""
+    image, unit = image.to(a.device), unit.to(a.device)
+    if a.is_contiguous():  # one row gather (much cheaper than two-index advanced indexing)
+        return a.view(-1, *a.shape[2:]).index_select(0, image * a.shape[1] + unit)
+    return a[image, unit]
 
 
 class TopK:
     """Running top-k images per unit, with each exemplar's low-resolution activation map.
 
-    ``scores``/``ids`` ``[U, w]`` and ``maps [U, w, h, w]`` (float16) live on ``device`` (which may differ from
-    the device the activations come from); ``w = min(k, images seen)``. :meth:`update` walks the units in chunks
-    of ``chunk`` and only copies the maps of exemplars that actually enter the top-k, so its scratch memory is
-    O(chunk x (B + k) x h x w) whatever the number of units.
+    ``scores``/``ids`` ``[U, w]`` (rank order) and :attr:`maps` ``[U, w, h, w]`` (float16, rank order) live on
+    ``device`` (which may differ from the device the activations come from); ``w = min(k, images seen)``. The
+    maps are stored in a slot table: ``slot[u, r]`` is where rank ``r``'s map lies, so a merge writes only the
+    maps of exemplars that enter (each into the slot of one it evicts) and never moves kept ones. :meth:`update`
+    walks the units in chunks of ``chunk``, so its scratch memory is O(chunk x (B + k)) plus the entering maps.
     """
 
     def __init__(self, units: int, k: int, map_shape: tuple[int, int], device="cpu"):
@@ -71,6 +88,25 @@ class TopK:
         self.scores = torch.full((units, 0), -math.inf, device=device)
         self.ids = torch.zeros((units, 0), dtype=torch.long, device=device)
         self.maps = torch.zeros((units, 0, *map_shape), dtype=torch.float16, device=device)
+
+    @property
+    def maps(self) -> torch.Tensor:
+        """``[U, w, h, w]`` in rank order (gathered from the slot table)."""
+        return self.maps_of()
+
+    @maps.setter
+    def maps(self, value: torch.Tensor) -> None:
+        self._maps = value
+        u, w = value.shape[:2]
+        self.slot = torch.arange(w, device=value.device).repeat(u, 1)
+
+    def maps_of(self, u0: int = 0, u1: int | None = None) -> torch.Tensor:
+        """Maps of units ``u0:u1`` in rank order, ``[u1 - u0, w, h, w]``."""
+        u1 = self.slot.shape[0] if u1 is None else u1
+        w = self.width
+        rows = torch.arange(u0, u1, device=self.slot.device)[:, None] * w + self.slot[u0:u1]
+        flat = self._maps.view(-1, *self._maps.shape[2:])
+        return flat.index_select(0, rows.flatten()).view(u1 - u0, w, *self._maps.shape[2:])
 
     @property
     def width(self) -> int:
@@ -81,32 +117,34 @@ class TopK:
         pad = width - self.width
         if pad <= 0:
             return
-        u, dev = self.scores.shape[0], self.scores.device
+        u, dev, w = self.scores.shape[0], self.scores.device, self.width
         self.scores = torch.cat([self.scores, torch.full((u, pad), -math.inf, device=dev)], 1)
         self.ids = torch.cat([self.ids, torch.full((u, pad), _NO_ID, dtype=torch.long, device=dev)], 1)
-        self.maps = torch.cat([self.maps, torch.zeros((u, pad, *self.maps.shape[2:]), dtype=self.maps.dtype,
-                                                      device=dev)], 1)
+        self._maps = torch.cat([self._maps, torch.zeros((u, pad, *self._maps.shape[2:]), dtype=self._maps.dtype,
+                                                        device=dev)], 1)
+        self.slot = torch.cat([self.slot, torch.arange(w, width, device=dev).repeat(u, 1)], 1)
 
     def update(self, acts: torch.Tensor, ids: torch.Tensor, chunk: int | None = None) -> None:
-        """``acts [B, U, H, W]`` for images ``ids [B]``; score = spatial max."""
+        """``acts [B, U, H, W]`` for images ``ids [B]`` (each below ``2**32 - 1``); score = spatial max."""
         b, u = acts.shape[:2]
         if b == 0:
             return
-        kb = min(self.k, b)  # only the batch's own top-k can enter
-        self.grow(min(self.k, self.width + kb))
+        if int(ids.max()) >= _ID_SPAN or int(ids.min()) < 0:
+            raise ValueError(f"image ids must lie in [0, {_ID_SPAN}); got {int(ids.min())}..{int(ids.max())}")
+        self.grow(min(self.k, self.width + b))
         bid = ids.to(acts.device)
         for u0, u1 in _chunks(u, chunk):
             a = acts[:, u0:u1]
             score = a.flatten(2).amax(2).float().T  # [c, B]
-            c = u1 - u0
-            s_b, i_b, pos = merge_topk(score, bid.expand(c, b), kb, torch.arange(b, device=a.device).expand(c, b))
-            self._merge_chunk(u0, s_b, i_b, lambda eu, ep, a=a, pos=pos: _fetch_batch(a, pos, eu, ep))
+            self._merge_chunk(u0, score, bid.expand(u1 - u0, b), lambda eu, ej, a=a: _maps_of(a, ej, eu))
 
     def _merge_chunk(self, u0: int, s: torch.Tensor, i: torch.Tensor, fetch) -> None:
         """Merge candidates ``s, i [c, n]`` into units ``u0:u0+c`` at the current width, in place.
 
         ``fetch(unit_in_chunk [E], candidate_column [E]) -> maps [E, h, w]`` returns the maps of the candidates that
-        enter (on any device); nothing is copied for units whose top-k does not change.
+        enter (on any device); nothing is copied for units whose top-k does not change. The ranks a merge evicts
+        are a unit's worst old ones (old ranks are in the same order), so the j-th entering exemplar of a unit
+        takes the slot of its j-th evicted rank and every kept exemplar keeps its slot.
         """
         dev, w = self.scores.device, self.width
         c, n = s.shape
@@ -124,14 +162,13 @@ class TopK:
         self.ids[u0:u1] = ni
         o, ent = org[changed], entered[changed]
         rows = u0 + changed
-        # new maps of the changed units: kept slots from the old maps (flat row gathers, no index expansion) ...
-        flat = self.maps.view(-1, *self.maps.shape[2:])
-        new = flat.index_select(0, (rows[:, None] * w + o.clamp(max=w - 1)).flatten())  # [C*w, h, w]
+        taken = w - ent.sum(1, keepdim=True) + torch.cumsum(ent, 1) - 1  # old rank whose slot an entrant takes
+        slot = torch.gather(self.slot.index_select(0, rows), 1, torch.where(ent, taken, o))
+        self.slot.index_copy_(0, rows, slot)
         ec, ej = ent.nonzero(as_tuple=True)
-        if ec.numel():  # ... and the entering exemplars' maps from the candidates
-            got = fetch(changed[ec], o[ec, ej] - w)
-            new.index_copy_(0, ec * w + ej, got.to(device=dev, dtype=self.maps.dtype))
-        self.maps.index_copy_(0, rows, new.view(-1, w, *self.maps.shape[2:]))
+        got = fetch(changed[ec], o[ec, ej] - w)
+        flat = self._maps.view(-1, *self._maps.shape[2:])
+        flat.index_copy_(0, rows[ec] * w + slot[ec, ej], got.to(device=dev, dtype=self._maps.dtype))
 
     def add(self, scores: torch.Tensor, ids: torch.Tensor, maps: torch.Tensor, start: int = 0,
             chunk: int | None = None, grow: bool | None = None) -> None:
@@ -157,7 +194,14 @@ class TopK:
     def load(self, st: dict[str, torch.Tensor]) -> None:
         dev = self.scores.device
         self.scores, self.ids = st["scores"].to(dev).contiguous(), st["ids"].to(dev).contiguous()
-        self.maps = st["maps"].to(dev).contiguous()
+        self.maps = st["maps"].to(dev).contiguous()  # rank order: slot r holds rank r
+
+
+def _prime_at_least(n: int) -> int:
+    n = max(n, 2)
+    while any(n % d == 0 for d in range(2, math.isqrt(n) + 1)):
+        n += 1
+    return n
 
 
 def _keep_mask(ids: torch.Tensor, positions: int, rate: float) -> torch.Tensor:
@@ -173,8 +217,10 @@ def _keep_mask(ids: torch.Tensor, positions: int, rate: float) -> torch.Tensor:
 class QuantileSketch:
     """Per-unit q-quantile over every spatial activation: exact top-m buffer, or a hashed sample past a budget.
 
-    ``top [U, w]`` (sorted descending, ``w = min(m, values seen)``) lives on ``device``; :meth:`update` walks the
-    units in chunks and only moves values above each unit's current m-th largest.
+    ``top [U, w]`` (``w = min(m, values seen)``, read sorted descending) lives on ``device``. Between reads the
+    buffer is kept unsorted: a batch's values above each unit's smallest kept value are picked out (a sparse
+    pass over the activations, no copy of them), and the buffer plus those candidates are cut back to ``w`` by a
+    partial selection; the sort happens once, when :attr:`top` is read.
     """
 
     def __init__(self, units: int, q: float, n_expected: int, positions: int, budget_bytes: float,
@@ -194,15 +240,30 @@ class QuantileSketch:
         return max(1, n - math.floor(self.q * (n - 1)))
 
     @property
+    def top(self) -> torch.Tensor:
+        """The kept values, ``[U, w]``, sorted descending."""
+        return self._sorted_top()
+
+    @top.setter
+    def top(self, value: torch.Tensor) -> None:
+        self._top, self._is_sorted = value, False
+
+    def _sorted_top(self) -> torch.Tensor:
+        if not self._is_sorted:
+            self._top = torch.sort(self._top, dim=1, descending=True).values
+            self._is_sorted = True
+        return self._top
+
+    @property
     def width(self) -> int:
-        return self.top.shape[1]
+        return self._top.shape[1]
 
     def grow(self, width: int) -> None:
         """Pad every unit to ``width`` slots of -inf (values that never change a top-m multiset)."""
         pad = width - self.width
         if pad > 0:
-            self.top = torch.cat([self.top, torch.full((self.top.shape[0], pad), -math.inf,
-                                                       device=self.top.device)], 1)
+            self._top = torch.cat([self._top, torch.full((self._top.shape[0], pad), -math.inf,
+                                                         device=self._top.device)], 1)
 
     def update(self, acts: torch.Tensor, ids: torch.Tensor, chunk: int | None = None) -> None:
         b, u = acts.shape[:2]
@@ -219,9 +280,73 @@ class QuantileSketch:
             return
         self.grow(min(self.m, self.width + n_new))
         for u0, u1 in _chunks(u, chunk):
-            v = acts[:, u0:u1].flatten(2).transpose(0, 1)  # [c, B, P] (view)
+            a = acts[:, u0:u1].flatten(2)  # [B, c, P] (view)
+            if keep is None and self._sparse(u0, a):
+                continue
+            v = a.transpose(0, 1)  # [c, B, P] (view)
             v = (v[:, keep] if keep is not None else v.reshape(u1 - u0, -1)).float()
             self._merge_chunk(u0, v)
+
+    def _sparse(self, u0: int, a: torch.Tensor) -> bool:
+        """Merge ``a [B, c, P]`` by picking out only the values above a floor per unit, without copying ``a``.
+
+        The floor is the unit's smallest kept value; while the buffers are still empty it is a pilot floor read
+        off a strided subsample of the batch (:meth:`_pilot_floor`), and is used only if at least ``w`` values lie
+        at or above it for every unit (then the batch's ``w`` largest all do). Returns False, doing nothing, when no
+        floor applies (a buffer partly filled, a NaN, fewer than ``w`` values at or above the pilot): the dense
+        merge follows.
+        A NaN activation is a candidate (``~(x <= floor)``), as it is for the dense merge.
+        """
+        b, c, p = a.shape
+        top = self._top[u0:u0 + c]
+        floor = top.amin(1).to(a.device)
+        pilot = not bool((floor > -math.inf).all())
+        if pilot:
+            floor = self._pilot_floor(a, top)
+            if floor is None:
+                return False
+        a = a.reshape(b, c * p)  # a view unless the chunk is a slice of the units or a channels-last layer
+        # above the floor (a kept value: ties change nothing); at or above a pilot floor (it need not be kept)
+        pick = (torch.lt if pilot else torch.le)(a, floor.repeat_interleave(p)).logical_not_()
+        flat = pick.view(-1).nonzero().squeeze(1)  # in (image, unit, position) order
+        n = flat.shape[0]
+        if n == 0:
+            return not pilot
+        vals = torch.take(a, flat).float()
+        row = torch.div(flat, p, rounding_mode="floor")  # image * c + unit: non-decreasing
+        per_row = torch.bincount(row, minlength=b * c)
+        grid = per_row.view(b, c)
+        # slot of each value in its unit's row: values of earlier images of that unit + its place in its own row
+        before = (torch.cumsum(grid, 0) - grid).view(-1) - (torch.cumsum(per_row, 0) - per_row)
+        col = torch.arange(n, device=a.device) + torch.index_select(before, 0, row)
+        count = grid.sum(0)
+        if pilot and int(count.min()) < self.width:
+            return False
+        cand = torch.full((c, int(count.max())), -math.inf, device=a.device)
+        cand.view(-1).index_put_((torch.remainder(row, c) * cand.shape[1] + col,), vals)
+        self._merge_chunk(u0, cand)
+        return True
+
+    def _pilot_floor(self, a: torch.Tensor, top: torch.Tensor) -> torch.Tensor | None:
+        """A floor per unit with about ``1.25 w`` of the batch's values above it, for buffers that are all empty.
+
+        Read off every s-th position of each image (``s`` the first prime >= ``w // 64``: a prime stride does not
+        alias with the map's rows, so the subsample visits every column) as the value with ``1.25 e + 3 sqrt(e) + 1`` subsample
+        values above it, ``e`` being how many of the batch's ``w`` largest the subsample should hold. None when it
+        would not pay (``w < 256``, ``w`` above a quarter of the batch, a buffer not empty) or the subsample holds
+        a NaN.
+        """
+        b, c, p = a.shape
+        w = self.width
+        if w < 256 or 4 * w > b * p or bool((top.amax(1) > -math.inf).any()):
+            return None
+        sub = a[:, :, ::min(p, _prime_at_least(w // 64))].transpose(0, 1).reshape(c, -1).float()
+        e = w * sub.shape[1] / (b * p)
+        r = int(1.25 * e + 3 * math.sqrt(e)) + 1
+        if r >= sub.shape[1]:
+            return None
+        floor = torch.kthvalue(sub, sub.shape[1] - r + 1, dim=1).values  # the r-th largest
+        return None if bool(floor.isnan().any()) else floor
 
     def _merge_chunk(self, u0: int, v: torch.Tensor) -> None:
         """Merge values ``v [c, n]`` into units ``u0:u0+c`` at the current width (no growth)."""
@@ -229,14 +354,15 @@ class QuantileSketch:
         w = self.width
         if v.shape[1] == 0 or c == 0 or w == 0:
             return
-        top = self.top[u0:u0 + c]
-        floor = top[:, -1:].to(v.device)  # only values above the current w-th largest can enter
-        n_above = int((v > floor).sum(1).max())
+        top = self._top[u0:u0 + c]
+        floor = top.amin(1, keepdim=True).to(v.device)  # only values above the current w-th largest can enter
+        n_above = int((v > floor).sum(1, dtype=torch.int32).max())
         if n_above == 0:
             return
         if n_above < v.shape[1]:
             v = torch.topk(v, n_above, dim=1, sorted=False).values
-        self.top[u0:u0 + c] = torch.topk(torch.cat([top, v.to(top.device)], 1), w, dim=1, sorted=True).values
+        self._top[u0:u0 + c] = torch.topk(torch.cat([top, v.to(top.device)], 1), w, dim=1, sorted=False).values
+        self._is_sorted = False
 
     def add(self, top: torch.Tensor, start: int = 0, chunk: int | None = None, grow: bool | None = None) -> None:
         """Merge another sketch's ``top [c, n]`` for units ``start:start+c`` (counts are the caller's business).
@@ -244,7 +370,7 @@ class QuantileSketch:
         With ``grow`` (default: when ``top`` covers every unit) the width first grows to ``min(m, width + n)``.
         """
         c = top.shape[0]
-        if grow if grow is not None else (c == self.top.shape[0] and start == 0):
+        if grow if grow is not None else (c == self._top.shape[0] and start == 0):
             self.grow(min(self.m, self.width + top.shape[1]))
         for u0, u1 in _chunks(c, chunk):
             self._merge_chunk(start + u0, top[u0:u1])
@@ -257,7 +383,7 @@ class QuantileSketch:
         """The q-quantile per unit (numpy 'linear' definition over the values seen)."""
         n = self.count
         if n == 0:
-            return torch.full((self.top.shape[0],), math.nan)
+            return torch.full((self._top.shape[0],), math.nan)
         pos = self.q * (n - 1)
         lo, hi = math.floor(pos), math.ceil(pos)
         # ascending index j is descending index n-1-j; clamp only matters if more values came than planned
@@ -276,7 +402,7 @@ class QuantileSketch:
         return {"top": self.top, "count": torch.tensor([self.count], dtype=torch.long)}
 
     def load(self, st: dict[str, torch.Tensor]) -> None:
-        self.top, self.count = st["top"].to(self.top.device), int(st["count"][0])
+        self.top, self.count = st["top"].to(self._top.device), int(st["count"][0])
 
 
 class CascadeSum:

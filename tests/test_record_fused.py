@@ -1,0 +1,79 @@
+"""Recorder: same-shape small layers folded in as one state (one set of tensor operations per batch instead of one
+per layer) write byte-identical artifacts, and a checkpoint of fused layers resumes to the same state."""
+import torch
+from torch import nn
+
+from neuroscribe.config import load_config
+from neuroscribe.datasets.probe import sample_root
+from neuroscribe.models import LoadedModel, Preprocess, register_model
+from neuroscribe.record import recorder as record_mod
+from neuroscribe.record import state as state_mod
+
+
+class _Small(nn.Module):
+    """Three layers on 4x4 maps (folded in together), one on 16x16 (alone), one flat."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.stem = nn.Conv2d(3, 6, 4, stride=4)  # 16x16 at 64 px
+        self.a = nn.Conv2d(6, 5, 4, stride=4)  # 4x4
+        self.b = nn.Conv2d(5, 7, 3, padding=1)
+        self.c = nn.Conv2d(7, 4, 1)
+        self.head = nn.Linear(4, 10)
+
+    def forward(self, x):
+        return self.head(self.c(self.b(self.a(self.stem(x)))).mean((2, 3)))
+
+
+@register_model("test-small-fused")
+def _small(**_):
+    return LoadedModel("", _Small(), Preprocess(resize=64, crop=64), None, {"test": True})
+
+
+def _cfg(out, **extra):
+    return load_config(None, {"model": "test-small-fused", "layers": ["stem", "a", "b", "c", "head"],
+                              "out": str(out), "data": {"root": str(sample_root()), "limit": 20},
+                              "record": {"k": 4}, "batch_size": 6, "workers": 0, "progress": False,
+                              "device": "cpu", **extra})
+
+
+def test_fused_layers_write_byte_identical_artifacts(tmp_path, monkeypatch):
+    def run(out, fuse):
+        monkeypatch.setattr(state_mod, "FUSE_MAX_POSITIONS", fuse)
+        path = record_mod.record(_cfg(out))
+        return {p.name: p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file() and p.name != "run.json"}
+
+    fused, alone = run(tmp_path / "a", 256), run(tmp_path / "b", 0)
+    assert fused.keys() == alone.keys() and all(fused[k] == alone[k] for k in fused)
+    lm, probe = record_mod.prepare(_cfg(tmp_path / "c"), torch.device("cpu"))
+    for fuse, groups in ((256, [["stem"], ["a", "b", "c"], ["head"]]), (0, [["stem"], ["a"], ["b"], ["c"], ["head"]])):
+        monkeypatch.setattr(state_mod, "FUSE_MAX_POSITIONS", fuse)
+        rec = state_mod.Recorder(_cfg(tmp_path / "c"), lm, probe, torch.device("cpu"))
+        rec.probe_shapes()
+        assert [names for names, _ in rec.groups] == groups
+
+
+def test_fused_layers_resume_from_a_checkpoint(tmp_path):
+    cfg = _cfg(tmp_path)
+    lm, probe = record_mod.prepare(cfg, torch.device("cpu"))
+    g = torch.Generator().manual_seed(3)
+    xs = [torch.randn(6, 3, 64, 64, generator=g) for _ in range(4)]
+
+    def steps(rec, which):
+        for b in which:
+            rec.step(xs[b], torch.arange(6 * b, 6 * b + 6), b)
+
+    whole = state_mod.Recorder(cfg, lm, probe, torch.device("cpu"))
+    steps(whole, range(4))
+    first = state_mod.Recorder(cfg, lm, probe, torch.device("cpu"))
+    steps(first, range(2))
+    flat = first.state()
+    assert not any(a.data_ptr() == b.data_ptr() for a in flat.values() for b in flat.values() if a is not b)
+    again = state_mod.Recorder(cfg, lm, probe, torch.device("cpu"))
+    again.probe_shapes()
+    again.load(flat)
+    steps(again, range(2, 4))
+    assert whole.state().keys() == again.state().keys()
+    for key, v in whole.state().items():
+        torch.testing.assert_close(again.state()[key], v, rtol=0, atol=0)

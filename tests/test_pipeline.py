@@ -83,6 +83,19 @@ def test_evaluate_and_report_carry_the_computed_numbers(job):
         assert rep["variants"]["base"]["results"][s]["acc"] == acc
         assert f"{100 * acc:.1f}%" in md and f"{100 * acc:.1f}" in html
     assert len(rep["variants"]["random"]["draws"]) >= 5
+    # the headline: the ablation's gain on wrong-text (the shifted set), paired CI, beside the best random draw
+    res, h = ev["results"], rep["headline"]
+    assert h["set"] == "wrong-text" and h["variant"] == "ablated"
+    gain = 100 * (res["ablated"]["wrong-text"]["acc"] - res["base"]["wrong-text"]["acc"])
+    assert h["gain"] == pytest.approx(gain, abs=1e-9)
+    pv = ev["vs_base"]["ablated"]["wrong-text"]
+    assert pv["diff"] == pytest.approx(gain / 100, abs=1e-9) and pv["lo"] <= pv["diff"] <= pv["hi"]
+    assert h["gain_lo"] == pytest.approx(100 * pv["lo"]) and h["gain_hi"] == pytest.approx(100 * pv["hi"])
+    draws = [100 * (res[k]["wrong-text"]["acc"] - res["base"]["wrong-text"]["acc"]) for k in res
+             if k.startswith("random/")]
+    assert h["random_draws"] == len(draws) >= 5 and h["random_best"] == pytest.approx(max(draws))
+    assert h["excludes_random_best"] == (h["gain_lo"] > h["random_best"])
+    assert "**Headline**" in md
     assert (out / "curve.png").stat().st_size > 1000 and paths["html"].endswith("report.html")
     # the stages are current: a second run reuses them
     assert pipeline.ablate(cfg)["key"] == json.loads((out / "ablation.json").read_text())["key"]

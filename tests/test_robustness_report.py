@@ -142,9 +142,31 @@ def test_embedded_images(tmp_path):
     (lambda r: r["variants"]["base"]["results"]["val"].update(lo=0.95), "lo <= acc <= hi"),
     (lambda r: r["variants"]["base"]["results"]["val"].update(lo=None), "both lo and hi"),
     (lambda r: r["curve"].update(chosen_n=4), "differs from ablation.chosen_n"),
+    (lambda r: r.update(headline={"set": "nope", "variant": "ablated", "n_units": 3, "gain": 1.0}), "headline.set"),
+    (lambda r: r.update(headline={"set": "val", "variant": "nope", "n_units": 3, "gain": 1.0}), "headline.variant"),
 ])
 def test_invalid_results_name_the_field(tmp_path, edit, match):
     res = copy.deepcopy(_results(tmp_path / "job"))
     edit(res)
     with pytest.raises(ReportError, match=match):
         write_report(res, tmp_path / "out")
+
+
+def test_headline_takes_the_worst_shifted_set_and_the_best_random_draw():
+    from neuroscribe.report.stage import _headline
+    acc = lambda a: {"acc": a, "lo": a, "hi": a, "n": 100}  # noqa: E731
+    ev = {"test_sets": {"id": {"in_distribution": True}, "shift-a": {}, "shift-b": {}},
+          "results": {"base": {"id": acc(0.9), "shift-a": acc(0.5), "shift-b": acc(0.3)},
+                      "ablated": {"id": acc(0.88), "shift-a": acc(0.5), "shift-b": acc(0.45)},
+                      **{f"random/{i}": {"id": acc(0.9), "shift-a": acc(0.6), "shift-b": acc(0.3 + 0.01 * i)}
+                         for i in range(5)}},
+          "vs_base": {"ablated": {"shift-b": {"diff": 0.15, "lo": 0.06, "hi": 0.2, "n": 100}}}}
+    h = _headline(ev, {"ablated": {"n_units": 7}})
+    assert h["set"] == "shift-b" and h["n_units"] == 7  # the base model's worst shifted set, never "id"
+    assert h["gain"] == pytest.approx(15.0) and (h["gain_lo"], h["gain_hi"]) == pytest.approx((6.0, 20.0))
+    assert h["random_best"] == pytest.approx(4.0) and h["random_mean"] == pytest.approx(2.0)
+    assert h["random_draws"] == 5 and h["excludes_random_best"] is True
+    ev["vs_base"]["ablated"]["shift-b"]["lo"] = 0.03
+    assert _headline(ev, {"ablated": {"n_units": 7}})["excludes_random_best"] is False
+    del ev["results"]["ablated"]
+    assert _headline(ev, {}) is None

@@ -1,5 +1,6 @@
 """Measuring the edits: ``evaluate`` -> ``evaluation.json`` (accuracy with bootstrap CIs of the base model, every
-ablated variant and the controls on every test set: the only stage that reads the test sets) and
+ablated variant and the controls on every test set, and each one's paired difference to the base model on the same
+images, ``vs_base``: the only stage that reads the test sets) and
 ``export_edited`` (the chosen ablation baked into the weights)."""
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ def _acc(rep: dict) -> dict:
 def evaluate(cfg: JobConfig) -> dict:
     """Accuracy with bootstrap CIs of the base model, every ablated variant and the controls on every test set."""
     from .edit import ablation_edits, as_unit_dict
-    from .evaluate import accuracy_report, predict
+    from .evaluate import accuracy_report, correct, paired_bootstrap_diff, predict
     job = Path(cfg.out)
     abl = json.loads((job / "ablation.json").read_text())
     key = io.artifact_key(abl["key"], cfg.evaluate.model_dump(mode="json"), cfg.data.model_dump(mode="json"),
@@ -62,17 +63,24 @@ def evaluate(cfg: JobConfig) -> dict:
         sets = {k: (torch.utils.data.Subset(ds, sorted(np.random.default_rng(cfg.seed).permutation(len(ds))
                                                        [:min(cfg.evaluate.limit, len(ds))].tolist())), nm, d)
                 for k, (ds, nm, d) in sets.items()}
-    out = {"key": key, "test_sets": {}, "results": {}}
+    out = {"key": key, "test_sets": {}, "results": {}, "vs_base": {}}
     for sname, (ds, names, desc) in sets.items():
         out["test_sets"][sname] = {"description": desc, "n": len(ds), "in_distribution": sname == "in-distribution"}
         batches = list(loader(cfg, ds))  # decoded once, reused by every variant
         ci = class_index(lm, names)
+        hits = {}
         for vname, (model, units) in runs.items():
             edits = ablation_edits(model, as_unit_dict(units), cfg.ablate.method, means) if units else None
             p = predict(model, batches, dev, edits, class_index=ci, keep_logits=False, progress=False)
             rep = accuracy_report(p.preds, p.labels, p.groups, cfg.evaluate.bootstrap, cfg.seed)
             out["results"].setdefault(vname, {})[sname] = _acc(rep)
+            hits[vname] = correct(p.preds, p.labels)
             log.info("evaluate %s on %s: %.3f", vname, sname, rep["acc"])
+        for vname in runs:  # paired with the base model on the same images
+            if vname != "base":
+                d = paired_bootstrap_diff(hits[vname], hits["base"], cfg.evaluate.bootstrap, cfg.seed)
+                out["vs_base"].setdefault(vname, {})[sname] = {"diff": d["diff"], "lo": d["ci_low"],
+                                                               "hi": d["ci_high"], "n": d["n"]}
     out["variants"] = {k: [list(u) for u in v] for k, v in variants.items()}
     out["random_draws"] = [[list(u) for u in d] for d in draws]
     io.write_json(job / "evaluation.json", out)

@@ -25,6 +25,9 @@ computed (e.g. a bootstrap), null when none was (``evaluate.bootstrap: 0``). Sch
                        "draws"?: [{"seed"?: int, "units"?: [...], "results": {SET: ACC}}]}},  # random: >= 5 draws
       "curve"?: {"n_units": [int], "validation": [acc], "test_sets"?: {NAME: [acc]} (display only),
                  "chosen_n": int},
+      "headline"?: {"set": str, "variant": str, "n_units": int, "gain": float (points), "gain_lo"?/"gain_hi"?: float
+                    (paired 95% CI), "random_best"?/"random_mean"?: float (points, same N), "random_draws"?: int,
+                    "excludes_random_best"?: bool (gain_lo above random_best), "rule"?: str},
       "units": [{"layer": str, "unit": int, "description": str, "flags": [{"reason": str, "score"?: float}],
                  "scores"?: {NAME: float}, "grid"?: str (image path relative to job.dir, no ".."),
                  "variants"?: [VARIANT]}]   # the ablated units (chosen N, flagged by descriptions)
@@ -157,6 +160,22 @@ def _table(title: str, header: list[str], rows: list[list[Any]]) -> str:
     return "\n".join(lines + ["| " + " | ".join(map(str, row)) + " |" for row in rows]) + "\n"
 
 
+def _points(v: float | None) -> str:
+    return "n/a" if v is None else f"{v:+.1f}"
+
+
+def _headline_md(h) -> str:
+    if h is None:
+        return ""
+    ci = f" [{_points(h.gain_lo)}, {_points(h.gain_hi)}]" if h.gain_lo is not None else ""
+    rnd = (f"; best of {h.random_draws} random draws of the same N {_points(h.random_best)}, mean "
+           f"{_points(h.random_mean)}" if h.random_draws else "")
+    verdict = ("" if h.excludes_random_best is None else "; the CI excludes the best random draw"
+               if h.excludes_random_best else "; the CI does not exclude the best random draw")
+    return (f"- **Headline**: {_md(h.variant)} ({h.n_units} units) on {_md(h.set)}: {_points(h.gain)} points vs the "
+            f"base model{ci}{rnd}{verdict}\n")
+
+
 def _markdown(r: RobustnessResults, d: dict, grids: dict[int, str | None]) -> str:
     """The Markdown report: header, test sets, the accuracy table, worst groups, gaps, random draws, units."""
     cols, cells, order = d["columns"], d["cells"], d["variant_order"]
@@ -165,7 +184,8 @@ def _markdown(r: RobustnessResults, d: dict, grids: dict[int, str | None]) -> st
     out = [f"# {_md(r.title or 'Robustness report')}\n\n- Model: {_code(r.model.spec)}\n- Job: {_code(r.job.dir)}\n"
            f"- Ablation: {_md(r.ablation.method)}, units flagged by {_md(r.ablation.flagged_by)}; "
            f"chosen N = {r.ablation.chosen_n} ({_md(r.ablation.selection)})\n"
-           f"- Validation: {_md(r.validation.name)}, n = {r.validation.n}: {_md(r.validation.description)}\n",
+           f"- Validation: {_md(r.validation.name)}, n = {r.validation.n}: {_md(r.validation.description)}\n"
+           + _headline_md(r.headline),
            _table("Test sets", ["set", "n", "in-distribution", "description"],
                   [[_md(k), t.n, "yes" if t.in_distribution else "", _md(t.description)]
                    for k, t in r.test_sets.items()]),

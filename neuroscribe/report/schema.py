@@ -154,6 +154,23 @@ class Curve(_M):
         return self
 
 
+class Headline(_M):
+    """The one number a reader looks for: the headline variant's gain over the base model on one shifted set (points,
+    paired with the base model on the same images), beside the best and the mean random draw of the same N."""
+
+    set: str
+    variant: str
+    n_units: int = Field(ge=0)
+    gain: float
+    gain_lo: float | None = None
+    gain_hi: float | None = None
+    random_best: float | None = None
+    random_mean: float | None = None
+    random_draws: int = Field(0, ge=0)
+    excludes_random_best: bool | None = None
+    rule: str | None = None
+
+
 class RobustnessResults(_M):
     """The validated results dict (see the module docstring)."""
 
@@ -167,9 +184,15 @@ class RobustnessResults(_M):
     variants: dict[str, Variant]
     curve: Curve | None = None
     units: list[Unit] = Field(default_factory=list)
+    headline: Headline | None = None
 
     @model_validator(mode="after")
     def _consistent(self):
+        if self.headline is not None:
+            if self.headline.set not in self.test_sets:
+                raise ValueError(f"headline.set: unknown test set {self.headline.set!r}")
+            if self.headline.variant not in self.variants:
+                raise ValueError(f"headline.variant: unknown variant {self.headline.variant!r}")
         if self.curve is not None and self.curve.chosen_n != self.ablation.chosen_n:
             raise ValueError(f"curve.chosen_n ({self.curve.chosen_n}) differs from ablation.chosen_n "
                              f"({self.ablation.chosen_n})")

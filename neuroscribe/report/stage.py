@@ -49,7 +49,33 @@ def report(cfg: JobConfig) -> dict:
         "variants": variants,
         "units": units,
     }
+    headline = _headline(ev, variants)
+    if headline:
+        results["headline"] = headline
     if curve:
         results["curve"] = {"n_units": [n for n, _ in curve], "validation": [a for _, a in curve],
                             "chosen_n": main["chosen_n"]}
     return {k: str(v) for k, v in write_report(results, job).items()}
+
+
+def _headline(ev: dict, variants: dict) -> dict | None:
+    """The description-flag ablation's gain on the shifted test set where the base model is worst (points, paired
+    95% CI), beside the best and mean random draw of the same N; None without that variant or a shifted set."""
+    res, paired = ev["results"], ev.get("vs_base", {})
+    shifted = [s for s, t in ev["test_sets"].items() if not t.get("in_distribution")]
+    if "ablated" not in res or not shifted:
+        return None
+    target = min(shifted, key=lambda s: (res["base"][s]["acc"], s))
+    base = res["base"][target]["acc"]
+    gain = 100 * (res["ablated"][target]["acc"] - base)
+    pv = paired.get("ablated", {}).get(target, {})
+    lo = None if pv.get("lo") is None else 100 * pv["lo"]
+    hi = None if pv.get("hi") is None else 100 * pv["hi"]
+    draws = [100 * (res[k][target]["acc"] - base) for k in sorted(res) if k.startswith("random/")]
+    best = max(draws) if draws else None
+    return {"set": target, "variant": "ablated", "n_units": variants["ablated"]["n_units"], "gain": gain,
+            "gain_lo": lo, "gain_hi": hi, "random_best": best,
+            "random_mean": sum(draws) / len(draws) if draws else None, "random_draws": len(draws),
+            "excludes_random_best": None if lo is None or best is None else lo > best,
+            "rule": "the shifted test set where the base model is worst; gain = accuracy points over the base "
+                    "model, CI = paired bootstrap on the same images"}

@@ -53,6 +53,9 @@ def test_exports_final_layer_check_and_faithfulness(described):
     # faithfulness is computed on real labelled images where a description names a probe class
     named = df.dropna(subset=["faithfulness_auc"])
     assert len(named) >= 3 and named.faithfulness_auc.max() > 0.9
+    # every other unit says why it has none
+    assert (df.faithfulness_auc.isna() == df.faithfulness_note.notna()).all()
+    assert summary["faithfulness_units"] == len(named) and summary["faithfulness_notes"] == len(df) - len(named)
     assert (out / "gallery" / "index.html").is_file()
     assert pd.read_parquet(out / "descriptions.parquet").shape[0] == len(df)
     # every unit verified by experiment (or said why not), on the recording's model; counts in describe.json
@@ -105,12 +108,14 @@ def test_faithfulness_uses_the_recordings_model_and_images(described):
     from neuroscribe.describe.stage import faithfulness
     cfg, out = described
     rec = Recording.open(out)
-    rows = [Described("_fc", 0, "tench", 1.0, "tagger", [], {}), Described("_fc", 574, "golf ball", 1.0, "tagger", [], {})]
+    rows = [Described("_fc", 0, "tench", 1.0, "tagger", [], {}), Described("_fc", 574, "golf ball", 1.0, "tagger", [], {}),
+            Described("_fc", 1, "striped texture", 1.0, "tagger", [], {})]
     same = faithfulness(cfg, rec, rows)
     other = cfg.model_copy(update={"model": cfg.model.model_copy(update={"spec": "torchvision:resnet18@none"}),
                                    "data": cfg.data.model_copy(update={"split": "train", "limit": 20})})
     assert faithfulness(other, rec, rows) == same
     assert same[("_fc", 0)]["auc"] > 0.9 and same[("_fc", 0)]["n_pos"] + same[("_fc", 0)]["n_neg"] == 100
+    assert same[("_fc", 1)] == {"note": "the description names no probe class"}
     rec.meta["weights"] = "0" * 32
     with pytest.raises(ValueError, match="weights it was recorded with"):
         faithfulness(cfg, rec, rows)

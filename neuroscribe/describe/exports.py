@@ -10,6 +10,7 @@ score               the describer's score for ``description`` (empty/null when N
 backend             the describer backend (tagger, captioner, clip, ...)
 faithfulness_auc    from the ablation stage, when given (empty/null otherwise)
 faithfulness_mad    from the ablation stage, when given (empty/null otherwise)
+faithfulness_note   why a unit has no faithfulness values (e.g. its description names no probe class)
 verify_kind         the intervention the description's words became (text, colour, object; empty: none)
 verify_target       what it rendered, painted or pasted (the word, the colour, the object's description)
 verify_status       confirmed, not confirmed, unverifiable (empty: verification off)
@@ -46,7 +47,8 @@ __all__ = ["COLUMNS", "MILAN_COLUMNS", "export_rows", "write_descriptions"]
 
 MILAN_COLUMNS = ("layer", "unit", "description")
 VERIFY_COLUMNS = ("verify_kind", "verify_target", "verify_status", "verify_effect", "verify_auc")
-COLUMNS = MILAN_COLUMNS + ("model", "score", "backend", "faithfulness_auc", "faithfulness_mad") + VERIFY_COLUMNS \
+COLUMNS = MILAN_COLUMNS + ("model", "score", "backend", "faithfulness_auc", "faithfulness_mad",
+                           "faithfulness_note") + VERIFY_COLUMNS \
     + ("exemplar_ids", "grid_path", "candidates")
 
 UnitKey = tuple[str, int]
@@ -141,7 +143,8 @@ def export_rows(rows: Sequence["Described"], rec: "Recording | Mapping | None" =
         out.append({
             "layer": key[0], "unit": key[1], "description": str(r.description), "model": model,
             "score": _float(r.score, f"{key!r} score"), "backend": str(r.backend),
-            "faithfulness_auc": auc, "faithfulness_mad": mad, "verify_kind": ver.get("kind"),
+            "faithfulness_auc": auc, "faithfulness_mad": mad,
+            "faithfulness_note": ((faithfulness or {}).get(key) or {}).get("note"), "verify_kind": ver.get("kind"),
             "verify_target": ver.get("target"), "verify_status": ver.get("status"),
             "verify_effect": _float(ver.get("effect"), f"{key!r} verify effect"),
             "verify_auc": _float(ver.get("auc"), f"{key!r} verify auc"), "exemplar_ids": _exemplar_ids(rec, r),
@@ -176,7 +179,8 @@ def _parquet_table(records: list[dict[str, Any]]):
     schema = pa.schema([
         ("layer", pa.string()), ("unit", pa.int64()), ("description", pa.string()), ("model", pa.string()),
         ("score", pa.float64()), ("backend", pa.string()), ("faithfulness_auc", pa.float64()),
-        ("faithfulness_mad", pa.float64()), ("verify_kind", pa.string()), ("verify_target", pa.string()),
+        ("faithfulness_mad", pa.float64()), ("faithfulness_note", pa.string()), ("verify_kind", pa.string()),
+        ("verify_target", pa.string()),
         ("verify_status", pa.string()), ("verify_effect", pa.float64()), ("verify_auc", pa.float64()),
         ("exemplar_ids", pa.list_(pa.int64())), ("grid_path", pa.string()),
         ("candidates", pa.list_(pa.struct([("text", pa.string()), ("score", pa.float64())]))),

@@ -102,6 +102,8 @@ def _faith_text(f: Mapping | None) -> str | None:
     if not f:
         return None
     auc, mad = f.get("auc", f.get("faithfulness_auc")), f.get("mad", f.get("faithfulness_mad"))
+    if auc is None and mad is None and f.get("note"):
+        return f"not measured: {f['note']}"
     return f"AUC {_fmt(auc)} · MAD {_fmt(mad)}"
 
 

@@ -143,19 +143,25 @@ def recorded_model(cfg: JobConfig, rec: Recording, device):
 def faithfulness(cfg: JobConfig, rec: Recording, rows: list[Described]) -> dict[tuple[str, int], dict]:
     """CoSy-style check on real probe images: for units whose description names a probe class, the AUC and
     MAD (mean activation difference in units of the control std) of the unit's spatial-max activation on
-    images of that class vs all other labelled images."""
+    images of that class vs all other labelled images. Every other described unit gets ``{"note": why not}``."""
     from sklearn.metrics import roc_auc_score
     names = rec.meta.get("class_names") or []
-    if not names or cfg.describe.faithfulness_images == 0:
-        return {}
+    if not names:
+        return {(r.layer, r.unit): {"note": "the probe set has no class names"} for r in rows}
+    if cfg.describe.faithfulness_images == 0:
+        return {(r.layer, r.unit): {"note": "describe.faithfulness_images is 0"} for r in rows}
     terms = {c: class_terms(n) for c, n in enumerate(names)}
-    wanted = {}
+    wanted, out = {}, {}
     for r in rows:
         hit = [c for c, t in terms.items() if names_any(r.description, t)]
         if len(hit) == 1:
             wanted[(r.layer, r.unit)] = hit[0]
+        else:
+            out[(r.layer, r.unit)] = {"note": "the description names no probe class" if not hit else
+                                      "the description names several probe classes: " +
+                                      ", ".join(names[c] for c in hit)}
     if not wanted:
-        return {}
+        return out
     from ..datasets.probe import ImageLoadError, load_image
     from ..hooks import run, trace, unit_view
     device = resolve_device(cfg.device)
@@ -184,11 +190,12 @@ def faithfulness(cfg: JobConfig, rec: Recording, rows: list[Described]) -> dict[
                            .flatten(2).amax(2).float().cpu())
         labels += ys
     labels = np.array(labels)
-    out = {}
     for (l, u), c in wanted.items():
         a = torch.cat(acts[l])[:, u].numpy()
         pos, neg = a[labels == c], a[labels != c]
         if len(pos) == 0 or len(neg) == 0:
+            out[(l, u)] = {"concept": names[c], "note": ("no image" if len(pos) == 0 else "only images") +
+                           f" of {names[c]!r} among the {len(ids)} sampled probe images"}
             continue
         out[(l, u)] = {"concept": names[c], "auc": float(roc_auc_score(labels == c, a)),
                        "mad": float((pos.mean() - neg.mean()) / (neg.std() + 1e-8)), "n_pos": int(len(pos)),
@@ -301,7 +308,8 @@ def _describe(cfg: JobConfig, ctx) -> Path | None:
     summary = {"key": key, "backend": cfg.describe.backend, "units": len(ordered), "layers": layers,
                "seconds_this_run": round(seconds, 2), "units_described_this_run": len(remaining),
                "units_per_second": round(len(remaining) / seconds, 3) if remaining and seconds > 0 else None,
-               "faithfulness_units": len(faith)}
+               "faithfulness_units": sum("auc" in f for f in faith.values()),
+               "faithfulness_notes": sum("auc" not in f for f in faith.values())}
     if verified:
         status = [r["status"] for r in verified.values()]
         summary["verification"] = {s: status.count(s) for s in ("confirmed", "not confirmed", "unverifiable")}

@@ -20,7 +20,7 @@ from .stage import model_and_means
 log = logging.getLogger("neuroscribe.ablate")
 
 
-_VARIANT = {"description": "ablated", "evidence": "ablated_evidence", "both": "ablated_both"}
+_VARIANT = {"description": "ablated", "evidence": "ablated_evidence", "both": "ablated_both", "group": "ablated_group"}
 
 
 def _acc(rep: dict) -> dict:
@@ -28,6 +28,9 @@ def _acc(rep: dict) -> dict:
     if rep.get("per_group") and len(rep["per_group"]) > 1:
         out["groups"] = {g: {"acc": v["acc"], "lo": v["ci_low"], "hi": v["ci_high"], "n": v["n"]}
                          for g, v in rep["per_group"].items()}
+        w, a = rep["worst_group"], rep["average_group"]  # their CIs: the min / mean over groups, bootstrapped
+        out["worst_group"] = {"name": w["group"], "acc": w["acc"], "lo": w["ci_low"], "hi": w["ci_high"], "n": w["n"]}
+        out["avg_group"] = {"acc": a["acc"], "lo": a["ci_low"], "hi": a["ci_high"], "n": a["n"]}
     return out
 
 

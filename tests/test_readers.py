@@ -118,3 +118,19 @@ def test_config_names_the_readers_and_checks_their_fields(sets):
         load_config(None, {"data": {"root": "x", "format": "celeba", "target": "A", "spurious": "B"}})
     with pytest.raises(ConfigError, match="group_shift and flag.group_cue go together"):
         load_config(None, {"flag": {"group_cue": "water"}})
+
+
+def test_run_refuses_choosing_sets_that_share_images_with_a_test_set(sets, tmp_path):
+    """Validation named on the test split (the same images as data) stops `run` before any work; the data's own
+    val split passes the check."""
+    from neuroscribe import pipeline
+    from neuroscribe.datasets.sets import check_disjoint
+    split = lambda s: {"root": str(sets["waterbirds"]), "format": "waterbirds", "split": s}  # noqa: E731
+    job = {"model": {"spec": "torchvision:resnet18@none", "num_classes": 2}, "layers": ["layer4"],
+           "data": split("test"), "shifts": [{"name": "tr", "data": split("train")}, {"name": "v", "data": split("val")}],
+           "probe": "tr", "ablate": {"validation": "v"}, "out": str(tmp_path / "job"), "progress": False}
+    check_disjoint(load_config(None, job))
+    job["shifts"][1]["data"] = split("test")
+    with pytest.raises(ValueError, match=r"data \(a test set\) shares 6 images with shift 'v'"):
+        pipeline.run(load_config(None, job))
+    assert not (tmp_path / "job" / "record.json").exists()

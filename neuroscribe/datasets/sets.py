@@ -88,6 +88,30 @@ def shift_set(shift: ShiftSetConfig, pre, seed: int, classes: list[str] | None =
                        f"{describe_cue(shift.cue, shift.correlation)}")
 
 
+def check_disjoint(cfg: JobConfig) -> None:
+    """Refuse a job whose choosing sets (``probe``, the ``ablate.validation`` shift, ``flag.evidence_shift``,
+    ``flag.group_shift``) share an image with a test set (``data`` and every other shift), compared by resolved
+    source path: anything chosen there would have seen test images. Raises ``ValueError`` naming both sets."""
+    from .probe import open_probe_set
+
+    def paths(d) -> set[Path]:
+        ps = open_probe_set(d.root, d.format, d.split, d.limit, cfg.seed, None, target=d.target, spurious=d.spurious)
+        return {Path(s.path).resolve() for s in ps.samples}
+
+    choosing = {cfg.probe, cfg.ablate.validation, cfg.flag.evidence_shift, cfg.flag.group_shift}
+    chosen = {s.name: paths(s.data) for s in cfg.shifts if s.name in choosing}
+    if not chosen:
+        return
+    tests = [("data", cfg.data)] + [(f"shifts[{s.name}]", s.data) for s in cfg.shifts if s.name not in choosing]
+    for where, d in tests:
+        mine = paths(d)
+        for name, theirs in chosen.items():
+            if mine & theirs:
+                raise ValueError(f"{where} (a test set) shares {len(mine & theirs)} images with shift {name!r}, which "
+                                 "chooses units or N (probe, validation or evidence): give them disjoint data, e.g. the "
+                                 "data's own train/val/test splits (data.split)")
+
+
 def loader(cfg: JobConfig, ds):
     return torch.utils.data.DataLoader(ds, batch_size=cfg.batch_size, shuffle=False, num_workers=cfg.workers,
                                        collate_fn=collate)

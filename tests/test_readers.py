@@ -57,6 +57,9 @@ def test_reader_class_names(sets):
     assert _open(sets, "waterbirds").class_names == ["landbird", "waterbird"]
     assert _open(sets, "celeba").class_names == ["not Blond_Hair", "Blond_Hair"]
     assert _open(sets, "csv").class_names == ["parachute", "tench"]  # names: sorted, as a manifest's
+    auto = open_probe_set(sets["parquet"])  # format auto: a .parquet file is a table
+    assert auto.source == "table"
+    assert [s.group for s in auto.samples] == [s.group for s in _open(sets, "parquet").samples]
 
 
 def test_limit_is_a_seeded_sample_stratified_by_class_and_group(sets):
@@ -127,7 +130,8 @@ def test_run_refuses_choosing_sets_that_share_images_with_a_test_set(sets, tmp_p
     from neuroscribe.datasets.sets import check_disjoint
     split = lambda s: {"root": str(sets["waterbirds"]), "format": "waterbirds", "split": s}  # noqa: E731
     job = {"model": {"spec": "torchvision:resnet18@none", "num_classes": 2}, "layers": ["layer4"],
-           "data": split("test"), "shifts": [{"name": "tr", "data": split("train")}, {"name": "v", "data": split("val")}],
+           "data": split("test"),
+           "shifts": [{"name": "tr", "data": split("train")}, {"name": "v", "data": split("val")}],
            "probe": "tr", "ablate": {"validation": "v"}, "out": str(tmp_path / "job"), "progress": False}
     check_disjoint(load_config(None, job))
     job["shifts"][1]["data"] = split("test")

@@ -175,9 +175,9 @@ def accuracy_report(preds: np.ndarray, labels: np.ndarray, groups: Sequence[str]
 
     ``preds`` are predicted classes ``[N]`` or logits ``[N, K]``. Returns ``{acc, ci_low, ci_high, n, bootstrap,
     per_group: {g: {acc, ci_low, ci_high, n}}, worst_group: {group, acc, ci_low, ci_high, n} | None,
-    average_group: {acc, ci_low, ci_high, n} | None}`` (the unweighted mean of the group accuracies, GroupDRO's and DFR's
-    "average-group accuracy"; its CI the percentile interval of that mean over the stratified replicates); CIs are
-    None with ``bootstrap=0``; per_group is empty, worst_group and average_group None without groups.
+    average_group: {acc, ci_low, ci_high, n} | None}`` (the unweighted mean of the group accuracies, GroupDRO's
+    and DFR's "average-group accuracy"; its CI the percentile interval of that mean over the stratified replicates);
+    CIs are None with ``bootstrap=0``; per_group is empty, worst_group and average_group None without groups.
     """
     if bootstrap < 0:
         raise ValueError(f"bootstrap must be >= 0; got {bootstrap}")

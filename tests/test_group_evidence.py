@@ -113,3 +113,10 @@ def test_worst_and_average_group_accuracy_reach_report_json(job):
     assert base["worst_group"] == ev["results"]["base"]["in-distribution"]["worst_group"]
     assert base["avg_group"] == ev["results"]["base"]["in-distribution"]["avg_group"]
     assert "ablated_group" in rep["variants"] and rep["ablation"]["flagged_by"].startswith("descriptions")
+
+
+def test_a_group_cue_naming_no_image_is_refused(job):
+    from neuroscribe.ablate.stage import group_evidence
+    lake = job.model_copy(update={"flag": job.flag.model_copy(update={"group_cue": "lake"})})
+    with pytest.raises(ValueError, match=r"flag.group_cue 'lake' names no image of shift 'wb-train'.*'landbird/land'"):
+        group_evidence(lake)

@@ -46,7 +46,8 @@ def test_run_on_a_group_format_job_reports_worst_group_accuracy(fmt, tmp_path):
     assert test["worst_group"]["acc"] == min(g["acc"] for g in test["groups"].values())
     assert test["worst_group"]["lo"] <= test["worst_group"]["acc"] <= test["worst_group"]["hi"]
     assert test["avg_group"]["lo"] <= test["avg_group"]["acc"] <= test["avg_group"]["hi"]
-    for variant in ("ablated", "ablated_group", "sort_all"):
+    for variant in ("ablated", "ablated_group", "sort_all", "refit_only"):  # before and after each edit
         assert "worst_group" in rep["variants"][variant]["results"]["in-distribution"]
-    if flags["sets"]["description"] and abl["variants"]["description"]["units"]:
-        assert "refit" in rep["variants"]
+    assert rep["variants"]["refit_only"]["n_units"] == 0  # the re-fit alone (DFR's edit), nothing ablated
+    if abl["variants"]["description"]["units"]:
+        assert "refit" in rep["variants"]  # both: ablation, then the re-fit

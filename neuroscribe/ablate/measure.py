@@ -60,6 +60,13 @@ def evaluate(cfg: JobConfig) -> dict:
                                  device=dev, seed=cfg.seed)
         runs["refit"] = (refit, variants["ablated"])
         variants["refit"] = variants["ablated"]
+    if cfg.ablate.refit:  # the re-fit alone (DFR's edit: the last layer re-fitted, nothing ablated), beside both
+        from .refit import refit_last_layer
+        probe = next(s for s in cfg.shifts if s.name == cfg.probe)
+        train_ds, _, _ = shift_set(probe, lm.preprocess, cfg.seed, lm.class_names, held_out(cfg.out))
+        runs["refit_only"] = (refit_last_layer(lm.module, [], loader(cfg, train_ds), cfg.ablate.method, means,
+                                               device=dev, seed=cfg.seed), [])
+        variants["refit_only"] = []
     sets = test_sets(cfg, lm.preprocess, lm.class_names)
     if cfg.evaluate.limit:  # a seeded random subset (the same images for every variant): folders are class-sorted
         sets = {k: (torch.utils.data.Subset(ds, sorted(np.random.default_rng(cfg.seed).permutation(len(ds))

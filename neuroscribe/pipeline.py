@@ -69,6 +69,8 @@ def run(cfg: JobConfig) -> dict:
     from .runtime import apply
     apply(cfg.threads, cfg.progress)
     check_job_labels(cfg)
+    from .datasets.sets import check_disjoint
+    check_disjoint(cfg)  # nothing is chosen on a test image
     if cfg.train is not None and len(cfg.train.seeds) > 1:
         reports = {}
         for s in cfg.train.seeds:

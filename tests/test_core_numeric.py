@@ -691,7 +691,10 @@ def test_accuracy_report_reproduces_the_documented_bootstrap():
     wg = r["worst_group"]
     assert wg["group"] == "b" and wg["acc"] == 1 / 3 and wg["n"] == 3
     assert (wg["ci_low"], wg["ci_high"]) == tuple(np.percentile(np.min(np.stack(boots), axis=0), [2.5, 97.5]))
-    assert set(r) == {"acc", "ci_low", "ci_high", "n", "bootstrap", "per_group", "worst_group"}
+    ag = r["average_group"]  # the unweighted mean of the group accuracies (GroupDRO / DFR), n = all images
+    assert ag["acc"] == pytest.approx((1.0 + 1 / 3 + 2 / 3) / 3) and ag["n"] == r["n"]
+    assert (ag["ci_low"], ag["ci_high"]) == tuple(np.percentile(np.mean(np.stack(boots), axis=0), [2.5, 97.5]))
+    assert set(r) == {"acc", "ci_low", "ci_high", "n", "bootstrap", "per_group", "worst_group", "average_group"}
 
 
 def test_accuracy_report_defaults_and_edges():
@@ -701,7 +704,7 @@ def test_accuracy_report_defaults_and_edges():
     assert r["bootstrap"] == 1000 and r["acc"] == 601 / 997
     want = np.percentile(_boot(np.random.default_rng(0), 997, 601 / 997, 1000), [2.5, 97.5])
     assert (r["ci_low"], r["ci_high"]) == tuple(want)
-    assert r["per_group"] == {} and r["worst_group"] is None
+    assert r["per_group"] == {} and r["worst_group"] is None and r["average_group"] is None
     one = accuracy_report(np.array([[0.2, 0.8]]), np.array([1]), ["g"], bootstrap=10)
     assert one["acc"] == 1.0 and one["ci_low"] == one["ci_high"] == 1.0 and one["per_group"]["g"]["n"] == 1
     none = accuracy_report(preds, labels, ["x", "y", "x", "y"], bootstrap=0)
@@ -709,6 +712,9 @@ def test_accuracy_report_defaults_and_edges():
     assert none["per_group"] == {"x": {"acc": 1.0, "ci_low": None, "ci_high": None, "n": 2},
                                  "y": {"acc": 0.5, "ci_low": None, "ci_high": None, "n": 2}}
     assert none["worst_group"] == {"group": "y", "acc": 0.5, "ci_low": None, "ci_high": None, "n": 2}
+    assert none["average_group"] == {"acc": 0.75, "ci_low": None, "ci_high": None, "n": 4}
+    skew = accuracy_report(np.array([1, 1, 1, 0]), np.array([1, 1, 1, 1]), ["a", "a", "a", "b"], bootstrap=0)
+    assert skew["acc"] == 0.75 and skew["average_group"]["acc"] == 0.5  # each group counts once, not each image
     tie = accuracy_report(np.array([1, 1, 0, 0]), labels, ["q", "p", "p", "q"], bootstrap=0)  # both 1/2
     assert tie["worst_group"]["group"] == "p"
     with pytest.raises(ValueError, match="bootstrap must be >= 0"):

@@ -174,8 +174,10 @@ def accuracy_report(preds: np.ndarray, labels: np.ndarray, groups: Sequence[str]
     """Accuracy with a percentile-bootstrap 95% CI, per group and for the worst group (see the module docstring).
 
     ``preds`` are predicted classes ``[N]`` or logits ``[N, K]``. Returns ``{acc, ci_low, ci_high, n, bootstrap,
-    per_group: {g: {acc, ci_low, ci_high, n}}, worst_group: {group, acc, ci_low, ci_high, n} | None}``; CIs are
-    None with ``bootstrap=0``; per_group is empty and worst_group None without groups.
+    per_group: {g: {acc, ci_low, ci_high, n}}, worst_group: {group, acc, ci_low, ci_high, n} | None,
+    average_group: {acc, ci_low, ci_high, n} | None}`` (the unweighted mean of the group accuracies, GroupDRO's
+    and DFR's "average-group accuracy"; its CI the percentile interval of that mean over the stratified replicates);
+    CIs are None with ``bootstrap=0``; per_group is empty, worst_group and average_group None without groups.
     """
     if bootstrap < 0:
         raise ValueError(f"bootstrap must be >= 0; got {bootstrap}")
@@ -188,7 +190,7 @@ def accuracy_report(preds: np.ndarray, labels: np.ndarray, groups: Sequence[str]
     boot = rng.binomial(n, acc, size=bootstrap) / n if bootstrap else None
     lo, hi = _ci(boot)
     report: dict[str, Any] = {"acc": acc, "ci_low": lo, "ci_high": hi, "n": n, "bootstrap": int(bootstrap),
-                              "per_group": {}, "worst_group": None}
+                              "per_group": {}, "worst_group": None, "average_group": None}
     if groups is None:
         return report
     g = np.asarray([str(v) for v in groups], dtype=object)
@@ -208,6 +210,9 @@ def accuracy_report(preds: np.ndarray, labels: np.ndarray, groups: Sequence[str]
     wlo, whi = _ci(np.min(np.stack(group_boot), axis=0) if group_boot else None)
     report["worst_group"] = {"group": worst, "acc": report["per_group"][worst]["acc"], "ci_low": wlo,
                              "ci_high": whi, "n": report["per_group"][worst]["n"]}
+    alo, ahi = _ci(np.mean(np.stack(group_boot), axis=0) if group_boot else None)
+    report["average_group"] = {"acc": float(np.mean([report["per_group"][k]["acc"] for k in names])),
+                               "ci_low": alo, "ci_high": ahi, "n": n}
     return report
 
 

@@ -21,7 +21,7 @@ from .stage import model_and_means
 log = logging.getLogger("neuroscribe.ablate")
 
 
-_VARIANT = {"description": "ablated", "evidence": "ablated_evidence", "both": "ablated_both"}
+_VARIANT = {"description": "ablated", "evidence": "ablated_evidence", "both": "ablated_both", "group": "ablated_group"}
 
 
 def _acc(rep: dict) -> dict:
@@ -29,6 +29,9 @@ def _acc(rep: dict) -> dict:
     if rep.get("per_group") and len(rep["per_group"]) > 1:
         out["groups"] = {g: {"acc": v["acc"], "lo": v["ci_low"], "hi": v["ci_high"], "n": v["n"]}
                          for g, v in rep["per_group"].items()}
+        w, a = rep["worst_group"], rep["average_group"]  # their CIs: the min / mean over groups, bootstrapped
+        out["worst_group"] = {"name": w["group"], "acc": w["acc"], "lo": w["ci_low"], "hi": w["ci_high"], "n": w["n"]}
+        out["avg_group"] = {"acc": a["acc"], "lo": a["ci_low"], "hi": a["ci_high"], "n": a["n"]}
     return out
 
 
@@ -58,6 +61,13 @@ def evaluate(cfg: JobConfig) -> dict:
                                  device=dev, seed=cfg.seed)
         runs["refit"] = (refit, variants["ablated"])
         variants["refit"] = variants["ablated"]
+    if cfg.ablate.refit:  # the re-fit alone (DFR's edit: the last layer re-fitted, nothing ablated), beside both
+        from .refit import refit_last_layer
+        probe = next(s for s in cfg.shifts if s.name == cfg.probe)
+        train_ds, _, _ = shift_set(probe, lm.preprocess, cfg.seed, lm.class_names, held_out(cfg.out))
+        runs["refit_only"] = (refit_last_layer(lm.module, [], loader(cfg, train_ds), cfg.ablate.method, means,
+                                               device=dev, seed=cfg.seed), [])
+        variants["refit_only"] = []
     sets = test_sets(cfg, lm.preprocess, lm.class_names)
     if cfg.evaluate.limit:  # a seeded random subset (the same images for every variant): folders are class-sorted
         sets = {k: (torch.utils.data.Subset(ds, sorted(np.random.default_rng(cfg.seed).permutation(len(ds))

@@ -33,7 +33,9 @@ def flag(cfg: JobConfig) -> dict:
     job = Path(cfg.out)
     rows = [json.loads(l) for l in (job / "descriptions.jsonl").read_text().splitlines() if l.strip()]
     key = io.artifact_key(io.file_key(job / "descriptions.jsonl"), cfg.flag.model_dump(mode="json"), cfg.model.spec,
-               [s.model_dump(mode="json") for s in cfg.shifts if s.name == cfg.flag.evidence_shift])
+               [s.model_dump(mode="json") for s in cfg.shifts if s.name == cfg.flag.evidence_shift],
+               *([[s.model_dump(mode="json") for s in cfg.shifts if s.name == cfg.flag.group_shift],
+                  cfg.evaluate.bootstrap, cfg.seed] if cfg.flag.group_shift else []))
     done = io.current(job / "flags.json", key)
     if done:
         return done
@@ -61,8 +63,53 @@ def flag(cfg: JobConfig) -> dict:
         sets["both"] = sorted(set(sets["description"]) | set(sets["evidence"]))
     out = {"key": key, "sets": {k: [list(u) for u in v] for k, v in sets.items()},
            "flags": [f.to_dict() for f in all_rows if f.flagged or f.by_keyword or f.by_embedding or f.by_evidence]}
+    if cfg.flag.group_shift:  # a variant of its own: never part of the description set
+        out["group_evidence"] = group_evidence(cfg)
+        out["sets"]["group"] = [[u["layer"], u["unit"]] for u in out["group_evidence"]["units"] if u["flagged"]]
     io.write_json(job / "flags.json", out)
     return out
+
+
+def group_evidence(cfg: JobConfig) -> dict:
+    """Class-stratified AUC of every recorded unit for ``flag.group_cue`` vs the rest of each class, on
+    ``flag.group_images`` images of ``flag.group_shift`` (stratified by class x group, seeded; never the trained job's
+    validation holdout), with 95% bootstrap intervals (``evaluate.bootstrap``) and the units it flags
+    (:mod:`neuroscribe.ablate.groups`)."""
+    import numpy as np
+    import torch
+    from .groups import group_activations, group_flags, stratified_auc
+    from ..datasets.readers import group_value
+    from ..datasets.splits import stratified_sample
+    from ..hooks import declare_layouts
+    from ..record.exemplars import Recording
+    lm, dev = job_model(cfg)
+    rec = Recording.open(cfg.out)
+    declare_layouts(lm.module, rec.layouts)
+    shift = next(s for s in cfg.shifts if s.name == cfg.flag.group_shift)
+    ds, _, _ = shift_set(shift, lm.preprocess, cfg.seed, lm.class_names, held_out(cfg.out))
+    groups = [ds.group(i) for i in range(len(ds))] if hasattr(ds, "pair") else [s.group or "" for s in ds.samples]
+    labels = [int(s.label if hasattr(s, "label") else s[1]) for s in ds.samples]
+    cells = {c: k for k, c in enumerate(sorted(set(zip(labels, groups))))}
+    ids = stratified_sample([cells[c] for c in zip(labels, groups)], cfg.flag.group_images, cfg.seed,
+                            purpose="group evidence")
+    acts, y, g = group_activations(lm.module, rec.layers, loader(cfg, torch.utils.data.Subset(ds, ids)), device=dev)
+    cue = np.array([group_value(x) == cfg.flag.group_cue for x in g])
+    if not cue.any():
+        raise ValueError(f"flag.group_cue {cfg.flag.group_cue!r} names no image of shift {shift.name!r}: its groups "
+                         f"(CLASS/VALUE) are {sorted(set(groups))[:12]}")
+    units, stats = [], {}
+    for layer, a in acts.items():
+        r = stratified_auc(a, y, cue, cfg.evaluate.bootstrap, cfg.seed)
+        for u in range(a.shape[1]):
+            stats[(layer, u)] = (float(r["auc"][u]), *((float(r["lo"][u]), float(r["hi"][u])) if r["lo"] is not None
+                                                      else (None, None)))
+    flagged = group_flags(stats, cfg.flag.group_top)
+    for (layer, u), (auc, lo, hi) in stats.items():
+        units.append({"layer": layer, "unit": u, "auc": auc, "lo": lo, "hi": hi, "flagged": (layer, u) in flagged,
+                      "reason": flagged.get((layer, u))})
+    return {"shift": shift.name, "cue_group": cfg.flag.group_cue, "n_images": int(len(y)),
+            "per_class": {str(k): v for k, v in r["per_class"].items()}, "bootstrap": cfg.evaluate.bootstrap,
+            "units": units}
 
 
 def described_rows(job: Path) -> dict:
@@ -104,12 +151,15 @@ def ablate(cfg: JobConfig) -> dict:
     verified = {k: r.get("verify_effect") if r.get("verify_effect") is not None else -math.inf
                 for k, r in described.items()}
     effect = {(f["layer"], f["unit"]): f.get("evidence") or 0.0 for f in flags["flags"]}
+    auc = {(u["layer"], u["unit"]): u["auc"] for u in flags.get("group_evidence", {}).get("units", [])}
     for name, units in flags["sets"].items():
         units = [tuple(u) for u in units]
         cap = cfg.ablate.max_candidates
         if cap and len(units) > cap:  # the validation ordering decides among the capped candidates
             if name == "evidence":  # the evidence variant: largest cue effect first
                 rank = lambda u: (-effect.get(u, 0.0), u)  # noqa: E731
+            elif name == "group":  # the group-evidence variant: largest group AUC first
+                rank = lambda u: (-auc.get(u, 0.0), u)  # noqa: E731
             else:  # words choose: the words' own experiment (verification effect), the most consistent, then the
                 # best-scored descriptions; never the cue evidence
                 rank = lambda u: (-verified.get(u, -math.inf), -support.get(u, 0), -words.get(u, -math.inf),  # noqa: E731

@@ -22,6 +22,7 @@ from importlib import resources
 from pathlib import Path
 
 from .probe import ProbeSetError, data_source, folder_classes, manifest_rows
+from .readers import FORMATS
 
 __all__ = ["LabelError", "check_job_labels", "is_index", "job_classes", "label_kind", "read_labels"]
 
@@ -97,11 +98,20 @@ def read_labels(path, rows: list[tuple[int, object]], classes: list[str] | None 
     return names, labels
 
 
+def _group_format(data, classes: list[str] | None = None):
+    """A group-format set (:mod:`neuroscribe.datasets.readers`) read whole: its labels are checked as it is read."""
+    from .probe import open_probe_set
+    return open_probe_set(data.root, data.format, data.split, None, 0, classes, target=data.target,
+                          spurious=data.spurious)
+
+
 def _train_classes(data) -> list[str] | None:
     """The classes a model trained on ``data`` gets (as :func:`neuroscribe.train.classifier.train_classifier` names them)."""
     root, fmt = data_source(data.root, data.format)
     if fmt == "imagefolder":
         return folder_classes(root, data.split)
+    if fmt in FORMATS:
+        return _group_format(data).class_names
     names, labels = read_labels(root, [(n, r.get("label")) for n, r in manifest_rows(root)])
     known = [k for k in labels if k is not None]
     return names or ([str(k) for k in range(max(known) + 1)] if known else None)
@@ -132,6 +142,8 @@ def _test_names(where: str, data, classes: list[str] | None) -> list[str] | None
             raise LabelError(f"{where}: {root} has no class folders; every test image needs a label (class folders "
                              "or a manifest 'label' column)")
         return names
+    if fmt in FORMATS:
+        return _group_format(data, classes).class_names
     rows = [(n, r.get("label")) for n, r in manifest_rows(root)]
     missing = [n for n, v in rows if not _given(v)]
     if missing:

@@ -259,15 +259,30 @@ def data_source(root: str | Path | None, format: str = "auto") -> tuple[Path, st
     ``auto`` resolved to ``imagefolder``, ``csv`` or ``jsonl``."""
     root = sample_root() if root is None else Path(root)
     if format == "auto":
-        format = {".csv": "csv", ".jsonl": "jsonl", ".ndjson": "jsonl"}.get(root.suffix.lower(), "imagefolder")
+        format = {".csv": "csv", ".jsonl": "jsonl", ".ndjson": "jsonl", ".parquet": "table",
+                  ".pq": "table"}.get(root.suffix.lower(), "imagefolder")
     return root, format
 
 
 def open_probe_set(root: str | Path | None, format: str = "auto", split: str | None = None,
-                   limit: int | None = None, seed: int = 0, classes: list[str] | None = None) -> ProbeSet:
+                   limit: int | None = None, seed: int = 0, classes: list[str] | None = None, *,
+                   target: str | None = None, spurious: str | None = None) -> ProbeSet:
     """Build the probe set a :class:`~neuroscribe.config.DataConfig` describes; a manifest's integer labels index
-    ``classes`` (the model's class list)."""
+    ``classes`` (the model's class list). The group formats (:mod:`neuroscribe.datasets.readers`: ``waterbirds``,
+    ``celeba`` with its ``target`` and ``spurious`` attributes, ``table``) take ``split`` from the data's own split
+    column, and their ``limit`` is a seeded sample stratified by class x group."""
+    from . import readers
     root, format = data_source(root, format)
+    if format in readers.FORMATS:
+        from .splits import stratified_sample
+        ps = (readers.read_waterbirds(root, split) if format == "waterbirds" else
+              readers.read_celeba(root, split, target, spurious) if format == "celeba" else
+              readers.read_table(root, split, classes))
+        if limit is None or limit >= len(ps):
+            return ps
+        cells = {g: k for k, g in enumerate(sorted({s.group for s in ps.samples}))}
+        ids = stratified_sample([cells[s.group] for s in ps.samples], limit, seed, purpose="data.limit")
+        return ProbeSet(ps.root, [ps.samples[i] for i in ids], ps.class_names, ps.source)
     ps = image_folder(root, split) if format == "imagefolder" else manifest(root, classes)
     return ps.subset(limit, seed)
 

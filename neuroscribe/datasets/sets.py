@@ -13,10 +13,25 @@ from ..config import JobConfig, ShiftSetConfig
 
 
 class Labelled(torch.utils.data.Dataset):
-    """``(tensor, label, {'group': g})`` per sample; unreadable images give None (dropped by :func:`collate`)."""
+    """``(tensor, label, {'group': g})`` per sample; unreadable images give None (dropped by :func:`collate`).
 
-    def __init__(self, samples, transform):
+    Images as they are on disk, no cue drawn: :meth:`render` gives what :func:`~neuroscribe.datasets.shifts.materialise`
+    writes (``geometry`` first, as a :class:`~neuroscribe.datasets.shifts.CuedDataset` does), so any shift, planted
+    or on disk, can be written as the probe set."""
+
+    def __init__(self, samples, transform, class_names=None, geometry=None):
         self.samples, self.transform = samples, transform
+        self.class_names, self.geometry = class_names, geometry
+
+    def render(self, index: int):
+        """The PIL image of sample ``index`` (after ``geometry``) and its info, without ``transform``; the group is
+        the sample's own (from the data), ``has_cue`` False."""
+        from .probe import load_image
+        s = self.samples[index]
+        img = load_image(s.path)
+        img = self.geometry(img) if self.geometry is not None else img
+        return img, {"index": index, "has_cue": False, "cue_token": "", "cue_class": -1, "group": s.group or "",
+                     "cue_box": (0, 0, 0, 0)}
 
     def __len__(self):
         return len(self.samples)
@@ -55,14 +70,15 @@ def shift_set(shift: ShiftSetConfig, pre, seed: int, classes: list[str] | None =
     e.g. :func:`held_out`) are left out. With a cue, the model's geometry (resize + crop) comes first and the cue is
     drawn on that, as in training, so a corner cue is never cropped away."""
     from .probe import open_probe_set
-    probe = open_probe_set(shift.data.root, shift.data.format, shift.data.split, shift.data.limit, seed, classes)
+    d = shift.data
+    probe = open_probe_set(d.root, d.format, d.split, d.limit, seed, classes, target=d.target, spurious=d.spurious)
     if exclude:
         probe.samples = [s for s in probe.samples if Path(s.path).resolve() not in exclude]
     if (probe.labels() < 0).any():
         raise ValueError(f"shift {shift.name!r}: every image needs a label (class folders or a label column)")
     names = probe.class_names or [str(i) for i in range(int(probe.labels().max()) + 1)]
     if shift.cue is None:
-        return Labelled(probe.samples, pre.transform()), names, f"{len(probe)} images from {probe.root}"
+        return Labelled(probe.samples, pre.transform(), names), names, f"{len(probe)} images from {probe.root}"
     from .shifts import CuedDataset
     ds = CuedDataset([(s.path, s.label) for s in probe.samples], names, shift.cue, fraction=shift.fraction,
                      correlation=shift.correlation, strength=shift.strength, seed=shift.seed,
@@ -70,6 +86,30 @@ def shift_set(shift: ShiftSetConfig, pre, seed: int, classes: list[str] | None =
     from .cues import describe_cue
     return ds, names, (f"{len(probe)} images from {probe.root}; {shift.fraction:.0%} of them with "
                        f"{describe_cue(shift.cue, shift.correlation)}")
+
+
+def check_disjoint(cfg: JobConfig) -> None:
+    """Refuse a job whose choosing sets (``probe``, the ``ablate.validation`` shift, ``flag.evidence_shift``,
+    ``flag.group_shift``) share an image with a test set (``data`` and every other shift), compared by resolved
+    source path: anything chosen there would have seen test images. Raises ``ValueError`` naming both sets."""
+    from .probe import open_probe_set
+
+    def paths(d) -> set[Path]:
+        ps = open_probe_set(d.root, d.format, d.split, d.limit, cfg.seed, None, target=d.target, spurious=d.spurious)
+        return {Path(s.path).resolve() for s in ps.samples}
+
+    choosing = {cfg.probe, cfg.ablate.validation, cfg.flag.evidence_shift, cfg.flag.group_shift}
+    chosen = {s.name: paths(s.data) for s in cfg.shifts if s.name in choosing}
+    if not chosen:
+        return
+    tests = [("data", cfg.data)] + [(f"shifts[{s.name}]", s.data) for s in cfg.shifts if s.name not in choosing]
+    for where, d in tests:
+        mine = paths(d)
+        for name, theirs in chosen.items():
+            if mine & theirs:
+                raise ValueError(f"{where} (a test set) shares {len(mine & theirs)} images with shift {name!r}, which "
+                                 "chooses units or N (probe, validation or evidence): give them disjoint data, e.g. the "
+                                 "data's own train/val/test splits (data.split)")
 
 
 def loader(cfg: JobConfig, ds):

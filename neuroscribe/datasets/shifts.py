@@ -262,10 +262,21 @@ class CuedDataset(torch.utils.data.Dataset):
         return rows
 
 
+def _source_label(sample) -> tuple[str, int]:
+    """``(source path, label)`` of a ``(path, label)`` pair or of a sample with ``.path`` / ``.label``."""
+    if hasattr(sample, "path") and hasattr(sample, "label"):
+        return os.fspath(sample.path), sample.label
+    return sample
+
+
 def materialise(dataset: CuedDataset, out_dir: str | os.PathLike[str], *, image_format: Literal["png", "jpeg"] = "png",
                 jpeg_quality: int = 95, overwrite: bool = False,
                 progress: Callable[[int, int], None] | None = None) -> Path:
     """Write every image of ``dataset`` (cued per its plan) plus ``manifest.csv`` and ``shift.json``.
+
+    ``dataset`` is a :class:`CuedDataset` or any dataset with ``samples``, ``class_names`` and ``render(i)`` (e.g.
+    :class:`neuroscribe.datasets.sets.Labelled`: images from disk with their own groups, ``shift`` null in
+    ``shift.json``).
 
     Images go to ``out_dir/<label>/<index>.<ext>``; ``manifest.csv`` has :data:`MANIFEST_COLUMNS`
     (``path`` relative to ``out_dir``) in index order, matching ``dataset.plan()``. ``shift.json``
@@ -292,7 +303,7 @@ def materialise(dataset: CuedDataset, out_dir: str | os.PathLike[str], *, image_
             writer.writeheader()
             for i in range(total):
                 img, info = dataset.render(i)
-                source, label = dataset.samples[i]
+                source, label = _source_label(dataset.samples[i])
                 rel = Path(str(label)) / f"{i:0{width}d}.{ext}"
                 (tmp / rel.parent).mkdir(exist_ok=True)
                 if image_format == "png":
@@ -304,7 +315,9 @@ def materialise(dataset: CuedDataset, out_dir: str | os.PathLike[str], *, image_
                                  "cue_class": info["cue_class"], "index": i, "source": source})
                 if progress is not None:
                     progress(i + 1, total)
-        meta = {"shift": dataset.config.model_dump(mode="json"), "class_names": dataset.class_names}
+        config = getattr(dataset, "config", None)  # None: images written as they are (a shift without a cue)
+        meta = {"shift": None if config is None else config.model_dump(mode="json"),
+                "class_names": list(dataset.class_names)}
         (tmp / "shift.json").write_text(json.dumps(meta, indent=2), encoding="utf-8")
         if out.exists():
             trash = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))

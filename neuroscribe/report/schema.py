@@ -53,6 +53,7 @@ class Acc(GroupAcc):
     correct: int | None = Field(None, ge=0)
     groups: dict[str, GroupAcc] | None = None
     worst_group: WorstGroup | None = None
+    avg_group: GroupAcc | None = None  # the unweighted mean of the group accuracies (GroupDRO / DFR), with its CI
 
 
 class Draw(_M):

@@ -198,7 +198,8 @@ def train_classifier(cfg: TrainConfig, out_dir: str | Path, device: str = "auto"
 
 def _open_data(cfg: TrainConfig):
     """``(probe, labels, class names, cue)`` of ``cfg.data``, checked: every image labelled, >= 2 classes."""
-    probe = open_probe_set(cfg.data.root, cfg.data.format, cfg.data.split, cfg.data.limit, seed=cfg.data_seed)
+    probe = open_probe_set(cfg.data.root, cfg.data.format, cfg.data.split, cfg.data.limit, seed=cfg.data_seed,
+                           target=cfg.data.target, spurious=cfg.data.spurious)
     labels = probe.labels()
     if (labels < 0).any():
         raise TrainError(f"train.data: {int((labels < 0).sum())} images of {probe.root} have no label; training "

@@ -56,7 +56,8 @@ FAST = ["tests/test_core_numeric.py"]
 # fast test file: test_core_numeric.py (stats, evaluate, robustness, schema), test_core_hooks.py (hooks),
 # test_core_edit.py (the ablation edit), test_core_masks.py (exemplar masks and view geometry).
 TARGETS: dict[str, dict] = {
-    "neuroscribe/record/stats.py": {"tests": FAST + ["tests/test_core_stats.py"]},  # streaming top-k, quantiles, sums
+    "neuroscribe/record/stats.py": {"tests": FAST + ["tests/test_core_stats.py"]},  # streaming top-k, cascade sums
+    "neuroscribe/record/quantile.py": {"tests": FAST + ["tests/test_core_stats.py"]},  # streaming quantiles
     "neuroscribe/ablate/evaluate.py": {  # accuracy, per-group / worst-group accuracy, bootstrap CIs
         "tests": FAST, "functions": ["correct", "_ci", "accuracy_report", "paired_bootstrap_diff"]},
     "neuroscribe/report/robustness.py": {  # the report's numbers: means over draws, deltas, gaps, worst groups

@@ -6,14 +6,7 @@ Both keep O(units x budget) memory whatever the number of images, and both merge
 Top-k order is (score descending, image id ascending): ties go to the lower image id, independent of batch
 boundaries and of how images are split between ranks.
 
-Quantiles use numpy's default ("linear") definition over all spatial positions of all images. The q-quantile of
-n values only depends on the ``m = n - floor(q (n-1))`` largest of them, so the estimator keeps, per unit, the m
-largest values seen -- exact. When ``units x m`` values would exceed the memory budget, it instead keeps each
-(image, position) with probability ``rate`` (decided by a hash of image id and position, so the sample does not
-depend on batching or sharding) and returns the exact quantile of that sample. For a sample of s values the
-Dvoretzky-Kiefer-Wolfowitz inequality (which also holds for sampling without replacement) bounds the rank error:
-with probability >= 1 - delta, the returned value lies between the true (q - eps)- and (q + eps)-quantiles, with
-``eps = sqrt(ln(2/delta) / (2 s))``; :meth:`QuantileSketch.rank_error` reports it for delta = 0.01.
+The quantile sketch lives in :mod:`.quantile` (re-exported here).
 
 Both fold a batch in unit chunks (``chunk`` units at a time), so the scratch memory of an update is bounded by the
 chunk, not by the layer's width; the state may live on another device than the activations (host memory for a
@@ -26,6 +19,8 @@ from __future__ import annotations
 import math
 
 import torch
+
+from .quantile import QuantileSketch, _chunks, _keep_mask, _prime_at_least  # noqa: F401 (re-exported)
 
 
 _ID_SPAN = 2 ** 32 - 1  # image ids must stay below this: the id is the low 32 bits of the order key
@@ -57,12 +52,6 @@ def merge_topk(scores: torch.Tensor, ids: torch.Tensor, k: int, *extra: torch.Te
 
 
 _NO_ID = torch.iinfo(torch.int64).max  # id of an empty slot: loses every tie
-
-
-def _chunks(units: int, chunk: int | None):
-    chunk = units if not chunk or chunk <= 0 else chunk
-    for u0 in range(0, units, chunk):
-        yield u0, min(units, u0 + chunk)
 
 
 def _maps_of(a: torch.Tensor, image: torch.Tensor, unit: torch.Tensor) -> torch.Tensor:
@@ -195,214 +184,6 @@ class TopK:
         dev = self.scores.device
         self.scores, self.ids = st["scores"].to(dev).contiguous(), st["ids"].to(dev).contiguous()
         self.maps = st["maps"].to(dev).contiguous()  # rank order: slot r holds rank r
-
-
-def _prime_at_least(n: int) -> int:
-    n = max(n, 2)
-    while any(n % d == 0 for d in range(2, math.isqrt(n) + 1)):
-        n += 1
-    return n
-
-
-def _keep_mask(ids: torch.Tensor, positions: int, rate: float) -> torch.Tensor:
-    """Deterministic Bernoulli(rate) per (image id, position), from an integer hash; ``[B, positions]``."""
-    p = torch.arange(positions, dtype=torch.int64, device=ids.device)
-    x = ids.to(torch.int64)[:, None] * 1_000_003 + p[None, :] + 0x9E3779B9
-    x = (x ^ (x >> 16)) * 0x45D9F3B % (1 << 32)
-    x = (x ^ (x >> 16)) * 0x45D9F3B % (1 << 32)
-    x = x ^ (x >> 16)
-    return (x % (1 << 32)).to(torch.float64) < rate * (1 << 32)
-
-
-class QuantileSketch:
-    """Per-unit q-quantile over every spatial activation: exact top-m buffer, or a hashed sample past a budget.
-
-    ``top [U, w]`` (``w = min(m, values seen)``, read sorted descending) lives on ``device``. Between reads the
-    buffer is kept unsorted: a batch's values above each unit's smallest kept value are picked out (a sparse
-    pass over the activations, no copy of them), and the buffer plus those candidates are cut back to ``w`` by a
-    partial selection; the sort happens once, when :attr:`top` is read.
-    """
-
-    def __init__(self, units: int, q: float, n_expected: int, positions: int, budget_bytes: float,
-                 device="cpu"):
-        self.q = q
-        self.positions = positions
-        self.rate = 1.0
-        m = self.needed(n_expected * positions)
-        if units * m * 4 > budget_bytes:
-            self.rate = max(budget_bytes / (units * m * 4) * 0.9, 1e-9)
-            m = self.needed(math.ceil(n_expected * positions * self.rate * 1.05) + 64)
-        self.m = m
-        self.count = 0  # values seen (after sampling)
-        self.top = torch.full((units, 0), -math.inf, device=device)
-
-    def needed(self, n: int) -> int:
-        return max(1, n - math.floor(self.q * (n - 1)))
-
-    @property
-    def top(self) -> torch.Tensor:
-        """The kept values, ``[U, w]``, sorted descending."""
-        return self._sorted_top()
-
-    @top.setter
-    def top(self, value: torch.Tensor) -> None:
-        self._top, self._is_sorted = value, False
-
-    def _sorted_top(self) -> torch.Tensor:
-        if not self._is_sorted:
-            self._top = torch.sort(self._top, dim=1, descending=True).values
-            self._is_sorted = True
-        return self._top
-
-    @property
-    def width(self) -> int:
-        return self._top.shape[1]
-
-    def grow(self, width: int) -> None:
-        """Pad every unit to ``width`` slots of -inf (values that never change a top-m multiset)."""
-        pad = width - self.width
-        if pad > 0:
-            self._top = torch.cat([self._top, torch.full((self._top.shape[0], pad), -math.inf,
-                                                         device=self._top.device)], 1)
-
-    def update(self, acts: torch.Tensor, ids: torch.Tensor, chunk: int | None = None) -> None:
-        b, u = acts.shape[:2]
-        if b == 0:
-            return
-        keep = None
-        if self.rate < 1.0:
-            keep = _keep_mask(ids.to(acts.device), acts.shape[2] * acts.shape[3], self.rate)  # [B, P]
-            n_new = int(keep.sum())
-        else:
-            n_new = b * acts.shape[2] * acts.shape[3]
-        self.count += n_new
-        if n_new == 0:
-            return
-        self.grow(min(self.m, self.width + n_new))
-        for u0, u1 in _chunks(u, chunk):
-            a = acts[:, u0:u1].flatten(2)  # [B, c, P] (view)
-            if keep is None and self._sparse(u0, a):
-                continue
-            v = a.transpose(0, 1)  # [c, B, P] (view)
-            v = (v[:, keep] if keep is not None else v.reshape(u1 - u0, -1)).float()
-            self._merge_chunk(u0, v)
-
-    def _sparse(self, u0: int, a: torch.Tensor) -> bool:
-        """Merge ``a [B, c, P]`` by picking out only the values above a floor per unit, without copying ``a``.
-
-        The floor is the unit's smallest kept value; while the buffers are still empty it is a pilot floor read
-        off a strided subsample of the batch (:meth:`_pilot_floor`), and is used only if at least ``w`` values lie
-        at or above it for every unit (then the batch's ``w`` largest all do). Returns False, doing nothing, when no
-        floor applies (a buffer partly filled, a NaN, fewer than ``w`` values at or above the pilot): the dense
-        merge follows.
-        A NaN activation is a candidate (``~(x <= floor)``), as it is for the dense merge.
-        """
-        b, c, p = a.shape
-        top = self._top[u0:u0 + c]
-        floor = top.amin(1).to(a.device)
-        pilot = not bool((floor > -math.inf).all())
-        if pilot:
-            floor = self._pilot_floor(a, top)
-            if floor is None:
-                return False
-        a = a.reshape(b, c * p)  # a view unless the chunk is a slice of the units or a channels-last layer
-        # above the floor (a kept value: ties change nothing); at or above a pilot floor (it need not be kept)
-        pick = (torch.lt if pilot else torch.le)(a, floor.repeat_interleave(p)).logical_not_()
-        flat = pick.view(-1).nonzero().squeeze(1)  # in (image, unit, position) order
-        n = flat.shape[0]
-        if n == 0:
-            return not pilot
-        vals = torch.take(a, flat).float()
-        row = torch.div(flat, p, rounding_mode="floor")  # image * c + unit: non-decreasing
-        per_row = torch.bincount(row, minlength=b * c)
-        grid = per_row.view(b, c)
-        # slot of each value in its unit's row: values of earlier images of that unit + its place in its own row
-        before = (torch.cumsum(grid, 0) - grid).view(-1) - (torch.cumsum(per_row, 0) - per_row)
-        col = torch.arange(n, device=a.device) + torch.index_select(before, 0, row)
-        count = grid.sum(0)
-        if pilot and int(count.min()) < self.width:
-            return False
-        cand = torch.full((c, int(count.max())), -math.inf, device=a.device)
-        cand.view(-1).index_put_((torch.remainder(row, c) * cand.shape[1] + col,), vals)
-        self._merge_chunk(u0, cand)
-        return True
-
-    def _pilot_floor(self, a: torch.Tensor, top: torch.Tensor) -> torch.Tensor | None:
-        """A floor per unit with about ``1.25 w`` of the batch's values above it, for buffers that are all empty.
-
-        Read off every s-th position of each image (``s`` the first prime >= ``w // 64``: a prime stride does not
-        alias with the map's rows, so the subsample visits every column) as the value with ``1.25 e + 3 sqrt(e) + 1`` subsample
-        values above it, ``e`` being how many of the batch's ``w`` largest the subsample should hold. None when it
-        would not pay (``w < 256``, ``w`` above a quarter of the batch, a buffer not empty) or the subsample holds
-        a NaN.
-        """
-        b, c, p = a.shape
-        w = self.width
-        if w < 256 or 4 * w > b * p or bool((top.amax(1) > -math.inf).any()):
-            return None
-        sub = a[:, :, ::min(p, _prime_at_least(w // 64))].transpose(0, 1).reshape(c, -1).float()
-        e = w * sub.shape[1] / (b * p)
-        r = int(1.25 * e + 3 * math.sqrt(e)) + 1
-        if r >= sub.shape[1]:
-            return None
-        floor = torch.kthvalue(sub, sub.shape[1] - r + 1, dim=1).values  # the r-th largest
-        return None if bool(floor.isnan().any()) else floor
-
-    def _merge_chunk(self, u0: int, v: torch.Tensor) -> None:
-        """Merge values ``v [c, n]`` into units ``u0:u0+c`` at the current width (no growth)."""
-        c = v.shape[0]
-        w = self.width
-        if v.shape[1] == 0 or c == 0 or w == 0:
-            return
-        top = self._top[u0:u0 + c]
-        floor = top.amin(1, keepdim=True).to(v.device)  # only values above the current w-th largest can enter
-        n_above = int((v > floor).sum(1, dtype=torch.int32).max())
-        if n_above == 0:
-            return
-        if n_above < v.shape[1]:
-            v = torch.topk(v, n_above, dim=1, sorted=False).values
-        self._top[u0:u0 + c] = torch.topk(torch.cat([top, v.to(top.device)], 1), w, dim=1, sorted=False).values
-        self._is_sorted = False
-
-    def add(self, top: torch.Tensor, start: int = 0, chunk: int | None = None, grow: bool | None = None) -> None:
-        """Merge another sketch's ``top [c, n]`` for units ``start:start+c`` (counts are the caller's business).
-
-        With ``grow`` (default: when ``top`` covers every unit) the width first grows to ``min(m, width + n)``.
-        """
-        c = top.shape[0]
-        if grow if grow is not None else (c == self._top.shape[0] and start == 0):
-            self.grow(min(self.m, self.width + top.shape[1]))
-        for u0, u1 in _chunks(c, chunk):
-            self._merge_chunk(start + u0, top[u0:u1])
-
-    def merge(self, other: "QuantileSketch", chunk: int | None = None) -> None:
-        self.count += other.count
-        self.add(other.top, chunk=chunk)
-
-    def value(self) -> torch.Tensor:
-        """The q-quantile per unit (numpy 'linear' definition over the values seen)."""
-        n = self.count
-        if n == 0:
-            return torch.full((self._top.shape[0],), math.nan)
-        pos = self.q * (n - 1)
-        lo, hi = math.floor(pos), math.ceil(pos)
-        # ascending index j is descending index n-1-j; clamp only matters if more values came than planned
-        last = self.top.shape[1] - 1
-        v_lo = self.top[:, min(n - 1 - lo, last)]
-        v_hi = self.top[:, min(n - 1 - hi, last)]
-        return (v_lo + (v_hi - v_lo) * (pos - lo)).cpu()
-
-    def rank_error(self, delta: float = 0.01) -> float:
-        """0 when exact; else the DKW bound on |rank error| (as a fraction) holding with prob. 1-delta."""
-        if self.rate >= 1.0:
-            return 0.0
-        return math.sqrt(math.log(2 / delta) / (2 * max(self.count, 1)))
-
-    def state(self) -> dict[str, torch.Tensor]:
-        return {"top": self.top, "count": torch.tensor([self.count], dtype=torch.long)}
-
-    def load(self, st: dict[str, torch.Tensor]) -> None:
-        self.top, self.count = st["top"].to(self._top.device), int(st["count"][0])
 
 
 class CascadeSum:

@@ -85,6 +85,11 @@ def test_report_files_numbers_and_escaping(tmp_path):
     assert cells["base"]["val"]["gap_to_id"] is None
     assert cells["base"]["text-wrong"]["worst_group"]["name"] == "short"
     assert cells["base"]["text-wrong"]["worst_group"]["acc"] == 0.2234 and "22.3 [17.3, 27.3]" in md
+    # every group's accuracy, per test set with groups: rows = variants, one column per group
+    per_group = md.split("Per-group accuracy on text-wrong")[1].split("\n\n")[1]
+    row = r"\|\s*base model\s*\|\s*40\.2% \[35\.2, 45\.2\]\s*\|\s*22\.3% \[17\.3, 27\.3\]\s*\|"
+    assert re.search(row, per_group), per_group
+    assert "Per-group accuracy on val" not in md  # val has no groups
     rnd = cells["random"]["text-wrong"]
     assert rnd["interval"] == "range" and rnd["acc"] == pytest.approx(0.432) and rnd["draws"] == 5
     assert len(data["variants"]["random"]["draws"]) == 5 and data["ablation"]["chosen_n"] == 8

@@ -157,8 +157,9 @@ class QuantileSketch:
         """A floor per unit with about ``1.25 w`` of the batch's values above it, for buffers that are all empty.
 
         Read off every s-th position of each image (``s`` the first prime >= ``w // 64``: a prime stride does not
-        alias with the map's rows, so the subsample visits every column) as the value with ``1.25 e + 3 sqrt(e) + 1`` subsample
-        values above it, ``e`` being how many of the batch's ``w`` largest the subsample should hold. None when it
+        alias with the map's rows, so the subsample visits every column) as the value with
+        ``1.25 e + 3 sqrt(e) + 1`` subsample values above it, ``e`` being how many of the batch's ``w`` largest the
+        subsample should hold. None when it
         would not pay (``w < 256``, ``w`` above a quarter of the batch, a buffer not empty) or the subsample holds
         a NaN.
         """

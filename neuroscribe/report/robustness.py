@@ -69,8 +69,8 @@ from .schema import ReportError, RobustnessResults, _validate
 __all__ = ["ReportError", "RobustnessResults", "write_report", "VARIANT_ORDER"]
 
 TEMPLATES = Path(__file__).with_name("templates")
-VARIANT_ORDER = ("base", "ablated", "ablated_evidence", "ablated_both", "ablated_group", "refit_only", "refit", "random",
-                 "sort_all")
+VARIANT_ORDER = ("base", "ablated", "ablated_evidence", "ablated_both", "ablated_group", "refit_only", "refit",
+                 "random", "sort_all")
 _LABELS = {"base": "base model", "ablated": "ablated (flagged by descriptions)", "ablated_evidence":
            "ablated (flagged by evidence)", "ablated_both": "ablated (descriptions and evidence)",
            "ablated_group": "ablated (flagged by group evidence)", "refit_only": "last layer re-fit alone (control)",
@@ -179,6 +179,27 @@ def _headline_md(h) -> str:
             f"base model{ci}{rnd}{verdict}\n")
 
 
+def _group_tables(r: RobustnessResults, order, label: dict, cols) -> list[str]:
+    """Average-group accuracy (GroupDRO / DFR's mean over groups) and, per test set with groups, every group."""
+    res = {v: r.variants[v].results or {} for v in order}
+    out = []
+    if any(a.avg_group is not None for v in order for a in res[v].values()):
+        def avg(a) -> str:
+            return "—" if a is None or a.avg_group is None else _cell(a.avg_group.model_dump())
+        out.append(_table("Average-group accuracy (%, 95% CI)", ["variant", *map(_md, cols)],
+                          [[label[v], *(avg(res[v].get(c)) for c in cols)] for v in order]))
+    for c in cols:
+        groups = sorted({g for v in order for g in ((res[v].get(c) and res[v][c].groups) or {})})
+        if len(groups) < 2:
+            continue
+        rows = []
+        for v in order:
+            gs = (res[v].get(c) and res[v][c].groups) or {}
+            rows.append([label[v], *(_cell(gs[g].model_dump()) if g in gs else "—" for g in groups)])
+        out.append(_table(f"Per-group accuracy on {_md(c)} (%, 95% CI)", ["variant", *map(_md, groups)], rows))
+    return out
+
+
 def _markdown(r: RobustnessResults, d: dict, grids: dict[int, str | None]) -> str:
     """The Markdown report: header, test sets, the accuracy table, worst groups, gaps, random draws, units."""
     cols, cells, order = d["columns"], d["cells"], d["variant_order"]
@@ -202,6 +223,7 @@ def _markdown(r: RobustnessResults, d: dict, grids: dict[int, str | None]) -> st
             return "—" if not w else f"{_pct(w['acc'])}{_interval(w)} ({_md(w['name'])})"
         out.append(_table("Worst-group accuracy (%)", ["variant", *map(_md, cols)],
                           [[label[v], *(wg(cells[v][c]) for c in cols)] for v in order]))
+    out += _group_tables(r, order, label, cols)
     if d["in_distribution"]:
         def gap(c: dict | None) -> str:
             return "—" if not c or c["gap_to_id"] is None else f"{100 * c['gap_to_id']:+.1f}"

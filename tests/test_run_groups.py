@@ -39,6 +39,14 @@ def test_run_on_a_group_format_job_reports_worst_group_accuracy(fmt, tmp_path):
     assert "group" in flags["sets"] and "description" in flags["sets"]
     abl = json.loads((out / "ablation.json").read_text())
     assert {"description", "group"} <= set(abl["variants"]) and len(abl["controls"]["random"]) == 5
+    # the flag sets scored against group evidence measured on the TEST split (the ground truth, never a choice)
+    fq = json.loads((out / "evaluation.json").read_text())["flag_quality"]
+    assert fq["test_set"] == "in-distribution" and fq["units"] == 512 and fq["truth"] <= 512 * 0.05 + 1
+    assert {"description", "group"} <= set(fq["sets"])
+    assert fq["truth"] >= 1 and fq["n_images"] >= 4
+    for name, q in fq["sets"].items():
+        assert q["flagged"] == len(flags["sets"][name]) and q["share"] == q["flagged"] / 512
+        assert q["precision"] is None or 0 <= q["precision"] <= 1
     rep = json.loads((out / "report.json").read_text())
     assert (out / "probe" / ("wb-train" if fmt == "waterbirds" else "celeba-train") / "manifest.csv").is_file()
     test = rep["variants"]["base"]["results"]["in-distribution"]

@@ -69,6 +69,7 @@ def evaluate(cfg: JobConfig) -> dict:
                                                device=dev, seed=cfg.seed), [])
         variants["refit_only"] = []
     sets = test_sets(cfg, lm.preprocess, lm.class_names)
+    quality = flag_quality(cfg, lm, dev, rec.layers, sets) if cfg.flag.group_cue else None
     if cfg.evaluate.limit:  # a seeded random subset (the same images for every variant): folders are class-sorted
         sets = {k: (torch.utils.data.Subset(ds, sorted(np.random.default_rng(cfg.seed).permutation(len(ds))
                                                        [:min(cfg.evaluate.limit, len(ds))].tolist())), nm, d)
@@ -91,6 +92,8 @@ def evaluate(cfg: JobConfig) -> dict:
                 d = paired_bootstrap_diff(hits[vname], hits["base"], cfg.evaluate.bootstrap, cfg.seed)
                 out["vs_base"].setdefault(vname, {})[sname] = {"diff": d["diff"], "lo": d["ci_low"],
                                                                "hi": d["ci_high"], "n": d["n"]}
+    if quality:
+        out["flag_quality"] = quality
     out["variants"] = {k: [list(u) for u in v] for k, v in variants.items()}
     out["random_draws"] = [[list(u) for u in d] for d in draws]
     io.write_json(job / "evaluation.json", out)
@@ -120,3 +123,33 @@ def export_edited(cfg: JobConfig, path: str | Path, variant: str = "description"
             "class_names": lm.class_names,
             "preprocess": lm.preprocess.to_dict()}
     return save_edited(edited, path, meta)
+
+
+def flag_quality(cfg: JobConfig, lm, dev, layers, sets: dict) -> dict | None:
+    """How well each flag set of ``flags.json`` finds the units tied to the cue, against a ground truth measured on
+    a TEST set with group labels (the first whose groups hold ``flag.group_cue``): the top 5% of each layer's units
+    by class-stratified group AUC there, with the interval above 0.5 (:mod:`.groups`; ``flag.group_images`` test
+    images, stratified by class x group, seeded). Per set: flagged, share of all units, precision, recall. None when
+    no test set has the cue group."""
+    from ..datasets.readers import group_value
+    from .groups import group_flags
+    from .stage import unit_group_auc
+    flags = json.loads((Path(cfg.out) / "flags.json").read_text())
+    for name, (ds, _, _) in sets.items():
+        samples = getattr(ds, "samples", None) or []
+        if not any(group_value(getattr(s, "group", None) or "") == cfg.flag.group_cue for s in samples):
+            continue
+        ge = unit_group_auc(cfg, lm, dev, layers, ds, name, cfg.flag.group_images)
+        stats = {(u["layer"], u["unit"]): (u["auc"], u["lo"], u["hi"]) for u in ge["units"]}
+        truth = set(group_flags(stats, 0.05))
+        out = {"test_set": name, "n_images": ge["n_images"], "units": len(stats), "truth": len(truth),
+               "rule": "ground truth: the top 5% of each layer's units by class-stratified group AUC on this test "
+                       "set, interval above 0.5", "sets": {}}
+        for set_name, units in flags["sets"].items():
+            got = {tuple(u) for u in units}
+            hit = len(got & truth)
+            out["sets"][set_name] = {"flagged": len(got), "share": len(got) / max(len(stats), 1),
+                                     "precision": hit / len(got) if got else None,
+                                     "recall": hit / len(truth) if truth else None}
+        return out
+    return None

@@ -75,11 +75,6 @@ def group_evidence(cfg: JobConfig) -> dict:
     ``flag.group_images`` images of ``flag.group_shift`` (stratified by class x group, seeded; never the trained job's
     validation holdout), with 95% bootstrap intervals (``evaluate.bootstrap``) and the units it flags
     (:mod:`neuroscribe.ablate.groups`)."""
-    import numpy as np
-    import torch
-    from .groups import group_activations, group_flags, stratified_auc
-    from ..datasets.readers import group_value
-    from ..datasets.splits import stratified_sample
     from ..hooks import declare_layouts
     from ..record.exemplars import Recording
     lm, dev = job_model(cfg)
@@ -87,15 +82,25 @@ def group_evidence(cfg: JobConfig) -> dict:
     declare_layouts(lm.module, rec.layouts)
     shift = next(s for s in cfg.shifts if s.name == cfg.flag.group_shift)
     ds, _, _ = shift_set(shift, lm.preprocess, cfg.seed, lm.class_names, held_out(cfg.out))
+    return unit_group_auc(cfg, lm, dev, rec.layers, ds, shift.name, cfg.flag.group_images)
+
+
+def unit_group_auc(cfg: JobConfig, lm, dev, layers, ds, name: str, images: int) -> dict:
+    """:func:`group_evidence` on any labelled dataset with groups ``ds`` (``images`` of it, stratified by class x
+    group, seeded): also the ground truth that :func:`~neuroscribe.ablate.measure.evaluate` scores flags against."""
+    import numpy as np
+    import torch
+    from .groups import group_activations, group_flags, stratified_auc
+    from ..datasets.readers import group_value
+    from ..datasets.splits import stratified_sample
     groups = [ds.group(i) for i in range(len(ds))] if hasattr(ds, "pair") else [s.group or "" for s in ds.samples]
     labels = [int(s.label if hasattr(s, "label") else s[1]) for s in ds.samples]
     cells = {c: k for k, c in enumerate(sorted(set(zip(labels, groups))))}
-    ids = stratified_sample([cells[c] for c in zip(labels, groups)], cfg.flag.group_images, cfg.seed,
-                            purpose="group evidence")
-    acts, y, g = group_activations(lm.module, rec.layers, loader(cfg, torch.utils.data.Subset(ds, ids)), device=dev)
+    ids = stratified_sample([cells[c] for c in zip(labels, groups)], images, cfg.seed, purpose="group evidence")
+    acts, y, g = group_activations(lm.module, layers, loader(cfg, torch.utils.data.Subset(ds, ids)), device=dev)
     cue = np.array([group_value(x) == cfg.flag.group_cue for x in g])
     if not cue.any():
-        raise ValueError(f"flag.group_cue {cfg.flag.group_cue!r} names no image of shift {shift.name!r}: its groups "
+        raise ValueError(f"flag.group_cue {cfg.flag.group_cue!r} names no image of shift {name!r}: its groups "
                          f"(CLASS/VALUE) are {sorted(set(groups))[:12]}")
     units, stats = [], {}
     for layer, a in acts.items():
@@ -107,7 +112,7 @@ def group_evidence(cfg: JobConfig) -> dict:
     for (layer, u), (auc, lo, hi) in stats.items():
         units.append({"layer": layer, "unit": u, "auc": auc, "lo": lo, "hi": hi, "flagged": (layer, u) in flagged,
                       "reason": flagged.get((layer, u))})
-    return {"shift": shift.name, "cue_group": cfg.flag.group_cue, "n_images": int(len(y)),
+    return {"shift": name, "cue_group": cfg.flag.group_cue, "n_images": int(len(y)),
             "per_class": {str(k): v for k, v in r["per_class"].items()}, "bootstrap": cfg.evaluate.bootstrap,
             "units": units}
 

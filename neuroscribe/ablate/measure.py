@@ -42,7 +42,8 @@ def evaluate(cfg: JobConfig) -> dict:
     job = Path(cfg.out)
     abl = json.loads((job / "ablation.json").read_text())
     key = io.artifact_key(abl["key"], cfg.evaluate.model_dump(mode="json"), cfg.data.model_dump(mode="json"),
-               [s.model_dump(mode="json") for s in cfg.shifts], cfg.seed, cfg.ablate.refit, cfg.probe)
+               [s.model_dump(mode="json") for s in cfg.shifts], cfg.seed, cfg.ablate.refit, cfg.probe,
+               *([cfg.ablate.dfr] if cfg.ablate.dfr else []))
     done = io.current(job / "evaluation.json", key)
     if done:
         return done
@@ -68,6 +69,15 @@ def evaluate(cfg: JobConfig) -> dict:
         runs["refit_only"] = (refit_last_layer(lm.module, [], loader(cfg, train_ds), cfg.ablate.method, means,
                                                device=dev, seed=cfg.seed), [])
         variants["refit_only"] = []
+    dfr_info = {}
+    if cfg.ablate.dfr:  # DFR alone and after the ablation: the last layer re-fitted on a group-balanced held-out slice
+        from .refit import dfr_last_layer
+        shift = next(s for s in cfg.shifts if s.name == cfg.ablate.dfr)
+        dfr_ds, _, _ = shift_set(shift, lm.preprocess, cfg.seed, lm.class_names, held_out(cfg.out))
+        for vname, units in [("dfr", [])] + ([("ablated_dfr", variants["ablated"])] if variants.get("ablated") else []):
+            model, dfr_info[vname] = dfr_last_layer(lm.module, units, dfr_ds, lambda d: loader(cfg, d),
+                                                    cfg.ablate.method, means, device=dev, seed=cfg.seed)
+            runs[vname], variants[vname] = (model, units), units
     sets = test_sets(cfg, lm.preprocess, lm.class_names)
     quality = flag_quality(cfg, lm, dev, rec.layers, sets) if cfg.flag.group_cue else None
     if cfg.evaluate.limit:  # a seeded random subset (the same images for every variant): folders are class-sorted
@@ -94,6 +104,8 @@ def evaluate(cfg: JobConfig) -> dict:
                                                                "hi": d["ci_high"], "n": d["n"]}
     if quality:
         out["flag_quality"] = quality
+    if dfr_info:
+        out["dfr"] = dict(dfr_info, shift=cfg.ablate.dfr)
     out["variants"] = {k: [list(u) for u in v] for k, v in variants.items()}
     out["random_draws"] = [[list(u) for u in d] for d in draws]
     io.write_json(job / "evaluation.json", out)

@@ -90,26 +90,33 @@ def shift_set(shift: ShiftSetConfig, pre, seed: int, classes: list[str] | None =
 
 def check_disjoint(cfg: JobConfig) -> None:
     """Refuse a job whose choosing sets (``probe``, the ``ablate.validation`` shift, ``flag.evidence_shift``,
-    ``flag.group_shift``) share an image with a test set (``data`` and every other shift), compared by resolved
-    source path: anything chosen there would have seen test images. Raises ``ValueError`` naming both sets."""
+    ``flag.group_shift``, ``ablate.dfr``) share an image with a test set (``data`` and every other shift), or the
+    DFR shift with the probe or validation shift, compared by resolved source path: anything chosen or fitted there
+    would have seen those images. Raises ``ValueError`` naming both sets."""
     from .probe import open_probe_set
 
     def paths(d) -> set[Path]:
         ps = open_probe_set(d.root, d.format, d.split, d.limit, cfg.seed, None, target=d.target, spurious=d.spurious)
         return {Path(s.path).resolve() for s in ps.samples}
 
-    choosing = {cfg.probe, cfg.ablate.validation, cfg.flag.evidence_shift, cfg.flag.group_shift}
+    choosing = {cfg.probe, cfg.ablate.validation, cfg.flag.evidence_shift, cfg.flag.group_shift, cfg.ablate.dfr}
     chosen = {s.name: paths(s.data) for s in cfg.shifts if s.name in choosing}
     if not chosen:
         return
     tests = [("data", cfg.data)] + [(f"shifts[{s.name}]", s.data) for s in cfg.shifts if s.name not in choosing]
+    for other in (cfg.probe, cfg.ablate.validation) if cfg.ablate.dfr else ():  # DFR fits on its own images
+        shared = chosen[cfg.ablate.dfr] & chosen.get(other, set())
+        if shared:
+            raise ValueError(f"ablate.dfr shift {cfg.ablate.dfr!r} shares {len(shared)} images with shift {other!r}: "
+                             "DFR re-fits the last layer on its images, so they must be disjoint from the probe and "
+                             "the validation set (e.g. another split, or data.limit samples of other folders)")
     for where, d in tests:
         mine = paths(d)
         for name, theirs in chosen.items():
             if mine & theirs:
-                raise ValueError(f"{where} (a test set) shares {len(mine & theirs)} images with shift {name!r}, which "
-                                 "chooses units or N (probe, validation or evidence): give them disjoint data, e.g. the "
-                                 "data's own train/val/test splits (data.split)")
+                raise ValueError(f"{where} (a test set) shares {len(mine & theirs)} images with shift {name!r}, "
+                                 "which chooses units or N or fits a layer (probe, validation, evidence, DFR): give "
+                                 "them disjoint data, e.g. the data's own train/val/test splits (data.split)")
 
 
 def loader(cfg: JobConfig, ds):
@@ -118,11 +125,12 @@ def loader(cfg: JobConfig, ds):
 
 
 def test_sets(cfg: JobConfig, pre, classes: list[str] | None = None) -> dict[str, tuple]:
-    """In-distribution (the job's clean probe images) plus every ``shifts`` entry except the validation one."""
+    """In-distribution (the job's clean probe images) plus every ``shifts`` entry except the probe, the validation
+    and the DFR one."""
     sets = {"in-distribution": shift_set(ShiftSetConfig(name="in-distribution", data=cfg.data), pre, cfg.seed,
                                          classes)}
     for s in cfg.shifts:
-        if s.name not in (cfg.ablate.validation, cfg.probe):
+        if s.name not in (cfg.ablate.validation, cfg.probe, cfg.ablate.dfr):
             sets[s.name] = shift_set(s, pre, cfg.seed, classes)
     return sets
 

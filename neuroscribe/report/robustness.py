@@ -19,8 +19,8 @@ computed (e.g. a bootstrap), null when none was (``evaluate.bootstrap: 0``). Sch
       "ablation": {"method": str ("zero" | "mean"), "flagged_by": str (e.g. "description keywords"),
                    "chosen_n": int, "selection": str (how N was chosen, e.g. "best validation accuracy")},
       "variants": {VARIANT: {                    # "base" required; known order: base, ablated, ablated_evidence,
-                       "label"?: str,            #   ablated_both, ablated_group, refit_only, refit, random,
-                                                 #   sort_all; others follow
+                       "label"?: str,            #   ablated_both, ablated_group, refit_only, refit, dfr,
+                                                 #   ablated_dfr, random, sort_all; others follow
                        "description"?: str, "n_units": int, "units"?: ["layer:unit", ...],
                        "results"?: {SET: ACC},   # SET = a test set name or validation.name; required unless draws
                        "draws"?: [{"seed"?: int, "units"?: [...], "results": {SET: ACC}}]}},  # random: >= 5 draws
@@ -70,11 +70,12 @@ __all__ = ["ReportError", "RobustnessResults", "write_report", "VARIANT_ORDER"]
 
 TEMPLATES = Path(__file__).with_name("templates")
 VARIANT_ORDER = ("base", "ablated", "ablated_evidence", "ablated_both", "ablated_group", "refit_only", "refit",
-                 "random", "sort_all")
+                 "dfr", "ablated_dfr", "random", "sort_all")
 _LABELS = {"base": "base model", "ablated": "ablated (flagged by descriptions)", "ablated_evidence":
            "ablated (flagged by evidence)", "ablated_both": "ablated (descriptions and evidence)",
            "ablated_group": "ablated (flagged by group evidence)", "refit_only": "last layer re-fit alone (control)",
-           "refit": "ablated + last layer re-fit", "random": "random units (control)",
+           "refit": "ablated + last layer re-fit", "dfr": "DFR alone (last layer re-fit, group-balanced)",
+           "ablated_dfr": "ablated + DFR", "random": "random units (control)",
            "sort_all": "top units by validation gain (control)"}
 _CSS = ("body{font:14px/1.45 system-ui,sans-serif;margin:2rem auto;max-width:1200px;padding:0 1rem;color:#222}"
         "table{border-collapse:collapse;margin:.5rem 0 1.5rem}th,td{border:1px solid #ccc;padding:.3rem .5rem;"

@@ -40,10 +40,11 @@ from neuroscribe.runtime import job_model
 
 ROOT = Path(__file__).resolve().parents[1]
 SETS = ("in-distribution", "wrong-text", "wrong-text-new-style")
-VARIANTS = ("base", "ablated", "ablated_evidence", "ablated_both", "refit", "random", "sort_all")
+VARIANTS = ("base", "ablated", "ablated_evidence", "ablated_both", "refit", "dfr", "ablated_dfr", "random", "sort_all")
 LABEL = {"base": "spurious model, no ablation", "ablated": "ablated: flagged by descriptions (headline)",
          "ablated_evidence": "ablated: flagged by evidence", "ablated_both": "ablated: descriptions + evidence",
-         "refit": "descriptions + last layer re-fit", "random": "control: random units (5 draws, mean)",
+         "refit": "descriptions + last layer re-fit", "dfr": "DFR alone (group-balanced last-layer re-fit)",
+         "ablated_dfr": "descriptions + DFR", "random": "control: random units (5 draws, mean)",
          "sort_all": "control: sort-all units", "reference": "reference: trained on clean images"}
 
 
@@ -60,6 +61,20 @@ def fmt(m: dict, scale: float = 100.0, sign: bool = False) -> str:
         return "-"
     s = f"{scale * m['mean']:+.1f}" if sign else f"{scale * m['mean']:.1f}"
     return s + (f" ± {scale * m['ci95_half']:.1f}" if m["ci95_half"] is not None else "")
+
+
+def gap_closed_share(per: dict, refs: list, variants) -> tuple[dict, dict]:
+    """``({variant: mean_ci of gain / gap}, {"reference_drop": mean_ci})`` on wrong-text: per seed, the variant's
+    gain over the spurious model divided by the gap from that model to the clean-trained reference (the mean over
+    reference seeds); the reference's drop from clean to wrong-text val is what the cue's box costs a model that
+    never used it. Both empty without a reference."""
+    if not refs:
+        return {}, {}
+    ref_wrong = float(np.mean([r["results"]["wrong-text"]["acc"] for r in refs]))
+    drop = mean_ci([r["results"]["in-distribution"]["acc"] - r["results"]["wrong-text"]["acc"] for r in refs])
+    base = {k: per[k]["accuracy"]["base"]["wrong-text"] for k in per}
+    return ({v: mean_ci([(per[k]["accuracy"][v]["wrong-text"] - base[k]) / max(ref_wrong - base[k], 1e-9)
+                         for k in per]) for v in variants}, {"reference_drop": drop})
 
 
 def seed_cfg(cfg, seed: int):
@@ -201,6 +216,13 @@ def markdown(res: dict) -> str:
           "| variant | clean val | wrong-text val | new text style |", "|---|---|---|---|"]
     for v, g in agg["gain"].items():
         L.append(f"| {LABEL[v]} | " + " | ".join(fmt(g[s], sign=True) for s in SETS) + " |")
+    if agg.get("gap_closed"):
+        drop = res["protocol"]["reference_drop"]
+        L += ["", "Share of the gap closed on wrong-text val, gain / (clean-trained reference - spurious model), per "
+              f"seed then mean ± 95% CI; the reference itself loses {fmt(drop)} points between clean and wrong-text "
+              "val (what the cue's box costs a model that never used it):", "", "| variant | gap closed (%) |",
+              "|---|---|"]
+        L += [f"| {LABEL[v]} | {fmt(m)} |" for v, m in agg["gap_closed"].items()]
     L += ["", "Per seed (wrong-text val %, base -> descriptions-ablated; N units chosen on validation):", ""]
     for s in seeds:
         a = per[s]["accuracy"]
@@ -275,6 +297,7 @@ def main(argv=None) -> int:
         acc["reference"] = {s: mean_ci([r["results"][s]["acc"] for r in refs]) for s in SETS}
     gain = {v: {s: mean_ci([per[k]["accuracy"][v][s] - per[k]["accuracy"]["base"][s] for k in per]) for s in SETS}
             for v in VARIANTS if v != "base" and v in acc}
+    gap_closed, protocol = gap_closed_share(per, refs, [v for v in VARIANTS if v != "base" and v in acc])
     flags = {}
     for name in per[cfg.train.seeds[0]]["flag_truth"]["sets"]:
         rows = [per[k]["flag_truth"]["sets"][name] for k in per]
@@ -296,7 +319,8 @@ def main(argv=None) -> int:
                       "n_test": test_n["test_sets"]["in-distribution"]["n"], "seeds": cfg.train.seeds,
                       "job": cfg.model_dump(mode="json")},
            "truth_share": a.truth_share, "truth_images": first["flag_truth"]["truth_images"],
-           "aggregate": {"accuracy": acc, "gain": gain, "flags": flags}, "reference": refs,
+           "aggregate": {"accuracy": acc, "gain": gain, "gap_closed": gap_closed, "flags": flags},
+           "protocol": protocol, "reference": refs,
            "per_seed": per}
     res["verdict"] = verdict(res)
     out = Path(a.results)

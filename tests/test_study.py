@@ -204,3 +204,19 @@ def test_markdown_survives_an_empty_flag_set(study):
     seed["curves"]["description"], seed["chosen_n"]["description"], seed["candidates"]["description"] = \
         [[0, None]], 0, 0
     assert "- seed 0, description: -" in ms.markdown(res)  # an empty flag set's curve: no crash, a dash
+
+
+def test_gap_closed_share_per_seed_against_the_reference(study):
+    ms = study[0]
+    acc = lambda base, abl: {"accuracy": {"base": {"wrong-text": base}, "ablated": {"wrong-text": abl}}}  # noqa: E731
+    per = {"0": acc(0.2, 0.5), "1": acc(0.3, 0.45)}
+    refs = [{"results": {"in-distribution": {"acc": 0.9}, "wrong-text": {"acc": 0.75}}},
+            {"results": {"in-distribution": {"acc": 0.8}, "wrong-text": {"acc": 0.85}}}]
+    closed, protocol = ms.gap_closed_share(per, refs, ["ablated"])
+    # reference wrong-text 0.8: seed 0 closes 0.3 of 0.6, seed 1 0.15 of 0.5
+    assert closed["ablated"]["mean"] == pytest.approx((0.5 + 0.3) / 2) and closed["ablated"]["n"] == 2
+    assert protocol["reference_drop"]["mean"] == pytest.approx((0.15 - 0.05) / 2)
+    assert ms.gap_closed_share(per, [], ["ablated"]) == ({}, {})
+    res = json.loads(json.dumps(study[2]))
+    res["aggregate"]["gap_closed"], res["protocol"] = closed, protocol
+    assert "| ablated: flagged by descriptions (headline) | 40.0 ± " in ms.markdown(res)

@@ -173,5 +173,15 @@ def test_headline_takes_the_worst_shifted_set_and_the_best_random_draw():
     assert h["random_draws"] == 5 and h["excludes_random_best"] is True
     ev["vs_base"]["ablated"]["shift-b"]["lo"] = 0.03
     assert _headline(ev, {"ablated": {"n_units": 7}})["excludes_random_best"] is False
+    # group data with no shifted set: the worst-group accuracy gain on the first set with groups, no paired CI
+    wg = lambda a, w: dict(acc(a), worst_group={"name": "g", "acc": w, "lo": w, "hi": w, "n": 10})  # noqa: E731
+    grp = {"test_sets": {"test": {"in_distribution": True}},
+           "results": {"base": {"test": wg(0.8, 0.2)}, "ablated": {"test": wg(0.8, 0.35)},
+                       **{f"random/{i}": {"test": wg(0.8, 0.2 + 0.01 * i)} for i in range(5)}}}
+    h = _headline(grp, {"ablated": {"n_units": 3}})
+    assert (h["set"], h["metric"]) == ("test", "worst-group accuracy") and h["gain"] == pytest.approx(15.0)
+    assert h["random_best"] == pytest.approx(4.0) and h["gain_lo"] is None and h["excludes_random_best"] is None
+    grp["results"]["base"]["test"].pop("worst_group")
+    assert _headline(grp, {"ablated": {"n_units": 3}}) is None  # neither a shifted set nor groups
     del ev["results"]["ablated"]
     assert _headline(ev, {}) is None

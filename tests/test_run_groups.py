@@ -63,6 +63,10 @@ def test_run_on_a_group_format_job_reports_worst_group_accuracy(fmt, tmp_path):
     if abl["variants"]["description"]["units"]:
         assert "refit" in rep["variants"]  # both: ablation, then the re-fit
     ev = json.loads((out / "evaluation.json").read_text())
+    h = rep["headline"]  # no shifted test set here: the worst-group accuracy gain of the description ablation
+    assert h["metric"] == "worst-group accuracy" and h["set"] == "in-distribution" and h["random_draws"] == 5
+    res = rep["variants"]["ablated"]["results"]["in-distribution"]["worst_group"]["acc"]
+    assert h["gain"] == pytest.approx(100 * (res - test["worst_group"]["acc"]))
     if fmt == "waterbirds":  # DFR alone and after the ablation, with its group-balanced fit and chosen C
         assert "dfr" in rep["variants"] and ev["dfr"]["shift"] == "wb-val"
         assert "worst_group" in rep["variants"]["dfr"]["results"]["in-distribution"]

@@ -26,7 +26,8 @@ computed (e.g. a bootstrap), null when none was (``evaluate.bootstrap: 0``). Sch
                        "draws"?: [{"seed"?: int, "units"?: [...], "results": {SET: ACC}}]}},  # random: >= 5 draws
       "curve"?: {"n_units": [int], "validation": [acc], "test_sets"?: {NAME: [acc]} (display only),
                  "chosen_n": int},
-      "headline"?: {"set": str, "variant": str, "n_units": int, "gain": float (points), "gain_lo"?/"gain_hi"?: float
+      "headline"?: {"set": str, "variant": str, "metric"?: str ("accuracy" | "worst-group accuracy"), "n_units": int,
+                    "gain": float (points), "gain_lo"?/"gain_hi"?: float
                     (paired 95% CI), "random_best"?/"random_mean"?: float (points, same N), "random_draws"?: int,
                     "excludes_random_best"?: bool (gain_lo above random_best), "rule"?: str},
       "units": [{"layer": str, "unit": int, "description": str, "flags": [{"reason": str, "score"?: float}],
@@ -176,8 +177,8 @@ def _headline_md(h) -> str:
            f"{_points(h.random_mean)}" if h.random_draws else "")
     verdict = ("" if h.excludes_random_best is None else "; the CI excludes the best random draw"
                if h.excludes_random_best else "; the CI does not exclude the best random draw")
-    return (f"- **Headline**: {_md(h.variant)} ({h.n_units} units) on {_md(h.set)}: {_points(h.gain)} points vs the "
-            f"base model{ci}{rnd}{verdict}\n")
+    return (f"- **Headline**: {_md(h.variant)} ({h.n_units} units) on {_md(h.set)}: {_points(h.gain)} points of "
+            f"{_md(h.metric)} vs the base model{ci}{rnd}{verdict}\n")
 
 
 def _group_tables(r: RobustnessResults, order, label: dict, cols) -> list[str]:

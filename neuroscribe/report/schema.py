@@ -161,6 +161,7 @@ class Headline(_M):
 
     set: str
     variant: str
+    metric: str = "accuracy"
     n_units: int = Field(ge=0)
     gain: float
     gain_lo: float | None = None

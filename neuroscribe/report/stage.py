@@ -60,22 +60,33 @@ def report(cfg: JobConfig) -> dict:
 
 def _headline(ev: dict, variants: dict) -> dict | None:
     """The description-flag ablation's gain on the shifted test set where the base model is worst (points, paired
-    95% CI), beside the best and mean random draw of the same N; None without that variant or a shifted set."""
+    95% CI), beside the best and mean random draw of the same N. Group data with no shifted set: the gain in
+    worst-group accuracy on the first test set with groups (no paired CI: the worst group can change). None
+    without that variant or either kind of set."""
     res, paired = ev["results"], ev.get("vs_base", {})
-    shifted = [s for s, t in ev["test_sets"].items() if not t.get("in_distribution")]
-    if "ablated" not in res or not shifted:
+    if "ablated" not in res:
         return None
-    target = min(shifted, key=lambda s: (res["base"][s]["acc"], s))
-    base = res["base"][target]["acc"]
-    gain = 100 * (res["ablated"][target]["acc"] - base)
-    pv = paired.get("ablated", {}).get(target, {})
+    shifted = [s for s, t in ev["test_sets"].items() if not t.get("in_distribution")]
+    grouped = [s for s in ev["test_sets"] if res["base"][s].get("worst_group")]
+    if shifted:
+        target = min(shifted, key=lambda s: (res["base"][s]["acc"], s))
+        score = lambda v: res[v][target]["acc"]  # noqa: E731
+        pv = paired.get("ablated", {}).get(target, {})
+        metric, rule = "accuracy", "the shifted test set where the base model is worst"
+    elif grouped:
+        target, pv = grouped[0], {}
+        score = lambda v: res[v][target]["worst_group"]["acc"]  # noqa: E731
+        metric, rule = "worst-group accuracy", "no shifted test set: worst-group accuracy on the first set with groups"
+    else:
+        return None
+    base = score("base")
+    gain = 100 * (score("ablated") - base)
     lo = None if pv.get("lo") is None else 100 * pv["lo"]
     hi = None if pv.get("hi") is None else 100 * pv["hi"]
-    draws = [100 * (res[k][target]["acc"] - base) for k in sorted(res) if k.startswith("random/")]
+    draws = [100 * (score(k) - base) for k in sorted(res) if k.startswith("random/")]
     best = max(draws) if draws else None
-    return {"set": target, "variant": "ablated", "n_units": variants["ablated"]["n_units"], "gain": gain,
-            "gain_lo": lo, "gain_hi": hi, "random_best": best,
+    return {"set": target, "variant": "ablated", "metric": metric, "n_units": variants["ablated"]["n_units"],
+            "gain": gain, "gain_lo": lo, "gain_hi": hi, "random_best": best,
             "random_mean": sum(draws) / len(draws) if draws else None, "random_draws": len(draws),
             "excludes_random_best": None if lo is None or best is None else lo > best,
-            "rule": "the shifted test set where the base model is worst; gain = accuracy points over the base "
-                    "model, CI = paired bootstrap on the same images"}
+            "rule": rule + "; gain = points over the base model, CI = paired bootstrap on the same images"}

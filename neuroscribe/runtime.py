@@ -70,11 +70,14 @@ def resolve_device(name: str):
 
 
 def job_model(cfg):
-    """The job's model (its layers' declared ``layouts`` on it, random weights seeded by the job) and device."""
+    """The job's model (its layers' declared ``layouts`` on it, random weights seeded by the job, the job's
+    ``preprocess`` overrides on its preprocessing) and device: every stage after record sees the images at the size
+    the units were recorded at, whatever the model's own default."""
     from .hooks import declare_layouts
     from .models import load_model
     dev = resolve_device(cfg.device)
     lm = load_model(cfg.model.spec, arch=cfg.model.arch, num_classes=cfg.model.num_classes,
                     allow_pickle=cfg.model.allow_pickle, device=dev, seed=cfg.seed)
+    lm.preprocess = lm.preprocess.with_overrides(**cfg.preprocess.model_dump())
     declare_layouts(lm.module, cfg.layouts)
     return lm, dev

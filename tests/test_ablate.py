@@ -236,3 +236,24 @@ def test_efficientnet_lite0_real_photo():
     torch.testing.assert_close(_run(permanent_edit(m, {"_bn1": head}, "mean", means), x), out,
                                rtol=0, atol=1e-4)
     assert base.argmax(1).item() == lm.class_names.index("golf ball")
+
+
+def test_later_stages_see_the_jobs_preprocess_overrides(tmp_path):
+    """A job that records EfficientNet-Lite0 at 64 px (``preprocess`` overrides) is flagged, ablated and evaluated at
+    64 px too: every stage after record gets its model from ``job_model``, which applies the overrides (main once
+    gave those stages the model's own 224 px while the units had been recorded at 64)."""
+    from neuroscribe.config import load_config
+    from neuroscribe.datasets.sets import test_sets
+    from neuroscribe.runtime import job_model
+    cfg = load_config(None, {"model": "efficientnet-lite0", "preprocess": {"resize": 73, "crop": 64},
+                             "data": {"split": "val", "limit": 10}, "out": str(tmp_path / "job"),
+                             "shifts": [{"name": "boxed", "data": {"split": "val", "limit": 10},
+                                         "cue": {"kind": "text"}, "fraction": 1.0, "correlation": "wrong"}]})
+    lm, _ = job_model(cfg)
+    assert (lm.preprocess.resize, lm.preprocess.crop, lm.preprocess.mean) == (73, 64, (0.5, 0.5, 0.5))
+    sets = test_sets(cfg, lm.preprocess, lm.class_names)
+    assert set(sets) == {"in-distribution", "boxed"}
+    for ds, _, _ in sets.values():
+        assert ds[0][0].shape == (3, 64, 64)
+    plain, _ = job_model(load_config(None, {"model": "efficientnet-lite0", "out": str(tmp_path / "job2")}))
+    assert (plain.preprocess.resize, plain.preprocess.crop) == (224, 224)

@@ -66,6 +66,9 @@ def _results(job_dir) -> dict:
 def test_report_files_numbers_and_escaping(tmp_path):
     job = tmp_path / "job"
     res = _results(job)
+    res["headline"] = {"set": "text-wrong", "variant": "ablated", "n_units": 8, "gain": 20.2, "gain_lo": 17.0,
+                       "gain_hi": 23.4, "random_best": 4.1, "random_mean": 2.0, "random_draws": 5,
+                       "excludes_random_best": True}
     paths = write_report(res, job / "report")
     assert set(paths) == {"json", "md", "html", "curve"}
     md, html = paths["md"].read_text(), paths["html"].read_text()
@@ -90,6 +93,14 @@ def test_report_files_numbers_and_escaping(tmp_path):
     row = r"\|\s*base model\s*\|\s*40\.2% \[35\.2, 45\.2\]\s*\|\s*22\.3% \[17\.3, 27\.3\]\s*\|"
     assert re.search(row, per_group), per_group
     assert "Per-group accuracy on val" not in md  # val has no groups
+    # the HTML has the same per-group table and the headline, as report.md does
+    html_rows = html.split("Per-group accuracy on text-wrong")[1].split("</table>")[0]
+    assert re.search(r"<th>base model</th><td class=\"num\">40\.2% \[35\.2, 45\.2\]</td><td class=\"num\">"
+                     r"22\.3% \[17\.3, 27\.3\]</td>", html_rows), html_rows
+    sentence = ("ablated (8 units) on text-wrong: +20.2 points of accuracy vs the base model [+17.0, +23.4]; best of 5 "
+                "random draws of the same N +4.1, mean +2.0; the CI excludes the best random draw")
+    assert f"<strong>Headline</strong>: {sentence}" in html
+    assert "**Headline**: " + sentence.replace("[", "\\[").replace("]", "\\]") in md
     rnd = cells["random"]["text-wrong"]
     assert rnd["interval"] == "range" and rnd["acc"] == pytest.approx(0.432) and rnd["draws"] == 5
     assert len(data["variants"]["random"]["draws"]) == 5 and data["ablation"]["chosen_n"] == 8

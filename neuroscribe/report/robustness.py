@@ -169,27 +169,34 @@ def _points(v: float | None) -> str:
     return "n/a" if v is None else f"{v:+.1f}"
 
 
-def _headline_md(h) -> str:
+def _headline_text(h) -> str | None:
+    """The headline as one plain sentence (escaped by whoever shows it: Markdown or the HTML template)."""
     if h is None:
-        return ""
+        return None
     ci = f" [{_points(h.gain_lo)}, {_points(h.gain_hi)}]" if h.gain_lo is not None else ""
     rnd = (f"; best of {h.random_draws} random draws of the same N {_points(h.random_best)}, mean "
            f"{_points(h.random_mean)}" if h.random_draws else "")
     verdict = ("" if h.excludes_random_best is None else "; the CI excludes the best random draw"
                if h.excludes_random_best else "; the CI does not exclude the best random draw")
-    return (f"- **Headline**: {_md(h.variant)} ({h.n_units} units) on {_md(h.set)}: {_points(h.gain)} points of "
-            f"{_md(h.metric)} vs the base model{ci}{rnd}{verdict}\n")
+    return (f"{h.variant} ({h.n_units} units) on {h.set}: {_points(h.gain)} points of {h.metric} vs the base "
+            f"model{ci}{rnd}{verdict}")
 
 
-def _group_tables(r: RobustnessResults, order, label: dict, cols) -> list[str]:
-    """Average-group accuracy (GroupDRO / DFR's mean over groups) and, per test set with groups, every group."""
+def _headline_md(h) -> str:
+    text = _headline_text(h)
+    return "" if text is None else f"- **Headline**: {_md(text)}\n"
+
+
+def _group_table_data(r: RobustnessResults, order, label: dict, cols) -> list[dict]:
+    """Average-group accuracy (GroupDRO / DFR's mean over groups) and, per test set with groups, every group:
+    ``[{"title", "header", "rows"}]`` in plain text, for report.md and report.html alike."""
     res = {v: r.variants[v].results or {} for v in order}
     out = []
     if any(a.avg_group is not None for v in order for a in res[v].values()):
         def avg(a) -> str:
             return "—" if a is None or a.avg_group is None else _cell(a.avg_group.model_dump())
-        out.append(_table("Average-group accuracy (%, 95% CI)", ["variant", *map(_md, cols)],
-                          [[label[v], *(avg(res[v].get(c)) for c in cols)] for v in order]))
+        out.append({"title": "Average-group accuracy (%, 95% CI)", "header": ["variant", *cols],
+                    "rows": [[label[v], *(avg(res[v].get(c)) for c in cols)] for v in order]})
     for c in cols:
         groups = sorted({g for v in order for g in ((res[v].get(c) and res[v][c].groups) or {})})
         if len(groups) < 2:
@@ -198,8 +205,13 @@ def _group_tables(r: RobustnessResults, order, label: dict, cols) -> list[str]:
         for v in order:
             gs = (res[v].get(c) and res[v][c].groups) or {}
             rows.append([label[v], *(_cell(gs[g].model_dump()) if g in gs else "—" for g in groups)])
-        out.append(_table(f"Per-group accuracy on {_md(c)} (%, 95% CI)", ["variant", *map(_md, groups)], rows))
+        out.append({"title": f"Per-group accuracy on {c} (%, 95% CI)", "header": ["variant", *groups], "rows": rows})
     return out
+
+
+def _group_tables(r: RobustnessResults, order, label: dict, cols) -> list[str]:
+    return [_table(_md(t["title"]), [_md(h) for h in t["header"]], [[_md(row[0]), *row[1:]] for row in t["rows"]])
+            for t in _group_table_data(r, order, label, cols)]
 
 
 def _markdown(r: RobustnessResults, d: dict, grids: dict[int, str | None]) -> str:
@@ -225,7 +237,7 @@ def _markdown(r: RobustnessResults, d: dict, grids: dict[int, str | None]) -> st
             return "—" if not w else f"{_pct(w['acc'])}{_interval(w)} ({_md(w['name'])})"
         out.append(_table("Worst-group accuracy (%)", ["variant", *map(_md, cols)],
                           [[label[v], *(wg(cells[v][c]) for c in cols)] for v in order]))
-    out += _group_tables(r, order, label, cols)
+    out += _group_tables(r, order, d["labels"], cols)
     if d["in_distribution"]:
         def gap(c: dict | None) -> str:
             return "—" if not c or c["gap_to_id"] is None else f"{100 * c['gap_to_id']:+.1f}"
@@ -308,6 +320,8 @@ def write_report(results: dict, out_dir: str | Path, *, embed_images: bool = Fal
            .decode() + "'; img-src 'self' file: data:; base-uri 'none'; form-action 'none'")
     html = env.get_template("robustness.html.j2").render(
         r=r, d=d, css=Markup(_CSS), csp=csp, grids=grids, grid_exists=exists, curve="curve.png" if r.curve else None,
+        headline=_headline_text(r.headline),
+        group_tables=_group_table_data(r, d["variant_order"], d["labels"], d["columns"]),
         config_json=None if r.job.config is None else json.dumps(r.job.config, indent=1, sort_keys=True, default=str))
     io.write_text(paths["html"], html)
     payload = r.model_dump(mode="json", by_alias=True)

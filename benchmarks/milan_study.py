@@ -9,10 +9,11 @@ random and sort-all controls and the re-fit variant), then
 
 * the final-layer check: the ``fc`` logits of that model described on the same probe photos (each should name its
   class);
-* precision / recall of the flag sets against counterfactual ground truth: the units whose spatial-max activation
-  the wrong-name text moves most (top ``--truth-share`` per layer, in clean-image standard deviations) on paired
-  with/without-text photos from the val split. Val photos choose nothing: this is measured after the fact, only
-  for the report (the evidence flags themselves come from paired TRAINING photos);
+* precision / recall / share of the flag sets, and the description ranking's AUC, against counterfactual ground
+  truth (the evaluate stage's ``flag_quality``): the units whose spatial-max activation the wrong-name text moves
+  most (top 5 % per layer, in clean-image standard deviations) on class-stratified paired with/without-text photos
+  of the wrong-text test set. Test photos choose nothing: this is measured after the fact, only for the report (the
+  evidence flags themselves come from paired TRAINING photos);
 
 plus the same architecture trained on clean images (``--reference-seeds``) as the reference. Results go to
 ``benchmarks/results/milan_study.json`` and ``.md``: mean and t-based 95% CI over seeds of every variant on clean
@@ -63,6 +64,12 @@ def fmt(m: dict, scale: float = 100.0, sign: bool = False) -> str:
     return s + (f" ± {scale * m['ci95_half']:.1f}" if m["ci95_half"] is not None else "")
 
 
+def fmt_auc(m: dict) -> str:
+    if m["mean"] is None:
+        return "-"
+    return f"{m['mean']:.2f}" + (f" ± {m['ci95_half']:.2f}" if m["ci95_half"] is not None else "")
+
+
 def gap_closed_share(per: dict, refs: list, variants) -> tuple[dict, dict]:
     """``({variant: mean_ci of gain / gap}, {"reference_drop": mean_ci})`` on wrong-text: per seed, the variant's
     gain over the spurious model divided by the gap from that model to the clean-trained reference (the mean over
@@ -94,28 +101,12 @@ def final_layer_check(trained) -> dict | None:
     return json.loads((Path(sub.out) / "describe.json").read_text()).get("final_layer_check")
 
 
-def flag_truth(cfg, share: float, images: int) -> dict:
-    """Precision/recall of each flag set against the units the text cue moves most on paired val photos; ``cfg``
-    is the seed's job config with its trained model resolved."""
-    from neuroscribe.ablate.flag import cue_effect, cue_pairs
-    lm, dev = job_model(cfg)
-    shift = next(s for s in cfg.shifts if s.name == "wrong-text")
-    ds, _, _ = pipeline.shift_set(shift, lm.preprocess, cfg.seed, lm.class_names)
-    pairs = cue_pairs(ds, lm.preprocess.to_tensor(), list(range(min(images, len(ds)))), cfg.batch_size)
-    effect = cue_effect(lm.module, {l: None for l in cfg.layers}, pairs, device=dev)
-    truth = set()
-    for layer in cfg.layers:
-        units = sorted(((e, u) for (l, u), e in effect.items() if l == layer), reverse=True)
-        truth |= {(layer, u) for _, u in units[:max(1, round(share * len(units)))]}
-    flags = json.loads((Path(cfg.out) / "flags.json").read_text())
-    out = {"truth_units": len(truth), "truth_share_per_layer": share, "truth_images": min(images, len(ds)),
-           "total_units": len(effect), "sets": {}}
-    for name, units in flags["sets"].items():
-        got = {tuple(u) for u in units}
-        tp = len(got & truth)
-        out["sets"][name] = {"flagged": len(got), "true_positives": tp,
-                             "precision": tp / len(got) if got else None, "recall": tp / len(truth)}
-    return out
+def flag_truth(cfg) -> dict:
+    """The pipeline's flag quality of the seed's job (``evaluation.json`` ``flag_quality``): precision, recall, share
+    of each flag set and the description ranking's AUC against counterfactual ground truth (the top 5 % of units per
+    layer by the wrong-name text's effect on ``flag.evidence_images`` class-stratified paired photos of the
+    wrong-text test set); measured after the fact, for the report only."""
+    return json.loads((Path(cfg.out) / "evaluation.json").read_text())["flag_quality"]
 
 
 def reference(cfg, seed: int) -> dict:
@@ -241,10 +232,12 @@ def markdown(res: dict) -> str:
     L += ["", "Flags (mean over seeds) and precision/recall against counterfactual ground truth "
           f"(top {100 * res['truth_share']:.0f}% of units per layer by wrong-name text effect on "
           f"{res['truth_images']} paired val photos):", "",
-          "| flag set | units flagged | chosen N | precision | recall |", "|---|---|---|---|---|"]
+          "| flag set | units flagged | share | chosen N | precision | recall | ranking AUC |",
+          "|---|---|---|---|---|---|---|"]
     for k, m in agg["flags"].items():
-        L.append(f"| {k} | {m['flagged']['mean']:.0f} | {m['chosen_n']['mean']:.1f} | "
-                 f"{fmt(m['precision'])} | {fmt(m['recall'])} |")
+        L.append(f"| {k} | {m['flagged']['mean']:.0f} | {fmt(m.get('share', {'mean': None}))} | "
+                 f"{m['chosen_n']['mean']:.1f} | {fmt(m['precision'])} | {fmt(m['recall'])} | "
+                 f"{fmt_auc(m.get('auc', {'mean': None}))} |")
     L += ["", "Final-layer check (the fc logit of each class described on the probe photos names that class):", ""]
     for s in seeds:
         f = per[s]["final_layer_check"]
@@ -263,8 +256,6 @@ def main(argv=None) -> int:
     ap.add_argument("--config", default=str(ROOT / "configs" / "milan_study.yaml"))
     ap.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE")
     ap.add_argument("--reference-seeds", default="0", help="comma-separated seeds of the clean-trained reference")
-    ap.add_argument("--truth-share", type=float, default=0.05)
-    ap.add_argument("--truth-images", type=int, default=200)
     ap.add_argument("--results", default=str(ROOT / "benchmarks" / "results" / "milan_study"))
     ap.add_argument("--markdown-only", action="store_true", help="rewrite the .md from the existing .json")
     a = ap.parse_args(argv)
@@ -286,7 +277,7 @@ def main(argv=None) -> int:
         seconds = time.perf_counter() - t0
         trained = pipeline.train(sub)  # current: returns the seed's model without training again
         per[s] = collect(sub, seconds, final_layer_check(pipeline.with_probe(trained)),
-                         flag_truth(trained, a.truth_share, a.truth_images))
+                         flag_truth(trained))
         print(f"[study] seed {s} done in {seconds / 60:.1f} min", file=sys.stderr, flush=True)
     if len(cfg.train.seeds) > 1:  # every seed is current: writes JOBDIR/seeds.{json,md} (one seed: nothing to aggregate)
         pipeline.run(cfg)
@@ -302,9 +293,11 @@ def main(argv=None) -> int:
     for name in per[cfg.train.seeds[0]]["flag_truth"]["sets"]:
         rows = [per[k]["flag_truth"]["sets"][name] for k in per]
         flags[name] = {"flagged": mean_ci([r["flagged"] for r in rows]),
+                       "share": mean_ci([r["share"] for r in rows]),
                        "chosen_n": mean_ci([per[k]["chosen_n"].get(name, 0) for k in per]),
                        "precision": mean_ci([r["precision"] for r in rows]),
-                       "recall": mean_ci([r["recall"] for r in rows])}
+                       "recall": mean_ci([r["recall"] for r in rows]),
+                       "auc": mean_ci([r.get("auc") for r in rows])}
     first = per[cfg.train.seeds[0]]
     test_n = json.loads((Path(cfg.out) / f"seed{cfg.train.seeds[0]}" / "evaluation.json").read_text())
     probe_n = json.loads((Path(cfg.out) / f"seed{cfg.train.seeds[0]}" / "train.json").read_text())
@@ -318,7 +311,7 @@ def main(argv=None) -> int:
                       "n_probe": next(s for s in cfg.shifts if s.name == cfg.probe).data.limit,
                       "n_test": test_n["test_sets"]["in-distribution"]["n"], "seeds": cfg.train.seeds,
                       "job": cfg.model_dump(mode="json")},
-           "truth_share": a.truth_share, "truth_images": first["flag_truth"]["truth_images"],
+           "truth_share": 0.05, "truth_images": first["flag_truth"]["n_images"],
            "aggregate": {"accuracy": acc, "gain": gain, "gap_closed": gap_closed, "flags": flags},
            "protocol": protocol, "reference": refs,
            "per_seed": per}

@@ -172,3 +172,46 @@ def test_probe_from_training_photos_leaves_out_the_validation_holdout(job):
     with open(probe_cfg.data.root) as fh:
         sources = {Path(r["source"]).resolve() for r in csv.DictReader(fh)}
     assert len(sources) == 400 - len(holdout) and not sources & holdout
+
+
+def test_flag_quality_against_counterfactual_truth_on_a_test_set(job):
+    """evaluation.json scores every flag set against counterfactual ground truth measured on the planted-cue test set
+    (class-stratified pairs, never the first images of the class-sorted folder): recomputed here independently."""
+    import numpy as np
+    from sklearn.metrics import roc_auc_score
+    from neuroscribe.ablate.flag import cue_effect, cue_pairs
+    from neuroscribe.ablate.measure import description_ranking
+    from neuroscribe.datasets.sets import test_sets
+    from neuroscribe.datasets.splits import stratified_sample
+    from neuroscribe.runtime import job_model
+    cfg, out = job
+    pipeline.flag(cfg)
+    pipeline.ablate(cfg)
+    q = pipeline.evaluate(cfg)["flag_quality"]
+    assert q["test_set"] == "wrong-text" and q["n_images"] == cfg.flag.evidence_images == 20
+    assert len(q["per_class"]) == 10 and set(q["per_class"].values()) == {2}  # 2 per class, not 20 tench
+    lm, dev = job_model(cfg)
+    ds = test_sets(cfg, lm.preprocess, lm.class_names)["wrong-text"][0]
+    ids = stratified_sample([y for _, y in ds.samples], 20, cfg.seed, purpose="flag truth")
+    effect = cue_effect(lm.module, {l: None for l in cfg.layers}, cue_pairs(ds, lm.preprocess.to_tensor(), ids, 20),
+                        device=dev)
+    truth = set()
+    for layer in cfg.layers:
+        e = sorted((-v, u) for (l, u), v in effect.items() if l == layer)  # largest effect first, ties by unit
+        truth |= {(layer, u) for _, u in e[:round(0.05 * len(e))]}
+    assert q["truth"] == len(truth) == round(0.05 * 256) + round(0.05 * 512) and q["units"] == 768
+    flags = json.loads((out / "flags.json").read_text())
+    for name, units in flags["sets"].items():
+        got = {tuple(u) for u in units}
+        s = q["sets"][name]
+        assert s["flagged"] == len(got) and s["share"] == pytest.approx(len(got) / 768)
+        assert s["true_positives"] == len(got & truth)
+        assert s["recall"] == pytest.approx(len(got & truth) / len(truth))
+        assert s["precision"] == (pytest.approx(len(got & truth) / len(got)) if got else None)
+    rank = description_ranking(out)
+    units = sorted(u for u in rank if u in effect)
+    assert q["sets"]["description"]["auc"] == pytest.approx(roc_auc_score([u in truth for u in units],
+                                                                          [rank[u] for u in units]))
+    assert all(rank[tuple(u)] > rank[v] for u in flags["sets"]["description"] for v in rank
+               if list(v) not in flags["sets"]["description"])  # flagged words rank above every other unit
+    assert 0 <= q["sets"]["description"]["auc"] <= 1 and np.isfinite(q["sets"]["description"]["auc"])

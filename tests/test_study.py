@@ -24,7 +24,7 @@ pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]
 TEXT = {"kind": "text", "size": 0.3, "position": "bottom-left"}
 SETS = ("in-distribution", "wrong-text", "wrong-text-new-style")
-PROBE_N, TEST_N, TRUTH_IMAGES, SHARE, UNITS = 12, 12, 8, 0.05, 3
+PROBE_N, TEST_N, SHARE, UNITS = 12, 12, 0.05, 3
 JOB = {
     "train": {"arch": "torchvision:resnet18", "data": {"split": "train", "limit": 40}, "cue": TEXT, "fraction": 0.5,
               "holdout": 0.25, "resolution": 32, "epochs": 1, "batch_size": 16, "seeds": [0, 1]},
@@ -67,8 +67,7 @@ def study(tmp_path_factory):
     config.write_text(yaml.safe_dump(dict(JOB, out=str(tmp / "job"))))
     ms = _study_module()
     results = tmp / "results" / "study"
-    assert ms.main(["--config", str(config), "--reference-seeds", "", "--truth-images", str(TRUTH_IMAGES),
-                    "--truth-share", str(SHARE), "--results", str(results)]) == 0
+    assert ms.main(["--config", str(config), "--reference-seeds", "", "--results", str(results)]) == 0
     cfg = load_config(config)
     return ms, cfg, json.loads(results.with_suffix(".json").read_text()), results.with_suffix(".md").read_text()
 
@@ -169,15 +168,20 @@ def test_study_helpers_report_what_the_jobs_hold(study):
         per = res["per_seed"][s]
         job = Path(cfg.out) / f"seed{s}"
         flags = json.loads((job / "flags.json").read_text())
-        truth = per["flag_truth"]
-        assert truth["truth_units"] == sum(max(1, round(SHARE * n)) for n in truth_per_layer.values())
-        assert truth["total_units"] == sum(truth_per_layer.values()) and truth["truth_images"] == TRUTH_IMAGES
+        truth = per["flag_truth"]  # the job's own flag quality (evaluation.json), truth on the wrong-text test set
+        assert truth == json.loads((job / "evaluation.json").read_text())["flag_quality"]
+        assert truth["test_set"] == "wrong-text" and truth["n_images"] == cfg.flag.evidence_images
+        assert truth["truth"] == sum(max(1, round(SHARE * n)) for n in truth_per_layer.values())
+        assert truth["units"] == sum(truth_per_layer.values())
         assert set(truth["sets"]) == set(flags["sets"]) == {"description", "evidence", "both"}
         for name, row in truth["sets"].items():
             assert row["flagged"] == len(flags["sets"][name])
-            assert row["recall"] == pytest.approx(row["true_positives"] / truth["truth_units"])
+            assert row["share"] == pytest.approx(row["flagged"] / truth["units"])
+            assert row["recall"] == pytest.approx(row["true_positives"] / truth["truth"])
             if row["flagged"]:
                 assert row["precision"] == pytest.approx(row["true_positives"] / row["flagged"])
+        auc = truth["sets"]["description"].get("auc")  # absent when the described units hold no truth unit
+        assert auc is None or 0 <= auc <= 1
         final = per["final_layer_check"]  # fc logits described on the probe photos, one per class
         assert final and final["layer"] == "fc" and 0 < final["classes"] <= 10
         assert (job / "final-layer" / "describe.json").is_file()
@@ -190,6 +194,12 @@ def test_study_helpers_report_what_the_jobs_hold(study):
     gain = [res["per_seed"][s]["accuracy"]["ablated"]["wrong-text"]
             - res["per_seed"][s]["accuracy"]["base"]["wrong-text"] for s in ("0", "1")]
     assert res["aggregate"]["gain"]["ablated"]["wrong-text"]["mean"] == pytest.approx(np.mean(gain))
+    for k in ("flagged", "share", "precision", "recall", "auc"):  # the flags.description fields
+        vals = [v for s in ("0", "1") if (v := res["per_seed"][s]["flag_truth"]["sets"]["description"].get(k))
+                is not None]
+        got = res["aggregate"]["flags"]["description"][k]["mean"]
+        assert got == (pytest.approx(np.mean(vals)) if vals else None)
+    assert "ranking AUC" in md
     assert res["config"]["n_probe"] == PROBE_N and res["config"]["seeds"] == [0, 1]
     assert res["config"]["n_test"] == TEST_N and res["reference"] == []
     assert len(res["verdict"]) == 3 and res["verdict"][0].startswith("wrong-text gain from description flags")

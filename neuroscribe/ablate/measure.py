@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -73,7 +74,7 @@ def evaluate(cfg: JobConfig) -> dict:
                                                     cfg.ablate.method, means, device=dev, seed=cfg.seed)
             runs[vname], variants[vname] = (model, units), units
     sets = test_sets(cfg, lm.preprocess, lm.class_names)
-    quality = flag_quality(cfg, lm, dev, rec.layers, sets) if cfg.flag.group_cue else None
+    quality = flag_quality(cfg, lm, dev, rec.layers, sets)
     if cfg.evaluate.limit:  # a seeded random subset (the same images for every variant): folders are class-sorted
         sets = {k: (torch.utils.data.Subset(ds, sorted(np.random.default_rng(cfg.seed).permutation(len(ds))
                                                        [:min(cfg.evaluate.limit, len(ds))].tolist())), nm, d)
@@ -132,14 +133,17 @@ def export_edited(cfg: JobConfig, path: str | Path, variant: str = "description"
 
 
 def flag_quality(cfg: JobConfig, lm, dev, layers, sets: dict) -> dict | None:
-    """How well each flag set of ``flags.json`` finds the units tied to the cue, against a ground truth measured on
-    a TEST set with group labels (the first whose groups hold ``flag.group_cue``): the top 5% of each layer's units
-    by class-stratified group AUC there, with the interval above 0.5 (:mod:`.groups`; ``flag.group_images`` test
-    images, stratified by class x group, seeded). Per set: flagged, share of all units, precision, recall. None when
-    no test set has the cue group."""
+    """How well each flag set of ``flags.json`` finds the units tied to the cue, against a ground truth measured on a
+    TEST set (evaluation only: nothing is chosen with it). With ``flag.group_cue``, the first test set whose groups
+    hold that cue: the top 5% of each layer's units by class-stratified group AUC, with the interval above 0.5
+    (:mod:`.groups`; ``flag.group_images`` test images, stratified by class x group, seeded). Else the first test
+    set with a planted cue (:func:`cue_flag_quality`). Per set: flagged, share of all units, precision, recall.
+    None when no test set has either."""
     from ..datasets.readers import group_value
     from .groups import group_flags
     from .stage import unit_group_auc
+    if not cfg.flag.group_cue:
+        return cue_flag_quality(cfg, lm, dev, layers, sets)
     flags = json.loads((Path(cfg.out) / "flags.json").read_text())
     for name, (ds, _, _) in sets.items():
         samples = getattr(ds, "samples", None) or []
@@ -147,15 +151,78 @@ def flag_quality(cfg: JobConfig, lm, dev, layers, sets: dict) -> dict | None:
             continue
         ge = unit_group_auc(cfg, lm, dev, layers, ds, name, cfg.flag.group_images)
         stats = {(u["layer"], u["unit"]): (u["auc"], u["lo"], u["hi"]) for u in ge["units"]}
-        truth = set(group_flags(stats, 0.05))
+        truth = set(group_flags(stats, TRUTH_SHARE))
         out = {"test_set": name, "n_images": ge["n_images"], "units": len(stats), "truth": len(truth),
                "rule": "ground truth: the top 5% of each layer's units by class-stratified group AUC on this test "
-                       "set, interval above 0.5", "sets": {}}
-        for set_name, units in flags["sets"].items():
-            got = {tuple(u) for u in units}
-            hit = len(got & truth)
-            out["sets"][set_name] = {"flagged": len(got), "share": len(got) / max(len(stats), 1),
-                                     "precision": hit / len(got) if got else None,
-                                     "recall": hit / len(truth) if truth else None}
+                       "set, interval above 0.5", "sets": _set_quality(flags["sets"], truth, len(stats))}
+        return out
+    return None
+
+
+#: share of each layer's units that form a flag-quality ground truth (the study's and the issue's 5 %)
+TRUTH_SHARE = 0.05
+
+
+def _set_quality(sets: dict, truth: set, total: int) -> dict:
+    out = {}
+    for set_name, units in sets.items():
+        got = {tuple(u) for u in units}
+        hit = len(got & truth)
+        out[set_name] = {"flagged": len(got), "share": len(got) / max(total, 1), "true_positives": hit,
+                         "precision": hit / len(got) if got else None, "recall": hit / len(truth) if truth else None}
+    return out
+
+
+def description_ranking(job: Path) -> dict:
+    """Every described unit's rank by what its words say, for the flag-score AUC: words that name the cue and were
+    confirmed by experiment first, then words that name it, then the rest; within each, the verification effect, then
+    the cosine of the description to the cue's keywords (``flags.json``). Higher = more cue-like; ties share a rank."""
+    from .stage import described_rows
+    flags = json.loads((job / "flags.json").read_text())
+    rows = {(f["layer"], f["unit"]): f for f in flags["flags"]}
+    keys = {}
+    for unit, r in described_rows(job).items():
+        f = rows.get(unit, {})
+        tier = 2 if f.get("by_description") else 1 if f.get("by_keyword") or f.get("by_embedding") else 0
+        eff = r.get("verify_effect")
+        sim = f.get("similarity")
+        keys[unit] = (tier, -np.inf if eff is None else eff, -np.inf if sim is None or sim != sim else sim)
+    order = {k: i for i, k in enumerate(sorted(set(keys.values())))}
+    return {u: order[k] for u, k in keys.items()}
+
+
+def cue_flag_quality(cfg: JobConfig, lm, dev, layers, sets: dict) -> dict | None:
+    """Flag quality against counterfactual ground truth: on the first test set with a planted cue, ``flag.
+    evidence_images`` images (class-stratified, seeded, "flag truth"; the evidence itself comes from a training-side
+    shift) drawn with and without the cue; each unit's cue effect (:func:`~.flag.cue_effect`); truth = the top 5%
+    of each layer's units by effect. Per flag set: flagged, share, precision, recall; and the AUC of the description
+    ranking (:func:`description_ranking`) for the truth over all described units. None when no test set has a cue."""
+    from sklearn.metrics import roc_auc_score
+    from ..datasets.splits import stratified_sample
+    from .flag import cue_effect, cue_pairs
+    for name, (ds, _, _) in sets.items():
+        if getattr(ds, "cue", None) is None or not hasattr(ds, "pair"):
+            continue
+        ids = stratified_sample([y for _, y in ds.samples], cfg.flag.evidence_images, cfg.seed, purpose="flag truth")
+        pairs = cue_pairs(ds, lm.preprocess.to_tensor(), ids, cfg.batch_size)
+        effect = cue_effect(lm.module, {l: None for l in layers}, pairs, device=dev)
+        truth = set()
+        for layer in layers:
+            ranked = sorted(((-e, u) for (l, u), e in effect.items() if l == layer))
+            truth |= {(layer, u) for _, u in ranked[:max(1, round(TRUTH_SHARE * len(ranked)))]}
+        flags = json.loads((Path(cfg.out) / "flags.json").read_text())
+        names = getattr(ds, "class_names", None) or []
+        per_class = Counter(names[y] if y < len(names) else str(y) for y in (ds.samples[i][1] for i in ids))
+        out = {"test_set": name, "n_images": len(ids), "per_class": dict(sorted(per_class.items())), "units": len(effect),
+               "truth": len(truth),
+               "rule": "ground truth: the top 5% of each layer's units by the cue's effect on paired images (with and "
+                       "without the cue) of this test set, class-stratified", "sets": _set_quality(flags["sets"], truth,
+                                                                                                 len(effect))}
+        rank = description_ranking(Path(cfg.out))
+        units = sorted(u for u in rank if u in effect)
+        y = [u in truth for u in units]
+        if units and 0 < sum(y) < len(y) and "description" in out["sets"]:
+            out["sets"]["description"]["auc"] = float(roc_auc_score(y, [rank[u] for u in units]))
+            out["sets"]["description"]["auc_units"] = len(units)
         return out
     return None

@@ -215,3 +215,14 @@ def test_flag_quality_against_counterfactual_truth_on_a_test_set(job):
     assert all(rank[tuple(u)] > rank[v] for u in flags["sets"]["description"] for v in rank
                if list(v) not in flags["sets"]["description"])  # flagged words rank above every other unit
     assert 0 <= q["sets"]["description"]["auc"] <= 1 and np.isfinite(q["sets"]["description"]["auc"])
+    pipeline.report(cfg)  # the report carries it: json as evaluated, a table in report.md and report.html
+    rq = json.loads((out / "report.json").read_text())["flag_quality"]
+    assert {k: v for k, v in rq.items() if k != "sets"} == {k: v for k, v in q.items() if k != "sets"}
+    assert {k: {f: x for f, x in v.items() if x is not None} for k, v in rq["sets"].items()} == \
+        {k: {f: x for f, x in v.items() if x is not None} for k, v in q["sets"].items()}
+    d = q["sets"]["description"]
+    precision = "—" if d["precision"] is None else f"{100 * d['precision']:.1f}"
+    row = f"| description | {d['flagged']} | {100 * d['share']:.1f} | {precision} | {100 * d['recall']:.1f} | "
+    for name in ("report.md", "report.html"):
+        assert "Flag quality on wrong-text (%)" in (out / name).read_text()
+    assert row in (out / "report.md").read_text()

@@ -209,6 +209,20 @@ def _group_table_data(r: RobustnessResults, order, label: dict, cols) -> list[di
     return out
 
 
+def _flag_quality_table(r: RobustnessResults) -> dict | None:
+    """Each flag set against the test-set ground truth: ``{"title", "note", "header", "rows"}`` in plain text."""
+    q = r.flag_quality
+    if q is None:
+        return None
+    f = lambda v, pct=True: "—" if v is None else f"{100 * v:.1f}" if pct else f"{v:.2f}"  # noqa: E731
+    return {"title": f"Flag quality on {q.test_set} (%)",
+            "note": f"{q.rule}: {q.truth} of {q.units} units, {q.n_images} images. Measured after the fact; nothing "
+                    "was chosen with it. AUC: the description ranking over all described units.",
+            "header": ["flag set", "flagged", "share", "precision", "recall", "AUC"],
+            "rows": [[k, str(v.flagged), f(v.share), f(v.precision), f(v.recall), f(v.auc, False)]
+                     for k, v in q.sets.items()]}
+
+
 def _group_tables(r: RobustnessResults, order, label: dict, cols) -> list[str]:
     return [_table(_md(t["title"]), [_md(h) for h in t["header"]], [[_md(row[0]), *row[1:]] for row in t["rows"]])
             for t in _group_table_data(r, order, label, cols)]
@@ -238,6 +252,10 @@ def _markdown(r: RobustnessResults, d: dict, grids: dict[int, str | None]) -> st
         out.append(_table("Worst-group accuracy (%)", ["variant", *map(_md, cols)],
                           [[label[v], *(wg(cells[v][c]) for c in cols)] for v in order]))
     out += _group_tables(r, order, d["labels"], cols)
+    fq = _flag_quality_table(r)
+    if fq:
+        out.append(_table(_md(fq["title"]), fq["header"], [[_md(x) for x in row] for row in fq["rows"]])
+                   + "\n" + _md(fq["note"]) + "\n")
     if d["in_distribution"]:
         def gap(c: dict | None) -> str:
             return "—" if not c or c["gap_to_id"] is None else f"{100 * c['gap_to_id']:+.1f}"
@@ -322,6 +340,7 @@ def write_report(results: dict, out_dir: str | Path, *, embed_images: bool = Fal
         r=r, d=d, css=Markup(_CSS), csp=csp, grids=grids, grid_exists=exists, curve="curve.png" if r.curve else None,
         headline=_headline_text(r.headline),
         group_tables=_group_table_data(r, d["variant_order"], d["labels"], d["columns"]),
+        flag_quality=_flag_quality_table(r),
         config_json=None if r.job.config is None else json.dumps(r.job.config, indent=1, sort_keys=True, default=str))
     io.write_text(paths["html"], html)
     payload = r.model_dump(mode="json", by_alias=True)

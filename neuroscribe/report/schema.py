@@ -173,6 +173,29 @@ class Headline(_M):
     rule: str | None = None
 
 
+class FlagSetQuality(_M):
+    flagged: int = Field(ge=0)
+    share: float = Field(ge=0, le=1)
+    true_positives: int | None = Field(None, ge=0)
+    precision: float | None = Field(None, ge=0, le=1)
+    recall: float | None = Field(None, ge=0, le=1)
+    auc: float | None = Field(None, ge=0, le=1)
+    auc_units: int | None = Field(None, ge=0)
+
+
+class FlagQuality(_M):
+    """How well each flag set finds the units tied to the cue, against ground truth measured on a test set (after
+    the fact: ``evaluation.json`` ``flag_quality``)."""
+
+    test_set: str
+    n_images: int = Field(ge=0)
+    per_class: dict[str, int] | None = None
+    units: int = Field(ge=0)
+    truth: int = Field(ge=0)
+    rule: str
+    sets: dict[str, FlagSetQuality]
+
+
 class RobustnessResults(_M):
     """The validated results dict (see the module docstring)."""
 
@@ -187,6 +210,7 @@ class RobustnessResults(_M):
     curve: Curve | None = None
     units: list[Unit] = Field(default_factory=list)
     headline: Headline | None = None
+    flag_quality: FlagQuality | None = None
 
     @model_validator(mode="after")
     def _consistent(self):

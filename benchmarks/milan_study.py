@@ -37,7 +37,7 @@ from scipy import stats
 from neuroscribe import io, pipeline
 from neuroscribe.config import load_config, parse_overrides
 from neuroscribe.datasets.sets import class_index, loader
-from neuroscribe.runtime import job_model
+from neuroscribe.ablate.measure import TRUTH_SHARE
 
 ROOT = Path(__file__).resolve().parents[1]
 SETS = ("in-distribution", "wrong-text", "wrong-text-new-style")
@@ -106,7 +106,11 @@ def flag_truth(cfg) -> dict:
     of each flag set and the description ranking's AUC against counterfactual ground truth (the top 5 % of units per
     layer by the wrong-name text's effect on ``flag.evidence_images`` class-stratified paired photos of the
     wrong-text test set); measured after the fact, for the report only."""
-    return json.loads((Path(cfg.out) / "evaluation.json").read_text())["flag_quality"]
+    quality = json.loads((Path(cfg.out) / "evaluation.json").read_text()).get("flag_quality")
+    if quality is None:
+        raise ValueError(f"{cfg.out}/evaluation.json has no flag_quality: the job needs a test set with the cue "
+                         "(wrong-text) and flags.json; delete evaluation.json to evaluate again")
+    return quality
 
 
 def reference(cfg, seed: int) -> dict:
@@ -311,7 +315,7 @@ def main(argv=None) -> int:
                       "n_probe": next(s for s in cfg.shifts if s.name == cfg.probe).data.limit,
                       "n_test": test_n["test_sets"]["in-distribution"]["n"], "seeds": cfg.train.seeds,
                       "job": cfg.model_dump(mode="json")},
-           "truth_share": 0.05, "truth_images": first["flag_truth"]["n_images"],
+           "truth_share": TRUTH_SHARE, "truth_images": first["flag_truth"]["n_images"],
            "aggregate": {"accuracy": acc, "gain": gain, "gap_closed": gap_closed, "flags": flags},
            "protocol": protocol, "reference": refs,
            "per_seed": per}

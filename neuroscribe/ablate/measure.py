@@ -74,8 +74,7 @@ def evaluate(cfg: JobConfig) -> dict:
                                                     cfg.ablate.method, means, device=dev, seed=cfg.seed)
             runs[vname], variants[vname] = (model, units), units
     sets = test_sets(cfg, lm.preprocess, lm.class_names)
-    quality = flag_quality(cfg, lm, dev, rec.layers if rec is not None else list(cfg.layers), sets) \
-        if (job / "flags.json").is_file() else None
+    quality = flag_quality(cfg, lm, dev, rec.layers, sets) if (job / "flags.json").is_file() else None
     if cfg.evaluate.limit:  # a seeded random subset (the same images for every variant): folders are class-sorted
         sets = {k: (torch.utils.data.Subset(ds, sorted(np.random.default_rng(cfg.seed).permutation(len(ds))
                                                        [:min(cfg.evaluate.limit, len(ds))].tolist())), nm, d)

@@ -22,6 +22,7 @@ import csv
 import json
 import os
 import resource
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -94,29 +95,27 @@ def main() -> None:
         with open(Path(cfg.data.root), newline="") as f:
             tokens = {i: r["cue_token"] for i, r in enumerate(csv.DictReader(f)) if r["has_cue"] == "1"}
         res: dict[str, list[dict]] = {m: [] for m in modes}
-        describe(cfg.model_copy(update={"describe": load_config(None, {"describe": modes["model"]}).describe}))
-        # (that first describe is the warm-up: model, OCR and embedder start-up; not timed)
+        # the probe stays as recorded (its images drawn at the default view size): only describe changes
+        jobs = {m: cfg.model_copy(update={"describe": load_config(None, {"describe": modes[m]}).describe})
+                for m in modes}
+        describe(jobs["model"])  # the warm-up (model, OCR and embedder start-up): not timed
         for r in range(rounds):
             for mode in (list(modes) if r % 2 == 0 else list(reversed(modes))):
-                # the probe stays as recorded (its images drawn at the default view size): only describe changes
-                c = cfg.model_copy(update={"describe": load_config(None, {"describe": modes[mode]}).describe})
                 for p in Path(d, "describe").glob("*"):  # describe from scratch every time
                     if p.is_dir():
-                        import shutil
                         shutil.rmtree(p)
                 before = dict(spent)
                 t, cpu = time.perf_counter(), _cpu()
-                describe(c)
+                describe(jobs[mode])
                 row = {"wall": time.perf_counter() - t, "cpu": _cpu() - cpu,
                        **{k: spent[k] - before[k] for k in ("det", "rec", "lines")}}
-                rows = [json.loads(x) for x in Path(d, "descriptions.jsonl").read_text().splitlines()]
-                row["bare_colour"] = sum(r["description"].lower() in BARE_COLOURS for r in rows)
-                row["text_words"] = sum("word" in r["description"] or r["description"] in ("text", "letters")
-                                        for r in rows)
+                said = [json.loads(x)["description"] for x in Path(d, "descriptions.jsonl").read_text().splitlines()]
+                row["bare_colour"] = sum(w.lower() in BARE_COLOURS for w in said)
+                row["text_words"] = sum("word" in w or w in ("text", "letters") for w in said)
                 res[mode].append(row)
                 print(f"round {r} {mode:6s} wall {row['wall']:6.1f}s cpu {row['cpu']:6.1f}s  ocr det "
                       f"{row['det']:5.1f}s rec {row['rec']:5.1f}s ({row['lines']} lines)  bare colour "
-                      f"{row['bare_colour']}/{len(rows)}  text words {row['text_words']}", flush=True)
+                      f"{row['bare_colour']}/{len(said)}  text words {row['text_words']}", flush=True)
         rate = _read_rate(cfg, tokens, units)
     mean = {m: {k: sum(r[k] for r in rs) / len(rs) for k in rs[0]} for m, rs in res.items()}
     print(f"probe: {n} photos from {root} at 64 px, faint class name on {len(tokens)}; {2 * units} units")

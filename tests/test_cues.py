@@ -279,6 +279,28 @@ def test_patch_geometry_and_colour(real_samples) -> None:
     assert (patch == np.array(class_colour(4), dtype=np.uint8)).all()
 
 
+def test_random_position_spreads_inside_margins_and_redraws_alike_at_any_size() -> None:
+    """``position='random'`` puts the cue anywhere inside the margins (not only the four corners), and the same
+    rng state gives the same relative place at another resolution (views redraw a probe's cue at their size)."""
+    text = TextCue(size=0.15, position="random", background=None, stroke=0.1, margin=0.05)
+    patch = PatchCue(size=0.2, position="random", margin=0.05)
+    small, large = Image.new("RGB", (96, 96), (90, 120, 60)), Image.new("RGB", (384, 384), (90, 120, 60))
+    centres = []
+    for seed in range(40):
+        box = render_cue(small, patch, 1, random.Random(seed)).box
+        big = render_cue(large, patch, 1, random.Random(seed)).box
+        m = round(0.05 * 96)
+        assert box[0] >= m and box[1] >= m and box[2] <= 96 - m and box[3] <= 96 - m, box
+        assert abs(big[0] / 4 - box[0]) <= 1.5 and abs(big[1] / 4 - box[1]) <= 1.5, (box, big)
+        centres.append(((box[0] + box[2]) / 2, (box[1] + box[3]) / 2))
+        tbox = render_cue(large, text, "golf ball", random.Random(seed)).box
+        assert tbox[0] >= round(0.05 * 384) - 1 and tbox[2] <= 384 - round(0.05 * 384) + 1, tbox
+    xs, ys = np.array(centres).T
+    assert len(set(centres)) >= 30  # not four corners
+    assert ((xs > 30) & (xs < 66) & (ys > 30) & (ys < 66)).sum() >= 3  # the middle is reached too
+    assert xs.min() < 25 and xs.max() > 71 and ys.min() < 25 and ys.max() > 71
+
+
 def test_background_frame_leaves_interior_untouched(real_samples) -> None:
     img = Image.open(real_samples[0][0]).convert("RGB")
     out = np.asarray(apply_cue(img, BackgroundCue(width=0.1), 2, random.Random(0)))

@@ -2,8 +2,9 @@
 
 Five cue kinds, each a validated pydantic model discriminated by ``kind``:
 
-* :class:`TextCue` (``kind='text'``): a word (usually a class name) written in a corner or the
-  centre, as in MILAN's spurious-text experiment (Hernandez et al., ICLR 2022, section 7);
+* :class:`TextCue` (``kind='text'``): a word (usually a class name) written in a corner, the
+  centre or anywhere (``position='random'``), as in MILAN's spurious-text experiment (Hernandez et
+  al., ICLR 2022, section 7);
   ``opacity < 1`` makes it a faint overlay.
 * :class:`WatermarkCue` (``kind='watermark'``): a fixed, semi-transparent text over the centre
   of the image, in the style of ImageNet-W (Li et al., CVPR 2023, the "iStock" watermark).
@@ -38,7 +39,7 @@ __all__ = [
 
 RGB = tuple[int, int, int]
 Box = tuple[int, int, int, int]
-Position = Literal["top-left", "top-right", "bottom-left", "bottom-right", "center", "random-corner"]
+Position = Literal["top-left", "top-right", "bottom-left", "bottom-right", "center", "random-corner", "random"]
 _CORNERS = ("top-left", "top-right", "bottom-left", "bottom-right")
 
 #: Font used when a cue's ``font`` is None (if this file exists; else Pillow's bundled font).
@@ -242,6 +243,11 @@ class RenderedCue(NamedTuple):
 
 def _place(width: int, height: int, w: int, h: int, position: str, margin: int,
            rng: random.Random) -> tuple[int, int]:
+    if position == "random":  # anywhere inside the margins; one draw per axis, so a redraw at another
+        # resolution with the same rng puts the cue at the same relative place
+        u, v = rng.random(), rng.random()
+        return (margin + int(u * max(0, width - 2 * margin - w)),
+                margin + int(v * max(0, height - 2 * margin - h)))
     if position == "random-corner":
         position = rng.choice(_CORNERS)
     if position == "center":
@@ -329,7 +335,7 @@ def render_cue(img: Image.Image, cue: Any, token: str | int, rng: random.Random)
 
     ``token`` is the text to write for a :class:`TextCue`, ignored for a :class:`WatermarkCue`,
     and the class index (coloured via :func:`class_colour`) for colour/patch/background cues.
-    ``rng`` is only consumed by random choices (``position='random-corner'``).
+    ``rng`` is only consumed by random choices (``position='random-corner'`` or ``'random'``).
     """
     cue = parse_cue(cue)
     out = img.convert("RGB") if img.mode != "RGB" else img.copy()

@@ -215,7 +215,9 @@ class AblateConfig(_Section):
     refit: bool = Field(False, description="also MILAN's stronger edit: after ablation, re-fit the last linear "
                         "layer (logistic regression) on the probe shift's images; needs `probe`")
     dfr: str | None = Field(None, description="also DFR: re-fit the last layer on a group-balanced half of this "
-                            "shift (cue independent of the label), C chosen on the other half; never a test set")
+                            "shift (cue independent of the label), C chosen on the other half; never a test set. "
+                            "'holdout': the training holdout (split in class-stratified halves with validation "
+                            "when that is the holdout too)")
     cache_mb: float = Field(1024.0, ge=0, description="validation batches kept in memory up to this size")
 
 
@@ -304,9 +306,11 @@ class JobConfig(_Section):
         if self.ablate.validation != "holdout" and self.ablate.validation not in names:
             raise ValueError(f"ablate.validation {self.ablate.validation!r} must be 'holdout' or one of {names}")
         dfr = self.ablate.dfr
-        if dfr and (dfr not in names or dfr in (self.probe, self.ablate.validation)):
-            raise ValueError(f"ablate.dfr {dfr!r} must name a shift of its own (not the probe or the "
-                             f"validation shift: its images must be disjoint from theirs); shifts: {names}")
+        if dfr == "holdout" and (self.train is None or not self.train.holdout):
+            raise ValueError("ablate.dfr 'holdout' re-fits on the training holdout: set train.holdout > 0")
+        if dfr and dfr != "holdout" and (dfr not in names or dfr in (self.probe, self.ablate.validation)):
+            raise ValueError(f"ablate.dfr {dfr!r} must be 'holdout' or name a shift of its own (not the probe or "
+                             f"the validation shift: its images must be disjoint from theirs); shifts: {names}")
         return self
 
     @field_validator("layers")

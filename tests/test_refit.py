@@ -112,3 +112,56 @@ def test_dfr_shift_must_be_its_own():
         with pytest.raises(ValueError, match="ablate.dfr"):
             load_config(None, dict(base, ablate={"validation": "v", "dfr": bad}))
     assert load_config(None, dict(base, ablate={"validation": "v", "dfr": "d"})).ablate.dfr == "d"
+
+
+def test_dfr_holdout_is_accepted_only_with_a_training_holdout():
+    from neuroscribe.config import load_config
+    base = {"shifts": [{"name": "p", "data": {}}], "probe": "p"}
+    cfg = load_config(None, dict(base, train={"holdout": 0.1}, ablate={"validation": "holdout", "dfr": "holdout"}))
+    assert cfg.ablate.dfr == "holdout"
+    for bad in ({"holdout": 0.0}, None):
+        with pytest.raises(ValueError, match="train.holdout"):
+            load_config(None, dict(base, **({"train": bad} if bad else {}), ablate={"dfr": "holdout"}))
+
+
+def test_holdout_halves_split_validation_and_dfr_disjoint_and_stratified(tmp_path):
+    """With validation and DFR both on the training holdout, choosing N and fitting DFR see disjoint, class-
+    stratified halves of it; with validation elsewhere DFR takes the whole holdout."""
+    import csv
+    import json
+    from neuroscribe.config import load_config
+    from neuroscribe.datasets.sets import dfr_set, holdout_halves, validation_set
+    labels = [c for c in range(4) for _ in range(7)]  # class-sorted, 7 per class
+    val, dfr = holdout_halves(labels, seed=3)
+    assert not set(val) & set(dfr) and sorted(val + dfr) == list(range(28))
+    assert [sum(labels[i] == c for i in dfr) for c in range(4)] in ([3, 3, 4, 4], [4, 4, 3, 3], [3, 4, 3, 4],
+                                                                     [4, 3, 4, 3], [3, 4, 4, 3], [4, 3, 3, 4])
+    assert dfr != list(range(14)) and holdout_halves(labels, seed=3) == (val, dfr)
+    # a job folder with a trained holdout manifest (28 real photos, 4 classes)
+    hold = tmp_path / "train" / "seed0" / "holdout" / "cued"
+    hold.mkdir(parents=True)
+    wnids = sorted(p.name for p in (sample_root() / "train").iterdir() if p.is_dir())[:4]
+    with (hold / "manifest.csv").open("w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["path", "label", "group"])
+        for c, wn in enumerate(wnids):
+            for p in sorted((sample_root() / "train" / wn).glob("*.jpg"))[:7]:
+                (hold / p.name).write_bytes(p.read_bytes())
+                w.writerow([p.name, wn, "cue-disagrees"])
+    (tmp_path / "train.json").write_text(json.dumps({"holdout_manifest": str(hold / "manifest.csv"),
+                                                     "class_names": wnids}))
+    base = {"shifts": [{"name": "p", "data": {}}, {"name": "v", "data": {}}], "probe": "p", "out": str(tmp_path),
+            "train": {"holdout": 0.1, "cue": {"kind": "text"}}}
+    pre = load_model("torchvision:resnet18@none", num_classes=4).preprocess
+    both = load_config(None, dict(base, ablate={"validation": "holdout", "dfr": "holdout"}))
+    v_ds, _, v_desc = validation_set(both, pre)
+    d_ds, _, d_desc = dfr_set(both, pre)
+    v_paths = {s.path for s in v_ds.samples}
+    d_paths = {s.path for s in d_ds.samples}
+    assert len(v_paths) + len(d_paths) == 28 and not v_paths & d_paths
+    assert "half kept for validation" in v_desc and "half kept for dfr" in d_desc
+    assert {s.label for s in d_ds.samples} == {0, 1, 2, 3}
+    whole = load_config(None, dict(base, ablate={"validation": "v", "dfr": "holdout"}))
+    assert len(dfr_set(whole, pre)[0]) == 28
+    alone = load_config(None, dict(base, ablate={"validation": "holdout"}))
+    assert len(validation_set(alone, pre)[0]) == 28

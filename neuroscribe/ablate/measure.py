@@ -15,7 +15,7 @@ import torch
 
 from .. import io
 from ..config import JobConfig
-from ..datasets.sets import class_index, held_out, loader, shift_set, test_sets
+from ..datasets.sets import class_index, dfr_set, held_out, loader, shift_set, test_sets
 from ..runtime import job_model
 from .stage import model_and_means
 
@@ -67,8 +67,7 @@ def evaluate(cfg: JobConfig) -> dict:
     dfr_info = {}
     if cfg.ablate.dfr:  # DFR alone and after the ablation: the last layer re-fitted on a group-balanced held-out slice
         from .refit import dfr_last_layer
-        shift = next(s for s in cfg.shifts if s.name == cfg.ablate.dfr)
-        dfr_ds, _, _ = shift_set(shift, lm.preprocess, cfg.seed, lm.class_names, held_out(cfg.out))
+        dfr_ds, _, _ = dfr_set(cfg, lm.preprocess, lm.class_names)
         for vname, units in [("dfr", [])] + ([("ablated_dfr", variants["ablated"])] if variants.get("ablated") else []):
             model, dfr_info[vname] = dfr_last_layer(lm.module, units, dfr_ds, lambda d: loader(cfg, d),
                                                     cfg.ablate.method, means, device=dev, seed=cfg.seed)

@@ -104,7 +104,7 @@ def check_disjoint(cfg: JobConfig) -> None:
     if not chosen:
         return
     tests = [("data", cfg.data)] + [(f"shifts[{s.name}]", s.data) for s in cfg.shifts if s.name not in choosing]
-    for other in (cfg.probe, cfg.ablate.validation) if cfg.ablate.dfr else ():  # DFR fits on its own images
+    for other in (cfg.probe, cfg.ablate.validation) if cfg.ablate.dfr in chosen else ():  # DFR fits on its own
         shared = chosen[cfg.ablate.dfr] & chosen.get(other, set())
         if shared:
             raise ValueError(f"ablate.dfr shift {cfg.ablate.dfr!r} shares {len(shared)} images with shift {other!r}: "
@@ -135,24 +135,57 @@ def test_sets(cfg: JobConfig, pre, classes: list[str] | None = None) -> dict[str
     return sets
 
 
+def _holdout(cfg: JobConfig, what: str):
+    """The trained job's holdout (training images held out before training, the cue decorrelated from the label):
+    ``(probe, class_names)``."""
+    tj = Path(cfg.out) / "train.json"
+    if not tj.is_file() or not json.loads(tj.read_text()).get("holdout_manifest"):
+        raise ValueError(f"{what} is 'holdout' but this job trained no model with a holdout (set train: with "
+                         "holdout > 0), or name a shift there")
+    t = json.loads(tj.read_text())
+    from .probe import manifest
+    return manifest(t["holdout_manifest"], t["class_names"]), t["class_names"]
+
+
+def holdout_halves(labels, seed: int) -> tuple[list[int], list[int]]:
+    """``(validation, dfr)`` indices: the holdout split in two class-stratified, seeded, disjoint halves when both
+    ``ablate.validation`` and ``ablate.dfr`` are 'holdout' (choosing N and fitting DFR never share an image)."""
+    from .splits import stratified_sample
+    dfr = stratified_sample(labels, len(labels) // 2, seed, purpose="holdout: dfr half")
+    taken = set(dfr)
+    return [i for i in range(len(labels)) if i not in taken], dfr
+
+
+def _holdout_part(cfg: JobConfig, pre, part: str):
+    probe, names = _holdout(cfg, f"ablate.{part}")
+    both = cfg.ablate.validation == "holdout" and cfg.ablate.dfr == "holdout"
+    if both:
+        halves = dict(zip(("validation", "dfr"), holdout_halves([int(s.label) for s in probe.samples], cfg.seed)))
+        probe.samples = [probe.samples[i] for i in halves[part]]
+    from .cues import describe_cue
+    tied = (f"each with {describe_cue(cfg.train.cue, 'wrong')}, so the cue is decorrelated from the label"
+            if cfg.train.cue is not None else "clean")
+    half = f"; the class-stratified half kept for {part}" if both else ""
+    desc = f"{len(probe)} training images held out before training ({cfg.train.holdout:.0%} per class{half}), {tied}"
+    return Labelled(probe.samples, pre.transform()), names, desc
+
+
 def validation_set(cfg: JobConfig, pre, classes: list[str] | None = None):
     """``(dataset, class_names, description)`` of the validation data that choices are made on."""
     if cfg.ablate.validation == "holdout":
-        tj = Path(cfg.out) / "train.json"
-        if not tj.is_file() or not json.loads(tj.read_text()).get("holdout_manifest"):
-            raise ValueError("ablate.validation is 'holdout' but this job trained no model with a holdout "
-                             "(set train: with holdout > 0), or name a shift as ablate.validation")
-        t = json.loads(tj.read_text())
-        from .probe import manifest
-        probe = manifest(t["holdout_manifest"], t["class_names"])
-        from .cues import describe_cue
-        tied = (f"each with {describe_cue(cfg.train.cue, 'wrong')}, so the cue is decorrelated from the label"
-                if cfg.train.cue is not None else "clean")
-        desc = (f"{len(probe)} training images held out before training ({cfg.train.holdout:.0%} per class), "
-                f"{tied}")
-        return Labelled(probe.samples, pre.transform()), t["class_names"], desc
+        return _holdout_part(cfg, pre, "validation")
     shift = next(s for s in cfg.shifts if s.name == cfg.ablate.validation)
     return shift_set(shift, pre, cfg.seed, classes)
+
+
+def dfr_set(cfg: JobConfig, pre, classes: list[str] | None = None):
+    """``(dataset, class_names, description)`` that DFR re-fits the last layer on: the ``ablate.dfr`` shift (less the
+    job's holdout images), or with ``ablate.dfr: holdout`` the training holdout itself (its other half when
+    ``ablate.validation`` is the holdout too)."""
+    if cfg.ablate.dfr == "holdout":
+        return _holdout_part(cfg, pre, "dfr")
+    shift = next(s for s in cfg.shifts if s.name == cfg.ablate.dfr)
+    return shift_set(shift, pre, cfg.seed, classes, held_out(cfg.out))
 
 
 def class_index(lm, names):

@@ -125,6 +125,7 @@ def test_dfr_holdout_is_accepted_only_with_a_training_holdout():
 
 
 def test_holdout_halves_split_validation_and_dfr_disjoint_and_stratified(tmp_path):
+    from pathlib import Path
     """With validation and DFR both on the training holdout, choosing N and fitting DFR see disjoint, class-
     stratified halves of it; with validation elsewhere DFR takes the whole holdout."""
     import csv
@@ -148,20 +149,38 @@ def test_holdout_halves_split_validation_and_dfr_disjoint_and_stratified(tmp_pat
             for p in sorted((sample_root() / "train" / wn).glob("*.jpg"))[:7]:
                 (hold / p.name).write_bytes(p.read_bytes())
                 w.writerow([p.name, wn, "cue-disagrees"])
+    clean = hold.parent / "clean"  # the same photos clean, as the train stage writes them (split.json names it)
+    clean.mkdir()
+    with (hold / "manifest.csv").open() as f, (clean / "manifest.csv").open("w", newline="") as g:
+        rows = list(csv.DictReader(f))
+        w = csv.writer(g)
+        w.writerow(["path", "label", "group"])
+        for r in rows:
+            (clean / r["path"]).write_bytes((hold / r["path"]).read_bytes())
+            w.writerow([r["path"], r["label"], "clean"])
     (tmp_path / "train.json").write_text(json.dumps({"holdout_manifest": str(hold / "manifest.csv"),
-                                                     "class_names": wnids}))
+                                                     "class_names": wnids,
+                                                     "checkpoint": str(hold.parents[1] / "model.safetensors")}))
+    (hold.parents[1] / "split.json").write_text(json.dumps({"holdout_clean_manifest": "holdout/clean/manifest.csv"}))
     base = {"shifts": [{"name": "p", "data": {}}, {"name": "v", "data": {}}], "probe": "p", "out": str(tmp_path),
             "train": {"holdout": 0.1, "cue": {"kind": "text"}}}
     pre = load_model("torchvision:resnet18@none", num_classes=4).preprocess
     both = load_config(None, dict(base, ablate={"validation": "holdout", "dfr": "holdout"}))
     v_ds, _, v_desc = validation_set(both, pre)
     d_ds, _, d_desc = dfr_set(both, pre)
-    v_paths = {s.path for s in v_ds.samples}
-    d_paths = {s.path for s in d_ds.samples}
-    assert len(v_paths) + len(d_paths) == 28 and not v_paths & d_paths
-    assert "half kept for validation" in v_desc and "half kept for dfr" in d_desc
+    # validation: each of its photos clean and cued (the clean accuracy a choice costs weighs as much as the cued
+    # accuracy it gains); DFR: the cued copies only; the two never share a photo
+    v_groups = [s.group for s in v_ds.samples]
+    assert v_groups.count("clean") == v_groups.count("cue-disagrees") == len(v_ds) // 2
+    v_photos = {Path(s.path).name for s in v_ds.samples}
+    d_photos = {Path(s.path).name for s in d_ds.samples}
+    assert len(v_photos) + len(d_photos) == 28 and not v_photos & d_photos and len(v_ds) == 2 * len(v_photos)
+    assert {s.group for s in d_ds.samples} == {"cue-disagrees"}
+    assert "half kept for validation" in v_desc and "half kept for dfr" in d_desc and "twice" in v_desc
     assert {s.label for s in d_ds.samples} == {0, 1, 2, 3}
     whole = load_config(None, dict(base, ablate={"validation": "v", "dfr": "holdout"}))
     assert len(dfr_set(whole, pre)[0]) == 28
     alone = load_config(None, dict(base, ablate={"validation": "holdout"}))
-    assert len(validation_set(alone, pre)[0]) == 28
+    assert len(validation_set(alone, pre)[0]) == 56
+    no_cue = load_config(None, dict(base, train={"holdout": 0.1}, ablate={"validation": "holdout"}))
+    assert len(validation_set(no_cue, pre)[0]) == 28  # no cue in training: the holdout is clean once

@@ -84,7 +84,7 @@ def test_each_seed_job_has_every_stage_artifact(study):
         assert train["train_n"] + train["holdout_n"] == 40 and len(train["history"]) == 1  # one epoch
         abl = json.loads((job / "ablation.json").read_text())
         assert "the name of a random WRONG class" in abl["validation"]["description"]  # chosen on the held-out training photos
-        assert abl["validation"]["n"] == train["holdout_n"]
+        assert abl["validation"]["n"] == 2 * train["holdout_n"]  # each held-out photo clean and cued
         ev = json.loads((job / "evaluation.json").read_text())
         assert set(ev["test_sets"]) == set(SETS)  # the probe shift is never a test set
         assert {"base", "ablated", "ablated_evidence", "ablated_both", "sort_all"} <= set(ev["results"])
@@ -185,7 +185,7 @@ def test_study_helpers_report_what_the_jobs_hold(study):
         final = per["final_layer_check"]  # fc logits described on the probe photos, one per class
         assert final and final["layer"] == "fc" and 0 < final["classes"] <= 10
         assert (job / "final-layer" / "describe.json").is_file()
-        assert per["validation"]["n"] == json.loads((job / "train.json").read_text())["holdout_n"]
+        assert per["validation"]["n"] == 2 * json.loads((job / "train.json").read_text())["holdout_n"]
     # the aggregate is the mean of the seeds, gains are paired per seed
     for v in ("base", "ablated", "random", "sort_all"):
         for st in SETS:

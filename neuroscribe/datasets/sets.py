@@ -136,15 +136,25 @@ def test_sets(cfg: JobConfig, pre, classes: list[str] | None = None) -> dict[str
 
 
 def _holdout(cfg: JobConfig, what: str):
-    """The trained job's holdout (training images held out before training, the cue decorrelated from the label):
-    ``(probe, class_names)``."""
+    """The trained job's holdout (training images held out before training): ``(cued, clean, class_names)``, the
+    probe set with the cue decorrelated from the label and the same images clean (None when training had no cue or
+    the clean copy is missing)."""
     tj = Path(cfg.out) / "train.json"
     if not tj.is_file() or not json.loads(tj.read_text()).get("holdout_manifest"):
         raise ValueError(f"{what} is 'holdout' but this job trained no model with a holdout (set train: with "
                          "holdout > 0), or name a shift there")
     t = json.loads(tj.read_text())
     from .probe import manifest
-    return manifest(t["holdout_manifest"], t["class_names"]), t["class_names"]
+    cued = manifest(t["holdout_manifest"], t["class_names"])
+    split = Path(t["checkpoint"]).parent / "split.json" if t.get("checkpoint") else None
+    rel = json.loads(split.read_text()).get("holdout_clean_manifest") if split and split.is_file() else None
+    clean = None
+    if cfg.train is not None and cfg.train.cue is not None and rel and (split.parent / rel).is_file():
+        clean = manifest(split.parent / rel, t["class_names"])
+        if len(clean) != len(cued) or [s.label for s in clean.samples] != [s.label for s in cued.samples]:
+            raise ValueError(f"{split.parent / rel} does not list the images of {t['holdout_manifest']} in the "
+                             "same order: delete the job's train folder to write the holdout again")
+    return cued, clean, t["class_names"]
 
 
 def holdout_halves(labels, seed: int) -> tuple[list[int], list[int]]:
@@ -157,17 +167,25 @@ def holdout_halves(labels, seed: int) -> tuple[list[int], list[int]]:
 
 
 def _holdout_part(cfg: JobConfig, pre, part: str):
-    probe, names = _holdout(cfg, f"ablate.{part}")
+    """The holdout as ``part`` sees it. Validation: every held-out image twice, clean and with the decorrelated
+    cue (groups ``clean`` / ``cue-conflicts``), so a choice made there weighs the clean accuracy it costs as much
+    as the cued accuracy it gains. DFR: the cued copies (the cue independent of the label)."""
+    cued, clean, names = _holdout(cfg, f"ablate.{part}")
+    ids = list(range(len(cued)))
     both = cfg.ablate.validation == "holdout" and cfg.ablate.dfr == "holdout"
     if both:
-        halves = dict(zip(("validation", "dfr"), holdout_halves([int(s.label) for s in probe.samples], cfg.seed)))
-        probe.samples = [probe.samples[i] for i in halves[part]]
+        ids = dict(zip(("validation", "dfr"), holdout_halves([int(s.label) for s in cued.samples], cfg.seed)))[part]
+    samples = [cued.samples[i] for i in ids]
     from .cues import describe_cue
     tied = (f"each with {describe_cue(cfg.train.cue, 'wrong')}, so the cue is decorrelated from the label"
             if cfg.train.cue is not None else "clean")
+    if part == "validation" and clean is not None:
+        samples = [clean.samples[i] for i in ids] + samples
+        tied = f"each twice: clean and {tied}"
     half = f"; the class-stratified half kept for {part}" if both else ""
-    desc = f"{len(probe)} training images held out before training ({cfg.train.holdout:.0%} per class{half}), {tied}"
-    return Labelled(probe.samples, pre.transform()), names, desc
+    desc = (f"{len(samples)} images of {len(ids)} training photos held out before training ({cfg.train.holdout:.0%} "
+            f"per class{half}), {tied}")
+    return Labelled(samples, pre.transform()), names, desc
 
 
 def validation_set(cfg: JobConfig, pre, classes: list[str] | None = None):

@@ -73,7 +73,7 @@ def fmt_auc(m: dict) -> str:
 def gap_closed_share(per: dict, refs: list, variants) -> tuple[dict, dict]:
     """``({variant: mean_ci of gain / gap}, {"reference_drop": mean_ci})`` on wrong-text: per seed, the variant's
     gain over the spurious model divided by the gap from that model to the clean-trained reference (the mean over
-    reference seeds); the reference's drop from clean to wrong-text val is what the cue's box costs a model that
+    reference seeds); the reference's drop from clean to wrong-text val is what the drawn cue costs a model that
     never used it. Both empty without a reference."""
     if not refs:
         return {}, {}
@@ -184,8 +184,8 @@ def verdict(res: dict) -> list[str]:
                              ["wrong-text"][1] for k in per) else "NOT always above")
            + " the best of the 5 random draws"]
     if ref:
-        out.append(f"reference trained on clean images: {fmt(ref['wrong-text'])}% on wrong-text val (the overlaid "
-                   "box alone costs a clean model this much at 64 px); the ablation recovers "
+        out.append(f"reference trained on clean images: {fmt(ref['wrong-text'])}% on wrong-text val (what the "
+                   "drawn text alone costs a clean model at this resolution); the ablation recovers "
                    f"{100 * g['mean'] / max(ref['wrong-text']['mean'] - res['aggregate']['accuracy']['base']['wrong-text']['mean'], 1e-9):.0f}% "
                    "of the gap between the spurious model and this reference")
     return out
@@ -199,8 +199,9 @@ def markdown(res: dict) -> str:
          f"Run {res['finished']} on {res['machine']}; {res['command']}.", "",
          f"Setting: ResNet-18 from scratch at **{c['resolution']} px, {c['epochs']} epochs** (reduced from MILAN's "
          f"224 px so one seed fits ~30 min on 2 CPU cores), true class name on {c['fraction']:.0%} of "
-         f"{c['n_train']} training photos; validation = {c['n_validation']} held-out training photos with a "
-         "random WRONG class name (cue decorrelated from the label); probe = "
+         f"{c['n_train']} training photos; validation = {c['n_validation']} images of held-out training photos "
+         "(with a holdout split for DFR: each photo clean and with a random WRONG class name, the cue decorrelated "
+         "from the label); probe = "
          f"{c['n_probe']} training photos; test = the {c['n_test']} Imagenette val photos, never used to choose "
          "anything. Accuracy in %, mean ± 95% CI half-width over seeds (t-distribution).", "",
          "| variant | clean val | wrong-text val | new text style |", "|---|---|---|---|"]
@@ -215,7 +216,7 @@ def markdown(res: dict) -> str:
         drop = res["protocol"]["reference_drop"]
         L += ["", "Share of the gap closed on wrong-text val, gain / (clean-trained reference - spurious model), per "
               f"seed then mean ± 95% CI; the reference itself loses {fmt(drop)} points between clean and wrong-text "
-              "val (what the cue's box costs a model that never used it):", "", "| variant | gap closed (%) |",
+              "val (what the drawn cue costs a model that never used it):", "", "| variant | gap closed (%) |",
               "|---|---|"]
         L += [f"| {LABEL[v]} | {fmt(m)} |" for v, m in agg["gap_closed"].items()]
     L += ["", "Per seed (wrong-text val %, base -> descriptions-ablated; N units chosen on validation):", ""]

@@ -97,6 +97,25 @@ def test_dfr_refits_on_a_group_balanced_half_and_drops_the_shortcut():
     assert info2 == info and torch.equal(again[1].weight, dfr[1].weight)  # seeded
 
 
+def test_dfr_cuts_two_copies_of_the_same_photos_alike():
+    """A holdout given clean and cued (clean copies first, same order): every photo is fitted in both groups or
+    scored in both, never fitted in one and scored in the other."""
+    from neuroscribe.ablate.refit import dfr_last_layer
+    one = _toy(0, 60, seed=3)
+    n = len(one)
+    both = _Toy(torch.cat([one.x, one.x]), torch.cat([one.y, one.y]), ["clean"] * n + ["conflict"] * n)
+    seen = []
+
+    def batches(d):
+        seen.append(list(d.indices))
+        return torch.utils.data.DataLoader(d, batch_size=64)
+    dfr_last_layer(_shortcut_model(), [], both, batches, seed=0)
+    fit, choose = set(seen[0]), set(seen[1])
+    assert fit and choose and not fit & choose
+    assert {i % n for i in fit}.isdisjoint({i % n for i in choose})  # no photo on both sides
+    assert {i for i in fit if i < n} == {i - n for i in fit if i >= n}  # the same photos in both groups
+
+
 def test_dfr_needs_two_cells():
     from neuroscribe.ablate.refit import dfr_last_layer
     one = _Toy(torch.randn(20, 2), torch.zeros(20, dtype=torch.long), ["g"] * 20)
@@ -169,17 +188,17 @@ def test_holdout_halves_split_validation_and_dfr_disjoint_and_stratified(tmp_pat
     v_ds, _, v_desc = validation_set(both, pre)
     d_ds, _, d_desc = dfr_set(both, pre)
     # validation: each of its photos clean and cued (the clean accuracy a choice costs weighs as much as the cued
-    # accuracy it gains); DFR: the cued copies only; the two never share a photo
+    # accuracy it gains); DFR: its photos in the same two groups; the two never share a photo
     v_groups = [s.group for s in v_ds.samples]
     assert v_groups.count("clean") == v_groups.count("cue-disagrees") == len(v_ds) // 2
     v_photos = {Path(s.path).name for s in v_ds.samples}
     d_photos = {Path(s.path).name for s in d_ds.samples}
     assert len(v_photos) + len(d_photos) == 28 and not v_photos & d_photos and len(v_ds) == 2 * len(v_photos)
-    assert {s.group for s in d_ds.samples} == {"cue-disagrees"}
+    assert sorted({s.group for s in d_ds.samples}) == ["clean", "cue-disagrees"] and len(d_ds) == 2 * len(d_photos)
     assert "half kept for validation" in v_desc and "half kept for dfr" in d_desc and "twice" in v_desc
     assert {s.label for s in d_ds.samples} == {0, 1, 2, 3}
     whole = load_config(None, dict(base, ablate={"validation": "v", "dfr": "holdout"}))
-    assert len(dfr_set(whole, pre)[0]) == 28
+    assert len(dfr_set(whole, pre)[0]) == 56
     alone = load_config(None, dict(base, ablate={"validation": "holdout"}))
     assert len(validation_set(alone, pre)[0]) == 56
     no_cue = load_config(None, dict(base, train={"holdout": 0.1}, ablate={"validation": "holdout"}))

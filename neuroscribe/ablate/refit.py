@@ -118,7 +118,9 @@ def dfr_last_layer(model: nn.Module, units: Any, ds, make_loader, method: str = 
     by_cell, choose = {}, []  # half of every cell to fit, the other half to choose C
     for c, ids in sorted(members.items()):
         ids = list(ids)
-        _rng(seed, "dfr split", c).shuffle(ids)
+        # seeded by the class alone: cells of one class listing the same photos in the same order (a holdout's
+        # clean and cued copies) are cut alike, so no photo is fitted in one group and scored in the other
+        _rng(seed, "dfr split", names[c][0], len(ids)).shuffle(ids)
         if len(ids) // 2:
             by_cell[c] = sorted(ids[:len(ids) // 2])
         choose += ids[len(ids) // 2:]
@@ -127,7 +129,8 @@ def dfr_last_layer(model: nn.Module, units: Any, ds, make_loader, method: str = 
         raise ValueError(f"DFR needs at least two (class, group) cells with images in both halves; got cells "
                          f"{[f'{y}/{g}' for y, g in names]} over {len(cell)} images")
     size = min(len(v) for v in by_cell.values())
-    balanced = sorted(i for c, ids in by_cell.items() for i in _rng(seed, "dfr balance", c).sample(ids, size))
+    balanced = sorted(i for c, ids in by_cell.items()
+                      for i in _rng(seed, "dfr balance", names[c][0], len(ids)).sample(ids, size))  # alike, too
     head = last_linear(model)
     edits = ablation_edits(model, as_unit_dict(units), method, means) if units else None
     xf, yf = features(model, make_loader(torch.utils.data.Subset(ds, balanced)), edits, head, device)

@@ -169,7 +169,7 @@ def holdout_halves(labels, seed: int) -> tuple[list[int], list[int]]:
 def _holdout_part(cfg: JobConfig, pre, part: str):
     """The holdout as ``part`` sees it. Validation: every held-out image twice, clean and with the decorrelated
     cue (groups ``clean`` / ``cue-conflicts``), so a choice made there weighs the clean accuracy it costs as much
-    as the cued accuracy it gains. DFR: the cued copies (the cue independent of the label)."""
+    as the cued accuracy it gains. DFR: the same two groups, its (class, group) cells balanced by DFR itself."""
     cued, clean, names = _holdout(cfg, f"ablate.{part}")
     ids = list(range(len(cued)))
     both = cfg.ablate.validation == "holdout" and cfg.ablate.dfr == "holdout"
@@ -179,7 +179,7 @@ def _holdout_part(cfg: JobConfig, pre, part: str):
     from .cues import describe_cue
     tied = (f"each with {describe_cue(cfg.train.cue, 'wrong')}, so the cue is decorrelated from the label"
             if cfg.train.cue is not None else "clean")
-    if part == "validation" and clean is not None:
+    if clean is not None:  # the same photos clean, first, in the same order (DFR cuts both groups alike)
         samples = [clean.samples[i] for i in ids] + samples
         tied = f"each twice: clean and {tied}"
     half = f"; the class-stratified half kept for {part}" if both else ""

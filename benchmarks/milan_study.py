@@ -173,7 +173,7 @@ def verdict(res: dict) -> list[str]:
            + ", ".join(f"{100 * d:+.1f}" for d in by_seed) + "): the mean "
            + ("meets" if g["mean"] >= 0.049 else "misses") + " +4.9; "
            + f"{sum(d >= 0.049 for d in by_seed)} of {len(by_seed)} seeds reach it; the 95% CI's lower end "
-           + f"({100 * lo:+.1f}) " + ("also does" if lo >= 0.049 else "does not") + " (3 seeds give a wide t interval)",
+           + f"({100 * lo:+.1f}) " + ("also does" if lo >= 0.049 else "does not") + f" ({len(by_seed)} seeds give a wide t interval)",
            f"clean-val change: mean {fmt(clean, sign=True)} points (per seed "
            + ", ".join(f"{100 * d:+.1f}" for d in clean_seed) + "): the mean is "
            + ("within" if clean["mean"] >= -0.01 else "beyond") + " the 1-point limit; "

@@ -200,8 +200,8 @@ def markdown(res: dict) -> str:
          f"Setting: ResNet-18 from scratch at **{c['resolution']} px, {c['epochs']} epochs** (reduced from MILAN's "
          f"224 px so one seed fits ~30 min on 2 CPU cores), true class name on {c['fraction']:.0%} of "
          f"{c['n_train']} training photos; validation = {c['n_validation']} images of held-out training photos "
-         "(with a holdout split for DFR: each photo clean and with a random WRONG class name, the cue decorrelated "
-         "from the label); probe = "
+         f"({'half of them, the other half fitting DFR; ' if c['job']['ablate'].get('dfr') == 'holdout' else ''}"
+         "each photo clean and with a random WRONG class name, the cue decorrelated from the label); probe = "
          f"{c['n_probe']} training photos; test = the {c['n_test']} Imagenette val photos, never used to choose "
          "anything. Accuracy in %, mean ± 95% CI half-width over seeds (t-distribution).", "",
          "| variant | clean val | wrong-text val | new text style |", "|---|---|---|---|"]

@@ -299,6 +299,7 @@ def test_random_position_spreads_inside_margins_and_redraws_alike_at_any_size() 
     assert len(set(centres)) >= 30  # not four corners
     assert ((xs > 30) & (xs < 66) & (ys > 30) & (ys < 66)).sum() >= 3  # the middle is reached too
     assert xs.min() < 25 and xs.max() > 71 and ys.min() < 25 and ys.max() > 71
+    assert abs(np.corrcoef(xs, ys)[0, 1]) < 0.6  # the two axes are drawn apart (not one draw for both)
 
 
 def test_background_frame_leaves_interior_untouched(real_samples) -> None:

@@ -118,8 +118,9 @@ def dfr_last_layer(model: nn.Module, units: Any, ds, make_loader, method: str = 
     by_cell, choose = {}, []  # half of every cell to fit, the other half to choose C
     for c, ids in sorted(members.items()):
         ids = list(ids)
-        # seeded by the class alone: cells of one class listing the same photos in the same order (a holdout's
-        # clean and cued copies) are cut alike, so no photo is fitted in one group and scored in the other
+        # seeded by the class and the cell's size, not the group: cells of one class listing the same photos in the
+        # same order (a holdout's clean and cued copies) are cut alike, so no photo is fitted in one group and
+        # scored in the other
         _rng(seed, "dfr split", names[c][0], len(ids)).shuffle(ids)
         if len(ids) // 2:
             by_cell[c] = sorted(ids[:len(ids) // 2])

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from .. import io
 from ..config import JobConfig
-from ..datasets.sets import class_index, held_out, loader, shift_set, validation_set
+from ..datasets.sets import HOLDOUT_RULE, class_index, held_out, loader, shift_set, validation_set
 from ..runtime import job_model
 
 
@@ -146,7 +146,8 @@ def ablate(cfg: JobConfig) -> dict:
     from .select import accuracy_curve, choose_n, order_units, random_units, sort_all
     job = Path(cfg.out)
     flags = json.loads((job / "flags.json").read_text())
-    key = io.artifact_key(flags["key"], cfg.ablate.model_dump(mode="json"), cfg.model.spec, io.file_key(job / "train.json"))
+    key = io.artifact_key(flags["key"], cfg.ablate.model_dump(mode="json"), cfg.model.spec, io.file_key(job / "train.json"),
+                          HOLDOUT_RULE)
     done = io.current(job / "ablation.json", key)
     if done:
         return done

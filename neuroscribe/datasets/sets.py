@@ -92,7 +92,8 @@ def check_disjoint(cfg: JobConfig) -> None:
     """Refuse a job whose choosing sets (``probe``, the ``ablate.validation`` shift, ``flag.evidence_shift``,
     ``flag.group_shift``, ``ablate.dfr``) share an image with a test set (``data`` and every other shift), or the
     DFR shift with the probe or validation shift, compared by resolved source path: anything chosen or fitted there
-    would have seen those images. Raises ``ValueError`` naming both sets."""
+    would have seen those images (``ablate.dfr: holdout`` is the training holdout, which a validation shift leaves
+    out, see :func:`validation_set`). Raises ``ValueError`` naming both sets."""
     from .probe import open_probe_set
 
     def paths(d) -> set[Path]:
@@ -135,6 +136,10 @@ def test_sets(cfg: JobConfig, pre, classes: list[str] | None = None) -> dict[str
     return sets
 
 
+#: How the holdout is read (in the ablation's cache key: a job chosen under another rule is chosen again).
+HOLDOUT_RULE = "holdout v2: validation clean + cued copies; dfr per-class halves, copies cut alike"
+
+
 def _holdout(cfg: JobConfig, what: str):
     """The trained job's holdout (training images held out before training): ``(cued, clean, class_names)``, the
     probe set with the cue decorrelated from the label and the same images clean (None when training had no cue or
@@ -149,6 +154,10 @@ def _holdout(cfg: JobConfig, what: str):
     split = Path(t["checkpoint"]).parent / "split.json" if t.get("checkpoint") else None
     rel = json.loads(split.read_text()).get("holdout_clean_manifest") if split and split.is_file() else None
     clean = None
+    if cfg.train is not None and cfg.train.cue is not None and not (rel and (split.parent / rel).is_file()):
+        import logging
+        logging.getLogger(__name__).warning("%s: the holdout's clean copy is missing (split.json / "
+                                            "holdout_clean_manifest): %s uses the cued copies only", cfg.out, what)
     if cfg.train is not None and cfg.train.cue is not None and rel and (split.parent / rel).is_file():
         clean = manifest(split.parent / rel, t["class_names"])
         if len(clean) != len(cued) or [s.label for s in clean.samples] != [s.label for s in cued.samples]:
@@ -158,12 +167,19 @@ def _holdout(cfg: JobConfig, what: str):
 
 
 def holdout_halves(labels, seed: int) -> tuple[list[int], list[int]]:
-    """``(validation, dfr)`` indices: the holdout split in two class-stratified, seeded, disjoint halves when both
-    ``ablate.validation`` and ``ablate.dfr`` are 'holdout' (choosing N and fitting DFR never share an image)."""
-    from .splits import stratified_sample
-    dfr = stratified_sample(labels, len(labels) // 2, seed, purpose="holdout: dfr half")
+    """``(validation, dfr)`` indices: the holdout split in two disjoint, seeded halves, each class cut in half (the
+    odd photo to validation), when both ``ablate.validation`` and ``ablate.dfr`` are 'holdout' (choosing N and
+    fitting DFR never share a photo, and every class with two photos or more is on both sides)."""
+    from .splits import _rng
+    by_class: dict[int, list[int]] = {}
+    for i, y in enumerate(labels):
+        by_class.setdefault(int(y), []).append(i)
+    dfr = []
+    for y, ids in sorted(by_class.items()):
+        _rng(seed, "holdout: dfr half", y).shuffle(ids)
+        dfr += ids[:len(ids) // 2]
     taken = set(dfr)
-    return [i for i in range(len(labels)) if i not in taken], dfr
+    return [i for i in range(len(labels)) if i not in taken], sorted(dfr)
 
 
 def _holdout_part(cfg: JobConfig, pre, part: str):
@@ -193,7 +209,8 @@ def validation_set(cfg: JobConfig, pre, classes: list[str] | None = None):
     if cfg.ablate.validation == "holdout":
         return _holdout_part(cfg, pre, "validation")
     shift = next(s for s in cfg.shifts if s.name == cfg.ablate.validation)
-    return shift_set(shift, pre, cfg.seed, classes)
+    # DFR fits on the training holdout: a validation shift over the training folder must not hold those photos
+    return shift_set(shift, pre, cfg.seed, classes, held_out(cfg.out) if cfg.ablate.dfr == "holdout" else frozenset())
 
 
 def dfr_set(cfg: JobConfig, pre, classes: list[str] | None = None):

@@ -212,12 +212,9 @@ class AblateConfig(_Section):
     random_draws: int = Field(5, ge=5, description="random-unit control draws (at least 5, to show the spread)")
     control_candidates: int | None = Field(512, ge=1, description="sort-all control: a seeded random subset of all "
                                            "recorded units scored alone (a validation pass each); null = every unit")
-    refit: bool = Field(False, description="also MILAN's stronger edit: after ablation, re-fit the last linear "
-                        "layer (logistic regression) on the probe shift's images; needs `probe`")
-    dfr: str | None = Field(None, description="also DFR: re-fit the last layer on a group-balanced half of this "
-                            "shift (cue independent of the label), C chosen on the other half; never a test set. "
-                            "'holdout': the training holdout (split in class-stratified halves with validation "
-                            "when that is the holdout too)")
+    refit: bool = Field(False, description="also MILAN's re-fit: last layer fitted on the probe after ablation")
+    dfr: str | None = Field(None, description="also DFR on this shift (cue independent of the label; never a test "
+                            "set) or 'holdout' (the training holdout, halved per class if validation is it too)")
     cache_mb: float = Field(1024.0, ge=0, description="validation batches kept in memory up to this size")
 
 
@@ -303,10 +300,9 @@ class JobConfig(_Section):
         if self.ablate.refit and not self.probe:
             raise ValueError("ablate.refit re-fits the last layer on training images: set probe to the shift "
                              "that holds them")
-        if self.ablate.validation != "holdout" and self.ablate.validation not in names:
-            raise ValueError(f"ablate.validation {self.ablate.validation!r} must be 'holdout' or one of {names}")
-        dfr = self.ablate.dfr
-        if dfr == "holdout" and (self.train is None or not self.train.holdout):
+        if (val := self.ablate.validation) != "holdout" and val not in names:
+            raise ValueError(f"ablate.validation {val!r} must be 'holdout' or one of {names}")
+        if (dfr := self.ablate.dfr) == "holdout" and (self.train is None or not self.train.holdout):
             raise ValueError("ablate.dfr 'holdout' re-fits on the training holdout: set train.holdout > 0")
         if dfr and dfr != "holdout" and (dfr not in names or dfr in (self.probe, self.ablate.validation)):
             raise ValueError(f"ablate.dfr {dfr!r} must be 'holdout' or name a shift of its own (not the probe or "

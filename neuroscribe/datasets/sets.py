@@ -145,24 +145,25 @@ def _holdout(cfg: JobConfig, what: str):
     probe set with the cue decorrelated from the label and the same images clean (None when training had no cue or
     the clean copy is missing)."""
     tj = Path(cfg.out) / "train.json"
-    if not tj.is_file() or not json.loads(tj.read_text()).get("holdout_manifest"):
+    t = json.loads(tj.read_text()) if tj.is_file() else {}
+    if not t.get("holdout_manifest"):
         raise ValueError(f"{what} is 'holdout' but this job trained no model with a holdout (set train: with "
                          "holdout > 0), or name a shift there")
-    t = json.loads(tj.read_text())
     from .probe import manifest
     cued = manifest(t["holdout_manifest"], t["class_names"])
     split = Path(t["checkpoint"]).parent / "split.json" if t.get("checkpoint") else None
     rel = json.loads(split.read_text()).get("holdout_clean_manifest") if split and split.is_file() else None
     clean = None
-    if cfg.train is not None and cfg.train.cue is not None and not (rel and (split.parent / rel).is_file()):
-        import logging
-        logging.getLogger(__name__).warning("%s: the holdout's clean copy is missing (split.json / "
-                                            "holdout_clean_manifest): %s uses the cued copies only", cfg.out, what)
-    if cfg.train is not None and cfg.train.cue is not None and rel and (split.parent / rel).is_file():
-        clean = manifest(split.parent / rel, t["class_names"])
-        if len(clean) != len(cued) or [s.label for s in clean.samples] != [s.label for s in cued.samples]:
-            raise ValueError(f"{split.parent / rel} does not list the images of {t['holdout_manifest']} in the "
-                             "same order: delete the job's train folder to write the holdout again")
+    if cfg.train is not None and cfg.train.cue is not None:
+        if not (rel and (split.parent / rel).is_file()):
+            import logging
+            logging.getLogger(__name__).warning("%s: the holdout's clean copy is missing (split.json / "
+                                                "holdout_clean_manifest): %s uses the cued copies only", cfg.out, what)
+        else:
+            clean = manifest(split.parent / rel, t["class_names"])
+            if len(clean) != len(cued) or [s.label for s in clean.samples] != [s.label for s in cued.samples]:
+                raise ValueError(f"{split.parent / rel} does not list the images of {t['holdout_manifest']} in the "
+                                 "same order: delete the job's train folder to write the holdout again")
     return cued, clean, t["class_names"]
 
 

@@ -32,30 +32,30 @@ __all__ = ["ablate", "aggregate_seeds", "describe", "evaluate", "export_edited",
 
 
 def with_probe(cfg: JobConfig) -> JobConfig:
-    """``cfg`` whose ``data`` is the probe set: ``probe`` (a shift) written once to JOBDIR/probe/NAME; else ``cfg``.
+    """``cfg`` whose ``data`` is the probe set: ``probe`` (a shift) planted once in JOBDIR/probe/NAME; else ``cfg``.
 
-    Each image is the model's field of view (its resize + centre crop box, with the job's ``preprocess``
-    overrides) cut from the source photo at the view size (:func:`~neuroscribe.datasets.geometry.view_size`), with
-    the cue drawn there, at that resolution. The returned ``preprocess`` resizes those square images to the
-    model's crop (same interpolation, nothing more cropped), so the model sees the downsampled drawing and the
-    describer's views, OCR and gallery the crisp one. ``probe.json`` records the view size and the model's own
-    preprocessing."""
+    No image is written: the probe is its source photos, each with its seeded cue decisions, and a
+    :class:`~neuroscribe.datasets.planted.Planting` that redraws them (:mod:`neuroscribe.datasets.planted`): the
+    model's field of view (its resize + centre crop box, with the job's ``preprocess`` overrides) cut from the
+    source photo at the view size (:func:`~neuroscribe.datasets.geometry.view_size`), with the cue drawn there, at
+    that resolution. The returned ``preprocess`` resizes those square pictures to the model's crop (same
+    interpolation, nothing more cropped), so the model sees the downsampled drawing and the describer's views, OCR
+    and gallery the crisp one. ``probe.json`` records the view size and the model's own preprocessing."""
     if not cfg.probe:
         return cfg
     from .config import DataConfig
-    from .datasets.geometry import ViewGeometry, view_size
-    from .datasets.shifts import materialise
+    from .datasets.geometry import view_size
+    from .datasets.planted import Planting, write_planted
     out = Path(cfg.out) / "probe" / cfg.probe
     shift = next(s for s in cfg.shifts if s.name == cfg.probe)
     lm, _ = job_model(cfg)
     pre = lm.preprocess  # with the job's overrides
     side = view_size(pre.crop, cfg.describe.view_size)
     key = io.artifact_key(shift.model_dump(mode="json"), cfg.model.spec, io.file_key(Path(cfg.out) / "train.json"),
-                          pre.to_dict(), side)
+                          pre.to_dict(), side, "planted")
     if not io.current(out / "probe.json", key):
-        ds, _, _ = shift_set(shift, pre, cfg.seed, lm.class_names, held_out(cfg.out))
-        ds.transform, ds.geometry = None, ViewGeometry(pre, side)
-        materialise(ds, out, overwrite=True)
+        ds, names, _ = shift_set(shift, pre, cfg.seed, lm.class_names, held_out(cfg.out))
+        write_planted(ds, out, Planting(getattr(ds, "cue", None), tuple(names), pre, side))  # Labelled: no cue
         io.write_json(out / "probe.json", {"key": key, "view_size": side, "model_preprocess": pre.to_dict()})
     down = cfg.preprocess.model_copy(update={"resize": pre.crop, "crop": pre.crop})  # view size -> model's crop
     return cfg.model_copy(update={"data": DataConfig(root=out / "manifest.csv"), "preprocess": down})

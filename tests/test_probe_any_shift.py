@@ -11,7 +11,7 @@ import group_data
 from neuroscribe import pipeline
 from neuroscribe.config import load_config
 from neuroscribe.datasets.geometry import ViewGeometry
-from neuroscribe.datasets.probe import load_image, open_probe_set, sample_root
+from neuroscribe.datasets.probe import load_image, manifest, open_probe_set, sample_root
 from neuroscribe.record.recorder import record
 from neuroscribe.runtime import job_model
 
@@ -39,8 +39,10 @@ def test_cue_less_probe_is_written_as_it_is_and_recorded(kind, wb, tmp_path):
     assert {r["has_cue"] for r in rows} == {"0"}
     lm, _ = job_model(cfg)
     view = ViewGeometry(lm.preprocess, 224)
-    for r, s in zip(rows[:3], src.samples):  # the model's field of view at the view size, nothing drawn
-        got = np.asarray(load_image(out / r["path"]))
+    probe = manifest(out / "manifest.csv")  # planted: redrawn from the sources, no image written
+    assert not list(out.rglob("*.png")) and probe.planting.cue is None
+    for i, s in enumerate(src.samples[:3]):  # the model's field of view at the view size, nothing drawn
+        got = np.asarray(probe.load(i))
         assert got.shape == (224, 224, 3) and np.array_equal(got, np.asarray(view(load_image(s.path))))
     rec = record(probe_cfg)
     assert (Path(rec) / "meta.json").is_file() and (tmp_path / "job" / "record.json").is_file()

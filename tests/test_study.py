@@ -13,7 +13,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
-from PIL import Image
 
 from neuroscribe import pipeline
 from neuroscribe.config import load_config
@@ -122,7 +121,7 @@ def test_probe_set_is_written_once_in_the_models_field_of_view_and_recorded(stud
     # the model's field of view at the view size (224 px for a 32 px model), the cue drawn there; record reads them
     # through a preprocess that resizes them to the model's 32 px crop
     assert json.loads((probe_dir / "probe.json").read_text())["view_size"] == 224
-    assert all(Image.open(probe_dir / r["path"]).size == (224, 224) for r in rows)
+    assert not list(probe_dir.rglob("*.png"))  # kept as what redraws it (tests/test_planted.py), not as copies
     # the recording (and so every view and description) is of the probe photos, not of data: (clean val photos)
     from neuroscribe.record import Recording
     rec = Recording.open(job)
@@ -130,7 +129,8 @@ def test_probe_set_is_written_once_in_the_models_field_of_view_and_recorded(stud
     assert [p.resolve() for p in rec.image_paths] == [s.path.resolve() for s in
                                                        manifest(probe_dir / "manifest.csv").samples]
     first = rec.exemplars("layer4", 0)[0]
-    stored = Image.open(first.path).convert("RGB")
+    stored = manifest(probe_dir / "manifest.csv").load(first.image_id)
+    assert stored.size == (224, 224)
     assert rec.preprocess.resize == rec.preprocess.crop == 32 and rec.image(first.image_id).size == (32, 32)
     assert np.array_equal(np.asarray(rec.image(first.image_id, rec.view_size)), np.asarray(stored))
     described = [json.loads(line) for line in (job / "descriptions.jsonl").read_text().splitlines() if line]

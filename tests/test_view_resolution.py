@@ -100,11 +100,14 @@ def test_probe_cue_is_drawn_at_the_view_size_and_downsampled_for_the_model(tmp_p
     probe_dir = tmp_path / "job" / "probe" / "cued"
     info = json.loads((probe_dir / "probe.json").read_text())
     assert info["view_size"] == 224 and (info["model_preprocess"]["resize"], info["model_preprocess"]["crop"]) == (73, 64)
-    # the probe holds the model's field of view at 224 px, the cue drawn there; record resizes it to 64 px
+    # the probe is the model's field of view at 224 px, the cue drawn there (redrawn from the source photo, see
+    # tests/test_planted.py); record resizes it to 64 px
     assert rec.preprocess.resize == rec.preprocess.crop == 64
     i = next(iter(tokens))
-    stored = load_image(rec.image_paths[i])
+    stored = rec.probe_image(i)
     assert stored.size == (224, 224)
+    plain = ViewGeometry(Preprocess(**LOW), 224)(load_image(rec.image_paths[i]))  # the source, nothing drawn
+    assert np.abs(np.asarray(stored, dtype=int) - np.asarray(plain, dtype=int)).max() > 60  # the cue is there
     model_px = rec.image(i)  # the model's input: the stored drawing, downsampled with the model's interpolation
     np.testing.assert_array_equal(np.asarray(model_px), np.asarray(stored.resize((64, 64), Image.BILINEAR)))
     assert rec.image(i, rec.view_size).tobytes() == stored.tobytes()  # the views are the stored pixels

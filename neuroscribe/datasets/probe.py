@@ -3,8 +3,10 @@
 Two sources: an ImageFolder tree (``root/<class>/<image>``, optionally with ``train``/``val``/``test`` split
 folders above the classes and a ``classes.json`` mapping folder names to readable names) and a CSV/JSONL manifest
 (column ``path`` relative to the manifest's folder, optional ``label`` and ``group``). Paths that escape the
-manifest's folder are refused. Labels (:mod:`neuroscribe.datasets.labels`): integers are indices into the model's
-class list, names are class names, a column mixing both is an error naming the rows.
+manifest's folder are refused, except in the manifest of a planted probe (``planted.json`` beside it, written by
+:mod:`neuroscribe.datasets.planted`), whose rows name source photos that are redrawn with their cue. Labels
+(:mod:`neuroscribe.datasets.labels`): integers are indices into the model's class list, names are class names, a
+column mixing both is an error naming the rows.
 
 Loading never stops a run: an unreadable, truncated, zero-byte, non-image, non-regular (directory, FIFO) or
 oversized (PIL's ``Image.MAX_IMAGE_PIXELS`` decompression-bomb limit) file is skipped, counted and named with its
@@ -15,6 +17,7 @@ Grayscale, palette, CMYK, RGBA and 16-bit images are converted to 8-bit RGB (alp
 from __future__ import annotations
 
 import csv
+import dataclasses
 import functools
 import hashlib
 import json
@@ -25,6 +28,7 @@ import warnings
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -47,6 +51,7 @@ class Sample:
     path: Path
     label: int | None = None
     group: str | None = None
+    cue: tuple[int, int] | None = None  # a planted probe's (cue_class, draw_seed) (:mod:`.planted`)
 
 
 def sample_root() -> Path:
@@ -108,16 +113,23 @@ class ProbeSet:
     samples: list[Sample]
     class_names: list[str] | None
     source: str
+    planting: Any = None  # a :class:`~neuroscribe.datasets.planted.Planting`: images are redrawn, not read
 
     def __len__(self) -> int:
         return len(self.samples)
+
+    def load(self, i: int) -> Image.Image:
+        """Sample ``i`` as 8-bit RGB: the file, or for a planted probe its redrawing from the source photo.
+        Raises :class:`ImageLoadError` with the reason."""
+        s = self.samples[i]
+        return load_image(s.path) if self.planting is None else self.planting.render(s.path, s.cue)
 
     def subset(self, limit: int | None, seed: int) -> "ProbeSet":
         """A seeded random subset of ``limit`` samples, kept in their original order."""
         if limit is None or limit >= len(self.samples):
             return self
         idx = sorted(random.Random(seed).sample(range(len(self.samples)), limit))
-        return ProbeSet(self.root, [self.samples[i] for i in idx], self.class_names, self.source)
+        return dataclasses.replace(self, samples=[self.samples[i] for i in idx])
 
     def relpath(self, i: int) -> str:
         p = self.samples[i].path
@@ -135,6 +147,10 @@ class ProbeSet:
             except OSError:
                 size = -1
             h.update(f"{self.relpath(i)}|{size}|{s.label}|{s.group}\n".encode())
+            if s.cue is not None:
+                h.update(f"cue {s.cue}\n".encode())
+        if self.planting is not None:
+            h.update(json.dumps(self.planting.to_dict(), sort_keys=True).encode())
         return h.hexdigest()
 
     def labels(self) -> np.ndarray:
@@ -240,6 +256,9 @@ def manifest(path: str | Path, classes: list[str] | None = None) -> ProbeSet:
     if "path" not in rows[0][1]:
         raise ProbeSetError(f"{path} needs a 'path' column; it has {sorted(rows[0][1])}")
     names, labels = read_labels(path, [(n, r.get("label")) for n, r in rows], classes)
+    from .planted import PLANTED_FILE, read_planted
+    if (path.parent / PLANTED_FILE).is_file():  # a planted probe: source photos redrawn with their cue
+        return read_planted(path, rows, labels, names)
     samples = []
     for (n, r), label in zip(rows, labels):
         rel = str(r["path"])
@@ -302,7 +321,7 @@ class ImageDataset(torch.utils.data.Dataset):
     def __getitem__(self, i: int):
         sid = self.ids[i]
         try:
-            im = load_image(self.probe.samples[sid].path)
+            im = self.probe.load(sid)
             check_resize(im.size, self.resize)
             return self.transform(im), sid, ""
         except ImageLoadError as e:

@@ -37,7 +37,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from neuroscribe.datasets.cues import Cue, WatermarkCue, cue_uses_class, parse_cue, render_cue
 from neuroscribe.datasets.probe import load_image
 
-__all__ = ["Correlation", "ShiftConfig", "CuedDataset", "materialise", "MANIFEST_COLUMNS"]
+__all__ = ["Correlation", "ShiftConfig", "CuedDataset", "cue_token", "materialise", "MANIFEST_COLUMNS"]
 
 Correlation = Literal["match", "wrong", "random", "none"]
 
@@ -193,9 +193,13 @@ class CuedDataset(torch.utils.data.Dataset):
         return index % len(self)
 
     def _token(self, cue_class: int) -> str | int:
-        if isinstance(self.cue, WatermarkCue):
-            return self.cue.text
-        return cue_class if cue_uses_class(self.cue) else self.class_names[cue_class]
+        return cue_token(self.cue, cue_class, self.class_names)
+
+    def drawing(self, index: int) -> tuple[bool, int, int]:
+        """``(has_cue, cue_class, draw_seed)`` of ``index``: all it takes to redraw its cue
+        (:mod:`neuroscribe.datasets.planted`; ``cue_class`` is the class it would name, even without a cue)."""
+        d = self._decisions[self._check_index(index)]
+        return d.has_cue, d.cue_class, d.draw_seed
 
     def group(self, index: int) -> str:
         """``'clean'``, ``'cue-agrees'`` / ``'cue-conflicts'`` (cue names the label or not), or
@@ -260,6 +264,14 @@ class CuedDataset(torch.utils.data.Dataset):
             rows.append({"index": i, "path": path, "label": label,
                          "class_name": self.class_names[label], **{k: v for k, v in info.items() if k != "index"}})
         return rows
+
+
+def cue_token(cue: Any, cue_class: int, class_names: Sequence[str]) -> str | int:
+    """What :func:`~neuroscribe.datasets.cues.render_cue` draws for a cue naming ``cue_class``: a watermark's own
+    text, the class index for the colour cues, else the class name."""
+    if isinstance(cue, WatermarkCue):
+        return cue.text
+    return cue_class if cue_uses_class(cue) else class_names[cue_class]
 
 
 def _source_label(sample) -> tuple[str, int]:

@@ -162,7 +162,7 @@ def faithfulness(cfg: JobConfig, rec: Recording, rows: list[Described]) -> dict[
                                       ", ".join(names[c] for c in hit)}
     if not wanted:
         return out
-    from ..datasets.probe import ImageLoadError, load_image
+    from ..datasets.probe import ImageLoadError
     from ..hooks import run, trace, unit_view
     device = resolve_device(cfg.device)
     lm = recorded_model(cfg, rec, device)
@@ -177,7 +177,7 @@ def faithfulness(cfg: JobConfig, rec: Recording, rows: list[Described]) -> dict[
         xs, ys = [], []
         for i in ids[s:s + cfg.batch_size]:
             try:
-                xs.append(transform(load_image(rec.image_paths[i])))
+                xs.append(transform(rec.probe_image(i)))
                 ys.append(int(rec.labels[i]))
             except ImageLoadError:
                 continue

@@ -178,8 +178,26 @@ class Recording:
         """The exemplar image in the model's field of view: what the model saw (its resize and centre crop, at
         ``preprocess.crop``) or, with ``size``, the same box cut from the source file at ``size`` px
         (:class:`~neuroscribe.datasets.geometry.ViewGeometry`)."""
-        im = load_image(self.image_paths[image_id])
+        im = self.probe_image(image_id)
         return self.preprocess.geometry()(im) if size is None else ViewGeometry(self.preprocess, size)(im)
+
+    @cached_property
+    def _planting(self):
+        if not self.meta.get("planted"):
+            return None
+        import pyarrow.parquet as pq
+        from ..datasets.planted import Planting
+        t = pq.read_table(self.path / "images.parquet", columns=["cue_class", "draw_seed"]).to_pydict()
+        cues = [None if s is None else (int(c), int(s)) for c, s in zip(t["cue_class"], t["draw_seed"])]
+        return Planting.from_dict(self.meta["planted"]), cues
+
+    def probe_image(self, image_id: int) -> Image.Image:
+        """Image ``image_id`` as the record pass read it, before the recording's preprocess: the file, or for a
+        planted probe (:mod:`neuroscribe.datasets.planted`) its seeded redrawing from the source photo."""
+        if self._planting is None:
+            return load_image(self.image_paths[image_id])
+        planting, cues = self._planting
+        return planting.render(self.image_paths[image_id], cues[image_id])
 
     def upsampled(self, layer: str, unit: int, size: int | None = None,
                   convention: Convention = "edge") -> torch.Tensor:

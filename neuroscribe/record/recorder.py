@@ -272,12 +272,16 @@ def write_artifacts(rec: Recorder, out: Path, ident: dict, key: str, skipped: li
         "label": [s.label for s in probe.samples],
         "group": [s.group for s in probe.samples],
         "skipped": [bad.get(i) for i in range(len(probe))],
+        **({"cue_class": [None if s.cue is None else s.cue[0] for s in probe.samples],  # what redraws a
+            "draw_seed": [None if s.cue is None else s.cue[1] for s in probe.samples]}  # planted probe's cue
+           if probe.planting is not None else {}),
     })
     with io.atomic_path(out / "images.parquet") as tmp:
         pq.write_table(table, tmp)
     meta = dict(ident, key=key, layers=layers, data_root=str(probe.root), class_names=probe.class_names,
                 n_images=len(probe), n_recorded=len(probe) - len(skipped), n_skipped=len(skipped),
-                skipped=skipped, model_info=rec.lm.info, lm_class_names=rec.lm.class_names)
+                skipped=skipped, model_info=rec.lm.info, lm_class_names=rec.lm.class_names,
+                planted=None if probe.planting is None else probe.planting.to_dict())
     io.write_json(out / "meta.json", meta)
     io.write_json(out / "run.json", timing)
 

@@ -292,3 +292,42 @@ def test_masks_and_views_light_the_region_the_unit_saw(tmp_path: Path, monkeypat
             # the crop is cut around the lit region, so it shows all of it
             bx0, by0, bx1, by1 = crop_box(mask)
             assert bx0 <= x0 and by0 <= y0 and bx1 >= x1 and by1 >= y1 and crop.size == (size, size), name
+
+
+def test_views_and_crops_are_drawn_on_first_use(rec: Recording, partial_unit: int, monkeypatch) -> None:
+    """The tagger reads images and masks only: unit_views draws no dimmed view or crop until one is asked for."""
+    import neuroscribe.describe.views as views_mod
+    drawn = {"dim": 0, "crop": 0}
+    dim, crop = views_mod.dim_outside, views_mod.crop_view
+    monkeypatch.setattr(views_mod, "dim_outside", lambda *a, **k: (drawn.__setitem__("dim", drawn["dim"] + 1),
+                                                                   dim(*a, **k))[1])
+    monkeypatch.setattr(views_mod, "crop_view", lambda *a, **k: (drawn.__setitem__("crop", drawn["crop"] + 1),
+                                                                 crop(*a, **k))[1])
+    uv = unit_views(rec, CONV, partial_unit, dim=0.5)
+    n = len(uv.image_ids)
+    assert n > 0 and len(uv.views) == len(uv.crops) == n and drawn == {"dim": 0, "crop": 0}
+    first = uv.views[0]
+    assert drawn == {"dim": n, "crop": 0}
+    assert first.tobytes() == dim(uv.images[0], uv.masks[0], 0.5).tobytes()
+    assert list(uv.views)[0] is first and drawn["dim"] == n  # drawn once, then kept
+    assert [c.size for c in uv.crops] == [im.size for im in uv.images] and drawn["crop"] == n
+
+
+def test_dim_outside_is_its_definition() -> None:
+    """round(x * dim) outside the mask, the mask's pixels untouched, the 8-adjacent ring outside it outlined."""
+    rng = np.random.default_rng(0)
+    for _ in range(60):
+        h, w = (int(v) for v in rng.integers(1, 40, 2))
+        arr = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+        mask = rng.random((h, w)) < rng.random()
+        d, outline = float(rng.choice([0.0, 0.25, 1.0, rng.random()])), bool(rng.integers(2))
+        want = np.where(mask[..., None], arr, np.rint(arr.astype(np.float32) * np.float32(d)).astype(np.uint8))
+        if outline and mask.any() and not mask.all():
+            p = np.pad(mask, 1)
+            grown = np.zeros_like(mask)
+            for dy in range(3):
+                for dx in range(3):
+                    grown |= p[dy:dy + h, dx:dx + w]
+            want[grown & ~mask] = OUTLINE_COLOUR
+        got = np.asarray(dim_outside(Image.fromarray(arr), mask, d, outline))
+        np.testing.assert_array_equal(got, want)

@@ -35,7 +35,7 @@ import re
 import threading
 import weakref
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
@@ -117,29 +117,35 @@ def image_cache(rec: "Recording", maxsize: int | None = None, size: int | None =
 
 
 def dim_outside(image: Image.Image, mask: np.ndarray, dim: float = 0.25, outline: bool = True) -> Image.Image:
-    """MILAN-style view: ``mask`` pixels kept, all others scaled by ``dim``; optional outline outside the region."""
+    """MILAN-style view: ``mask`` pixels kept, all others scaled by ``dim``; optional outline outside the region.
+
+    Outside the mask a pixel value ``x`` becomes ``round(x * dim)``; the outline is the one-pixel ring of pixels
+    8-adjacent to the mask but outside it, painted :data:`OUTLINE_COLOUR` (drawn with PIL's C operations: this
+    runs for every exemplar of every unit)."""
     if not 0.0 <= dim <= 1.0:
         raise ValueError(f"dim must be a brightness factor in [0, 1]; got {dim}")
-    arr = np.asarray(image.convert("RGB"))
+    rgb = image.convert("RGB")
     mask = np.asarray(mask, dtype=bool)
-    if mask.shape != arr.shape[:2]:
-        raise ValueError(f"mask shape {mask.shape} does not match image size {arr.shape[1]}x{arr.shape[0]} "
+    if mask.shape != (rgb.height, rgb.width):
+        raise ValueError(f"mask shape {mask.shape} does not match image size {rgb.width}x{rgb.height} "
                          "(masks must be rendered at the view size)")
-    lut = np.rint(np.arange(256, dtype=np.float32) * dim).astype(np.uint8)  # x -> round(x * dim)
-    out = np.where(mask[..., None], arr, lut[arr])
+    lut = np.rint(np.arange(256, dtype=np.float32) * dim).astype(np.uint8).tolist()  # x -> round(x * dim)
+    out = rgb.point(lut * 3)
+    inside = Image.fromarray(mask.astype(np.uint8) * 255, "L")
+    out.paste(rgb, mask=inside)
     if outline and mask.any() and not mask.all():
-        out[_ring(mask)] = OUTLINE_COLOUR
-    return Image.fromarray(out)
+        out.paste(OUTLINE_COLOUR, mask=Image.fromarray(_ring(mask).astype(np.uint8) * 255, "L"))
+    return out
 
 
 def _ring(mask: np.ndarray) -> np.ndarray:
     """Pixels 8-adjacent to ``mask`` but outside it: a one-pixel outline that does not cover the region."""
-    p = np.pad(mask, 1)
-    h, w = mask.shape
-    grown = np.zeros_like(mask)
-    for dy in (0, 1, 2):
-        for dx in (0, 1, 2):
-            grown |= p[dy:dy + h, dx:dx + w]
+    rows = mask.copy()  # grown by one pixel up and down, then that left and right: the 3x3 neighbourhood
+    rows[1:] |= mask[:-1]
+    rows[:-1] |= mask[1:]
+    grown = rows.copy()
+    grown[:, 1:] |= rows[:, :-1]
+    grown[:, :-1] |= rows[:, 1:]
     return grown & ~mask
 
 
@@ -187,12 +193,16 @@ def unit_views(rec: "Recording", layer: str, unit: int, dim: float = 0.25, crop_
     :func:`image_cache` for ``size``), so building the views of every unit of a layer decodes each distinct image
     once while it stays in the cache.
     """
+    if not 0.0 <= dim <= 1.0:  # checked here: views and crops are drawn later, on first use
+        raise ValueError(f"dim must be a brightness factor in [0, 1]; got {dim}")
+    if crop_margin < 0:
+        raise ValueError(f"crop margin must be >= 0 (a fraction of the mask box); got {crop_margin}")
     size = rec.view_size if size is None else size
     cache = image_cache(rec, size=size) if cache is None else cache
     exemplars = rec.exemplars(layer, unit)          # raises KeyError/IndexError naming the bad layer/unit
     min_crop = max(1, round(min_crop * size / rec.preprocess.crop))
     masks_all = rec.masks(layer, unit, size) if exemplars else np.zeros((0, size, size), dtype=bool)
-    images, masks, views, crops = [], [], [], []
+    images, masks = [], []
     for ex in exemplars:
         im = cache.get(ex.image_id)
         mask = np.asarray(masks_all[ex.rank], dtype=bool)
@@ -201,11 +211,37 @@ def unit_views(rec: "Recording", layer: str, unit: int, dim: float = 0.25, crop_
                              f"{ex.image_id} differ; the cache holds images of another size than {size} px")
         images.append(im)
         masks.append(mask)
-        views.append(dim_outside(im, mask, dim, outline))
-        crops.append(crop_view(im, mask, crop_margin, min_crop, size))
+    # dimmed views and crops are drawn on first use: the tagger reads images and masks only (a third of the
+    # describe stage's time went into views it never looked at); the gallery and the captioner draw them
+    views = Drawn(lambda: [dim_outside(im, m, dim, outline) for im, m in zip(images, masks)], len(images))
+    crops = Drawn(lambda: [crop_view(im, m, crop_margin, min_crop, size) for im, m in zip(images, masks)],
+                  len(images))
     return UnitViews(layer=layer, unit=unit, image_ids=[ex.image_id for ex in exemplars],
                      scores=[float(ex.score) for ex in exemplars], images=images, masks=masks, views=views,
                      crops=crops)
+
+
+class Drawn(Sequence):
+    """A list of images drawn by ``make()`` on first access (then kept); ``len`` is known without drawing."""
+
+    def __init__(self, make: Callable[[], list], n: int):
+        self._make, self._n, self._items = make, n, None
+
+    def _all(self) -> list:
+        if self._items is None:
+            self._items, self._make = self._make(), None
+        return self._items
+
+    def __getitem__(self, i):
+        return self._all()[i]
+
+    def __len__(self) -> int:
+        return self._n
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, Sequence) and list(self) == list(other)
+
+    __hash__ = None
 
 
 def unit_grid(uv: UnitViews, cols: int = 5, cell: int = 112, *, which: Literal["views", "crops", "images"] =

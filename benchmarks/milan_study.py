@@ -101,6 +101,32 @@ def final_layer_check(trained) -> dict | None:
     return json.loads((Path(sub.out) / "describe.json").read_text()).get("final_layer_check")
 
 
+def clean_final_layer_check(cfg, checkpoint: Path, out: Path) -> dict | None:
+    """The final-layer check of the clean-trained reference: its ``fc`` logits described on the probe's photos
+    without the cue (the probe shift's data, the same seeded sample), so no written name lends it a word."""
+    from neuroscribe.record.recorder import record
+    from neuroscribe.describe.stage import describe
+    probe = next(s for s in cfg.shifts if s.name == cfg.probe)
+    sub = cfg.model_copy(update={"model": cfg.model.model_copy(update={"spec": f"checkpoint:{checkpoint}"}),
+                                 "layers": ["fc"], "out": out, "train": None, "probe": None, "data": probe.data,
+                                 "preprocess": cfg.preprocess.model_copy(update={"resize": cfg.train.resolution,
+                                                                                 "crop": cfg.train.resolution}),
+                                 "describe": cfg.describe.model_copy(update={"gallery": False}),
+                                 "ablate": cfg.ablate.model_copy(update={"dfr": None})})
+    record(sub)
+    describe(sub)
+    return json.loads((out / "describe.json").read_text()).get("final_layer_check")
+
+
+def final_layer_summary(check: dict | None) -> dict | None:
+    """``{named, units, misses}`` of a final-layer check: classes whose logit unit's description names them."""
+    if not check:
+        return None
+    per = check["per_class"]
+    return {"named": sum(bool(r["names_class"]) for r in per.values()), "units": len(per),
+            "misses": {n: r["description"] for n, r in per.items() if not r["names_class"]}}
+
+
 def flag_truth(cfg) -> dict:
     """The pipeline's flag quality of the seed's job (``evaluation.json`` ``flag_quality``): precision, recall, share
     of each flag set and the description ranking's AUC against counterfactual ground truth (the top 5 % of units per
@@ -131,8 +157,10 @@ def reference(cfg, seed: int) -> dict:
                     keep_logits=False, progress=False)
         r = accuracy_report(p.preds, p.labels, None, cfg.evaluate.bootstrap, cfg.seed)
         results[name] = {"acc": r["acc"], "lo": r["ci_low"], "hi": r["ci_high"], "n": r["n"]}
+    final = clean_final_layer_check(cfg, Path(res.checkpoint), out / "final-layer")
     return {"seed": seed, "results": results, "seconds": round(time.perf_counter() - t0, 1),
-            "train_seconds": round(sum(h["seconds"] for h in res.history), 1)}
+            "train_seconds": round(sum(h["seconds"] for h in res.history), 1),
+            "final_layer_check": final, "final_layer": final_layer_summary(final)}
 
 
 def collect(cfg, seconds: float, final: dict | None, truth: dict) -> dict:
@@ -158,7 +186,16 @@ def collect(cfg, seconds: float, final: dict | None, truth: dict) -> dict:
             "curves": {k: v["curve"] for k, v in abl["variants"].items()},
             "units_scored_alone": abl.get("passes", {}).get("units_scored_alone"),
             "accuracy": acc, "bootstrap_ci95": ci, "describe_units_per_second": desc.get("units_per_second"),
-            "final_layer_check": final, "flag_truth": truth}
+            "final_layer_check": final, "final_layer": final_layer_summary(final), "flag_truth": truth}
+
+
+def _final_aggregate(rows: list[dict | None]) -> dict | None:
+    """Final-layer checks over seeds: ``named`` (mean and CI), ``units`` and the per-seed counts."""
+    rows = [r for r in rows if r]
+    if not rows:
+        return None
+    return {"named": mean_ci([r["named"] for r in rows]), "units": rows[0]["units"],
+            "per_seed": [r["named"] for r in rows]}
 
 
 def verdict(res: dict) -> list[str]:
@@ -244,6 +281,11 @@ def markdown(res: dict) -> str:
                  f"{m['chosen_n']['mean']:.1f} | {fmt(m['precision'])} | {fmt(m['recall'])} | "
                  f"{fmt_auc(m.get('auc', {'mean': None}))} |")
     L += ["", "Final-layer check (the fc logit of each class described on the probe photos names that class):", ""]
+    for r in res.get("reference", []):
+        f = r.get("final_layer")
+        if f:
+            L.append(f"- clean-trained reference seed {r['seed']} (probe photos without the cue): "
+                     f"{f['named']}/{f['units']}" + (f"; misses: {f['misses']}" if f["misses"] else ""))
     for s in seeds:
         f = per[s]["final_layer_check"]
         if f:
@@ -256,6 +298,30 @@ def markdown(res: dict) -> str:
     return "\n".join(L) + "\n"
 
 
+def redo_final_layer(a) -> int:
+    """``--final-layer-only``: the final-layer checks again, on the finished jobs of ``--results``."""
+    path = Path(a.results).with_suffix(".json")
+    res = json.loads(path.read_text())
+    cfg = load_config(a.config, parse_overrides(a.set))
+    for s, row in res["per_seed"].items():
+        trained = pipeline.train(seed_cfg(cfg, int(s)))  # finished: the seed's model, not trained again
+        row["final_layer_check"] = final_layer_check(pipeline.with_probe(trained))
+        row["final_layer"] = final_layer_summary(row["final_layer_check"])
+    for ref in res["reference"]:
+        out = Path(cfg.out) / "reference" / f"seed{ref['seed']}"
+        ref["final_layer_check"] = clean_final_layer_check(cfg, out / "model.safetensors", out / "final-layer")
+        ref["final_layer"] = final_layer_summary(ref["final_layer_check"])
+    res["aggregate"]["final_layer"] = {
+        "text": _final_aggregate([r.get("final_layer") for r in res["per_seed"].values()]),
+        "clean": _final_aggregate([r.get("final_layer") for r in res["reference"]])}
+    res["final_layer_command"] = "python benchmarks/milan_study.py --final-layer-only " + " ".join(
+        f"--set {x}" for x in a.set)
+    res["verdict"] = verdict(res)
+    io.write_json(path, res)
+    io.write_text(path.with_suffix(".md"), markdown(res))
+    return 0
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--config", default=str(ROOT / "configs" / "milan_study.yaml"))
@@ -263,7 +329,12 @@ def main(argv=None) -> int:
     ap.add_argument("--reference-seeds", default="0", help="comma-separated seeds of the clean-trained reference")
     ap.add_argument("--results", default=str(ROOT / "benchmarks" / "results" / "milan_study"))
     ap.add_argument("--markdown-only", action="store_true", help="rewrite the .md from the existing .json")
+    ap.add_argument("--final-layer-only", action="store_true",
+                    help="redo the final-layer checks of the seeds and references in --results (their jobs must "
+                         "exist; nothing is trained) with the current describer, and rewrite the .json and .md")
     a = ap.parse_args(argv)
+    if a.final_layer_only:
+        return redo_final_layer(a)
     if a.markdown_only:
         res = json.loads(Path(a.results).with_suffix(".json").read_text())
         res["verdict"] = verdict(res)
@@ -303,6 +374,8 @@ def main(argv=None) -> int:
                        "precision": mean_ci([r["precision"] for r in rows]),
                        "recall": mean_ci([r["recall"] for r in rows]),
                        "auc": mean_ci([r.get("auc") for r in rows])}
+    final_layer = {"text": _final_aggregate([per[k].get("final_layer") for k in per]),
+                   "clean": _final_aggregate([r.get("final_layer") for r in refs])}
     first = per[cfg.train.seeds[0]]
     test_n = json.loads((Path(cfg.out) / f"seed{cfg.train.seeds[0]}" / "evaluation.json").read_text())
     probe_n = json.loads((Path(cfg.out) / f"seed{cfg.train.seeds[0]}" / "train.json").read_text())
@@ -317,7 +390,8 @@ def main(argv=None) -> int:
                       "n_test": test_n["test_sets"]["in-distribution"]["n"], "seeds": cfg.train.seeds,
                       "job": cfg.model_dump(mode="json")},
            "truth_share": TRUTH_SHARE, "truth_images": first["flag_truth"]["n_images"],
-           "aggregate": {"accuracy": acc, "gain": gain, "gap_closed": gap_closed, "flags": flags},
+           "aggregate": {"accuracy": acc, "gain": gain, "gap_closed": gap_closed, "flags": flags,
+                         "final_layer": final_layer},
            "protocol": protocol, "reference": refs,
            "per_seed": per}
     res["verdict"] = verdict(res)

@@ -152,7 +152,9 @@ def test_rerun_reuses_every_stage(study, monkeypatch):
     from neuroscribe.datasets import shifts
     monkeypatch.setattr(train_mod, "_train_epoch", forbidden)
     monkeypatch.setattr(train_mod, "_decode_all", forbidden)
+    from neuroscribe.datasets import planted
     monkeypatch.setattr(shifts, "materialise", forbidden)
+    monkeypatch.setattr(planted, "write_planted", forbidden)  # the probe is planted once
     pipeline.run(sub)
     after = {p: p.read_bytes() for p in job.rglob("*") if p.is_file()}
     assert set(after) == set(before)
@@ -185,6 +187,8 @@ def test_study_helpers_report_what_the_jobs_hold(study):
         final = per["final_layer_check"]  # fc logits described on the probe photos, one per class
         assert final and final["layer"] == "fc" and 0 < final["classes"] <= 10
         assert (job / "final-layer" / "describe.json").is_file()
+        assert per["final_layer"] == ms.final_layer_summary(final) and per["final_layer"]["units"] == final["classes"]
+        assert per["final_layer"]["named"] == round(final["accuracy"] * final["classes"])
         assert per["validation"]["n"] == 2 * json.loads((job / "train.json").read_text())["holdout_n"]
     # the aggregate is the mean of the seeds, gains are paired per seed
     for v in ("base", "ablated", "random", "sort_all"):
@@ -227,6 +231,38 @@ def test_gap_closed_share_per_seed_against_the_reference(study):
     assert closed["ablated"]["mean"] == pytest.approx((0.5 + 0.3) / 2) and closed["ablated"]["n"] == 2
     assert protocol["reference_drop"]["mean"] == pytest.approx((0.15 - 0.05) / 2)
     assert ms.gap_closed_share(per, [], ["ablated"]) == ({}, {})
+    agg = study[2]["aggregate"]["final_layer"]
+    assert agg["clean"] is None and agg["text"]["per_seed"] == [study[2]["per_seed"][s]["final_layer"]["named"]
+                                                                for s in ("0", "1")]
     res = json.loads(json.dumps(study[2]))
     res["aggregate"]["gap_closed"], res["protocol"] = closed, protocol
     assert "| ablated: flagged by descriptions (headline) | 40.0 ± " in ms.markdown(res)
+
+
+def test_clean_reference_is_checked_on_the_probe_photos_without_the_cue(study, tmp_path):
+    """The clean-trained reference's fc logits are described on the probe's photos with nothing drawn on them, and
+    ``--final-layer-only`` redoes every final-layer check of a finished study from its jobs."""
+    from neuroscribe.datasets.probe import open_probe_set
+    from neuroscribe.record import Recording
+    ms, cfg, res, _ = study
+    ref = ms.reference(cfg, 0)
+    final, summary = ref["final_layer_check"], ref["final_layer"]
+    assert final["layer"] == "fc" and summary == ms.final_layer_summary(final) and summary["units"] == final["classes"]
+    rec = Recording.open(Path(cfg.out) / "reference" / "seed0" / "final-layer")
+    assert not rec.meta.get("planted") and rec.meta["model"].endswith("reference/seed0/model.safetensors")
+    d = next(s for s in cfg.shifts if s.name == cfg.probe).data
+    photos = open_probe_set(d.root, d.format, d.split, d.limit, cfg.seed).samples
+    assert {p.resolve() for p in rec.image_paths} == {s.path.resolve() for s in photos}
+    config = tmp_path / "tiny.yaml"
+    config.write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
+    results = tmp_path / "study"
+    res = json.loads(json.dumps(res))
+    res["reference"] = [{k: v for k, v in ref.items() if not k.startswith("final_layer")}]
+    results.with_suffix(".json").write_text(json.dumps(res))
+    assert ms.main(["--config", str(config), "--results", str(results), "--final-layer-only"]) == 0
+    redone = json.loads(results.with_suffix(".json").read_text())
+    assert redone["reference"][0]["final_layer"] == summary  # the same jobs, described again: the same words
+    agg = redone["aggregate"]["final_layer"]
+    assert agg["clean"]["per_seed"] == [summary["named"]] and agg["clean"]["units"] == summary["units"]
+    assert agg["text"]["per_seed"] == [redone["per_seed"][s]["final_layer"]["named"] for s in ("0", "1")]
+    assert "clean-trained reference seed 0 (probe photos without the cue)" in results.with_suffix(".md").read_text()

@@ -14,6 +14,7 @@ import pytest
 from PIL import Image, ImageDraw, ImageFont
 
 from neuroscribe.datasets.probe import sample_root
+from neuroscribe.describe.ocr import MAX_PHRASE_WORDS
 from neuroscribe.describe.tagger import (
     BASIC_COLOURS,
     HYPERNYM_STOP,
@@ -244,6 +245,15 @@ def test_text_phrases_from_hits() -> None:
     phrases = dict(text_phrases([OCRHit("sale 50", 0.9, box, 1.0), OCRHit("x", 0.7, box, 1.0)]))
     assert phrases == {"text": 0.9, "letters": 0.9, "the word sale": 0.9, "digits": 0.9, "number": 0.9}
     assert text_phrases([]) == []
+    # the words of one line inside the mask also make one phrase, in reading order; not across lines, not for
+    # more than MAX_PHRASE_WORDS words, not with one-letter words
+    two = dict(text_phrases([OCRHit("French horn", 0.8, box, 1.0), OCRHit("gas", 0.6, box, 1.0)]))
+    assert two["the word french horn"] == 0.8 and two["the word french"] == two["the word horn"] == 0.8
+    assert "the word french horn gas" not in two and "the word horn gas" not in two
+    long = dict(text_phrases([OCRHit("a b cc dd ee ff gg", 0.9, box, 1.0)]))
+    assert not [p for p in long if " " in p[len("the word "):] and p.startswith("the word ")]
+    kept = OCRHit("open all night", 0.7, box, 1.0, words=("open", "night"))
+    assert dict(text_phrases([kept]))["the word open night"] == 0.7 and MAX_PHRASE_WORDS == 4
 
 
 def test_ocr_reads_word_drawn_on_photo_and_respects_mask(ocr: OCRReader) -> None:

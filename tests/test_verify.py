@@ -149,6 +149,16 @@ def test_text_edit_and_its_control_differ_only_in_the_word():
         r.random()
         assert np.array_equal(t, np.asarray(_draw_words(img, "stop", r)))  # the treatment renders the word itself
         assert _same_length_word("STOP", words.words, random.Random(s)) in {"step", "shop", "ship"}
+    phrase = intervention_for("the word french horn", ("l", 0), words)  # a name of two words: each replaced
+    assert phrase.kind == "text" and phrase.key == "word:french horn" and phrase.target == "the word french horn"
+    r = random.Random(3)
+    pick = random.Random(r.random())  # the draw both make first (the control's choice of words)
+    want = " ".join(_same_length_word(w, words.words, pick) for w in ("french", "horn"))
+    assert len(want.split()) == 2 and want != "french horn"
+    for text, edit in (("french horn", phrase.treat), (want, phrase.control)):
+        r = random.Random(3)
+        r.random()
+        assert np.array_equal(np.asarray(edit(img, random.Random(3))), np.asarray(_draw_words(img, text, r)))
     generic = intervention_for("letters", ("l", 0), words)
     tb, cb = generic.treat(img, random.Random(5)), generic.control(img, random.Random(5))
     edge = lambda x: np.abs(np.diff(np.asarray(x.convert("L"), dtype=float), axis=1)).sum()  # noqa: E731

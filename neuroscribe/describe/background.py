@@ -89,8 +89,8 @@ class Background:
         """Expected tagger weight of ``phrase`` on a view of a random ImageNet photo (see the module docstring).
 
         A phrase that is both a class/hypernym and a colour ("orange") gets the sum of both rates."""
-        if phrase.startswith(_WORD_PREFIX):
-            return TEXT_RATES["letters"] * WORD_SHARE
+        if phrase.startswith(_WORD_PREFIX):  # n words written together: each as rare as one word
+            return TEXT_RATES["letters"] * WORD_SHARE ** len(phrase[len(_WORD_PREFIX):].split())
         if phrase in TEXT_RATES:
             return TEXT_RATES[phrase]
         r = self._wordnet.get(phrase, 0.0) + COLOUR_RATES.get(phrase, 0.0)
@@ -98,9 +98,12 @@ class Background:
 
     def ancestors(self, phrase: str) -> frozenset[str]:
         """The more general phrases ``phrase`` falls under: its WordNet ancestors (informative ones, any depth), or
-        "letters" and "text" for "the word X", "text" for "letters", "digits" and "number"."""
-        if phrase.startswith(_WORD_PREFIX):
-            return frozenset({"letters", "text"})
+        "letters" and "text" for "the word X" (and each of its words for a phrase of several, "the word french" for "the
+        word french horn"), "text" for "letters", "digits" and "number"."""
+        if phrase.startswith(_WORD_PREFIX):  # "the word french horn" is under "the word french" and "the word horn"
+            words = phrase[len(_WORD_PREFIX):].split()
+            singles = {_WORD_PREFIX + w for w in words} if len(words) > 1 else set()
+            return frozenset({"letters", "text", *singles})
         if phrase in TEXT_RATES and phrase != "text":
             return frozenset({"text"})
         return self._above.get(phrase, frozenset())

@@ -82,9 +82,10 @@ def merge_fragments(views: Sequence[Sequence[Candidate]]) -> list[list[Candidate
     exemplars adds up instead of competing. Y is the longest word containing X, ties by the number of views
     reading it, then alphabetically. A view keeps the largest weight of the phrases merged into one."""
     counts: dict[str, int] = {}
-    for v in views:
+    for v in views:  # single words only: a phrase of several ("the word french horn") is not a longer spelling
         for w in {c.phrase[len(_WORD):] for c in v if c.phrase.startswith(_WORD)}:
-            counts[w] = counts.get(w, 0) + 1
+            if " " not in w:
+                counts[w] = counts.get(w, 0) + 1
     target = {}
     for w in counts:
         longer = [y for y in counts if len(y) > len(w) and w in y] if len(w) >= FRAGMENT_MIN_LETTERS else []
@@ -93,7 +94,7 @@ def merge_fragments(views: Sequence[Sequence[Candidate]]) -> list[list[Candidate
     for v in views:
         best: dict[str, Candidate] = {}
         for c in v:
-            if c.phrase.startswith(_WORD):
+            if c.phrase[len(_WORD):] in target and c.phrase.startswith(_WORD):
                 c = Candidate(_WORD + target[c.phrase[len(_WORD):]], c.source, c.weight)
             if c.phrase not in best or c.weight > best[c.phrase].weight:
                 best[c.phrase] = c

@@ -18,7 +18,8 @@ from typing import Any, Sequence
 import numpy as np
 from PIL import Image, ImageDraw
 
-__all__ = ["OCRHit", "OCRReader", "normalise_text", "text_phrases", "word_boxes", "words_in_mask"]
+__all__ = ["MAX_PHRASE_WORDS", "OCRHit", "OCRReader", "normalise_text", "text_phrases", "word_boxes",
+           "words_in_mask"]
 
 
 def _binary_mask(mask: np.ndarray | None, size: tuple[int, int]) -> np.ndarray | None:
@@ -155,10 +156,18 @@ class OCRReader:
         return words_in_mask(hits, binary, self.min_mask_overlap)
 
 
+#: A line's words inside the mask (2 up to this many) also make one phrase, "the word french horn".
+MAX_PHRASE_WORDS = 4
+
+
 def text_phrases(hits: Sequence[OCRHit]) -> list[tuple[str, float]]:
     """Phrases for OCR hits: "text", "the word X", "letters", "digits", "number" with their best confidence.
 
-    "text" needs a line overlapping the mask; the others come only from the words inside it (``OCRHit.words``)."""
+    "text" needs a line overlapping the mask; the others come only from the words inside it (``OCRHit.words``).
+    When 2 to :data:`MAX_PHRASE_WORDS` words of one line (each of 2+ letters) are inside, they also make one
+    phrase in reading order, "the word french horn": a written name of two words is read as that name (the
+    summariser ranks it ahead of its single words when it holds in as many views, see
+    :meth:`~neuroscribe.describe.background.Background.ancestors`)."""
     out: dict[str, float] = {}
 
     def add(phrase: str, weight: float) -> None:
@@ -166,13 +175,17 @@ def text_phrases(hits: Sequence[OCRHit]) -> list[tuple[str, float]]:
 
     for hit in hits:
         add("text", hit.confidence)
+        named = []
         for word in _WORD.findall(hit.text) if hit.words is None else hit.words:
             word = word.lower()
             if any(ch.isalpha() for ch in word):
                 add("letters", hit.confidence)
                 if word.isalpha() and len(word) >= 2:
                     add(f"the word {word}", hit.confidence)
+                    named.append(word)
             if any(ch.isdigit() for ch in word):
                 add("digits", hit.confidence)
                 add("number", hit.confidence)
+        if 2 <= len(named) <= MAX_PHRASE_WORDS:  # "French horn" is read as one name, not as "french" or "horn"
+            add(f"the word {' '.join(named)}", hit.confidence)
     return sorted(out.items(), key=lambda t: (-t[1], t[0]))

@@ -28,8 +28,10 @@ from ..record.exemplars import Recording
 from ..runtime import resolve_device
 
 log = logging.getLogger("neuroscribe.describe")
-FORMAT_VERSION = 3  # 2: the tagger contrasts against a fixed ImageNet background (#13): old unit logs are not reused
-#                    3: views cut from the source at the view size; colour words only where unusual (#18)
+# 2: the tagger contrasts against a fixed ImageNet background (#13); 3: views cut from the source at the view size;
+# colour words only where unusual (#18); 4: names of several words read by OCR ("the word french horn") -- unit logs
+# of older versions are not reused
+FORMAT_VERSION = 4
 
 
 def make_describer(cfg: JobConfig, device: torch.device):

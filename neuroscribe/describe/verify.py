@@ -54,13 +54,13 @@ __all__ = ["INTERVENTIONS", "VERIFY_VERSION", "Intervention", "Pools", "interven
 TEXT_WORDS = {"text", "texts", "word", "words", "letter", "letters", "writing", "written", "caption", "label",
               "sign", "font", "number", "numbers", "digit", "digits", "lettering", "inscription"}
 _DIGIT_WORDS = {"number", "numbers", "digit", "digits"}
-_WORD_RE = re.compile(r"^the word\s+\"?([A-Za-z0-9'-]+)\"?$")
+_WORD_RE = re.compile(r"^the word\s+\"?([A-Za-z0-9'-]+(?: [A-Za-z0-9'-]+)*)\"?$")  # "the word french horn" too
 _FONTS = [p for p in (DEFAULT_FONT, DEFAULT_FONT.with_name("DejaVuSans-Bold.ttf"),
                       DEFAULT_FONT.with_name("DejaVuSerif.ttf"), DEFAULT_FONT.with_name("DejaVuSansMono.ttf"))
           if p.is_file()]
 _INK = [(255, 255, 255), (0, 0, 0), (220, 30, 30), (250, 220, 40), (30, 60, 200)]
 UnitKey = tuple[str, int]
-VERIFY_VERSION = 3  # part of verify.json's key: results of an older verifier are not reused
+VERIFY_VERSION = 4  # part of verify.json's key: results of an older verifier are not reused
 
 
 @dataclass
@@ -156,8 +156,9 @@ def _text(desc: str, unit: UnitKey, pools: Pools) -> Intervention | None:
             rng.random()  # the control's choice of word, drawn here too so both are drawn alike
             return _draw_words(im, word, rng)
 
-        def control_word(im, rng):
-            return _draw_words(im, _same_length_word(word, pools.words, random.Random(rng.random())), rng)
+        def control_word(im, rng):  # each word of a phrase replaced by a common word of its length
+            pick = random.Random(rng.random())
+            return _draw_words(im, " ".join(_same_length_word(w, pools.words, pick) for w in word.split()), rng)
         return Intervention("text", f"the word {word}", f"word:{word.lower()}", treat_word, control_word)
     tokens = set(re.findall(r"[a-z]+", desc))
     if not tokens & TEXT_WORDS:

@@ -52,8 +52,8 @@ def with_probe(cfg: JobConfig) -> JobConfig:
     pre = lm.preprocess  # with the job's overrides
     side = view_size(pre.crop, cfg.describe.view_size)
     key = io.artifact_key(shift.model_dump(mode="json"), cfg.model.spec, io.file_key(Path(cfg.out) / "train.json"),
-                          pre.to_dict(), side, "planted")
-    if not io.current(out / "probe.json", key):
+                          pre.to_dict(), side)
+    if not io.current(out / "probe.json", key):  # a folder of image copies (before 2026-12-02) is read as it is
         ds, names, _ = shift_set(shift, pre, cfg.seed, lm.class_names, held_out(cfg.out))
         write_planted(ds, out, Planting(getattr(ds, "cue", None), tuple(names), pre, side))  # Labelled: no cue
         io.write_json(out / "probe.json", {"key": key, "view_size": side, "model_preprocess": pre.to_dict()})

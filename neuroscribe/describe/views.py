@@ -211,8 +211,8 @@ def unit_views(rec: "Recording", layer: str, unit: int, dim: float = 0.25, crop_
                              f"{ex.image_id} differ; the cache holds images of another size than {size} px")
         images.append(im)
         masks.append(mask)
-    # dimmed views and crops are drawn on first use: the tagger reads images and masks only (a third of the
-    # describe stage's time went into views it never looked at); the gallery and the captioner draw them
+    # dimmed views and crops are drawn on first use: the tagger reads images and masks only; the unit grid and the
+    # captioner draw the views, and only a captioner or a crop-view tagger the crops (15 resizes a unit otherwise)
     views = Drawn(lambda: [dim_outside(im, m, dim, outline) for im, m in zip(images, masks)], len(images))
     crops = Drawn(lambda: [crop_view(im, m, crop_margin, min_crop, size) for im, m in zip(images, masks)],
                   len(images))

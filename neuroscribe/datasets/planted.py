@@ -26,14 +26,13 @@ import csv
 import json
 import os
 import random
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from PIL import Image
 
+from .. import io
 from ..models import Preprocess
 from .cues import parse_cue, render_cue
 from .geometry import ViewGeometry
@@ -80,19 +79,18 @@ class Planting:
                    int(d["view_size"]))
 
 
-def write_planted(ds, out: str | Path, planting: Planting, extra: dict | None = None) -> Path:
+def write_planted(ds, out: str | Path, planting: Planting) -> Path:
     """Write ``ds`` (a :class:`~neuroscribe.datasets.shifts.CuedDataset`, or a cue-less
-    :class:`~neuroscribe.datasets.sets.Labelled`) as a planted probe in ``out`` (see the module docstring), with
-    ``extra`` merged into ``planted.json``. The folder is written whole in a temporary sibling and renamed into place
-    (an interrupted run leaves the previous one or none). Returns ``out``."""
+    :class:`~neuroscribe.datasets.sets.Labelled`) as a planted probe in ``out`` (see the module docstring). The
+    folder is written whole under a temporary name and renamed into place (:func:`neuroscribe.io.atomic_dir`: an
+    interrupted run leaves the previous one or none). Returns ``out``."""
+    from .shifts import write_shift_json
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
-    try:
+    plan = ds.plan() if hasattr(ds, "drawing") else None  # a cued shift: its seeded decisions
+    with io.atomic_dir(out) as tmp:
         with open(tmp / "manifest.csv", "w", newline="", encoding="utf-8") as fh:
             writer = csv.DictWriter(fh, fieldnames=_COLUMNS)
             writer.writeheader()
-            plan = ds.plan() if hasattr(ds, "drawing") else None  # a cued shift: its seeded decisions
             for i, s in enumerate(ds.samples):
                 source, label = (os.fspath(s.path), s.label) if hasattr(s, "path") else (os.fspath(s[0]), s[1])
                 source = str(Path(source).resolve())
@@ -104,22 +102,8 @@ def write_planted(ds, out: str | Path, planting: Planting, extra: dict | None = 
                 writer.writerow({"path": source, "label": label, "group": group, "has_cue": int(has_cue),
                                  "cue_token": token, "cue_class": cue_class, "index": i, "source": source,
                                  "draw_seed": draw_seed if has_cue else ""})
-        config = getattr(ds, "config", None)
-        (tmp / "shift.json").write_text(json.dumps(
-            {"shift": None if config is None else config.model_dump(mode="json"),
-             "class_names": list(ds.class_names)}, indent=2), encoding="utf-8")
-        (tmp / PLANTED_FILE).write_text(json.dumps({**planting.to_dict(), **(extra or {})}, indent=2),
-                                        encoding="utf-8")
-        if out.exists():
-            trash = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-            os.replace(out, trash / out.name)
-            os.replace(tmp, out)
-            shutil.rmtree(trash, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        write_shift_json(tmp, ds)
+        (tmp / PLANTED_FILE).write_text(json.dumps(planting.to_dict(), indent=2), encoding="utf-8")
     return out
 
 

@@ -23,8 +23,6 @@ import hashlib
 import json
 import os
 import random
-import shutil
-import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,6 +33,7 @@ from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from neuroscribe.datasets.cues import Cue, WatermarkCue, cue_uses_class, parse_cue, render_cue
+from neuroscribe import io
 from neuroscribe.datasets.probe import load_image
 
 __all__ = ["Correlation", "ShiftConfig", "CuedDataset", "cue_token", "materialise", "MANIFEST_COLUMNS"]
@@ -266,6 +265,15 @@ class CuedDataset(torch.utils.data.Dataset):
         return rows
 
 
+def write_shift_json(folder: Path, dataset) -> None:
+    """``folder/shift.json``: the dataset's :class:`ShiftConfig` (null for images written as they are, a shift
+    without a cue) and class names -- what readers of the folder's manifest index integer labels with."""
+    config = getattr(dataset, "config", None)
+    meta = {"shift": None if config is None else config.model_dump(mode="json"),
+            "class_names": list(dataset.class_names)}
+    (folder / "shift.json").write_text(json.dumps(meta, indent=2), encoding="utf-8")
+
+
 def cue_token(cue: Any, cue_class: int, class_names: Sequence[str]) -> str | int:
     """What :func:`~neuroscribe.datasets.cues.render_cue` draws for a cue naming ``cue_class``: a watermark's own
     text, the class index for the colour cues, else the class name."""
@@ -304,10 +312,8 @@ def materialise(dataset: CuedDataset, out_dir: str | os.PathLike[str], *, image_
     out = Path(out_dir)
     if out.exists() and not overwrite:
         raise FileExistsError(f"{out} already exists; pass overwrite=True to replace it")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
     ext = "png" if image_format == "png" else "jpg"
-    try:
+    with io.atomic_dir(out) as tmp:
         total = len(dataset)
         width = max(5, len(str(total)))
         with open(tmp / "manifest.csv", "w", newline="", encoding="utf-8") as fh:
@@ -327,18 +333,5 @@ def materialise(dataset: CuedDataset, out_dir: str | os.PathLike[str], *, image_
                                  "cue_class": info["cue_class"], "index": i, "source": source})
                 if progress is not None:
                     progress(i + 1, total)
-        config = getattr(dataset, "config", None)  # None: images written as they are (a shift without a cue)
-        meta = {"shift": None if config is None else config.model_dump(mode="json"),
-                "class_names": list(dataset.class_names)}
-        (tmp / "shift.json").write_text(json.dumps(meta, indent=2), encoding="utf-8")
-        if out.exists():
-            trash = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-            os.replace(out, trash / out.name)
-            os.replace(tmp, out)
-            shutil.rmtree(trash, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        write_shift_json(tmp, dataset)
     return out

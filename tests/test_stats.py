@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 import torch
 
+from neuroscribe.record.quantile import SAMPLE_MAX_RATE, rank_error_of, sample_size
 from neuroscribe.record.stats import QuantileSketch, TopK, merge_topk
 
 
@@ -102,3 +103,70 @@ def test_quantile_sample_is_independent_of_batching_and_sharding():
     assert one.rate < 1 and a.count == one.count
     assert torch.equal(a.value(), one.value())
     assert not math.isnan(float(one.value()[0]))
+
+
+# ---------------------------------------------------------------- rank-error target (record.quantile_rank_error)
+def _bernstein_by_bisection(q: float, s: int, delta: float = 0.01) -> float:
+    """The smallest eps with s eps^2 >= ln(2/delta) (2 v + 2 eps / 3), v the larger of p(1-p) at q -/+ eps."""
+    big_l = math.log(2 / delta)
+
+    def holds(eps):
+        v = max(p * (1 - p) for p in (min(1, max(0, q - eps)), min(1, max(0, q + eps))))
+        return s * eps ** 2 >= big_l * (2 * v + 2 * eps / 3)
+
+    lo, hi = 0.0, 10.0
+    for _ in range(200):
+        mid = (lo + hi) / 2
+        lo, hi = (lo, mid) if holds(mid) else (mid, hi)
+    return hi
+
+
+@pytest.mark.parametrize("q,s", [(0.99, 118_814), (0.99, 5_000), (0.9, 40_000), (0.5, 25), (0.995, 1_000_000)])
+def test_rank_error_is_the_smaller_of_bernstein_and_dkw(q, s):
+    dkw = math.sqrt(math.log(200) / (2 * s))
+    want = min(dkw, _bernstein_by_bisection(q, s))
+    assert rank_error_of(q, s) == pytest.approx(want, rel=1e-9)
+    if q >= 0.99 and s >= 5_000:
+        assert rank_error_of(q, s) < dkw / 3  # the tail: Bernstein is much the tighter
+
+
+@pytest.mark.parametrize("q,eps", [(0.99, 0.001), (0.99, 0.002), (0.95, 0.001), (0.5, 0.01)])
+def test_sample_size_is_the_smallest_meeting_the_target(q, eps):
+    s = sample_size(q, eps)
+    assert rank_error_of(q, s) <= eps < rank_error_of(q, s - 1)
+
+
+def test_rank_error_target_keeps_a_fixed_sample_whatever_the_images():
+    """The sample is sized by the target alone (memory flat in images); small totals stay exact."""
+    want = math.ceil(sample_size(0.99, 0.001) * 1.05) + 64
+    sketches = {n: QuantileSketch(8, 0.99, n, 12544, budget_bytes=1e12, rank_error=0.001) for n in (1000, 4000)}
+    for n, qs in sketches.items():
+        assert qs.rate == pytest.approx(want / (n * 12544), rel=1e-12)
+    assert sketches[1000].m == sketches[4000].m < 2 * 0.01 * want
+    # under SAMPLE_MAX_RATE of the values the sample would not pay: exact
+    few = QuantileSketch(8, 0.99, 40, 49, budget_bytes=1e12, rank_error=0.001)
+    assert few.rate == 1.0 and few.m == few.needed(40 * 49)
+    assert want > SAMPLE_MAX_RATE * 40 * 49
+    # the memory budget still caps the sample
+    capped = QuantileSketch(8, 0.99, 4000, 12544, budget_bytes=8 * 200 * 4, rank_error=0.001)
+    assert capped.rate < sketches[4000].rate and capped.m * 8 * 4 <= 8 * 200 * 4 * 1.2
+
+
+def test_rank_error_target_is_met_on_a_spatial_trend():
+    """Activations rise along the map (a sample that favoured some positions would be off); the sampled
+    quantile's true rank lies within the reported bound of q for every unit, and the sample was really drawn."""
+    g = torch.Generator().manual_seed(11)
+    n, u, h, w, q = 300, 6, 32, 32, 0.99
+    trend = torch.linspace(0, 3, h * w).view(1, 1, h, w)
+    acts = torch.randn(n, u, h, w, generator=g) + trend * torch.rand(1, u, 1, 1, generator=g)
+    qs = QuantileSketch(u, q, n, h * w, budget_bytes=1e12, rank_error=0.002)
+    for s in range(0, n, 32):
+        qs.update(acts[s:s + 32], torch.arange(s, min(s + 32, n)))
+    assert 0 < qs.rate < SAMPLE_MAX_RATE and qs.count < 0.2 * n * h * w
+    eps = qs.rank_error()
+    assert eps <= 0.002
+    flat = acts.transpose(0, 1).reshape(u, -1)
+    rank = (flat <= qs.value()[:, None]).double().mean(1)  # the true fraction at or below the estimate
+    assert torch.all((rank - q).abs() <= eps), (rank, eps)
+    # and the estimate is no exact quantile in disguise: it differs from numpy's on the full data
+    assert not np.allclose(qs.value().numpy(), np.quantile(flat.numpy(), q, axis=1), rtol=0, atol=1e-6)

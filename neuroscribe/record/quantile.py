@@ -2,12 +2,23 @@
 
 Quantiles use numpy's default ("linear") definition over all spatial positions of all images. The q-quantile of
 n values only depends on the ``m = n - floor(q (n-1))`` largest of them, so the estimator keeps, per unit, the m
-largest values seen -- exact. When ``units x m`` values would exceed the memory budget, it instead keeps each
+largest values seen -- exact, with a buffer that grows with the number of images. A sketch may instead keep each
 (image, position) with probability ``rate`` (decided by a hash of image id and position, so the sample does not
-depend on batching or sharding) and returns the exact quantile of that sample. For a sample of s values the
-Dvoretzky-Kiefer-Wolfowitz inequality (which also holds for sampling without replacement) bounds the rank error:
-with probability >= 1 - delta, the returned value lies between the true (q - eps)- and (q + eps)-quantiles, with
-``eps = sqrt(ln(2/delta) / (2 s))``; :meth:`QuantileSketch.rank_error` reports it for delta = 0.01.
+depend on batching or sharding) and return the exact quantile of that sample; it does so when a rank-error target
+is set (``record.quantile_rank_error``, the default: the sample is then sized to meet it, a fixed size whatever the
+number of images, as MILAN's and NetDissect's running quantiles are) and the sample would be under
+``SAMPLE_MAX_RATE`` of the values, or when the exact buffer would exceed the memory budget.
+
+The rank error of a sample of s values is bounded by Bernstein's inequality, which is much tighter than the
+Dvoretzky-Kiefer-Wolfowitz bound (``sqrt(ln(2/delta) / (2 s))``, used where it is the smaller) in the tails where
+mask quantiles sit: at a point x where the true fraction of
+values below is F, the sample fraction deviates by eps or more with probability at most ``exp(-s eps^2 / (2 v +
+2 eps / 3))``, ``v = F (1 - F)``. It holds for sampling without replacement (Hoeffding 1963, section 6: such sums
+are dominated in convex order by sums with replacement), given the sample's size. Applied at the true (q - eps)-
+and (q + eps)-quantiles: with probability >= 1 - delta the returned value lies between them, for ``eps`` solving
+``s eps^2 = ln(2 / delta) (2 v + 2 eps / 3)`` with v the larger of the two points' variances;
+:meth:`QuantileSketch.rank_error` reports it for delta = 0.01 (from the sample actually drawn), and
+:func:`sample_size` inverts it.
 """
 
 from __future__ import annotations
@@ -15,6 +26,36 @@ from __future__ import annotations
 import math
 
 import torch
+
+SAMPLE_MAX_RATE = 0.25  # a rank-error target samples only below this share of the values (else exact is cheaper)
+DELTA = 0.01  # the confidence of reported rank errors: they hold with probability 1 - DELTA
+
+
+def _variance(q: float, eps: float) -> float:
+    """The larger Bernoulli variance at the two points the quantile claim is made at, q - eps and q + eps."""
+    return max(p * (1 - p) for p in (min(1.0, max(0.0, q - eps)), min(1.0, max(0.0, q + eps))))
+
+
+def rank_error_of(q: float, s: int, delta: float = DELTA) -> float:
+    """The bound on the rank error of the q-quantile of a sample of ``s`` values: Bernstein's or, where it is
+    smaller (small samples, central q), the Dvoretzky-Kiefer-Wolfowitz one, ``sqrt(ln(2/delta) / (2 s))``."""
+    s = max(s, 1)
+    big_l = math.log(2 / delta)
+    dkw = math.sqrt(big_l / (2 * s))
+    eps = dkw
+    for _ in range(100):  # Bernstein's as a fixed point: v depends on eps (and moves little with it)
+        v = _variance(q, eps)
+        new = (2 / 3 * big_l + math.sqrt((2 / 3 * big_l) ** 2 + 8 * s * v * big_l)) / (2 * s)
+        if abs(new - eps) < 1e-15:
+            break
+        eps = new
+    return min(dkw, new)
+
+
+def sample_size(q: float, eps: float, delta: float = DELTA) -> int:
+    """A sample size whose :func:`rank_error_of` is at most ``eps`` (the smaller of the two bounds' sizes)."""
+    big_l = math.log(2 / delta)
+    return math.ceil(min(big_l * (2 * _variance(q, eps) + 2 * eps / 3), big_l / 2) / eps ** 2)
 
 
 def _chunks(units: int, chunk: int | None):
@@ -32,12 +73,15 @@ def _prime_at_least(n: int) -> int:
 
 def _keep_mask(ids: torch.Tensor, positions: int, rate: float) -> torch.Tensor:
     """Deterministic Bernoulli(rate) per (image id, position), from an integer hash; ``[B, positions]``."""
-    p = torch.arange(positions, dtype=torch.int64, device=ids.device)
-    x = ids.to(torch.int64)[:, None] * 1_000_003 + p[None, :] + 0x9E3779B9
-    x = (x ^ (x >> 16)) * 0x45D9F3B % (1 << 32)
-    x = (x ^ (x >> 16)) * 0x45D9F3B % (1 << 32)
-    x = x ^ (x >> 16)
-    return (x % (1 << 32)).to(torch.float64) < rate * (1 << 32)
+    p = torch.arange(0x9E3779B9, 0x9E3779B9 + positions, dtype=torch.int64, device=ids.device)
+    x = ids.to(torch.int64)[:, None] * 1_000_003 + p[None, :]
+    for _ in range(2):  # in place: one [B, P] buffer, no temporaries of its size
+        x ^= x >> 16
+        x *= 0x45D9F3B
+        x &= 0xFFFFFFFF
+    x ^= x >> 16
+    # an integer h is below the real rate * 2**32 exactly when it is below its ceiling
+    return x < math.ceil(rate * (1 << 32))
 
 
 class QuantileSketch:
@@ -50,14 +94,20 @@ class QuantileSketch:
     """
 
     def __init__(self, units: int, q: float, n_expected: int, positions: int, budget_bytes: float,
-                 device="cpu"):
+                 device="cpu", rank_error: float = 0.0):
         self.q = q
         self.positions = positions
         self.rate = 1.0
-        m = self.needed(n_expected * positions)
+        total = n_expected * positions
+        m = self.needed(total)
+        if rank_error > 0:  # a sample sized to the target (5 % over it: the hashed sample's size varies)
+            want = math.ceil(sample_size(q, rank_error) * 1.05) + 64
+            if want < SAMPLE_MAX_RATE * total:
+                self.rate = want / total
+                m = self.needed(math.ceil(total * self.rate * 1.05) + 64)
         if units * m * 4 > budget_bytes:
-            self.rate = max(budget_bytes / (units * m * 4) * 0.9, 1e-9)
-            m = self.needed(math.ceil(n_expected * positions * self.rate * 1.05) + 64)
+            self.rate = max(min(self.rate, budget_bytes / (units * m * 4) * self.rate * 0.9), 1e-9)
+            m = self.needed(math.ceil(total * self.rate * 1.05) + 64)
         self.m = m
         self.count = 0  # values seen (after sampling)
         self.top = torch.full((units, 0), -math.inf, device=device)
@@ -95,10 +145,11 @@ class QuantileSketch:
         b, u = acts.shape[:2]
         if b == 0:
             return
-        keep = None
+        img = pos = None
         if self.rate < 1.0:
             keep = _keep_mask(ids.to(acts.device), acts.shape[2] * acts.shape[3], self.rate)  # [B, P]
-            n_new = int(keep.sum())
+            img, pos = keep.nonzero(as_tuple=True)  # the sampled (image, position) pairs, shared by all units
+            n_new = img.shape[0]
         else:
             n_new = b * acts.shape[2] * acts.shape[3]
         self.count += n_new
@@ -107,11 +158,12 @@ class QuantileSketch:
         self.grow(min(self.m, self.width + n_new))
         for u0, u1 in _chunks(u, chunk):
             a = acts[:, u0:u1].flatten(2)  # [B, c, P] (view)
-            if keep is None and self._sparse(u0, a):
+            if img is not None:  # gather the sample only: [c, n_new]
+                self._merge_chunk(u0, a[img, :, pos].T.float())
                 continue
-            v = a.transpose(0, 1)  # [c, B, P] (view)
-            v = (v[:, keep] if keep is not None else v.reshape(u1 - u0, -1)).float()
-            self._merge_chunk(u0, v)
+            if self._sparse(u0, a):
+                continue
+            self._merge_chunk(u0, a.transpose(0, 1).reshape(u1 - u0, -1).float())
 
     def _sparse(self, u0: int, a: torch.Tensor) -> bool:
         """Merge ``a [B, c, P]`` by picking out only the values above a floor per unit, without copying ``a``.
@@ -219,11 +271,11 @@ class QuantileSketch:
         v_hi = self.top[:, min(n - 1 - hi, last)]
         return (v_lo + (v_hi - v_lo) * (pos - lo)).cpu()
 
-    def rank_error(self, delta: float = 0.01) -> float:
-        """0 when exact; else the DKW bound on |rank error| (as a fraction) holding with prob. 1-delta."""
+    def rank_error(self, delta: float = DELTA) -> float:
+        """0 when exact; else the Bernstein bound on |rank error| (a fraction) holding with prob. 1 - delta."""
         if self.rate >= 1.0:
             return 0.0
-        return math.sqrt(math.log(2 / delta) / (2 * max(self.count, 1)))
+        return rank_error_of(self.q, self.count, delta)
 
     def state(self) -> dict[str, torch.Tensor]:
         return {"top": self.top, "count": torch.tensor([self.count], dtype=torch.long)}

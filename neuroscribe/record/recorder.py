@@ -42,14 +42,15 @@ Memory (per process):
 - recorded outputs: ``batch_size x sum over layers of U*H*W x 4`` bytes (the layer outputs of one batch are kept
   until the batch is folded into the state) -- for a very wide layer this is the term to shrink, with
   ``batch_size``;
-- state, per layer: top-k ``U*k*(h*w*2 + 12)`` bytes + quantile ``min(U*m*4, record.quantile_budget_mb)`` bytes
-  (``m ~ (1-q) * images * h*w`` values per unit; past the budget, a sample that fits it) + ``O(U log images)``
+- state, per layer: top-k ``U*k*(h*w*2 + 12)`` bytes + quantile ``U*m*4`` bytes (``m ~ (1-q) * s`` values per
+  unit for a sample of s values: fixed by ``record.quantile_rank_error``; exact, ``(1-q) * images * h*w``; capped
+  by ``record.quantile_budget_mb`` either way, see :mod:`.quantile`) + ``O(U log images)``
   for the mean. On a CUDA device the state of each layer stays on the GPU while all states fit in a quarter of
   the memory free at the start, and is kept in host memory otherwise (computation stays on the GPU);
 - scratch: each batch is folded in unit chunks sized so one chunk's temporaries stay near ``CHUNK_BYTES``
   (256 MiB), whatever the number of units; only exemplars that enter a unit's top-k are copied.
 
-So memory is independent of the number of images (apart from the bounded quantile buffer), linear in units, and
+So memory is independent of the number of images (exact quantiles apart), linear in units, and
 a layer with tens of thousands of units and large maps needs ``U*k*h*w*2`` bytes of top-k maps plus one batch of
 its output.
 """
@@ -105,6 +106,7 @@ def cache_key(cfg: JobConfig, lm: LoadedModel, probe: ProbeSet) -> tuple[str, di
         "layers": list(cfg.layers), "layouts": dict(sorted(cfg.layouts.items())),
         "preprocess": lm.preprocess.to_dict(), "k": cfg.record.k,
         "quantile": cfg.record.quantile, "quantile_budget_mb": cfg.record.quantile_budget_mb,
+        **({"quantile_rank_error": cfg.record.quantile_rank_error} if cfg.record.quantile_rank_error else {}),
         "dataset": {"fingerprint": probe.fingerprint(), "n": len(probe), "limit": cfg.data.limit,
                     "split": cfg.data.split, "seed": cfg.seed},
     }

@@ -32,9 +32,10 @@ class LayerState:
     """Everything kept for one layer during the pass; mergeable across shards."""
 
     def __init__(self, units: int, map_shape: tuple[int, int], k: int, q: float, n_images: int,
-                 budget_bytes: float, device, chunk: int | None = None):
+                 budget_bytes: float, device, chunk: int | None = None, rank_error: float = 0.0):
         self.topk = TopK(units, k, map_shape, device)
-        self.quant = QuantileSketch(units, q, n_images, map_shape[0] * map_shape[1], budget_bytes, device)
+        self.quant = QuantileSketch(units, q, n_images, map_shape[0] * map_shape[1], budget_bytes, device,
+                                    rank_error)
         self.sums = CascadeSum(units, device)
         self.units, self.map_shape = units, tuple(map_shape)
         self.n = 0
@@ -48,8 +49,9 @@ class LayerState:
         return int(max(1, min(units, target_bytes // per_unit)))
 
     @staticmethod
-    def state_bytes(units: int, positions: int, k: int, q: float, n_images: int, budget_bytes: float) -> int:
-        m = QuantileSketch(1, q, n_images, positions, budget_bytes / max(units, 1)).m
+    def state_bytes(units: int, positions: int, k: int, q: float, n_images: int, budget_bytes: float,
+                    rank_error: float = 0.0) -> int:
+        m = QuantileSketch(1, q, n_images, positions, budget_bytes / max(units, 1), rank_error=rank_error).m
         return units * k * (positions * 2 + 12) + min(units * m * 4, int(budget_bytes * 1.2)) + units * 8 * 40
 
     @property
@@ -153,7 +155,8 @@ class Recorder:
         out = {}
         r = self.cfg.record
         for name, (u, h, w) in shapes.items():
-            need = LayerState.state_bytes(u, h * w, r.k, r.quantile, len(self.probe), r.quantile_budget_mb * 2**20)
+            need = LayerState.state_bytes(u, h * w, r.k, r.quantile, len(self.probe), r.quantile_budget_mb * 2**20,
+                                          r.quantile_rank_error)
             out[name] = self.device if need <= free else cpu
             free -= need if need <= free else 0
             if out[name] == cpu:
@@ -174,7 +177,8 @@ class Recorder:
         for name, (raw, n_prefix, layout, v) in views.items():
             kind = {4: "conv", 3: "tokens", 2: "flat"}[raw.dim()]
             units, shape = int(v.shape[1]), tuple(v.shape[2:])
-            st = LayerState(units, shape, r.k, r.quantile, len(self.probe), budget, devices[name])
+            st = LayerState(units, shape, r.k, r.quantile, len(self.probe), budget, devices[name],
+                            rank_error=r.quantile_rank_error)
             st.chunk = LayerState.chunk_units(units, shape[0] * shape[1], r.k, st.quant.m, self.cfg.batch_size,
                                               self.chunk_bytes or CHUNK_BYTES)
             self.states[name] = st

@@ -379,3 +379,16 @@ def test_tagger_rejects_bad_inputs() -> None:
         Tagger(lambda v: np.full((len(v), 1000), 5.0), ocr=False).tag([img])
     with pytest.raises(TypeError, match="callable"):
         Tagger("not a model")  # type: ignore[arg-type]
+
+
+def test_describer_ocr_settings_take_effect() -> None:
+    """RapidOCR silently ignores keys it does not know (the describer once passed ``use_angle_cls``, and the angle
+    classifier kept turning upright lines upside down): the engine really runs without it, and recognises lines
+    at their own width."""
+    pytest.importorskip("rapidocr_onnxruntime")
+    from neuroscribe.config import TaggerConfig
+    from neuroscribe.describe.offline import describer_ocr
+    engine = describer_ocr(TaggerConfig()).engine
+    assert engine.use_cls is False
+    assert list(engine.text_rec.rec_image_shape) == [3, 48, 48]
+    assert engine.use_det is True and engine.use_rec is True

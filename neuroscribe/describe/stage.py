@@ -29,9 +29,9 @@ from ..runtime import resolve_device
 
 log = logging.getLogger("neuroscribe.describe")
 # 2: the tagger contrasts against a fixed ImageNet background (#13); 3: views cut from the source at the view size;
-# colour words only where unusual (#18); 4: names of several words read by OCR ("the word french horn") -- unit logs
-# of older versions are not reused
-FORMAT_VERSION = 4
+# colour words only where unusual (#18); 4: names of several words read by OCR ("the word french horn"); 5: OCR
+# without the angle classifier, lines recognised at their own width -- unit logs of older versions are not reused
+FORMAT_VERSION = 5
 
 
 def make_describer(cfg: JobConfig, device: torch.device):

@@ -12,7 +12,7 @@ from PIL import Image
 from neuroscribe.describe.describers import UnitViews
 from neuroscribe.record.exemplars import Recording
 from neuroscribe.describe.views import (
-    OUTLINE_COLOUR, ImageCache, crop_box, crop_view, dim_outside, image_cache, safe_name, save_unit_views,
+    OUTLINE_COLOUR, ImageCache, _ring, crop_box, crop_view, dim_outside, image_cache, safe_name, save_unit_views,
     unit_grid, unit_views,
 )
 
@@ -125,10 +125,22 @@ def test_grid_size_and_tiles(rec: Recording, partial_unit: int) -> None:
     assert g.size == (5 * 112, math.ceil(n / 5) * 112)
     g2 = unit_grid(uv, cols=4, cell=64, gap=0)
     assert g2.size == (4 * 64, math.ceil(n / 4) * 64)
-    # tile 5 (row 1, column 1) is view 5 shrunk
-    tile = np.asarray(g2.crop((64, 64, 128, 128))).astype(float)
-    ref = np.asarray(uv.views[5].resize((64, 64), Image.Resampling.BICUBIC)).astype(float)
-    assert np.abs(tile - ref).mean() < 1.0
+    assert not uv.views.drawn  # the grid drew its tiles at their own size, not the full views
+    # tile 5 (row 1, column 1) is exemplar 5 dimmed at 64 px: its mask region bright, outlined, the rest dimmed
+    tile = np.asarray(g2.crop((64, 64, 128, 128))).astype(int)
+    small = np.asarray(Image.fromarray(uv.masks[5].astype(np.uint8) * 255).resize((64, 64), Image.NEAREST)) > 127
+    assert 0 < small.sum() < small.size
+    shrunk = np.asarray(uv.images[5].convert("RGB").resize((64, 64), Image.Resampling.BICUBIC)).astype(int)
+    np.testing.assert_array_equal(tile[small], shrunk[small])
+    ring = tile[_ring(small)]
+    assert (ring == np.array(OUTLINE_COLOUR)).all()
+    out = ~small & ~_ring(small)
+    np.testing.assert_array_equal(tile[out], np.rint(shrunk[out] * 0.25).astype(int))
+    # views already drawn full size (e.g. for a captioner) are shrunk as they are
+    full = uv.views[5]
+    g3 = unit_grid(uv, cols=4, cell=64, gap=0)
+    ref = np.asarray(full.resize((64, 64), Image.Resampling.BICUBIC)).astype(float)
+    assert np.abs(np.asarray(g3.crop((64, 64, 128, 128))).astype(float) - ref).mean() < 1.0
     empty = UnitViews(CONV, 0, [], [], [], [], [], [])
     assert unit_grid(empty, cols=3, cell=50).size == (150, 50)
 

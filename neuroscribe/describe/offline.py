@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import random
+import weakref
 
 import numpy as np
 import torch
@@ -27,8 +28,19 @@ from .ocr import OCRHit, OCRReader, _binary_mask, text_phrases, words_in_mask
 from .tagger import Candidate, Tagger
 
 
+_KEYS: dict[int, tuple[weakref.ref, str]] = {}  # id(image) -> (the image, weakly; its pixel key)
+
+
 def _image_key(img: Image.Image) -> str:
-    return hashlib.blake2b(img.tobytes() + repr(img.size).encode(), digest_size=12).hexdigest()
+    """A digest of the image's pixels and size, memoised per image object: a view's image is keyed once although
+    the classifier and the OCR cache both ask, and the views of many units share the probe images of one cache.
+    (Images handed to the describer are never drawn on afterwards: views and crops are new images.)"""
+    hit = _KEYS.get(id(img))
+    if hit is not None and hit[0]() is img:
+        return hit[1]
+    key = hashlib.blake2b(img.tobytes() + repr(img.size).encode(), digest_size=12).hexdigest()
+    _KEYS[id(img)] = (weakref.ref(img, lambda _, i=id(img): _KEYS.pop(i, None)), key)
+    return key
 
 
 class CachedOCR(OCRReader):
@@ -50,7 +62,10 @@ class CachedOCR(OCRReader):
             big = img if s == 1.0 else img.resize((round(img.width * s), round(img.height * s)), Image.BICUBIC)
             self._cache[key] = [OCRHit(h.text, h.confidence, tuple((x / s, y / s) for x, y in h.box), 1.0)
                                 for h in super().read(big, None)]
-        return words_in_mask(self._cache[key], _binary_mask(mask, img.size), self.min_mask_overlap)
+        hits = self._cache[key]
+        if not hits:  # most images: nothing read, no mask to render
+            return []
+        return words_in_mask(hits, _binary_mask(mask, img.size), self.min_mask_overlap)
 
 
 def describer_ocr(t: TaggerConfig) -> CachedOCR:

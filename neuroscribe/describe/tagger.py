@@ -143,7 +143,7 @@ class Tagger:
                              "one group per view")
         if not views:
             return []
-        probs = _to_numpy(self.classify([v.convert("RGB") for v in views]))
+        probs = _to_numpy(self.classify([v if v.mode == "RGB" else v.convert("RGB") for v in views]))
         if probs.shape != (len(views), len(self.vocabulary)):
             raise ValueError(
                 f"classify returned shape {probs.shape}, expected ({len(views)}, {len(self.vocabulary)}) ImageNet-1k "

@@ -213,7 +213,9 @@ def unit_views(rec: "Recording", layer: str, unit: int, dim: float = 0.25, crop_
         masks.append(mask)
     # dimmed views and crops are drawn on first use: the tagger reads images and masks only; the unit grid and the
     # captioner draw the views, and only a captioner or a crop-view tagger the crops (15 resizes a unit otherwise)
-    views = Drawn(lambda: [dim_outside(im, m, dim, outline) for im, m in zip(images, masks)], len(images))
+    views = Drawn(lambda: [dim_outside(im, m, dim, outline) for im, m in zip(images, masks)], len(images),
+                  small=lambda side: [dim_outside(im.convert("RGB").resize((side, side), Image.Resampling.BICUBIC),
+                                                  _mask_at(m, side), dim, outline) for im, m in zip(images, masks)])
     crops = Drawn(lambda: [crop_view(im, m, crop_margin, min_crop, size) for im, m in zip(images, masks)],
                   len(images))
     return UnitViews(layer=layer, unit=unit, image_ids=[ex.image_id for ex in exemplars],
@@ -221,11 +223,23 @@ def unit_views(rec: "Recording", layer: str, unit: int, dim: float = 0.25, crop_
                      crops=crops)
 
 
-class Drawn(Sequence):
-    """A list of images drawn by ``make()`` on first access (then kept); ``len`` is known without drawing."""
+def _mask_at(mask: np.ndarray, side: int) -> np.ndarray:
+    return np.asarray(Image.fromarray(np.asarray(mask, dtype=np.uint8) * 255, "L").resize(
+        (side, side), Image.Resampling.NEAREST)) > 127
 
-    def __init__(self, make: Callable[[], list], n: int):
-        self._make, self._n, self._items = make, n, None
+
+class Drawn(Sequence):
+    """A list of images drawn by ``make()`` on first access (then kept); ``len`` is known without drawing.
+
+    ``small(side)``, where given, draws the same views directly at ``side`` px (for thumbnails: a grid of views
+    that were never drawn full size costs a quarter of the pixels or less)."""
+
+    def __init__(self, make: Callable[[], list], n: int, small: Callable[[int], list] | None = None):
+        self._make, self._n, self._items, self.small = make, n, None, small
+
+    @property
+    def drawn(self) -> bool:
+        return self._items is not None
 
     def _all(self) -> list:
         if self._items is None:
@@ -249,7 +263,8 @@ def unit_grid(uv: UnitViews, cols: int = 5, cell: int = 112, *, which: Literal["
     """Tile a unit's ``views`` (or ``crops``/``images``) row by row into one RGB image.
 
     The grid is ``cols * cell`` wide and ``ceil(n / cols) * cell`` high (one row for a unit with no exemplars,
-    left blank); each tile is the view shrunk to ``cell - gap`` pixels, leaving a ``gap`` border.
+    left blank); each tile is the view at ``cell - gap`` pixels, leaving a ``gap`` border: views not yet drawn are
+    dimmed at that size (image and mask resized first), views already drawn are resized.
     """
     if cols < 1 or cell < 2:
         raise ValueError(f"unit_grid needs cols >= 1 and cell >= 2 pixels; got cols={cols}, cell={cell}")
@@ -262,8 +277,12 @@ def unit_grid(uv: UnitViews, cols: int = 5, cell: int = 112, *, which: Literal["
     grid = Image.new("RGB", (cols * cell, rows * cell), background)
     inner = cell - gap
     off = gap // 2
+    if isinstance(tiles, Drawn) and tiles.small is not None and not tiles.drawn and inner > 0:
+        tiles = tiles.small(inner)  # views nobody drew at full size: drawn at the tile's size instead
     for i, tile in enumerate(tiles):
-        thumb = tile.convert("RGB").resize((inner, inner), Image.Resampling.BICUBIC)
+        thumb = tile.convert("RGB")
+        if thumb.size != (inner, inner):
+            thumb = thumb.resize((inner, inner), Image.Resampling.BICUBIC)
         grid.paste(thumb, ((i % cols) * cell + off, (i // cols) * cell + off))
     return grid
 

@@ -76,7 +76,7 @@ class RecordConfig(_Section):
 
     k: int = Field(15, ge=1, le=1000, description="top-activating images kept per unit")
     quantile: float = Field(0.99, gt=0.0, lt=1.0, description="per-unit activation quantile for masks")
-    quantile_rank_error: float = Field(0.001, ge=0.0, lt=0.5, description="sampled quantiles, to this rank error")
+    quantile_rank_error: float = Field(0.001, ge=0.0, lt=0.5, description="sampled quantiles' rank error; 0 = exact")
     quantile_budget_mb: float = Field(512.0, gt=0, description="quantile memory cap per layer (past it: a sample)")
     checkpoint_every: int = Field(50, ge=1, description="batches between resumable state checkpoints")
 

@@ -63,7 +63,9 @@ class CachedOCR(OCRReader):
             self._cache[key] = [OCRHit(h.text, h.confidence, tuple((x / s, y / s) for x, y in h.box), 1.0)
                                 for h in super().read(big, None)]
         hits = self._cache[key]
-        if not hits:  # most images: nothing read, no mask to render
+        if not hits:  # most images: nothing read, no mask to render (only its shape is checked)
+            if mask is not None and np.ndim(mask) not in (2, 3):
+                raise ValueError(f"mask must be 2-D [H, W], got shape {np.shape(mask)}")
             return []
         return words_in_mask(hits, _binary_mask(mask, img.size), self.min_mask_overlap)
 

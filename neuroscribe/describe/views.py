@@ -316,12 +316,12 @@ def save_unit_views(rec: "Recording", layer: str, unit: int, out_dir: str | Path
     ext = "jpg" if fmt == "jpeg" else "png"
     d = Path(out_dir) / safe_name(layer) / f"{unit:05d}"
     grid_path = d / f"grid.{ext}"
-    _save(unit_grid(uv, cols, cell), grid_path, fmt, quality)
     views = []
-    for rank, view in enumerate(uv.views):
+    for rank, view in enumerate(uv.views):  # drawn full size first: the grid then shrinks these (drawn once)
         p = d / f"view-{rank:03d}.{ext}"
         _save(view, p, fmt, quality)
         views.append(p)
+    _save(unit_grid(uv, cols, cell), grid_path, fmt, quality)
     for stale in d.glob(f"view-*.{ext}"):  # a re-run with fewer exemplars leaves no stray views behind
         if stale not in views:
             stale.unlink(missing_ok=True)

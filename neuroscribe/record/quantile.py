@@ -27,7 +27,8 @@ import math
 
 import torch
 
-SAMPLE_MAX_RATE = 0.25  # a rank-error target samples only below this share of the values (else exact is cheaper)
+SAMPLE_MAX_RATE = 0.25  # a rank-error target samples only below this share of the values (above it, exact: not
+# much slower, at most 4x the sample's memory, and no error)
 DELTA = 0.01  # the confidence of reported rank errors: they hold with probability 1 - DELTA
 
 
@@ -75,7 +76,7 @@ def _keep_mask(ids: torch.Tensor, positions: int, rate: float) -> torch.Tensor:
     """Deterministic Bernoulli(rate) per (image id, position), from an integer hash; ``[B, positions]``."""
     p = torch.arange(0x9E3779B9, 0x9E3779B9 + positions, dtype=torch.int64, device=ids.device)
     x = ids.to(torch.int64)[:, None] * 1_000_003 + p[None, :]
-    for _ in range(2):  # in place: one [B, P] buffer, no temporaries of its size
+    for _ in range(2):  # in place where torch allows (the shifts still make one [B, P] temporary each)
         x ^= x >> 16
         x *= 0x45D9F3B
         x &= 0xFFFFFFFF
@@ -106,7 +107,7 @@ class QuantileSketch:
                 self.rate = want / total
                 m = self.needed(math.ceil(total * self.rate * 1.05) + 64)
         if units * m * 4 > budget_bytes:
-            self.rate = max(min(self.rate, budget_bytes / (units * m * 4) * self.rate * 0.9), 1e-9)
+            self.rate = max(budget_bytes / (units * m * 4) * self.rate * 0.9, 1e-9)
             m = self.needed(math.ceil(total * self.rate * 1.05) + 64)
         self.m = m
         self.count = 0  # values seen (after sampling)

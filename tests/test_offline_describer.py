@@ -124,3 +124,22 @@ def test_colour_words_are_judged_against_the_probe(describer) -> None:
         assert colours() == []
     finally:
         describer.prepare(Probe(ordinary))
+
+
+def test_image_keys_are_pixel_keys_memoised_per_object() -> None:
+    """The memo by identity gives the pixel digest: equal pixels in another object share it, a changed copy does
+    not, and a dead image's entry goes with it (so a reused id never returns a stale key)."""
+    import gc
+    from PIL import Image
+    from neuroscribe.describe import offline
+    a = Image.new("RGB", (16, 16), (10, 20, 30))
+    b = a.copy()
+    key = offline._image_key(a)
+    assert offline._image_key(a) == key == offline._image_key(b)
+    c = a.copy()
+    c.putpixel((3, 4), (11, 20, 30))
+    assert offline._image_key(c) != key
+    ids = {id(a), id(b), id(c)}
+    del a, b, c
+    gc.collect()
+    assert not ids & set(offline._KEYS)

@@ -86,3 +86,27 @@ def test_chunked_recording_is_byte_identical_to_unchunked(tmp_path, monkeypatch)
     small = run(tmp_path / "a", 2 * 2**20)  # ~1,300 units per chunk
     whole = run(tmp_path / "b", 2**40)  # one chunk
     assert small.keys() == whole.keys() and all(small[k] == whole[k] for k in small)
+
+
+def test_a_budget_below_the_rank_error_target_is_said(tmp_path, caplog):
+    """record.quantile_budget_mb smaller than the sample the rank-error target needs: the layer is sampled more
+    thinly, meta.json carries the larger error, and a warning names the layer and both settings."""
+    import json
+    import logging
+
+    def run(out, budget):
+        cfg = load_config(None, {"model": "efficientnet-lite0", "layers": ["_blocks.0"], "out": str(out),
+                                 "data": {"root": str(sample_root()), "limit": 12},
+                                 "record": {"k": 3, "quantile_rank_error": 0.01, "quantile_budget_mb": budget},
+                                 "batch_size": 6, "workers": 0, "progress": False, "device": "cpu"})
+        with caplog.at_level(logging.WARNING, logger="neuroscribe.record"):
+            caplog.clear()
+            path = record_mod.record(cfg)
+        said = [r.getMessage() for r in caplog.records if "quantile_budget_mb" in r.getMessage()]
+        return json.loads((path / "meta.json").read_text())["layers"]["_blocks.0"], said
+
+    roomy, said = run(tmp_path / "a", 512)
+    assert roomy["quantile_method"] == "sampled" and roomy["quantile_rank_error"] <= 0.01 and not said
+    tight, said = run(tmp_path / "b", 0.0002)  # 210 bytes for 16 units: 3 values each, the target needs ~16
+    assert tight["quantile_sample_rate"] < roomy["quantile_sample_rate"] and tight["quantile_rank_error"] > 0.01
+    assert len(said) == 1 and "_blocks.0" in said[0] and "record.quantile_rank_error 0.01" in said[0]

@@ -16,6 +16,7 @@ from ..datasets.probe import ImageDataset, ProbeSet, collate_skipping
 from ..hooks import (LayoutError, declare_layouts, layer_layout, layout_from_resize, prefix_tokens, run, trace,
                      unit_view)
 from ..models import LoadedModel
+from .quantile import rank_error_of
 from .stats import CascadeSum, QuantileSketch, TopK
 
 CHUNK_BYTES = 256 * 2**20  # target scratch memory of one unit chunk
@@ -181,6 +182,11 @@ class Recorder:
                             rank_error=r.quantile_rank_error)
             st.chunk = LayerState.chunk_units(units, shape[0] * shape[1], r.k, st.quant.m, self.cfg.batch_size,
                                               self.chunk_bytes or CHUNK_BYTES)
+            planned = rank_error_of(r.quantile, int(len(self.probe) * shape[0] * shape[1] * st.quant.rate))
+            if r.quantile_rank_error and st.quant.rate < 1 and planned > r.quantile_rank_error * 1.01:
+                log.warning("layer %s: record.quantile_budget_mb (%g) holds a sample of rank error ~%.4f, above "
+                            "record.quantile_rank_error %g: raise the budget for the target", name,
+                            r.quantile_budget_mb, planned, r.quantile_rank_error)
             self.states[name] = st
             self.layer_meta[name] = {"kind": kind, "units": units, "map_shape": list(shape),
                                      "output_shape": list(raw.shape[1:]), "prefix_tokens": n_prefix,

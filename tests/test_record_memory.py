@@ -110,3 +110,31 @@ def test_a_budget_below_the_rank_error_target_is_said(tmp_path, caplog):
     tight, said = run(tmp_path / "b", 0.0002)  # 210 bytes for 16 units: 3 values each, the target needs ~16
     assert tight["quantile_sample_rate"] < roomy["quantile_sample_rate"] and tight["quantile_rank_error"] > 0.01
     assert len(said) == 1 and "_blocks.0" in said[0] and "record.quantile_rank_error 0.01" in said[0]
+
+
+def test_sampled_thresholds_lie_within_their_rank_error_of_the_exact_ones(tmp_path):
+    """EfficientNet-Lite0 on the shipped photos: the sampled 0.99-quantile of every unit of a 112x112 layer lies
+    between the exact (q - eps)- and (q + eps)-quantiles (eps: the rank error the recording reports), and it is
+    not the exact 0.99-quantile itself."""
+    import json
+    from neuroscribe.record import Recording
+
+    def run(out, q, rank_error):
+        cfg = load_config(None, {"model": "efficientnet-lite0", "layers": ["_blocks.0"], "out": str(out),
+                                 "data": {"root": str(sample_root()), "limit": 12},
+                                 "record": {"k": 3, "quantile": q, "quantile_rank_error": rank_error},
+                                 "batch_size": 6, "workers": 0, "progress": False, "device": "cpu"})
+        path = record_mod.record(cfg)
+        rec = Recording.open(out)
+        return rec, json.loads((path / "meta.json").read_text())["layers"]["_blocks.0"]
+
+    sampled, meta = run(tmp_path / "s", 0.99, 0.01)
+    eps = meta["quantile_rank_error"]
+    assert meta["quantile_method"] == "sampled" and 0 < eps <= 0.01
+    exact, _ = run(tmp_path / "e", 0.99, 0)
+    lo, _ = run(tmp_path / "lo", 0.99 - eps, 0)
+    hi, _ = run(tmp_path / "hi", 0.99 + eps, 0)
+    units = range(16)
+    got = [sampled.threshold("_blocks.0", u) for u in units]
+    assert all(lo.threshold("_blocks.0", u) <= g <= hi.threshold("_blocks.0", u) for u, g in zip(units, got))
+    assert got != [exact.threshold("_blocks.0", u) for u in units]

@@ -128,7 +128,7 @@ def test_grid_size_and_tiles(rec: Recording, partial_unit: int) -> None:
     assert not uv.views.drawn  # the grid drew its tiles at their own size, not the full views
     # tile 5 (row 1, column 1) is exemplar 5 dimmed at 64 px: its mask region bright, outlined, the rest dimmed
     tile = np.asarray(g2.crop((64, 64, 128, 128))).astype(int)
-    small = np.asarray(Image.fromarray(uv.masks[5].astype(np.uint8) * 255).resize((64, 64), Image.NEAREST)) > 127
+    small = np.asarray(rec.masks(CONV, partial_unit, 64)[rec.exemplars(CONV, partial_unit)[5].rank], dtype=bool)
     assert 0 < small.sum() < small.size
     shrunk = np.asarray(uv.images[5].convert("RGB").resize((64, 64), Image.Resampling.BICUBIC)).astype(int)
     np.testing.assert_array_equal(tile[small], shrunk[small])

@@ -22,6 +22,16 @@ __all__ = ["MAX_PHRASE_WORDS", "OCRHit", "OCRReader", "normalise_text", "text_ph
            "words_in_mask"]
 
 
+def mask_2d(mask) -> np.ndarray:
+    """``mask`` as a 2-D array (a leading axis of 1 dropped), or a ValueError naming its shape."""
+    m = np.asarray(mask)
+    if m.ndim == 3 and m.shape[0] == 1:
+        m = m[0]
+    if m.ndim != 2:
+        raise ValueError(f"mask must be 2-D [H, W], got shape {m.shape}")
+    return m
+
+
 def _binary_mask(mask: np.ndarray | None, size: tuple[int, int]) -> np.ndarray | None:
     """Boolean ``[H, W]`` mask for an image of PIL ``size`` (W, H).
 
@@ -30,11 +40,7 @@ def _binary_mask(mask: np.ndarray | None, size: tuple[int, int]) -> np.ndarray |
     """
     if mask is None:
         return None
-    m = np.asarray(mask)
-    if m.ndim == 3 and m.shape[0] == 1:
-        m = m[0]
-    if m.ndim != 2:
-        raise ValueError(f"mask must be 2-D [H, W], got shape {m.shape}")
+    m = mask_2d(mask)
     w, h = size
     if m.dtype == bool or np.issubdtype(m.dtype, np.integer):
         m = (m != 0).astype(np.float32)  # exactly 0/1, so the 0.5 threshold below keeps it as is

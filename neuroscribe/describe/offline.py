@@ -24,7 +24,7 @@ from ..models import load_model
 from .contrast import contrast
 from .describers import Described, UnitViews
 from ..text import SentenceEmbedder
-from .ocr import OCRHit, OCRReader, _binary_mask, text_phrases, words_in_mask
+from .ocr import OCRHit, OCRReader, _binary_mask, mask_2d, text_phrases, words_in_mask
 from .tagger import Candidate, Tagger
 
 
@@ -64,8 +64,8 @@ class CachedOCR(OCRReader):
                                 for h in super().read(big, None)]
         hits = self._cache[key]
         if not hits:  # most images: nothing read, no mask to render (only its shape is checked)
-            if mask is not None and np.ndim(mask) not in (2, 3):
-                raise ValueError(f"mask must be 2-D [H, W], got shape {np.shape(mask)}")
+            if mask is not None:
+                mask_2d(mask)
             return []
         return words_in_mask(hits, _binary_mask(mask, img.size), self.min_mask_overlap)
 

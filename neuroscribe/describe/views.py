@@ -214,8 +214,7 @@ def unit_views(rec: "Recording", layer: str, unit: int, dim: float = 0.25, crop_
     # dimmed views and crops are drawn on first use: the tagger reads images and masks only; the unit grid and the
     # captioner draw the views, and only a captioner or a crop-view tagger the crops (15 resizes a unit otherwise)
     views = Drawn(lambda: [dim_outside(im, m, dim, outline) for im, m in zip(images, masks)], len(images),
-                  small=lambda side: [dim_outside(im.convert("RGB").resize((side, side), Image.Resampling.BICUBIC),
-                                                  _mask_at(m, side), dim, outline) for im, m in zip(images, masks)])
+                  small=lambda side: _small_views(rec, layer, unit, exemplars, images, side, dim, outline))
     crops = Drawn(lambda: [crop_view(im, m, crop_margin, min_crop, size) for im, m in zip(images, masks)],
                   len(images))
     return UnitViews(layer=layer, unit=unit, image_ids=[ex.image_id for ex in exemplars],
@@ -223,9 +222,14 @@ def unit_views(rec: "Recording", layer: str, unit: int, dim: float = 0.25, crop_
                      crops=crops)
 
 
-def _mask_at(mask: np.ndarray, side: int) -> np.ndarray:
-    return np.asarray(Image.fromarray(np.asarray(mask, dtype=np.uint8) * 255, "L").resize(
-        (side, side), Image.Resampling.NEAREST)) > 127
+def _small_views(rec, layer, unit, exemplars, images, side, dim, outline) -> list[Image.Image]:
+    """The dimmed views drawn at ``side`` px: each image shrunk, its mask rendered from the unit's grid at that size
+    (as every mask is, :meth:`Recording.masks`)."""
+    if not exemplars:
+        return []
+    masks = rec.masks(layer, unit, side)
+    return [dim_outside(im.convert("RGB").resize((side, side), Image.Resampling.BICUBIC), masks[ex.rank], dim, outline)
+            for ex, im in zip(exemplars, images)]
 
 
 class Drawn(Sequence):
@@ -277,7 +281,7 @@ def unit_grid(uv: UnitViews, cols: int = 5, cell: int = 112, *, which: Literal["
     grid = Image.new("RGB", (cols * cell, rows * cell), background)
     inner = cell - gap
     off = gap // 2
-    if isinstance(tiles, Drawn) and tiles.small is not None and not tiles.drawn and inner > 0:
+    if isinstance(tiles, Drawn) and tiles.small is not None and not tiles.drawn:
         tiles = tiles.small(inner)  # views nobody drew at full size: drawn at the tile's size instead
     for i, tile in enumerate(tiles):
         thumb = tile.convert("RGB")

@@ -182,8 +182,9 @@ class Recorder:
                             rank_error=r.quantile_rank_error)
             st.chunk = LayerState.chunk_units(units, shape[0] * shape[1], r.k, st.quant.m, self.cfg.batch_size,
                                               self.chunk_bytes or CHUNK_BYTES)
-            planned = rank_error_of(r.quantile, int(len(self.probe) * shape[0] * shape[1] * st.quant.rate))
-            if r.quantile_rank_error and st.quant.rate < 1 and planned > r.quantile_rank_error * 1.01:
+            planned = (rank_error_of(r.quantile, int(len(self.probe) * shape[0] * shape[1] * st.quant.rate))
+                       if r.quantile_rank_error and st.quant.rate < 1 else 0.0)
+            if planned > r.quantile_rank_error * 1.01:
                 log.warning("layer %s: record.quantile_budget_mb (%g) holds a sample of rank error ~%.4f, above "
                             "record.quantile_rank_error %g: raise the budget for the target", name,
                             r.quantile_budget_mb, planned, r.quantile_rank_error)

@@ -86,7 +86,7 @@ def test_dfr_refits_on_a_group_balanced_half_and_drops_the_shortcut():
     assert base == 0.0 and acc > 0.8, (base, acc)
     w = dfr[1].weight
     assert (w[1, 0] - w[0, 0]).abs() > (w[1, 1] - w[0, 1]).abs()  # the core feature now outweighs the cue
-    # group-balanced fit half, disjoint choose half, C from the grid
+    # group-balanced fit half, disjoint choose half (sizes), C from the grid
     assert info["cells"] == info["fit_cells"] == ["0/agree", "0/conflict", "1/agree", "1/conflict"]
     sizes = {c: sum(1 for y, g in zip(held.y.tolist(), held.g) if f"{y}/{g}" == c) for c in info["cells"]}
     assert info["fit_per_cell"] == min(n // 2 for n in sizes.values()) and info["fit"] == 4 * info["fit_per_cell"]
@@ -100,20 +100,55 @@ def test_dfr_refits_on_a_group_balanced_half_and_drops_the_shortcut():
 def test_dfr_cuts_two_copies_of_the_same_photos_alike():
     """A holdout given clean and cued (clean copies first, same order): every photo is fitted in both groups or
     scored in both, never fitted in one and scored in the other."""
-    from neuroscribe.ablate.refit import dfr_last_layer
+    from neuroscribe.ablate.refit import dfr_split, labels_and_groups
     one = _toy(0, 60, seed=3)
     n = len(one)
     both = _Toy(torch.cat([one.x, one.x]), torch.cat([one.y, one.y]), ["clean"] * n + ["conflict"] * n)
+    fit, choose = map(set, dfr_split(*labels_and_groups(both), seed=0))
+    assert fit and choose and not fit & choose
+    assert {i % n for i in fit}.isdisjoint({i % n for i in choose})  # no photo on both sides
+    assert {i for i in fit if i < n} == {i - n for i in fit if i >= n}  # the same photos in both groups
+
+
+def test_dfr_final_fit_uses_the_whole_slice_and_does_not_depend_on_feature_scale():
+    """C is tuned on halves, but the head is fitted on balanced subsets of every image (DFR's final fit), on
+    standardised features: scaling a feature by 1000 gives the same predictions (unstandardised, an L2 penalty
+    would weigh that feature 10^6 times less)."""
+    from neuroscribe.ablate.refit import dfr_last_layer
+    held = _toy(300, 100, seed=1)
     seen = []
 
     def batches(d):
         seen.append(list(d.indices))
         return torch.utils.data.DataLoader(d, batch_size=64)
-    dfr_last_layer(_shortcut_model(), [], both, batches, seed=0)
-    fit, choose = set(seen[0]), set(seen[1])
-    assert fit and choose and not fit & choose
-    assert {i % n for i in fit}.isdisjoint({i % n for i in choose})  # no photo on both sides
-    assert {i for i in fit if i < n} == {i - n for i in fit if i >= n}  # the same photos in both groups
+    dfr, info = dfr_last_layer(_shortcut_model(), [], held, batches, seed=0)
+    assert seen == [list(range(len(held)))]  # one pass over every image
+    smallest = min(sum(1 for y, g in zip(held.y.tolist(), held.g) if f"{y}/{g}" == c) for c in info["cells"])
+    assert info["final"]["per_cell"] == smallest and info["final"]["images"] == 4 * smallest
+    assert info["final"]["images"] > info["fit"]  # more than the tuning half
+    scaled = _Toy(held.x * torch.tensor([1000.0, 1.0]), held.y, held.g)
+    model2 = _shortcut_model()
+    with torch.no_grad():
+        model2[1].weight[:, 0] /= 1000.0  # the same (cue-only) model on the scaled input
+    dfr2, info2 = dfr_last_layer(model2, [], scaled, lambda d: torch.utils.data.DataLoader(d, batch_size=64), seed=0)
+    test = _toy(0, 200, seed=2)
+    with torch.no_grad():
+        p1 = dfr(test.x).argmax(1)
+        p2 = dfr2(test.x * torch.tensor([1000.0, 1.0])).argmax(1)
+    assert info2["C"] == info["C"] and (p1 == p2).float().mean() > 0.99
+
+
+def test_dfr_chooses_c_by_the_worst_cue_group_not_the_worst_cell():
+    """The worst group is the cue condition with the lowest class-averaged accuracy on the choose half."""
+    from neuroscribe.ablate.refit import dfr_last_layer
+    _, info = dfr_last_layer(_shortcut_model(), [], _toy(300, 100, seed=1),
+                             lambda d: torch.utils.data.DataLoader(d, batch_size=64), seed=0)
+    for c, groups in info["group_acc_by_C"].items():
+        assert set(groups) == {"agree", "conflict"}
+        assert info["worst_group_by_C"][c] == min(groups.values())
+        assert info["worst_cell_by_C"][c] <= min(groups.values())
+    best = max(info["worst_group_by_C"].values())
+    assert info["C"] == min(float(c) for c, v in info["worst_group_by_C"].items() if v == best)  # ties: smaller C
 
 
 def test_dfr_needs_two_cells():

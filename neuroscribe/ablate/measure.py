@@ -17,6 +17,7 @@ from .. import io
 from ..config import JobConfig
 from ..datasets.sets import class_index, dfr_set, held_out, loader, shift_set, test_sets
 from ..runtime import job_model
+from .refit import DFR_RULE
 from .stage import model_and_means
 
 log = logging.getLogger("neuroscribe.ablate")
@@ -44,7 +45,7 @@ def evaluate(cfg: JobConfig) -> dict:
     abl = json.loads((job / "ablation.json").read_text())
     key = io.artifact_key(abl["key"], cfg.evaluate.model_dump(mode="json"), cfg.data.model_dump(mode="json"),
                [s.model_dump(mode="json") for s in cfg.shifts], cfg.seed, cfg.ablate.refit, cfg.probe,
-               *([cfg.ablate.dfr] if cfg.ablate.dfr else []))
+               *([cfg.ablate.dfr, DFR_RULE] if cfg.ablate.dfr else []))
     done = io.current(job / "evaluation.json", key)
     if done:
         return done

@@ -40,7 +40,13 @@ from neuroscribe.datasets.sets import class_index, loader
 from neuroscribe.ablate.measure import TRUTH_SHARE
 
 ROOT = Path(__file__).resolve().parents[1]
-SETS = ("in-distribution", "wrong-text", "wrong-text-new-style")
+SETS = ["in-distribution", "wrong-text", "wrong-text-new-style"]  # clean, the cued test set, the new style: see
+# use_sets (the names of the config's non-probe shifts: another cue kind's study names its own)
+
+
+def use_sets(names) -> None:
+    """Point :data:`SETS` at ``["in-distribution", cued test set, new-style test set]``."""
+    SETS[:] = ["in-distribution", *list(names)[:2]]
 VARIANTS = ("base", "ablated", "ablated_evidence", "ablated_both", "refit", "dfr", "ablated_dfr", "random", "sort_all")
 LABEL = {"base": "spurious model, no ablation", "ablated": "ablated: flagged by descriptions (headline)",
          "ablated_evidence": "ablated: flagged by evidence", "ablated_both": "ablated: descriptions + evidence",
@@ -77,10 +83,10 @@ def gap_closed_share(per: dict, refs: list, variants) -> tuple[dict, dict]:
     never used it. Both empty without a reference."""
     if not refs:
         return {}, {}
-    ref_wrong = float(np.mean([r["results"]["wrong-text"]["acc"] for r in refs]))
-    drop = mean_ci([r["results"]["in-distribution"]["acc"] - r["results"]["wrong-text"]["acc"] for r in refs])
-    base = {k: per[k]["accuracy"]["base"]["wrong-text"] for k in per}
-    return ({v: mean_ci([(per[k]["accuracy"][v]["wrong-text"] - base[k]) / max(ref_wrong - base[k], 1e-9)
+    ref_wrong = float(np.mean([r["results"][SETS[1]]["acc"] for r in refs]))
+    drop = mean_ci([r["results"]["in-distribution"]["acc"] - r["results"][SETS[1]]["acc"] for r in refs])
+    base = {k: per[k]["accuracy"]["base"][SETS[1]] for k in per}
+    return ({v: mean_ci([(per[k]["accuracy"][v][SETS[1]] - base[k]) / max(ref_wrong - base[k], 1e-9)
                          for k in per]) for v in variants}, {"reference_drop": drop})
 
 
@@ -201,12 +207,12 @@ def _final_aggregate(rows: list[dict | None]) -> dict | None:
 def verdict(res: dict) -> list[str]:
     """The issue's targets, judged on the mean over seeds AND seed by seed (3 seeds give wide t intervals)."""
     per, gain, ref = res["per_seed"], res["aggregate"]["gain"], res["aggregate"]["accuracy"].get("reference")
-    g, clean = gain["ablated"]["wrong-text"], gain["ablated"]["in-distribution"]
-    by_seed = [per[k]["accuracy"]["ablated"]["wrong-text"] - per[k]["accuracy"]["base"]["wrong-text"] for k in per]
+    g, clean = gain["ablated"][SETS[1]], gain["ablated"]["in-distribution"]
+    by_seed = [per[k]["accuracy"]["ablated"][SETS[1]] - per[k]["accuracy"]["base"][SETS[1]] for k in per]
     clean_seed = [per[k]["accuracy"]["ablated"]["in-distribution"] - per[k]["accuracy"]["base"]["in-distribution"]
                   for k in per]
     lo = g["mean"] - (g["ci95_half"] or 0.0)
-    out = [f"wrong-text gain from description flags: mean {fmt(g, sign=True)} points (per seed "
+    out = [f"{SETS[1]} gain from description flags: mean {fmt(g, sign=True)} points (per seed "
            + ", ".join(f"{100 * d:+.1f}" for d in by_seed) + "): the mean "
            + ("meets" if g["mean"] >= 0.049 else "misses") + " +4.9; "
            + f"{sum(d >= 0.049 for d in by_seed)} of {len(by_seed)} seeds reach it; the 95% CI's lower end "
@@ -215,15 +221,15 @@ def verdict(res: dict) -> list[str]:
            + ", ".join(f"{100 * d:+.1f}" for d in clean_seed) + "): the mean is "
            + ("within" if clean["mean"] >= -0.01 else "beyond") + " the 1-point limit; "
            + f"{sum(d < -0.01 for d in clean_seed)} of {len(clean_seed)} seeds drop by more than 1 point",
-           f"controls with the same N on wrong-text: random units {fmt(gain['random']['wrong-text'], sign=True)}, "
-           f"sort-all {fmt(gain['sort_all']['wrong-text'], sign=True)}; in every seed the description-flag gain is "
-           + ("above" if all(per[k]["accuracy"]["ablated"]["wrong-text"] > per[k]["accuracy"]["random_range"]
-                             ["wrong-text"][1] for k in per) else "NOT always above")
+           f"controls with the same N on {SETS[1]}: random units {fmt(gain['random'][SETS[1]], sign=True)}, "
+           f"sort-all {fmt(gain['sort_all'][SETS[1]], sign=True)}; in every seed the description-flag gain is "
+           + ("above" if all(per[k]["accuracy"]["ablated"][SETS[1]] > per[k]["accuracy"]["random_range"]
+                             [SETS[1]][1] for k in per) else "NOT always above")
            + " the best of the 5 random draws"]
     if ref:
-        out.append(f"reference trained on clean images: {fmt(ref['wrong-text'])}% on wrong-text val (what the "
-                   "drawn text alone costs a clean model at this resolution); the ablation recovers "
-                   f"{100 * g['mean'] / max(ref['wrong-text']['mean'] - res['aggregate']['accuracy']['base']['wrong-text']['mean'], 1e-9):.0f}% "
+        out.append(f"reference trained on clean images: {fmt(ref[SETS[1]])}% on {SETS[1]} val (what the "
+                   "drawn cue alone costs a clean model at this resolution); the ablation recovers "
+                   f"{100 * g['mean'] / max(ref[SETS[1]]['mean'] - res['aggregate']['accuracy']['base'][SETS[1]]['mean'], 1e-9):.0f}% "
                    "of the gap between the spurious model and this reference")
     return out
 
@@ -232,7 +238,8 @@ def markdown(res: dict) -> str:
     per, agg = res["per_seed"], res["aggregate"]
     seeds = list(per)
     c = res["config"]
-    L = [f"# MILAN section 7 on Imagenette: spurious text, described, flagged, ablated ({len(seeds)} seeds)", "",
+    L = [f"# MILAN section 7 on Imagenette: a spurious {c['job']['train']['cue']['kind']} cue, described, flagged, "
+         f"ablated ({len(seeds)} seeds)", "",
          f"Run {res['finished']} on {res['machine']}; {res['command']}.", "",
          f"Setting: ResNet-18 from scratch at **{c['resolution']} px, {c['epochs']} epochs** (reduced from MILAN's "
          f"224 px so one seed fits ~30 min on 2 CPU cores), true class name on {c['fraction']:.0%} of "
@@ -241,29 +248,29 @@ def markdown(res: dict) -> str:
          "each photo clean and with a random WRONG class name, the cue decorrelated from the label); probe = "
          f"{c['n_probe']} training photos; test = the {c['n_test']} Imagenette val photos, never used to choose "
          "anything. Accuracy in %, mean ± 95% CI half-width over seeds (t-distribution).", "",
-         "| variant | clean val | wrong-text val | new text style |", "|---|---|---|---|"]
+         f"| variant | clean val | {SETS[1]} val | {SETS[2]} val |", "|---|---|---|---|"]
     for v in (*VARIANTS, "reference"):
         if v in agg["accuracy"]:
             L.append(f"| {LABEL[v]} | " + " | ".join(fmt(agg["accuracy"][v][s]) for s in SETS) + " |")
     L += ["", "Gain over the unablated spurious model (points; paired per seed):", "",
-          "| variant | clean val | wrong-text val | new text style |", "|---|---|---|---|"]
+          f"| variant | clean val | {SETS[1]} val | {SETS[2]} val |", "|---|---|---|---|"]
     for v, g in agg["gain"].items():
         L.append(f"| {LABEL[v]} | " + " | ".join(fmt(g[s], sign=True) for s in SETS) + " |")
     if agg.get("gap_closed"):
         drop = res["protocol"]["reference_drop"]
-        L += ["", "Share of the gap closed on wrong-text val, gain / (clean-trained reference - spurious model), per "
-              f"seed then mean ± 95% CI; the reference itself loses {fmt(drop)} points between clean and wrong-text "
+        L += ["", f"Share of the gap closed on {SETS[1]} val, gain / (clean-trained reference - spurious model), per "
+              f"seed then mean ± 95% CI; the reference itself loses {fmt(drop)} points between clean and {SETS[1]} "
               "val (what the drawn cue costs a model that never used it):", "", "| variant | gap closed (%) |",
               "|---|---|"]
         L += [f"| {LABEL[v]} | {fmt(m)} |" for v, m in agg["gap_closed"].items()]
-    L += ["", "Per seed (wrong-text val %, base -> descriptions-ablated; N units chosen on validation):", ""]
+    L += ["", f"Per seed ({SETS[1]} val %, base -> descriptions-ablated; N units chosen on validation):", ""]
     for s in seeds:
         a = per[s]["accuracy"]
-        L.append(f"- seed {s}: {100 * a['base']['wrong-text']:.1f} -> {100 * a['ablated']['wrong-text']:.1f} "
+        L.append(f"- seed {s}: {100 * a['base'][SETS[1]]:.1f} -> {100 * a['ablated'][SETS[1]]:.1f} "
                  f"(N = {per[s]['chosen_n'].get('description')} of {per[s]['candidates'].get('description')} "
                  f"candidates); clean {100 * a['base']['in-distribution']:.1f} -> "
-                 f"{100 * a['ablated']['in-distribution']:.1f}; random draws wrong-text range "
-                 f"{100 * a['random_range']['wrong-text'][0]:.1f}-{100 * a['random_range']['wrong-text'][1]:.1f}; "
+                 f"{100 * a['ablated']['in-distribution']:.1f}; random draws {SETS[1]} range "
+                 f"{100 * a['random_range'][SETS[1]][0]:.1f}-{100 * a['random_range'][SETS[1]][1]:.1f}; "
                  f"{per[s]['seconds'] / 60:.1f} min")
     L += ["", "Validation curves (accuracy % on the validation photos with N units of each flag set ablated, "
           "N = 0, 1, ...; the chosen N has the highest value, ties to the smaller N):", ""]
@@ -272,7 +279,7 @@ def markdown(res: dict) -> str:
             L.append(f"- seed {s}, {k}: " + " ".join("-" if a is None else f"{100 * a:.1f}" for _, a in curve)
                      + f" -> N = {per[s]['chosen_n'][k]}")
     L += ["", "Flags (mean over seeds) and precision/recall against counterfactual ground truth "
-          f"(top {100 * res['truth_share']:.0f}% of units per layer by wrong-name text effect on "
+          f"(top {100 * res['truth_share']:.0f}% of units per layer by the cue's effect ({SETS[1]}) on "
           f"{res['truth_images']} paired val photos):", "",
           "| flag set | units flagged | share | chosen N | precision | recall | ranking AUC |",
           "|---|---|---|---|---|---|---|"]
@@ -292,7 +299,7 @@ def markdown(res: dict) -> str:
             bad = [f"{n} -> '{r['description']}'" for n, r in f["per_class"].items() if not r["names_class"]]
             L.append(f"- seed {s}: {round(f['accuracy'] * f['classes'])}/{f['classes']}"
                      + (f"; misses: {', '.join(bad)}" if bad else ""))
-    L += ["", "Targets (issue #5, MILAN: +4.9 points on wrong-text, clean not lower by more than 1 point):", ""]
+    L += ["", f"Targets (issue #5, MILAN: +4.9 points on {SETS[1]}, clean not lower by more than 1 point):", ""]
     for line in res["verdict"]:
         L.append(f"- {line}")
     return "\n".join(L) + "\n"
@@ -303,6 +310,7 @@ def redo_final_layer(a) -> int:
     path = Path(a.results).with_suffix(".json")
     res = json.loads(path.read_text())
     cfg = load_config(a.config, parse_overrides(a.set))
+    use_sets(res.get("sets", SETS)[1:])
     for s, row in res["per_seed"].items():
         trained = pipeline.train(seed_cfg(cfg, int(s)))  # finished: the seed's model, not trained again
         row["final_layer_check"] = final_layer_check(pipeline.with_probe(trained))
@@ -337,11 +345,13 @@ def main(argv=None) -> int:
         return redo_final_layer(a)
     if a.markdown_only:
         res = json.loads(Path(a.results).with_suffix(".json").read_text())
+        use_sets(res.get("sets", SETS)[1:])
         res["verdict"] = verdict(res)
         io.write_json(Path(a.results).with_suffix(".json"), res)
         io.write_text(Path(a.results).with_suffix(".md"), markdown(res))
         return 0
     cfg = load_config(a.config, parse_overrides(a.set))
+    use_sets([s.name for s in cfg.shifts if s.name != cfg.probe])
     if cfg.train.data.root is not None and not Path(cfg.train.data.root).is_dir():
         print(f"the study needs the Imagenette photos at {cfg.train.data.root}", file=sys.stderr)
         return 2
@@ -389,7 +399,7 @@ def main(argv=None) -> int:
                       "n_probe": next(s for s in cfg.shifts if s.name == cfg.probe).data.limit,
                       "n_test": test_n["test_sets"]["in-distribution"]["n"], "seeds": cfg.train.seeds,
                       "job": cfg.model_dump(mode="json")},
-           "truth_share": TRUTH_SHARE, "truth_images": first["flag_truth"]["n_images"],
+           "sets": list(SETS), "truth_share": TRUTH_SHARE, "truth_images": first["flag_truth"]["n_images"],
            "aggregate": {"accuracy": acc, "gain": gain, "gap_closed": gap_closed, "flags": flags,
                          "final_layer": final_layer},
            "protocol": protocol, "reference": refs,

@@ -220,6 +220,27 @@ def test_markdown_survives_an_empty_flag_set(study):
     assert "- seed 0, description: -" in ms.markdown(res)  # an empty flag set's curve: no crash, a dash
 
 
+def test_the_test_set_names_come_from_the_config(study):
+    """Another cue kind's study (configs/milan_study_patch.yaml) names its test sets itself: the results and tables
+    follow the config's shift names, never a hard-coded 'wrong-text'."""
+    ms, cfg, res, _ = study
+    assert res["sets"] == list(SETS)
+    renamed = {"wrong-text": "wrong-patch", "wrong-text-new-style": "wrong-patch-new-style"}
+    text = json.dumps(res)
+    for old, new in sorted(renamed.items(), key=lambda kv: -len(kv[0])):
+        text = text.replace(f'"{old}"', f'"{new}"')
+    other = json.loads(text)
+    try:
+        ms.use_sets(other["sets"][1:])
+        other["verdict"] = ms.verdict(other)
+        md = ms.markdown(other)
+    finally:
+        ms.use_sets(SETS[1:])
+    assert "| variant | clean val | wrong-patch val | wrong-patch-new-style val |" in md
+    assert "wrong-text val" not in md
+    assert other["sets"] == ["in-distribution", "wrong-patch", "wrong-patch-new-style"]
+
+
 def test_gap_closed_share_per_seed_against_the_reference(study):
     ms = study[0]
     acc = lambda base, abl: {"accuracy": {"base": {"wrong-text": base}, "ablated": {"wrong-text": abl}}}  # noqa: E731

@@ -85,7 +85,7 @@ def test_demo_job_is_valid_and_configs_copy_matches_the_packaged_one():
     study = load_config(Path(__file__).resolve().parents[1] / "configs" / "milan_study.yaml")
     assert study.train.seeds == [0, 1, 2] and study.ablate.refit and study.probe == "train-text"
     patch = load_config(Path(__file__).resolve().parents[1] / "configs" / "milan_study_patch.yaml")
-    assert patch.train.cue.kind == "patch" and set(patch.flag.cues) == {"colour"} and patch.probe == "train-patch"
+    assert patch.train.cue["kind"] == "patch" and set(patch.flag.cues) == {"colour"} and patch.probe == "train-patch"
     assert patch.flag.embedding_threshold == study.flag.embedding_threshold and patch.describe == study.describe
 
 

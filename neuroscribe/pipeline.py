@@ -115,6 +115,8 @@ def aggregate_seeds(reports: dict[int, dict], out: Path) -> dict:
 
 
 def _run_one(cfg: JobConfig) -> dict:
+    Path(cfg.out).mkdir(parents=True, exist_ok=True)
+    io.write_text(Path(cfg.out) / "config.yaml", cfg.dump())  # the job as run: any stage can rerun from it
     cfg = train(cfg)
     probe_cfg = with_probe(cfg)
     record(probe_cfg)

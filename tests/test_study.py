@@ -80,6 +80,10 @@ def test_each_seed_job_has_every_stage_artifact(study):
             assert (job / name).is_file(), f"seed {s}: {name} missing"
         train = json.loads((job / "train.json").read_text())
         assert Path(train["checkpoint"]).is_file() and f"seed{s}" in train["checkpoint"]
+        # the job as run (its test data, not the probe the record stage was given), to rerun any stage from
+        as_run = load_config(job / "config.yaml")
+        assert as_run.data == cfg.data and as_run.train.seeds == [s] and as_run.out == job
+        assert load_config(job / "record" / "config.yaml").data.root.name == "manifest.csv"  # the probe set
         assert train["train_n"] + train["holdout_n"] == 40 and len(train["history"]) == 1  # one epoch
         abl = json.loads((job / "ablation.json").read_text())
         assert "the name of a random WRONG class" in abl["validation"]["description"]  # chosen on the held-out training photos

@@ -317,8 +317,8 @@ def _record(cfg: JobConfig, ctx: distributed.Context) -> Path:
     final = record_dir / key
     partial_root = record_dir / f"{key}.partial"
     if ctx.is_main:
-        job.mkdir(parents=True, exist_ok=True)
-        io.write_text(job / "config.yaml", cfg.dump())
+        record_dir.mkdir(parents=True, exist_ok=True)  # the config this recording was made with (its data is the
+        io.write_text(record_dir / "config.yaml", cfg.dump())  # probe set), not the job's: see JOBDIR/config.yaml
     current = distributed.broadcast_object((final / "meta.json").is_file() if ctx.is_main else None)
     if current:
         if ctx.is_main:

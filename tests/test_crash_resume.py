@@ -100,8 +100,8 @@ def test_sigkill_at_random_points_then_resume_is_byte_identical(reference, tmp_p
     assert got.keys() == want.keys()
     for name in want:
         assert got[name] == want[name], f"{name} differs after {kills} kills and a resume"
-    # nothing is left behind: no checkpoint, no half-built directory
-    assert sorted(p.name for p in (job / "record").iterdir()) == [key]
+    # nothing is left behind: no checkpoint, no half-built directory (config.yaml is the config it recorded with)
+    assert sorted(p.name for p in (job / "record").iterdir()) == sorted([key, "config.yaml"])
     assert json.loads((job / "record.json").read_text())["path"] == f"record/{key}"
 
 

@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -36,6 +37,7 @@ from scipy import stats
 
 from neuroscribe import io, pipeline
 from neuroscribe.config import load_config, parse_overrides
+from neuroscribe.datasets.cues import describe_cue
 from neuroscribe.datasets.sets import class_index, loader
 from neuroscribe.ablate.measure import TRUTH_SHARE
 
@@ -238,14 +240,15 @@ def markdown(res: dict) -> str:
     per, agg = res["per_seed"], res["aggregate"]
     seeds = list(per)
     c = res["config"]
+    cue = c["job"]["train"]["cue"]
     L = [f"# MILAN section 7 on Imagenette: a spurious {c['job']['train']['cue']['kind']} cue, described, flagged, "
          f"ablated ({len(seeds)} seeds)", "",
          f"Run {res['finished']} on {res['machine']}; {res['command']}.", "",
          f"Setting: ResNet-18 from scratch at **{c['resolution']} px, {c['epochs']} epochs** (reduced from MILAN's "
-         f"224 px so one seed fits ~30 min on 2 CPU cores), true class name on {c['fraction']:.0%} of "
+         f"224 px so one seed fits ~30 min on 2 CPU cores), {describe_cue(cue, 'match')} on {c['fraction']:.0%} of "
          f"{c['n_train']} training photos; validation = {c['n_validation']} images of held-out training photos "
          f"({'half of them, the other half fitting DFR; ' if c['job']['ablate'].get('dfr') == 'holdout' else ''}"
-         "each photo clean and with a random WRONG class name, the cue decorrelated from the label); probe = "
+         f"each photo clean and with {describe_cue(cue, 'wrong')}, the cue decorrelated from the label); probe = "
          f"{c['n_probe']} training photos; test = the {c['n_test']} Imagenette val photos, never used to choose "
          "anything. Accuracy in %, mean ± 95% CI half-width over seeds (t-distribution).", "",
          f"| variant | clean val | {SETS[1]} val | {SETS[2]} val |", "|---|---|---|---|"]
@@ -330,6 +333,20 @@ def redo_final_layer(a) -> int:
     return 0
 
 
+def command_line(a) -> str:
+    """The study's command as run: the config (relative to the repository when inside it), the overrides and the
+    reference seeds, so a results file names what made it."""
+    cmd = ["python", "benchmarks/milan_study.py"]
+    config = Path(a.config).resolve()
+    if config != (ROOT / "configs" / "milan_study.yaml").resolve():
+        cmd += ["--config", str(config.relative_to(ROOT) if config.is_relative_to(ROOT) else config)]
+    for x in a.set:
+        cmd += ["--set", x]
+    if a.reference_seeds != "0":
+        cmd += ["--reference-seeds", a.reference_seeds]
+    return shlex.join(cmd)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--config", default=str(ROOT / "configs" / "milan_study.yaml"))
@@ -389,7 +406,7 @@ def main(argv=None) -> int:
     first = per[cfg.train.seeds[0]]
     test_n = json.loads((Path(cfg.out) / f"seed{cfg.train.seeds[0]}" / "evaluation.json").read_text())
     probe_n = json.loads((Path(cfg.out) / f"seed{cfg.train.seeds[0]}" / "train.json").read_text())
-    res = {"command": "python benchmarks/milan_study.py " + " ".join(f"--set {x}" for x in a.set),
+    res = {"command": command_line(a),
            "finished": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
            "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads, "
                       f"{'CUDA ' + torch.cuda.get_device_name() if torch.cuda.is_available() else 'CPU only'}, "

@@ -8,6 +8,7 @@ from __future__ import annotations
 import csv
 import importlib.util
 import json
+import shlex
 from pathlib import Path
 
 import numpy as np
@@ -69,6 +70,14 @@ def study(tmp_path_factory):
     assert ms.main(["--config", str(config), "--reference-seeds", "", "--results", str(results)]) == 0
     cfg = load_config(config)
     return ms, cfg, json.loads(results.with_suffix(".json").read_text()), results.with_suffix(".md").read_text()
+
+
+def test_results_name_the_command_that_made_them(study):
+    ms, cfg, res, md = study
+    cmd = shlex.split(res["command"])
+    assert cmd[:2] == ["python", "benchmarks/milan_study.py"] and cmd[cmd.index("--config") + 1].endswith("tiny.yaml")
+    assert cmd[cmd.index("--reference-seeds") + 1] == ""  # the fixture ran without a reference
+    assert res["command"] in md
 
 
 def test_each_seed_job_has_every_stage_artifact(study):
@@ -179,11 +188,14 @@ def test_study_helpers_report_what_the_jobs_hold(study):
         assert truth["test_set"] == "wrong-text" and truth["n_images"] == cfg.flag.evidence_images
         assert truth["truth"] == sum(max(1, round(SHARE * n)) for n in truth_per_layer.values())
         assert truth["units"] == sum(truth_per_layer.values())
+        units = {tuple(u) for u in truth["truth_units"]}  # kept, so descriptions can be read against the truth
+        assert len(units) == truth["truth"] and {l for l, _ in units} == set(truth_per_layer)
         assert set(truth["sets"]) == set(flags["sets"]) == {"description", "evidence", "both"}
         for name, row in truth["sets"].items():
             assert row["flagged"] == len(flags["sets"][name])
             assert row["share"] == pytest.approx(row["flagged"] / truth["units"])
             assert row["recall"] == pytest.approx(row["true_positives"] / truth["truth"])
+            assert row["true_positives"] == len({tuple(u) for u in flags["sets"][name]} & units)
             if row["flagged"]:
                 assert row["precision"] == pytest.approx(row["true_positives"] / row["flagged"])
         auc = truth["sets"]["description"].get("auc")  # absent when the described units hold no truth unit

@@ -153,6 +153,7 @@ def flag_quality(cfg: JobConfig, lm, dev, layers, sets: dict) -> dict | None:
         stats = {(u["layer"], u["unit"]): (u["auc"], u["lo"], u["hi"]) for u in ge["units"]}
         truth = set(group_flags(stats, TRUTH_SHARE))
         out = {"test_set": name, "n_images": ge["n_images"], "units": len(stats), "truth": len(truth),
+               "truth_units": sorted([l, u] for l, u in truth),
                "rule": "ground truth: the top 5% of each layer's units by class-stratified group AUC on this test "
                        "set, interval above 0.5", "sets": _set_quality(flags["sets"], truth, len(stats))}
         return out
@@ -215,7 +216,7 @@ def cue_flag_quality(cfg: JobConfig, lm, dev, layers, sets: dict) -> dict | None
         per_class = Counter(names[y] if y < len(names) else str(y) for y in (ds.samples[i][1] for i in ids))
         out = {"test_set": name, "n_images": sum(len(c) for c, _ in pairs),
                "per_class": dict(sorted(per_class.items())), "units": len(effect),
-               "truth": len(truth),
+               "truth": len(truth), "truth_units": sorted([l, u] for l, u in truth),
                "rule": "ground truth: the top 5% of each layer's units by the cue's effect on paired images (with and "
                        "without the cue) of this test set, class-stratified", "sets": _set_quality(flags["sets"], truth,
                                                                                                  len(effect))}

@@ -192,6 +192,7 @@ class FlagQuality(_M):
     per_class: dict[str, int] | None = None
     units: int = Field(ge=0)
     truth: int = Field(ge=0)
+    truth_units: list[tuple[str, int]] | None = None  # the ground-truth units themselves, [layer, unit]
     rule: str
     sets: dict[str, FlagSetQuality]
 

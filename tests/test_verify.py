@@ -110,6 +110,32 @@ def test_objects_are_pasted_from_other_units_with_that_description(rec):
     assert res[("units", 1)]["status"] == res[("units", 2)]["status"] == "unverifiable" and "why" in res[("units", 1)]
 
 
+def test_units_of_one_fold_share_forward_passes_and_get_what_they_would_alone(rec, monkeypatch):
+    """Three units described "sky" (units 0 and 2 one fold): each unit's own exemplar images are kept out of its
+    crops, so the units of a fold make different edits only where the drawn crop is of one of their images. Passed forward once
+    per distinct edited image, every unit gets exactly the figures it gets when nothing is shared."""
+    from neuroscribe.describe import verify
+    descriptions = {("units", 0): "sky", ("units", 1): "sky", ("units", 2): "sky", ("units", 3): "fire"}
+    made = []
+    make = verify.INTERVENTIONS["object"]
+    monkeypatch.setitem(verify.INTERVENTIONS, "object", lambda d, u, p: made.append(make(d, u, p)) or made[-1])
+    seen = []
+    maxima = verify._maxima
+    monkeypatch.setattr(verify, "_maxima", lambda lm, r, ls, images, *a: seen.append(len(images)) or maxima(
+        lm, r, ls, images, *a))
+    shared = run(rec, descriptions)
+    n_shared = sum(seen)
+    fold0 = [iv for iv in made if iv is not None and iv.key == "object:sky:0"]  # units 0 and 2
+    assert len(fold0) == 2 and fold0[0].variant != fold0[1].variant  # their own images differ: two variants
+    assert shared[("units", 0)]["kind"] == "object" and shared[("units", 3)]["status"] == "unverifiable"
+    seen.clear()
+    digest = iter(range(10 ** 9))  # every edited image distinct: nothing shared
+    monkeypatch.setattr(verify, "_digest", lambda im: next(digest))
+    alone = run(rec, descriptions)
+    assert alone == shared
+    assert sum(seen) > n_shared, (sum(seen), n_shared)
+
+
 def test_measure_uses_the_quiet_half_and_a_floored_sd():
     from neuroscribe.describe.verify import measure
     base = np.array([[0.0, 5.0, 1.0], [1.0, 5.0, 2.0], [2.0, 5.0, 3.0], [3.0, 5.0, 4.0]])  # unit 1 is constant
@@ -182,7 +208,7 @@ def test_registry_order_kinds_and_objects_never_use_the_units_own_crops():
     # a crop of an image that is one of the unit's own exemplars is never pasted for it (nor as its control)
     pools.own = {("a", 1): {10}, ("a", 3): {11}}
     iv1b = intervention_for("golf ball", ("a", 1), pools)  # fold 1 is shown fold 0's crops: images 10 and 12
-    assert iv1b.key != iv1.key
+    assert iv1b.key == iv1.key and (iv1.variant, iv1b.variant) == ((), (10,))  # one fold, another variant
     assert {int(np.asarray(iv1b.treat(base, random.Random(s)))[..., 0].max()) for s in range(40)} == {80}
     iv3 = intervention_for("golf ball", ("a", 3), pools)  # not in a fold: every crop but image 11's
     assert {int(np.asarray(iv3.treat(base, random.Random(s)))[..., 0].max()) for s in range(60)} == {0, 80}

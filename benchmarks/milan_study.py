@@ -344,6 +344,9 @@ def command_line(a) -> str:
         cmd += ["--set", x]
     if a.reference_seeds != "0":
         cmd += ["--reference-seeds", a.reference_seeds]
+    results = Path(a.results).resolve()
+    if results != (ROOT / "benchmarks" / "results" / "milan_study").resolve():
+        cmd += ["--results", str(results.relative_to(ROOT) if results.is_relative_to(ROOT) else results)]
     return shlex.join(cmd)
 
 

@@ -77,6 +77,7 @@ def test_results_name_the_command_that_made_them(study):
     cmd = shlex.split(res["command"])
     assert cmd[:2] == ["python", "benchmarks/milan_study.py"] and cmd[cmd.index("--config") + 1].endswith("tiny.yaml")
     assert cmd[cmd.index("--reference-seeds") + 1] == ""  # the fixture ran without a reference
+    assert cmd[cmd.index("--results") + 1].endswith("results/study")
     assert res["command"] in md
 
 

@@ -112,27 +112,40 @@ def test_objects_are_pasted_from_other_units_with_that_description(rec):
 
 def test_units_of_one_fold_share_forward_passes_and_get_what_they_would_alone(rec, monkeypatch):
     """Three units described "sky" (units 0 and 2 one fold): each unit's own exemplar images are kept out of its
-    crops, so the units of a fold make different edits only where the drawn crop is of one of their images. Passed forward once
-    per distinct edited image, every unit gets exactly the figures it gets when nothing is shared."""
+    crops, so the units of a fold make different edits only where the drawn crop is of one of their images. Passed
+    forward once per distinct edited image, every unit gets exactly the figures of its own intervention's edits."""
+    from neuroscribe.datasets.splits import stratified_sample
     from neuroscribe.describe import verify
     descriptions = {("units", 0): "sky", ("units", 1): "sky", ("units", 2): "sky", ("units", 3): "fire"}
-    made = []
+    made = {}
     make = verify.INTERVENTIONS["object"]
-    monkeypatch.setitem(verify.INTERVENTIONS, "object", lambda d, u, p: made.append(make(d, u, p)) or made[-1])
+    monkeypatch.setitem(verify.INTERVENTIONS, "object", lambda d, u, p: made.__setitem__(u, make(d, u, p)) or made[u])
     seen = []
     maxima = verify._maxima
     monkeypatch.setattr(verify, "_maxima", lambda lm, r, ls, images, *a: seen.append(len(images)) or maxima(
         lm, r, ls, images, *a))
     shared = run(rec, descriptions)
     n_shared = sum(seen)
-    fold0 = [iv for iv in made if iv is not None and iv.key == "object:sky:0"]  # units 0 and 2
-    assert len(fold0) == 2 and fold0[0].variant != fold0[1].variant  # their own images differ: two variants
+    assert made[("units", 0)].key == made[("units", 2)].key == "object:sky:0"
+    assert made[("units", 0)].variant != made[("units", 2)].variant  # their own images differ: two variants
     assert shared[("units", 0)]["kind"] == "object" and shared[("units", 3)]["status"] == "unverifiable"
+    # each unit measured alone on the edits of its own intervention (the verifier's sample, seeds and measure)
+    r, lm = rec
+    ids = stratified_sample([int(y) for y in r.labels], 24, 0, exclude=r.skipped_ids, purpose="verify")
+    base = [r.image(i).convert("RGB") for i in ids]
+    cpu = torch.device("cpu")
+    acts0 = maxima(lm, r, ["units"], base, 32, cpu)["units"]
+    for u in [("units", 0), ("units", 1), ("units", 2)]:
+        iv = made[u]
+        t, c = ([edit(im, random.Random(verify._seed(0, iv.key, i))) for im, i in zip(base, ids)]
+                for edit in (iv.treat, iv.control))
+        want = verify.measure(acts0, maxima(lm, r, ["units"], t, 32, cpu)["units"],
+                              maxima(lm, r, ["units"], c, 32, cpu)["units"], u[1])
+        assert {k: shared[u][k] for k in want} == pytest.approx(want), u
     seen.clear()
     digest = iter(range(10 ** 9))  # every edited image distinct: nothing shared
     monkeypatch.setattr(verify, "_digest", lambda im: next(digest))
-    alone = run(rec, descriptions)
-    assert alone == shared
+    assert run(rec, descriptions) == shared
     assert sum(seen) > n_shared, (sum(seen), n_shared)
 
 

@@ -241,7 +241,7 @@ def markdown(res: dict) -> str:
     seeds = list(per)
     c = res["config"]
     cue = c["job"]["train"]["cue"]
-    L = [f"# MILAN section 7 on Imagenette: a spurious {c['job']['train']['cue']['kind']} cue, described, flagged, "
+    L = [f"# MILAN section 7 on Imagenette: a spurious {cue['kind']} cue, described, flagged, "
          f"ablated ({len(seeds)} seeds)", "",
          f"Run {res['finished']} on {res['machine']}; {res['command']}.", "",
          f"Setting: ResNet-18 from scratch at **{c['resolution']} px, {c['epochs']} epochs** (reduced from MILAN's "
@@ -336,17 +336,15 @@ def redo_final_layer(a) -> int:
 def command_line(a) -> str:
     """The study's command as run: the config (relative to the repository when inside it), the overrides and the
     reference seeds, so a results file names what made it."""
-    cmd = ["python", "benchmarks/milan_study.py"]
-    config = Path(a.config).resolve()
-    if config != (ROOT / "configs" / "milan_study.yaml").resolve():
-        cmd += ["--config", str(config.relative_to(ROOT) if config.is_relative_to(ROOT) else config)]
+    def path(option: str, value: str, default: Path) -> list[str]:  # named only when not the default
+        p = Path(value).resolve()
+        return [] if p == default.resolve() else [option, str(p.relative_to(ROOT) if p.is_relative_to(ROOT) else p)]
+    cmd = ["python", "benchmarks/milan_study.py", *path("--config", a.config, ROOT / "configs" / "milan_study.yaml")]
     for x in a.set:
         cmd += ["--set", x]
     if a.reference_seeds != "0":
         cmd += ["--reference-seeds", a.reference_seeds]
-    results = Path(a.results).resolve()
-    if results != (ROOT / "benchmarks" / "results" / "milan_study").resolve():
-        cmd += ["--results", str(results.relative_to(ROOT) if results.is_relative_to(ROOT) else results)]
+    cmd += path("--results", a.results, ROOT / "benchmarks" / "results" / "milan_study")
     return shlex.join(cmd)
 
 

@@ -39,7 +39,9 @@ def main() -> None:
     words = {w.lower() for ws in cfg.flag.cues.values() for w in ws}
     rows = {(r["layer"], int(r["unit"])): r for r in csv.DictReader(open(a.job / "descriptions.csv"))}
     truth = sorted(tuple(u) for u in q["truth_units"])
-    says = lambda text: bool(set(text.lower().split()) & words)  # noqa: E731
+
+    def says(text: str) -> bool:  # the text holds one of the cue's keywords
+        return bool(set(text.lower().split()) & words)
     out = {"job": str(a.job), "truth": len(truth), "per_layer": dict(Counter(l for l, _ in truth)),
            "descriptions": Counter(rows[u]["description"] for u in truth).most_common(),
            "cue_word_description": sum(says(rows[u]["description"]) for u in truth),

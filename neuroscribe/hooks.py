@@ -107,26 +107,30 @@ class Trace:
 @contextlib.contextmanager
 def trace(model: nn.Module, retain: Iterable[str] = (), edit: dict[str, Callable] | None = None,
           stop: bool = False, detach: bool = True, calls: dict[str, int] | None = None,
-          retain_inputs: Iterable[str] = ()) -> Iterator[Trace]:
-    """Hook ``retain`` and ``edit`` layers of ``model`` for the duration of the block.
+          retain_inputs: Iterable[str] = (), visit: dict[str, Callable] | None = None) -> Iterator[Trace]:
+    """Hook ``retain``, ``edit`` and ``visit`` layers of ``model`` for the duration of the block.
 
     ``edit[name](tensor) -> tensor`` replaces the layer's (first) output tensor (every call of a module that is
-    called more than once). A retained module called several times keeps its last output. With ``stop=True``
-    the pass ends once every retained layer has been called ``calls[name]`` times (default 1; the recorder
-    counts calls on a first blank pass); call the model through :func:`run` so the early exit is caught.
+    called more than once). A retained module called several times keeps its last output. ``visit[name](tensor)``
+    is called with that last output itself (detached, not copied) while the pass waits: it must read it at once
+    and keep no reference (the model may overwrite it in place later) -- the recorder folds batches in this way,
+    without a copy of every layer. With ``stop=True`` the pass ends once every retained and visited layer has been
+    called ``calls[name]`` times (default 1; the recorder counts calls on a first blank pass); call the model
+    through :func:`run` so the early exit is caught.
     """
     calls = dict(calls or {})
     retain = list(retain)
     retain_inputs = list(retain_inputs)
     edit = dict(edit or {})
-    modules = resolve_layers(model, list(dict.fromkeys(retain + list(edit) + retain_inputs)))  # checked first
+    visit = dict(visit or {})
+    modules = resolve_layers(model, list(dict.fromkeys(retain + list(edit) + retain_inputs + list(visit))))
     tr = Trace()
-    remaining = set(retain)
+    remaining = set(retain) | set(visit)
     handles = []
     try:
         for name, mod in modules.items():
             handles.append(mod.register_forward_hook(functools.partial(
-                _layer_hook, name, tr, remaining, retain, edit, retain_inputs, calls, stop, detach)))
+                _layer_hook, name, tr, remaining, retain, edit, retain_inputs, calls, stop, detach, visit)))
         yield tr
     finally:
         for h in handles:
@@ -134,7 +138,8 @@ def trace(model: nn.Module, retain: Iterable[str] = (), edit: dict[str, Callable
 
 
 def _layer_hook(name: str, tr: Trace, remaining: set[str], retain: list[str], edit: dict[str, Callable],
-                retain_inputs: list[str], calls: dict[str, int], stop: bool, detach: bool, _module, _inputs, output):
+                retain_inputs: list[str], calls: dict[str, int], stop: bool, detach: bool, visit: dict[str, Callable],
+                _module, _inputs, output):
     """The forward hook of layer ``name`` in a :func:`trace` block (a module-level function, so that mutation
     testing reaches it: mutmut leaves decorated functions such as :func:`trace` alone)."""
     result = None
@@ -143,13 +148,17 @@ def _layer_hook(name: str, tr: Trace, remaining: set[str], retain: list[str], ed
     if name in edit:
         result = _replace_first(output, edit[name](_first_tensor(output)))
         output = result
-    if name in retain:
+    if name in retain or name in visit:
         t = _first_tensor(output)
-        # a copy: later in-place ops of the model (ReLU(inplace=True), ``out += identity``) would
-        # otherwise rewrite the retained tensor
-        tr.outputs[name] = t.detach().clone() if detach else t.clone()
         tr.calls[name] = tr.calls.get(name, 0) + 1
-        if tr.calls[name] >= calls.get(name, 1):
+        last = tr.calls[name] >= calls.get(name, 1)
+        if name in retain:
+            # a copy: later in-place ops of the model (ReLU(inplace=True), ``out += identity``) would
+            # otherwise rewrite the retained tensor
+            tr.outputs[name] = t.detach().clone() if detach else t.clone()
+        if name in visit and last and name in remaining:
+            visit[name](t.detach())
+        if last:
             remaining.discard(name)
         if stop and not remaining and not edit:
             raise _StopForward

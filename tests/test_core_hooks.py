@@ -148,6 +148,30 @@ def test_stop_after_every_retained_layer_and_its_calls():
         assert H.run(m, x).tolist() == [12.0]
 
 
+
+def test_visit_reads_each_layers_last_output_before_later_in_place_ops_and_counts_for_the_stop():
+    m, x = Chain(), torch.tensor([1.0, 2.0])
+    seen = []
+    with H.trace(m, visit={"b": lambda t: seen.append(("b", t.tolist(), t.requires_grad)),
+                           "c": lambda t: seen.append(("c", t.tolist(), t.requires_grad))},
+                 calls={"b": 2}, edit={"a": lambda t: t * 10}) as tr:
+        H.run(m, x)
+    # b's second call only (its last), read before `y += 100` rewrote it; c once; nothing retained
+    assert seen == [("b", [22.0, 42.0], False), ("c", [66.0, 126.0], False)]
+    assert tr.outputs == {} and tr.calls == {"b": 2, "c": 1}
+    m, seen = Chain(), []
+    with H.trace(m, visit={"b": lambda t: seen.append(t)}, stop=True, calls={"b": 2}):
+        assert H.run(m, x) is None  # stopped after b's last call, before c
+    assert m.after == 0 and len(seen) == 1 and seen[0].tolist() == [4.0, 6.0]
+    m = Chain()
+    with H.trace(m, visit={"a": lambda t: None}, retain=["c"], stop=True):
+        H.run(m, x)
+    assert m.after == 0  # waits for c as well, then stops
+    m = Chain()
+    with H.trace(m, visit={"a": lambda t: t.mul_(0)}):  # a visit that writes would change the model's pass
+        assert H.run(m, x).tolist() == [6.0, 6.0]  # (0 + 1 + 1) x 3
+
+
 # ============================================================================== unit views
 def test_prefix_tokens():
     assert [H.prefix_tokens(None, n) for n in (16, 17, 20, 24, 1, 2, 10)] == [0, 1, 4, 8, 0, 1, 1]

@@ -4,6 +4,7 @@ unit chunks of about ``CHUNK_BYTES`` of scratch memory."""
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import re
@@ -144,6 +145,8 @@ class Recorder:
     chunk_bytes: float | None = None  # None: the module's CHUNK_BYTES
     state_device: torch.device | str | None = None  # None: decided per layer (see the module docstring)
     groups: list[tuple[list[str], LayerState | None]] | None = None  # layers folded in together (see _fuse)
+    _buffers: dict | None = None  # a fused group's side-by-side outputs of the current batch (kept)
+    _offsets: dict | None = None  # first unit of each fused layer in its group's buffer
 
     def _state_devices(self, shapes: dict[str, tuple[int, int, int]]) -> dict[str, torch.device]:
         """Where each layer's state lives: the compute device while the states fit, else host memory."""
@@ -204,10 +207,13 @@ class Recorder:
             key = ((st.map_shape, str(st.topk.scores.device), st.quant.m, st.quant.rate)
                    if h * w <= FUSE_MAX_POSITIONS else name)
             buckets.setdefault(key, []).append(name)
-        self.groups = []
+        self.groups, self._buffers, self._offsets = [], {}, {}
         for names in buckets.values():
             fused = None
             if len(names) > 1:
+                u0 = 0
+                for n in names:
+                    self._offsets[n], u0 = u0, u0 + self.states[n].units
                 fused = LayerState.concat([self.states[n] for n in names], self.chunk_bytes or CHUNK_BYTES,
                                           self.cfg.batch_size)
                 fused.show([self.states[n] for n in names])
@@ -243,23 +249,54 @@ class Recorder:
         self._init_states(tr.outputs)
 
     def step(self, x: torch.Tensor, ids: torch.Tensor, leaf: int | None = None) -> None:
-        """Fold one batch in; ``leaf`` is its global batch index (the position of its sum in the mean's tree)."""
+        """Fold one batch in; ``leaf`` is its global batch index (the position of its sum in the mean's tree).
+
+        Each layer is folded in inside its forward hook, while the model waits (:func:`trace`'s ``visit``): no
+        copy of every output is kept until the end of the pass, and the values are read while still in cache.
+        The layers of a fused group are copied side by side into one buffer (kept between batches) and folded
+        in when the last of them has run."""
         if self.states is None:
             self.probe_shapes()
-        with torch.no_grad(), trace(self.lm.module, self.cfg.layers, stop=True, calls=self.calls) as tr:
-            run(self.lm.module, x.to(self.device, non_blocking=True))
-
-        def view(name: str) -> torch.Tensor:
-            meta = self.layer_meta[name]
-            return unit_view(tr.outputs[name], meta["prefix_tokens"], meta["layout"])
-
-        for names, fused in self.groups:
+        done: set[int] = set()
+        visit = {}
+        for g, (names, fused) in enumerate(self.groups):
             if fused is None:
-                self.states[names[0]].update(view(names[0]), ids, leaf)
+                visit[names[0]] = functools.partial(self._fold_layer, g, ids, leaf, done)
             else:
-                fused.update(torch.cat([view(n) for n in names], 1), ids, leaf)
-                fused.show([self.states[n] for n in names])
-        del tr
+                arrived: set[str] = set()
+                for name in names:
+                    visit[name] = functools.partial(self._fold_member, g, name, arrived, ids, leaf, done)
+        with torch.no_grad(), trace(self.lm.module, visit=visit, stop=True, calls=self.calls):
+            run(self.lm.module, x.to(self.device, non_blocking=True))
+        if len(done) < len(self.groups):
+            missing = [n for g, (names, _) in enumerate(self.groups) if g not in done for n in names]
+            raise RuntimeError(f"layers {missing} did not run in this forward pass (called fewer times than on the "
+                               f"first blank pass): their outputs cannot be recorded")
+
+    def _view(self, name: str, t: torch.Tensor) -> torch.Tensor:
+        meta = self.layer_meta[name]
+        return unit_view(t, meta["prefix_tokens"], meta["layout"])
+
+    def _fold_layer(self, g: int, ids: torch.Tensor, leaf: int | None, done: set, t: torch.Tensor) -> None:
+        name = self.groups[g][0][0]
+        self.states[name].update(self._view(name, t), ids, leaf)
+        done.add(g)
+
+    def _fold_member(self, g: int, name: str, arrived: set, ids: torch.Tensor, leaf: int | None, done: set,
+                     t: torch.Tensor) -> None:
+        names, fused = self.groups[g]
+        v = self._view(name, t)
+        buf = self._buffers.get(g)
+        shape = (v.shape[0], fused.units, *v.shape[2:])
+        if buf is None or tuple(buf.shape) != shape or buf.dtype != v.dtype or buf.device != v.device:
+            buf = self._buffers[g] = torch.empty(shape, dtype=v.dtype, device=v.device)
+        u0 = self._offsets[name]
+        buf[:, u0:u0 + v.shape[1]].copy_(v)
+        arrived.add(name)
+        if len(arrived) == len(names):
+            fused.update(buf, ids, leaf)
+            fused.show([self.states[n] for n in names])
+            done.add(g)
 
     def state(self) -> dict[str, torch.Tensor]:
         """Every layer's state, flat (the layers of a fused group are views of one tensor: copied, so that no two

@@ -216,6 +216,8 @@ class AblateConfig(_Section):
     dfr: str | None = Field(None, description="also DFR on this shift (cue independent of the label; never a test "
                             "set) or 'holdout' (the training holdout, halved per class if validation is it too)")
     cache_mb: float = Field(1024.0, ge=0, description="validation batches kept in memory up to this size")
+    clean_tolerance: float | None = Field(None, ge=0, le=100, description="points of clean validation accuracy the "
+                                          "chosen N may cost (needs clean validation images); null = MILAN's rule")
 
 
 class EvaluateConfig(_Section):
@@ -267,8 +269,7 @@ class JobConfig(_Section):
     @field_validator("device")
     @classmethod
     def _device(cls, v: str) -> str:
-        ok = v in ("auto", "cpu", "cuda", "mps") or (v.startswith("cuda:") and v[5:].isdigit())
-        if not ok:
+        if not (v in ("auto", "cpu", "cuda", "mps") or (v.startswith("cuda:") and v[5:].isdigit())):
             raise ValueError("must be auto, cpu, cuda, cuda:N or mps")
         return v
 
@@ -361,10 +362,7 @@ def parse_overrides(pairs: list[str]) -> dict[str, Any]:
 def _merge(base: dict, over: dict) -> dict:
     res = copy.deepcopy(base)
     for k, v in over.items():
-        if isinstance(v, dict) and isinstance(res.get(k), dict):
-            res[k] = _merge(res[k], v)
-        else:
-            res[k] = v
+        res[k] = _merge(res[k], v) if isinstance(v, dict) and isinstance(res.get(k), dict) else v
     return res
 
 

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from neuroscribe.ablate import select
-from neuroscribe.ablate.edit import ablation_edits
+from neuroscribe.ablate.edit import ablation_edits, as_unit_dict
 from neuroscribe.ablate.evaluate import accuracy_report, correct, label_map, paired_bootstrap_diff, predict
 from neuroscribe.ablate.select import accuracy_curve, choose_n, order_units, random_units, sort_all, val_accuracy
 from neuroscribe.models import imagenet_class_names
@@ -170,6 +170,33 @@ def test_selection_orders_best_for_validation_first_and_chooses_n():
         choose_n([])
 
 
+
+def test_clean_curve_is_the_accuracy_on_the_clean_images_and_the_tolerance_bounds_what_n_costs_there():
+    model, val = Toy(), _toy_batches()
+    ordered = order_units(model, [("feat", 1), ("feat", 0)], val, progress=False)
+    clean = [i % 3 == 0 for i in range(600)]
+    rows = accuracy_curve(model, ordered, val, max_n=2, progress=False, clean=clean)
+    assert [r[:2] for r in rows] == accuracy_curve(model, ordered, val, max_n=2, progress=False)
+    xs, ys, m = torch.cat([x for x, _ in val]), torch.cat([y for _, y in val]), torch.tensor(clean)
+    for n, row in enumerate(rows):  # the third entry: accuracy on the clean images alone, same edits
+        edits = ablation_edits(model, as_unit_dict([u for u, _ in ordered[:n]]), "zero") if n else {}
+        assert row[2] == val_accuracy(model, [(xs[m], ys[m])], edits)
+    assert rows[1][2] > rows[0][2] + 0.2 and rows[0][2] != rows[0][1]  # not the overall accuracy again
+    curve = [(0, 0.50, 0.80), (1, 0.60, 0.79), (2, 0.70, 0.75), (3, 0.65, 0.795)]
+    assert choose_n(curve) == 2 and choose_n(curve, 0.05) == 2
+    assert choose_n(curve, 0.02) == 3  # 2 costs 5 points of clean accuracy: the best within 2 points is 3
+    assert choose_n(curve, 0.01) == 3 and choose_n(curve, 0.0) == 0
+    assert choose_n([(1, 0.9, 0.1), (0, 0.5, 0.8)], 0.01) == 0  # n = 0 is found wherever it is, always a candidate
+    with pytest.raises(ValueError, match="needs each row's clean accuracy"):
+        choose_n([(0, 0.5), (1, 0.6)], 0.01)
+    with pytest.raises(ValueError, match="tolerance must be a finite number >= 0"):
+        choose_n(curve, -0.01)
+    with pytest.raises(ValueError, match="marks no validation image as clean"):
+        accuracy_curve(model, ordered, val, max_n=1, progress=False, clean=[False] * 600)
+    with pytest.raises(ValueError, match="`clean` has 599 entries for 600 validation images"):
+        accuracy_curve(model, ordered, val, max_n=1, progress=False, clean=clean[:599])
+
+
 def test_controls_same_size_and_seeded():
     model, val = Toy(), _toy_batches()
     flagged = [("feat", 1), ("feat", 2)]
@@ -218,7 +245,7 @@ def test_choosing_never_sees_test_data():
     for fn in (order_units, accuracy_curve, choose_n, sort_all, random_units, val_accuracy):
         params = inspect.signature(fn).parameters
         assert not [p for p in params if "test" in p.lower()], fn.__name__
-    assert list(inspect.signature(choose_n).parameters) == ["curve"]
+    assert list(inspect.signature(choose_n).parameters) == ["curve", "tolerance"]  # both from validation
     assert "val_loader" in inspect.signature(select.order_units).parameters
     # ...and none keeps one from an earlier call: on a test set where the spurious unit agrees with the label the
     # flow would ablate nothing, on validation (spurious unit decorrelated) it ablates that unit. Run on the test

@@ -101,6 +101,33 @@ def test_evaluate_and_report_carry_the_computed_numbers(job):
     assert pipeline.ablate(cfg)["key"] == json.loads((out / "ablation.json").read_text())["key"]
 
 
+
+def test_clean_tolerance_chooses_among_the_n_that_keep_clean_validation_accuracy(job):
+    cfg, out = job
+    pipeline.flag(cfg)
+    free = pipeline.ablate(cfg)
+    main = free["variants"]["description"]
+    assert free["validation"]["clean"] * 2 == free["validation"]["n"] and free["clean_tolerance"] is None
+    assert [n for n, _ in main["clean_curve"]] == [n for n, _ in main["curve"]]
+    strict = cfg.model_copy(update={"ablate": cfg.ablate.model_copy(update={"clean_tolerance": 0.0})})
+    abl = pipeline.ablate(strict)
+    assert abl["key"] != free["key"] and abl["clean_tolerance"] == 0.0
+    v = abl["variants"]["description"]
+    clean = dict(v["clean_curve"])
+    assert v["curve"] == main["curve"] and v["clean_curve"] == main["clean_curve"]  # same passes, another choice
+    ok = [(a, -n) for n, a in v["curve"] if clean[n] >= clean[0]]
+    assert v["chosen_n"] == -max(ok)[1] and clean[v["chosen_n"]] >= clean[0]
+    assert abl["controls"]["n"] == v["chosen_n"]
+    pipeline.evaluate(strict)
+    pipeline.report(strict)
+    sel = json.loads((out / "report.json").read_text())["ablation"]["selection"]
+    assert "at most 0 points of clean validation accuracy" in sel
+    assert f"{clean[v['chosen_n']]:.1%} at the chosen N" in sel
+    no_clean = strict.model_copy(update={"ablate": strict.ablate.model_copy(update={"validation": "wrong-text"})})
+    with pytest.raises(ValueError, match="ablate.clean_tolerance is set, but the validation set .* holds no clean"):
+        pipeline.ablate(no_clean)
+
+
 def test_several_seeds_run_one_job_each_and_aggregate(tmp_path, monkeypatch):
     """run() with train.seeds = [0, 1, 2]: one complete job per seed, then mean and t-CI over seeds."""
     import numpy as np

@@ -6,7 +6,9 @@ The procedure:
    accuracy, **highest first** (the unit whose removal leaves validation accuracy highest, i.e. hurts least or helps
    most, comes first). One ordering across all layers; ties keep the input order.
 2. :func:`accuracy_curve`: ablate the first ``n`` units of that ordering together, for ``n = 0..N``.
-3. :func:`choose_n`: the ``n`` of the highest validation accuracy (ties go to the smaller ``n``).
+3. :func:`choose_n`: the ``n`` of the highest validation accuracy (ties go to the smaller ``n``); with a clean
+   tolerance, among the ``n`` whose accuracy on validation's clean images is at most that far below the unablated
+   model's (an ablation that buys shifted accuracy with clean accuracy is then not chosen).
 
 Controls of the same size: :func:`random_units` (uniform random units, several seeded draws) and :func:`sort_all`
 (the same ordering applied to *all* units of the recorded layers, then the top ``n``).
@@ -21,6 +23,7 @@ memory between passes when they fit in ``cache_mb`` (else the loader is re-read 
 
 from __future__ import annotations
 
+import math
 import random
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
@@ -45,6 +48,7 @@ __all__ = [
     "random_units",
     "sort_all",
     "val_accuracy",
+    "val_correct",
 ]
 
 Unit = tuple[str, int]
@@ -90,12 +94,12 @@ class ValBatches:
             self._cache = kept
 
 
-def val_accuracy(model: nn.Module, val: Iterable, edits: Mapping[str, Any] | None = None,
-                 device: str | torch.device | None = None, class_index: Sequence[int] | None = None) -> float:
-    """Top-1 accuracy on validation batches with ``edits`` applied (through :func:`neuroscribe.hooks.trace`)."""
+def val_correct(model: nn.Module, val: Iterable, edits: Mapping[str, Any] | None = None,
+                device: str | torch.device | None = None, class_index: Sequence[int] | None = None) -> torch.Tensor:
+    """Per validation image (in loader order), whether the top-1 prediction with ``edits`` applied is right."""
     dev = torch.device(device) if device is not None else (_model_device(model) or torch.device("cpu"))
     cols = torch.as_tensor(list(class_index), dtype=torch.long, device=dev) if class_index is not None else None
-    right = total = 0
+    right = []
     was_training = model.training
     model.eval()
     try:
@@ -104,13 +108,19 @@ def val_accuracy(model: nn.Module, val: Iterable, edits: Mapping[str, Any] | Non
                 out = model(to_layout(x.to(dev, non_blocking=True), layout))
                 if cols is not None:
                     out = out.index_select(1, cols)
-                right += int((out.argmax(1).cpu() == y.reshape(-1).cpu()).sum())
-                total += x.shape[0]
+                right.append(out.argmax(1).cpu() == y.reshape(-1).cpu())
     finally:
         model.train(was_training)
-    if total == 0:
+    if not right or sum(len(r) for r in right) == 0:
         raise ValueError("the validation loader yielded no images")
-    return right / total
+    return torch.cat(right)
+
+
+def val_accuracy(model: nn.Module, val: Iterable, edits: Mapping[str, Any] | None = None,
+                 device: str | torch.device | None = None, class_index: Sequence[int] | None = None) -> float:
+    """Top-1 accuracy on validation batches with ``edits`` applied (through :func:`neuroscribe.hooks.trace`)."""
+    right = val_correct(model, val, edits, device, class_index)
+    return int(right.sum()) / len(right)
 
 
 def _unit_list(units: Iterable[Any], what: str) -> list[Unit]:
@@ -169,36 +179,65 @@ def order_units(model: nn.Module, flagged: Iterable[Any], val_loader: Iterable, 
 def accuracy_curve(model: nn.Module, ordered_units: Sequence[Any], val_loader: Iterable, max_n: int | None = None,
                    method: Method = "zero", means: Mapping[str, Any] | None = None, *,
                    device: str | torch.device | None = None, class_index: Sequence[int] | None = None,
-                   cache_mb: float = 1024.0, progress: bool = True) -> list[tuple[int, float]]:
+                   cache_mb: float = 1024.0, progress: bool = True,
+                   clean: Sequence[bool] | None = None) -> list[tuple]:
     """``[(n, val_acc), ...]`` for ``n = 0..min(max_n, len(ordered_units))``, ablating the first ``n`` units together
-    (``n = 0`` is the unablated model). ``ordered_units`` are ``(layer, unit)`` pairs or :func:`order_units` rows."""
+    (``n = 0`` is the unablated model). ``ordered_units`` are ``(layer, unit)`` pairs or :func:`order_units` rows.
+
+    ``clean``: which validation images (in loader order) are clean; each row is then ``(n, val_acc, clean_acc)``,
+    ``clean_acc`` the accuracy on those images alone (from the same pass), for :func:`choose_n`'s tolerance."""
     units = _unit_list(ordered_units, "accuracy_curve")
     top = len(units) if max_n is None else min(int(max_n), len(units))
     if max_n is not None and max_n < 0:
         raise ValueError(f"max_n must be >= 0; got {max_n}")
+    mask = None
+    if clean is not None:
+        mask = torch.as_tensor([bool(c) for c in clean], dtype=torch.bool)
+        if not bool(mask.any()):
+            raise ValueError("accuracy_curve: `clean` marks no validation image as clean")
     ablation_edits(model, as_unit_dict(units[:top]), method, means)  # validate before the first pass
     val = ValBatches(val_loader, cache_mb)
     curve = []
     with _bar(top + 1, "accuracy curve", progress) as bar:
         for n in range(top + 1):
             edits = ablation_edits(model, as_unit_dict(units[:n]), method, means) if n else {}
-            curve.append((n, val_accuracy(model, val, edits, device, class_index)))
+            right = val_correct(model, val, edits, device, class_index)
+            row = (n, int(right.sum()) / len(right))
+            if mask is not None:
+                if len(mask) != len(right):
+                    raise ValueError(f"accuracy_curve: `clean` has {len(mask)} entries for {len(right)} validation "
+                                     f"images")
+                row += (int(right[mask].sum()) / int(mask.sum()),)
+            curve.append(row)
             bar.update(1)
     return curve
 
 
-def choose_n(curve: Sequence[tuple[int, float]]) -> int:
+def choose_n(curve: Sequence[tuple], tolerance: float | None = None) -> int:
     """The ``n`` of the highest validation accuracy on ``curve``; ties go to the smaller ``n``.
 
-    Takes only the validation curve (from :func:`accuracy_curve`): the choice cannot depend on test data.
+    ``tolerance`` (a fraction, e.g. 0.01 for one point): only the ``n`` whose clean validation accuracy (the third
+    entry of each row: :func:`accuracy_curve` with ``clean``) is at least the unablated model's (``n = 0``) minus
+    ``tolerance`` are candidates; ``n = 0`` always is. Takes only the validation curve: the choice cannot depend on
+    test data.
     """
-    rows = [(int(n), float(acc)) for n, acc in curve]
-    if not rows:
+    if not curve:
         raise ValueError("choose_n: the validation curve is empty")
-    if any(not np.isfinite(acc) for _, acc in rows):
+    if tolerance is not None and (tolerance < 0 or not np.isfinite(tolerance)):
+        raise ValueError(f"choose_n: tolerance must be a finite number >= 0; got {tolerance}")
+    if tolerance is not None and any(len(r) < 3 for r in curve):
+        raise ValueError("choose_n: a clean tolerance needs each row's clean accuracy: build the curve with "
+                         "accuracy_curve(..., clean=...)")
+    rows = [(int(r[0]), float(r[1]), float(r[2]) if len(r) > 2 else math.nan) for r in curve]
+    if any(not np.isfinite(acc) for _, acc, _ in rows):
         raise ValueError("choose_n: the validation curve holds non-finite accuracies")
-    best = max(acc for _, acc in rows)
-    return min(n for n, acc in rows if acc == best)
+    if tolerance is not None:
+        base = next((c for n, _, c in rows if n == 0), None)
+        if base is None:
+            raise ValueError("choose_n: a clean tolerance needs the unablated model's row (n = 0)")
+        rows = [r for r in rows if r[0] == 0 or r[2] >= base - tolerance - 1e-12]
+    best = max(acc for _, acc, _ in rows)
+    return min(n for n, acc, _ in rows if acc == best)
 
 
 def all_unit_list(all_units: Mapping[str, int]) -> list[Unit]:

@@ -146,18 +146,29 @@ def ablate(cfg: JobConfig) -> dict:
     from .select import accuracy_curve, choose_n, order_units, random_units, sort_all
     job = Path(cfg.out)
     flags = json.loads((job / "flags.json").read_text())
-    key = io.artifact_key(flags["key"], cfg.ablate.model_dump(mode="json"), cfg.model.spec, io.file_key(job / "train.json"),
-                          HOLDOUT_RULE)
+    settings = cfg.ablate.model_dump(mode="json")
+    if settings["clean_tolerance"] is None:  # jobs that never set it keep their keys
+        del settings["clean_tolerance"]
+    key = io.artifact_key(flags["key"], settings, cfg.model.spec, io.file_key(job / "train.json"), HOLDOUT_RULE)
     done = io.current(job / "ablation.json", key)
     if done:
         return done
     lm, dev, rec, means = model_and_means(cfg)
     val_ds, val_names, val_desc = validation_set(cfg, lm.preprocess, lm.class_names)
-    val = [(x, y) for x, y, _ in loader(cfg, val_ds)]  # validation is small: decode once, reuse every pass
+    val, clean = [], []  # validation is small: decode once, reuse every pass
+    for x, y, info in loader(cfg, val_ds):
+        val.append((x, y))
+        clean += [g == "clean" for g in info["group"]]
+    tol = cfg.ablate.clean_tolerance
+    if tol is not None and not any(clean):
+        raise ValueError(f"ablate.clean_tolerance is set, but the validation set ({val_desc}) holds no clean image: "
+                         f"use ablate.validation: holdout with a train.cue, or unset clean_tolerance")
+    clean = clean if any(clean) else None  # what each N costs on clean images, whenever validation has them
     ci = class_index(lm, val_names)
     scores: dict = {}  # each unit scored alone once, shared by every flag set's ordering and the sort-all control
     kw = dict(method=cfg.ablate.method, means=means, device=dev, class_index=ci, progress=cfg.progress)
-    out = {"key": key, "validation": {"description": val_desc, "n": len(val_ds)}, "variants": {}}
+    out = {"key": key, "validation": {"description": val_desc, "n": len(val_ds), "clean": sum(clean or [])},
+           "clean_tolerance": tol, "variants": {}}
     described = described_rows(job)
     support = {k: (r.get("extra") or {}).get("support", 0) for k, r in described.items()}
     words = {k: r.get("score") if r.get("score") is not None else -math.inf for k, r in described.items()}
@@ -182,10 +193,11 @@ def ablate(cfg: JobConfig) -> dict:
             out["variants"][name] = {"ordered": [], "curve": [[0, None]], "chosen_n": 0, "units": []}
             continue
         ordered = order_units(lm.module, units, val, scores=scores, **kw)
-        curve = accuracy_curve(lm.module, ordered, val, cfg.ablate.max_units, **kw)
-        n = choose_n(curve)
-        out["variants"][name] = {"ordered": [[l, u, a] for (l, u), a in ordered], "curve": curve, "chosen_n": n,
-                                 "units": [[l, u] for (l, u), _ in ordered[:n]]}
+        rows = accuracy_curve(lm.module, ordered, val, cfg.ablate.max_units, clean=clean, **kw)
+        n = choose_n(rows, None if tol is None else tol / 100)
+        out["variants"][name] = {"ordered": [[l, u, a] for (l, u), a in ordered],
+                                 "curve": [list(r[:2]) for r in rows], "chosen_n": n, "units": [[l, u] for (l, u), _ in ordered[:n]],
+                                 **({"clean_curve": [[r[0], r[2]] for r in rows]} if clean else {})}
     n = out["variants"].get("description", {}).get("chosen_n", 0)
     all_units = {l: rec.units(l) for l in rec.layers}
     out["controls"] = {"n": n, "random": [[list(u) for u in d] for d in

@@ -44,8 +44,7 @@ def report(cfg: JobConfig) -> dict:
                        "n": abl["validation"]["n"]},
         "test_sets": ev["test_sets"],
         "ablation": {"method": cfg.ablate.method, "flagged_by": "descriptions (keywords + sentence embedding)",
-                     "chosen_n": main["chosen_n"], "selection": "N with the best validation accuracy (ties: "
-                     "smaller N), validation data only"},
+                     "chosen_n": main["chosen_n"], "selection": _selection(abl)},
         "variants": variants,
         "units": units,
     }
@@ -58,6 +57,20 @@ def report(cfg: JobConfig) -> dict:
         results["curve"] = {"n_units": [n for n, _ in curve], "validation": [a for _, a in curve],
                             "chosen_n": main["chosen_n"]}
     return {k: str(v) for k, v in write_report(results, job).items()}
+
+
+def _selection(abl: dict) -> str:
+    """How N was chosen, in words (with the clean accuracy the chosen N costs on validation, where measured)."""
+    tol = abl.get("clean_tolerance")
+    text = "N with the best validation accuracy (ties: smaller N)"
+    if tol is not None:
+        text += f" among the N that cost at most {tol:g} points of clean validation accuracy"
+    main = abl["variants"].get("description", {})
+    rows = dict((n, a) for n, a in main.get("clean_curve") or [])
+    n = main.get("chosen_n", 0)
+    if rows and n in rows and 0 in rows:
+        text += f"; clean validation accuracy {rows[n]:.1%} at the chosen N, {rows[0]:.1%} unablated"
+    return text + ", validation data only"
 
 
 def _headline(ev: dict, variants: dict) -> dict | None:

@@ -43,19 +43,26 @@ def apply(threads: int | None = None, progress: bool = True) -> int:
     if torch.get_num_threads() != n:
         torch.set_num_threads(n)
     if not progress:
-        os.environ["TQDM_DISABLE"] = "1"
-        os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
-        try:
-            from transformers.utils import logging as hf_logging
-            hf_logging.disable_progress_bar()
-        except ImportError:  # pragma: no cover - transformers is a dependency
-            pass
-        try:
-            from huggingface_hub.utils import disable_progress_bars
-            disable_progress_bars()
-        except ImportError:  # pragma: no cover
-            pass
+        silence_progress()
     return n
+
+
+def silence_progress() -> None:
+    """No progress bar from here on, in this process: ours (tqdm), Hugging Face's downloads and transformers'
+    "Loading weights". The CLI's ``--quiet`` and every stage run with ``progress: false`` call it (a Python-API
+    user's ``progress: false`` is honoured as the CLI's is)."""
+    os.environ["TQDM_DISABLE"] = "1"
+    os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
+    try:
+        from transformers.utils import logging as hf_logging
+        hf_logging.disable_progress_bar()
+    except ImportError:  # pragma: no cover - transformers is a dependency
+        pass
+    try:
+        from huggingface_hub.utils import disable_progress_bars
+        disable_progress_bars()
+    except ImportError:  # pragma: no cover
+        pass
 
 
 def resolve_device(name: str):

@@ -128,6 +128,20 @@ def test_clean_tolerance_chooses_among_the_n_that_keep_clean_validation_accuracy
         pipeline.ablate(no_clean)
 
 
+
+def test_progress_false_in_the_config_silences_loading_bars_through_the_python_api(job):
+    from transformers.utils import logging as hf_logging
+    cfg, _ = job
+    assert cfg.progress is False
+    for stage in (describe, pipeline.flag):  # the stages that load Hugging Face models (current here: no work)
+        hf_logging.enable_progress_bar()
+        try:
+            stage(cfg)
+            assert not hf_logging.is_progress_bar_enabled(), stage.__name__
+        finally:
+            hf_logging.enable_progress_bar()
+
+
 def test_several_seeds_run_one_job_each_and_aggregate(tmp_path, monkeypatch):
     """run() with train.seeds = [0, 1, 2]: one complete job per seed, then mean and t-CI over seeds."""
     import numpy as np

@@ -11,7 +11,7 @@ from pathlib import Path
 from .. import io
 from ..config import JobConfig
 from ..datasets.sets import HOLDOUT_RULE, class_index, held_out, loader, shift_set, validation_set
-from ..runtime import job_model
+from ..runtime import job_model, silence_progress
 
 
 def model_and_means(cfg: JobConfig):
@@ -29,6 +29,8 @@ def model_and_means(cfg: JobConfig):
 def flag(cfg: JobConfig) -> dict:
     """Flag units from ``descriptions.jsonl`` (and cue evidence where ``flag.evidence_shift`` pairs images)."""
     from .flag import cue_effect, cue_pairs, flag_units
+    if not cfg.progress:
+        silence_progress()  # the sentence embedder's loading bar too
     from ..record.exemplars import Recording
     job = Path(cfg.out)
     rows = [json.loads(l) for l in (job / "descriptions.jsonl").read_text().splitlines() if l.strip()]

@@ -25,7 +25,7 @@ from .. import io
 from ..config import JobConfig
 from .describers import Described
 from ..record.exemplars import Recording
-from ..runtime import resolve_device
+from ..runtime import resolve_device, silence_progress
 
 log = logging.getLogger("neuroscribe.describe")
 # 2: the tagger contrasts against a fixed ImageNet background (#13); 3: views cut from the source at the view size;
@@ -236,6 +236,8 @@ def describe(cfg: JobConfig) -> Path | None:
     contiguous blocks across ranks, each rank logs its own ``units.rank<r>.jsonl``, and rank 0 writes the
     exports and gallery (other ranks return None)."""
     from .. import distributed
+    if not cfg.progress:
+        silence_progress()  # the embedder's and captioner's loading bars too
     with distributed.session(cfg.device) as ctx:
         return _describe(cfg, ctx)
 

@@ -49,7 +49,16 @@ SETS = ["in-distribution", "wrong-text", "wrong-text-new-style"]  # clean, the c
 def use_sets(names) -> None:
     """Point :data:`SETS` at ``["in-distribution", cued test set, new-style test set]``."""
     SETS[:] = ["in-distribution", *list(names)[:2]]
+
+
 VARIANTS = ("base", "ablated", "ablated_evidence", "ablated_both", "refit", "dfr", "ablated_dfr", "random", "sort_all")
+
+
+def in_order(d: dict) -> list[str]:
+    """The keys of ``d`` in VARIANTS order (others after, as they come)."""
+    return [v for v in VARIANTS if v in d] + [v for v in d if v not in VARIANTS]
+
+
 LABEL = {"base": "spurious model, no ablation", "ablated": "ablated: flagged by descriptions (headline)",
          "ablated_evidence": "ablated: flagged by evidence", "ablated_both": "ablated: descriptions + evidence",
          "refit": "descriptions + last layer re-fit", "dfr": "DFR alone (group-balanced last-layer re-fit)",
@@ -257,15 +266,15 @@ def markdown(res: dict) -> str:
             L.append(f"| {LABEL[v]} | " + " | ".join(fmt(agg["accuracy"][v][s]) for s in SETS) + " |")
     L += ["", "Gain over the unablated spurious model (points; paired per seed):", "",
           f"| variant | clean val | {SETS[1]} val | {SETS[2]} val |", "|---|---|---|---|"]
-    for v, g in agg["gain"].items():
-        L.append(f"| {LABEL[v]} | " + " | ".join(fmt(g[s], sign=True) for s in SETS) + " |")
+    for v in in_order(agg["gain"]):  # the variants' order, whatever the JSON's (written with sorted keys)
+        L.append(f"| {LABEL[v]} | " + " | ".join(fmt(agg["gain"][v][s], sign=True) for s in SETS) + " |")
     if agg.get("gap_closed"):
         drop = res["protocol"]["reference_drop"]
         L += ["", f"Share of the gap closed on {SETS[1]} val, gain / (clean-trained reference - spurious model), per "
               f"seed then mean ± 95% CI; the reference itself loses {fmt(drop)} points between clean and {SETS[1]} "
               "val (what the drawn cue costs a model that never used it):", "", "| variant | gap closed (%) |",
               "|---|---|"]
-        L += [f"| {LABEL[v]} | {fmt(m)} |" for v, m in agg["gap_closed"].items()]
+        L += [f"| {LABEL[v]} | {fmt(agg['gap_closed'][v])} |" for v in in_order(agg["gap_closed"])]
     L += ["", f"Per seed ({SETS[1]} val %, base -> descriptions-ablated; N units chosen on validation):", ""]
     for s in seeds:
         a = per[s]["accuracy"]

@@ -277,6 +277,19 @@ def test_gap_closed_share_per_seed_against_the_reference(study):
     assert "| ablated: flagged by descriptions (headline) | 40.0 ± " in ms.markdown(res)
 
 
+def test_markdown_keeps_the_variant_order_after_a_json_round_trip(study):
+    """--markdown-only reads the JSON back (written with sorted keys): its tables keep the order of the run's."""
+    ms, res = study[0], study[2]
+    first = ms.markdown(res)
+    again = ms.markdown(json.loads(json.dumps(res, sort_keys=True)))
+    assert again == first
+    rows = [line.split(" | ")[0][2:] for line in first.split("Gain over the unablated")[1].splitlines()
+            if line.startswith("| ") and not line.startswith("| variant")]
+    order = [v for v in ms.VARIANTS if v in res["aggregate"]["gain"]]
+    assert sorted(order) != order  # else sorted keys could not disorder them and this test would prove nothing
+    assert rows[:len(order)] == [ms.LABEL[v] for v in order]
+
+
 def test_clean_reference_is_checked_on_the_probe_photos_without_the_cue(study, tmp_path):
     """The clean-trained reference's fc logits are described on the probe's photos with nothing drawn on them, and
     ``--final-layer-only`` redoes every final-layer check of a finished study from its jobs."""

@@ -39,9 +39,10 @@ means the same number of intra-op threads: oneDNN kernels (EfficientNet's, for o
 Memory (per process):
 
 - model: weights + the forward pass up to the last recorded layer, for one batch;
-- recorded outputs: ``batch_size x sum over layers of U*H*W x 4`` bytes (the layer outputs of one batch are kept
-  until the batch is folded into the state) -- for a very wide layer this is the term to shrink, with
-  ``batch_size``;
+- recorded outputs: none are copied for a layer of its own (each is folded in inside its forward hook, while the
+  model waits); the layers of a fused group (same small map shape, see ``Recorder._fuse``) are copied side by side
+  into one buffer of ``batch_size x sum of their U*H*W x 4`` bytes, kept between batches -- with a very wide layer,
+  its own output for one batch is the term to shrink, with ``batch_size``;
 - state, per layer: top-k ``U*k*(h*w*2 + 12)`` bytes + quantile ``U*m*4`` bytes (``m ~ (1-q) * s`` values per
   unit for a sample of s values: fixed by ``record.quantile_rank_error``; exact, ``(1-q) * images * h*w``; capped
   by ``record.quantile_budget_mb`` either way, see :mod:`.quantile`) + ``O(U log images)``

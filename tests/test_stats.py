@@ -35,6 +35,47 @@ def test_topk_matches_exact_with_ties(batch):
         assert torch.equal(maps[j].float(), acts[ids[j], j].half().float())
 
 
+
+@pytest.mark.parametrize("chunk", [None, 70])
+def test_topk_of_many_units_merges_only_the_units_a_batch_changes_and_stays_exact(chunk, monkeypatch):
+    """Wide chunks first find the units a batch can change (a candidate beating the worst kept exemplar) and merge
+    those alone: the same ids, scores and maps as the exact answer, with NaN, -inf and heavy ties, in a shuffled id
+    order (ties must still go to the lower id), and as with the prefilter off."""
+    from neuroscribe.record import stats
+    g = torch.Generator().manual_seed(3)
+    n, u, k = 400, 150, 6
+    acts = torch.randint(0, 9, (n, u, 2, 3), generator=g).float()
+    acts[torch.rand(acts.shape, generator=g) < 0.002] = float("nan")
+    acts[:, :5] = -math.inf  # units that never exceed their empty slots' score
+    order = torch.randperm(n, generator=g)  # images arrive in no particular id order
+    merged_rows = []
+    real = stats.merge_topk
+    monkeypatch.setattr(stats, "merge_topk", lambda sc, *a: merged_rows.append(sc.shape[0]) or real(sc, *a))
+    results = []
+    for share in (stats.PREFILTER_MAX_SHARE, -1.0):  # -1: never restrict (every row merged, the plain path)
+        monkeypatch.setattr(stats, "PREFILTER_MAX_SHARE", share)
+        tk = TopK(u, k, (2, 3))
+        for s in range(0, n, 20):
+            ids = order[s:s + 20]
+            tk.update(acts[ids], ids, chunk)
+        results.append((tk.ids.clone(), tk.scores.clone(), tk.maps.clone()))
+        if share > 0:
+            restricted, merged_rows[:] = list(merged_rows), []
+    scores = acts.flatten(2).amax(2).numpy()
+    want = np.zeros((u, k), dtype=np.int64)
+    key = np.where(np.isnan(scores), np.inf, scores)  # a float sort puts NaN above +inf
+    for j in range(u):
+        want[j] = np.lexsort((np.arange(n), -key[:, j]))[:k]
+    (ids, sc, maps), (ids2, sc2, maps2) = results
+    assert np.array_equal(ids.numpy(), want)
+    assert torch.equal(ids, ids2) and torch.equal(sc.nan_to_num(9e9), sc2.nan_to_num(9e9))
+    assert torch.equal(maps.nan_to_num(9e4), maps2.nan_to_num(9e4))
+    for j in range(u):
+        assert torch.equal(maps[j].float().nan_to_num(9e4), acts[ids[j], j].half().float().nan_to_num(9e4))
+    full = u if chunk is None else chunk
+    assert max(restricted) <= full and min(restricted) < full // 2  # later batches merged a few rows only
+
+
 def test_topk_merge_of_shards_equals_single_pass():
     g = torch.Generator().manual_seed(0)
     acts = torch.randn(200, 5, 2, 2, generator=g).round(decimals=1)

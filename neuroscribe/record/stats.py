@@ -52,6 +52,8 @@ def merge_topk(scores: torch.Tensor, ids: torch.Tensor, k: int, *extra: torch.Te
 
 
 _NO_ID = torch.iinfo(torch.int64).max  # id of an empty slot: loses every tie
+PREFILTER_MIN_UNITS = 64  # chunks of at least this many units first find the units a batch can change ...
+PREFILTER_MAX_SHARE = 0.5  # ... and merge only those when they are at most this share of the chunk
 
 
 def _maps_of(a: torch.Tensor, image: torch.Tensor, unit: torch.Tensor) -> torch.Tensor:
@@ -137,19 +139,35 @@ class TopK:
         """
         dev, w = self.scores.device, self.width
         c, n = s.shape
-        if n == 0 or c == 0:
+        if n == 0 or c == 0 or w == 0:
             return
         u1 = u0 + c
-        ns, ni, org = merge_topk(torch.cat([self.scores[u0:u1], s.to(dev)], 1),
-                                 torch.cat([self.ids[u0:u1], i.to(dev)], 1), w,
-                                 torch.arange(w + n, device=dev).expand(c, w + n))
-        entered = org >= w  # [c, w]
+        s, i = s.to(dev), i.to(dev)
+        old_s, old_i = self.scores[u0:u1], self.ids[u0:u1]
+        local = None  # the chunk's rows that can change (None: all of them)
+        if c >= PREFILTER_MIN_UNITS:  # a candidate enters iff it beats the unit's worst kept exemplar
+            hit = (_order_key(s, i) > _order_key(old_s[:, w - 1:], old_i[:, w - 1:])).any(1)
+            n_hit = int(hit.sum())
+            if n_hit == 0:
+                return
+            if n_hit <= c * PREFILTER_MAX_SHARE:  # merge those rows only (in a long pass, most units change rarely)
+                local = hit.nonzero().squeeze(1)
+                s, i, old_s, old_i = s[local], i[local], old_s[local], old_i[local]
+        r = old_s.shape[0]
+        ns, ni, org = merge_topk(torch.cat([old_s, s], 1), torch.cat([old_i, i], 1), w,
+                                 torch.arange(w + n, device=dev).expand(r, w + n))
+        entered = org >= w  # [r, w]
         changed = entered.any(1).nonzero().squeeze(1)
         if changed.numel() == 0:
             return
-        self.scores[u0:u1] = ns
-        self.ids[u0:u1] = ni
+        if local is None:
+            self.scores[u0:u1] = ns
+            self.ids[u0:u1] = ni
+        else:
+            self.scores.index_copy_(0, u0 + local, ns)
+            self.ids.index_copy_(0, u0 + local, ni)
         o, ent = org[changed], entered[changed]
+        changed = changed if local is None else local[changed]  # rows of the chunk
         rows = u0 + changed
         taken = w - ent.sum(1, keepdim=True) + torch.cumsum(ent, 1) - 1  # old rank whose slot an entrant takes
         slot = torch.gather(self.slot.index_select(0, rows), 1, torch.where(ent, taken, o))

@@ -102,6 +102,33 @@ def test_evaluate_and_report_carry_the_computed_numbers(job):
 
 
 
+
+def test_evaluate_passes_once_per_distinct_edit_and_reuses_it(job, monkeypatch):
+    """Variants that edit the same model alike (an empty flag set, N = 0, a random draw equal to the ablation...)
+    share one pass per test set; their figures are those of that pass."""
+    from neuroscribe.ablate import evaluate as ev_mod
+    cfg, out = job
+    cfg = cfg.model_copy(update={"ablate": cfg.ablate.model_copy(update={"dfr": "holdout"})})  # + a model of its own
+    pipeline.flag(cfg)
+    abl = pipeline.ablate(cfg)
+    calls = []
+    real = ev_mod.predict
+    monkeypatch.setattr(ev_mod, "predict", lambda *a, **k: calls.append(1) or real(*a, **k))
+    (out / "evaluation.json").unlink(missing_ok=True)
+    ev = pipeline.evaluate(cfg)
+    assert "dfr" in ev["results"]
+    edits = [v["units"] for v in abl["variants"].values()] + [abl["controls"]["sort_all"], *abl["controls"]["random"]]
+    distinct = {tuple(sorted(map(tuple, u))) for u in edits} | {()}  # () = the base model
+    assert len(distinct) < len(edits) + 1, "the fixture has no two alike edits: the reuse is not exercised"
+    heads = sum(k in ev["results"] for k in ("refit", "refit_only", "dfr", "ablated_dfr"))  # models of their own
+    assert ev["forward_passes"] == {s: len(distinct) + heads for s in ev["test_sets"]}
+    assert len(calls) == sum(ev["forward_passes"].values())
+    names = {"description": "ablated", "evidence": "ablated_evidence", "both": "ablated_both"}
+    for name, v in abl["variants"].items():
+        if not v["units"]:  # an empty choice is the base model, figure for figure
+            assert ev["results"][names.get(name, name)] == ev["results"]["base"]
+
+
 def test_clean_tolerance_chooses_among_the_n_that_keep_clean_validation_accuracy(job):
     cfg, out = job
     pipeline.flag(cfg)

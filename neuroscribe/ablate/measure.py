@@ -84,14 +84,18 @@ def evaluate(cfg: JobConfig) -> dict:
         out["test_sets"][sname] = {"description": desc, "n": len(ds), "in_distribution": sname == "in-distribution"}
         batches = list(loader(cfg, ds))  # decoded once, reused by every variant
         ci = class_index(lm, names)
-        hits = {}
+        hits, seen = {}, {}
         for vname, (model, units) in runs.items():
-            edits = ablation_edits(model, as_unit_dict(units), cfg.ablate.method, means) if units else None
-            p = predict(model, batches, dev, edits, class_index=ci, keep_logits=False, progress=False)
+            same = (id(model), tuple(sorted(units)))  # a variant that edits the same model alike (e.g. N = 0: the
+            if same not in seen:  # base model) is the same predictions: one pass
+                edits = ablation_edits(model, as_unit_dict(units), cfg.ablate.method, means) if units else None
+                seen[same] = predict(model, batches, dev, edits, class_index=ci, keep_logits=False, progress=False)
+            p = seen[same]
             rep = accuracy_report(p.preds, p.labels, p.groups, cfg.evaluate.bootstrap, cfg.seed)
             out["results"].setdefault(vname, {})[sname] = _acc(rep)
             hits[vname] = correct(p.preds, p.labels)
             log.info("evaluate %s on %s: %.3f", vname, sname, rep["acc"])
+        out.setdefault("forward_passes", {})[sname] = len(seen)
         for vname in runs:  # paired with the base model on the same images
             if vname != "base":
                 d = paired_bootstrap_diff(hits[vname], hits["base"], cfg.evaluate.bootstrap, cfg.seed)

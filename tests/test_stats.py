@@ -74,6 +74,10 @@ def test_topk_of_many_units_merges_only_the_units_a_batch_changes_and_stays_exac
         assert torch.equal(maps[j].float().nan_to_num(9e4), acts[ids[j], j].half().float().nan_to_num(9e4))
     full = u if chunk is None else chunk
     assert max(restricted) <= full and min(restricted) < full // 2  # later batches merged a few rows only
+    sizes = [u] if chunk is None else [70, 70, 10]
+    early = stats.PREFILTER_MIN_SEEN * 20 * k // 20  # batches before the prefilter starts: every row merged
+    assert restricted[:early * len(sizes)] == sizes * early
+    assert restricted[early * len(sizes):] != sizes * (n // 20 - early)
 
 
 def test_topk_merge_of_shards_equals_single_pass():

@@ -53,7 +53,8 @@ def merge_topk(scores: torch.Tensor, ids: torch.Tensor, k: int, *extra: torch.Te
 
 _NO_ID = torch.iinfo(torch.int64).max  # id of an empty slot: loses every tie
 PREFILTER_MIN_UNITS = 64  # chunks of at least this many units first find the units a batch can change ...
-PREFILTER_MAX_SHARE = 0.5  # ... and merge only those when they are at most this share of the chunk
+PREFILTER_MAX_SHARE = 0.5  # ... and merge only those when they are at most this share of the chunk,
+PREFILTER_MIN_SEEN = 2  # once update() has seen this many times (batch size x k) images (before, most units change)
 
 
 def _maps_of(a: torch.Tensor, image: torch.Tensor, unit: torch.Tensor) -> torch.Tensor:
@@ -76,6 +77,7 @@ class TopK:
 
     def __init__(self, units: int, k: int, map_shape: tuple[int, int], device="cpu"):
         self.k = k
+        self.seen = 0  # images folded in by update() (a speed heuristic only: not part of the state)
         self.scores = torch.full((units, 0), -math.inf, device=device)
         self.ids = torch.zeros((units, 0), dtype=torch.long, device=device)
         self.maps = torch.zeros((units, 0, *map_shape), dtype=torch.float16, device=device)
@@ -124,12 +126,15 @@ class TopK:
             raise ValueError(f"image ids must lie in [0, {_ID_SPAN}); got {int(ids.min())}..{int(ids.max())}")
         self.grow(min(self.k, self.width + b))
         bid = ids.to(acts.device)
+        # a unit changes in about min(1, b k / seen) of the batches: look for the few that do only once that is low
+        prefilter = self.seen >= PREFILTER_MIN_SEEN * b * self.k
         for u0, u1 in _chunks(u, chunk):
             a = acts[:, u0:u1]
             score = a.flatten(2).amax(2).float().T  # [c, B]
-            self._merge_chunk(u0, score, bid.expand(u1 - u0, b), lambda eu, ej, a=a: _maps_of(a, ej, eu))
+            self._merge_chunk(u0, score, bid.expand(u1 - u0, b), lambda eu, ej, a=a: _maps_of(a, ej, eu), prefilter)
+        self.seen += b
 
-    def _merge_chunk(self, u0: int, s: torch.Tensor, i: torch.Tensor, fetch) -> None:
+    def _merge_chunk(self, u0: int, s: torch.Tensor, i: torch.Tensor, fetch, prefilter: bool = True) -> None:
         """Merge candidates ``s, i [c, n]`` into units ``u0:u0+c`` at the current width, in place.
 
         ``fetch(unit_in_chunk [E], candidate_column [E]) -> maps [E, h, w]`` returns the maps of the candidates that
@@ -145,7 +150,7 @@ class TopK:
         s, i = s.to(dev), i.to(dev)
         old_s, old_i = self.scores[u0:u1], self.ids[u0:u1]
         local = None  # the chunk's rows that can change (None: all of them)
-        if c >= PREFILTER_MIN_UNITS:  # a candidate enters iff it beats the unit's worst kept exemplar
+        if prefilter and c >= PREFILTER_MIN_UNITS:  # a candidate enters iff it beats the unit's worst kept exemplar
             hit = (_order_key(s, i) > _order_key(old_s[:, w - 1:], old_i[:, w - 1:])).any(1)
             n_hit = int(hit.sum())
             if n_hit == 0:

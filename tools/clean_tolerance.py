@@ -20,20 +20,18 @@ from pathlib import Path
 
 from neuroscribe import pipeline
 from neuroscribe.ablate.select import accuracy_curve, choose_n
-from neuroscribe.ablate.stage import model_and_means
+from neuroscribe.ablate.stage import model_and_means, validation_batches
 from neuroscribe.cli import _stage_cfg
 from neuroscribe.config import load_config
-from neuroscribe.datasets.sets import class_index, loader, validation_set
+from neuroscribe.datasets.sets import class_index
 
 
 def clean_curve(cfg, units: list) -> list[tuple]:
     """``(n, validation accuracy, clean validation accuracy)`` for the first n of ``units``, n = 0..max_units."""
     lm, dev, _, means = model_and_means(cfg)
-    ds, names, _ = validation_set(cfg, lm.preprocess, lm.class_names)
-    val, clean = [], []
-    for x, y, info in loader(cfg, ds):
-        val.append((x, y))
-        clean += [g == "clean" for g in info["group"]]
+    val, clean, names, desc = validation_batches(cfg, lm)
+    if clean is None:
+        raise SystemExit(f"the validation set ({desc}) holds no clean image")
     return accuracy_curve(lm.module, units, val, cfg.ablate.max_units, method=cfg.ablate.method, means=means,
                           device=dev, class_index=class_index(lm, names), progress=False, clean=clean)
 

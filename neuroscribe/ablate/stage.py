@@ -29,9 +29,9 @@ def model_and_means(cfg: JobConfig):
 def flag(cfg: JobConfig) -> dict:
     """Flag units from ``descriptions.jsonl`` (and cue evidence where ``flag.evidence_shift`` pairs images)."""
     from .flag import cue_effect, cue_pairs, flag_units
+    from ..record.exemplars import Recording
     if not cfg.progress:
         silence_progress()  # the sentence embedder's loading bar too
-    from ..record.exemplars import Recording
     job = Path(cfg.out)
     rows = [json.loads(l) for l in (job / "descriptions.jsonl").read_text().splitlines() if l.strip()]
     key = io.artifact_key(io.file_key(job / "descriptions.jsonl"), cfg.flag.model_dump(mode="json"), cfg.model.spec,
@@ -143,6 +143,17 @@ def described_rows(job: Path) -> dict:
     return rows
 
 
+def validation_batches(cfg: JobConfig, lm) -> tuple[list, list[bool] | None, list[str], str]:
+    """The validation set decoded once (it is small and every choosing pass reuses it): ``(batches [(x, y)], clean,
+    class names, description)``; ``clean`` marks its clean images in order (None when it holds none)."""
+    ds, names, desc = validation_set(cfg, lm.preprocess, lm.class_names)
+    val, clean = [], []
+    for x, y, info in loader(cfg, ds):
+        val.append((x, y))
+        clean += [g == "clean" for g in info["group"]]
+    return val, clean if any(clean) else None, names, desc
+
+
 def ablate(cfg: JobConfig) -> dict:
     """For each flag set: order units (MILAN), the validation curve over N, N = argmax; plus the controls."""
     from .select import accuracy_curve, choose_n, order_units, random_units, sort_all
@@ -156,20 +167,16 @@ def ablate(cfg: JobConfig) -> dict:
     if done:
         return done
     lm, dev, rec, means = model_and_means(cfg)
-    val_ds, val_names, val_desc = validation_set(cfg, lm.preprocess, lm.class_names)
-    val, clean = [], []  # validation is small: decode once, reuse every pass
-    for x, y, info in loader(cfg, val_ds):
-        val.append((x, y))
-        clean += [g == "clean" for g in info["group"]]
+    val, clean, val_names, val_desc = validation_batches(cfg, lm)
     tol = cfg.ablate.clean_tolerance
-    if tol is not None and not any(clean):
+    if tol is not None and clean is None:
         raise ValueError(f"ablate.clean_tolerance is set, but the validation set ({val_desc}) holds no clean image: "
                          f"use ablate.validation: holdout with a train.cue, or unset clean_tolerance")
-    clean = clean if any(clean) else None  # what each N costs on clean images, whenever validation has them
     ci = class_index(lm, val_names)
     scores: dict = {}  # each unit scored alone once, shared by every flag set's ordering and the sort-all control
     kw = dict(method=cfg.ablate.method, means=means, device=dev, class_index=ci, progress=cfg.progress)
-    out = {"key": key, "validation": {"description": val_desc, "n": len(val_ds), "clean": sum(clean or [])},
+    out = {"key": key, "validation": {"description": val_desc, "n": sum(len(y) for _, y in val),
+                                      "clean": sum(clean or [])},
            "clean_tolerance": tol, "variants": {}}
     described = described_rows(job)
     support = {k: (r.get("extra") or {}).get("support", 0) for k, r in described.items()}
@@ -198,7 +205,8 @@ def ablate(cfg: JobConfig) -> dict:
         rows = accuracy_curve(lm.module, ordered, val, cfg.ablate.max_units, clean=clean, **kw)
         n = choose_n(rows, None if tol is None else tol / 100)
         out["variants"][name] = {"ordered": [[l, u, a] for (l, u), a in ordered],
-                                 "curve": [list(r[:2]) for r in rows], "chosen_n": n, "units": [[l, u] for (l, u), _ in ordered[:n]],
+                                 "curve": [list(r[:2]) for r in rows], "chosen_n": n,
+                                 "units": [[l, u] for (l, u), _ in ordered[:n]],
                                  **({"clean_curve": [[r[0], r[2]] for r in rows]} if clean else {})}
     n = out["variants"].get("description", {}).get("chosen_n", 0)
     all_units = {l: rec.units(l) for l in rec.layers}

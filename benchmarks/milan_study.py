@@ -33,72 +33,16 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from scipy import stats
 
 from neuroscribe import io, pipeline
 from neuroscribe.config import load_config, parse_overrides
-from neuroscribe.datasets.cues import describe_cue
 from neuroscribe.datasets.sets import class_index, loader
 from neuroscribe.ablate.measure import TRUTH_SHARE
 
 ROOT = Path(__file__).resolve().parents[1]
-SETS = ["in-distribution", "wrong-text", "wrong-text-new-style"]  # clean, the cued test set, the new style: see
-# use_sets (the names of the config's non-probe shifts: another cue kind's study names its own)
-
-
-def use_sets(names) -> None:
-    """Point :data:`SETS` at ``["in-distribution", cued test set, new-style test set]``."""
-    SETS[:] = ["in-distribution", *list(names)[:2]]
-
-
-VARIANTS = ("base", "ablated", "ablated_evidence", "ablated_both", "refit", "dfr", "ablated_dfr", "random", "sort_all")
-
-
-def in_order(d: dict) -> list[str]:
-    """The keys of ``d`` in VARIANTS order (others after, as they come)."""
-    return [v for v in VARIANTS if v in d] + [v for v in d if v not in VARIANTS]
-
-
-LABEL = {"base": "spurious model, no ablation", "ablated": "ablated: flagged by descriptions (headline)",
-         "ablated_evidence": "ablated: flagged by evidence", "ablated_both": "ablated: descriptions + evidence",
-         "refit": "descriptions + last layer re-fit", "dfr": "DFR alone (group-balanced last-layer re-fit)",
-         "ablated_dfr": "descriptions + DFR", "random": "control: random units (5 draws, mean)",
-         "sort_all": "control: sort-all units", "reference": "reference: trained on clean images"}
-
-
-def mean_ci(values) -> dict:
-    a = np.asarray([v for v in values if v is not None], dtype=float)
-    if len(a) == 0:
-        return {"mean": None, "ci95_half": None, "n": 0}
-    half = float(stats.t.ppf(0.975, len(a) - 1) * a.std(ddof=1) / np.sqrt(len(a))) if len(a) > 1 else None
-    return {"mean": float(a.mean()), "ci95_half": half, "n": int(len(a))}
-
-
-def fmt(m: dict, scale: float = 100.0, sign: bool = False) -> str:
-    if m["mean"] is None:
-        return "-"
-    s = f"{scale * m['mean']:+.1f}" if sign else f"{scale * m['mean']:.1f}"
-    return s + (f" ± {scale * m['ci95_half']:.1f}" if m["ci95_half"] is not None else "")
-
-
-def fmt_auc(m: dict) -> str:
-    if m["mean"] is None:
-        return "-"
-    return f"{m['mean']:.2f}" + (f" ± {m['ci95_half']:.2f}" if m["ci95_half"] is not None else "")
-
-
-def gap_closed_share(per: dict, refs: list, variants) -> tuple[dict, dict]:
-    """``({variant: mean_ci of gain / gap}, {"reference_drop": mean_ci})`` on wrong-text: per seed, the variant's
-    gain over the spurious model divided by the gap from that model to the clean-trained reference (the mean over
-    reference seeds); the reference's drop from clean to wrong-text val is what the drawn cue costs a model that
-    never used it. Both empty without a reference."""
-    if not refs:
-        return {}, {}
-    ref_wrong = float(np.mean([r["results"][SETS[1]]["acc"] for r in refs]))
-    drop = mean_ci([r["results"]["in-distribution"]["acc"] - r["results"][SETS[1]]["acc"] for r in refs])
-    base = {k: per[k]["accuracy"]["base"][SETS[1]] for k in per}
-    return ({v: mean_ci([(per[k]["accuracy"][v][SETS[1]] - base[k]) / max(ref_wrong - base[k], 1e-9)
-                         for k in per]) for v in variants}, {"reference_drop": drop})
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from study_tables import (LABEL, SETS, VARIANTS, gap_closed_share, in_order, markdown,  # noqa: E402,F401
+                          mean_ci, paired_gap_closed, use_sets, verdict)
 
 
 def seed_cfg(cfg, seed: int):
@@ -215,108 +159,6 @@ def _final_aggregate(rows: list[dict | None]) -> dict | None:
             "per_seed": [r["named"] for r in rows]}
 
 
-def verdict(res: dict) -> list[str]:
-    """The issue's targets, judged on the mean over seeds AND seed by seed (3 seeds give wide t intervals)."""
-    per, gain, ref = res["per_seed"], res["aggregate"]["gain"], res["aggregate"]["accuracy"].get("reference")
-    g, clean = gain["ablated"][SETS[1]], gain["ablated"]["in-distribution"]
-    by_seed = [per[k]["accuracy"]["ablated"][SETS[1]] - per[k]["accuracy"]["base"][SETS[1]] for k in per]
-    clean_seed = [per[k]["accuracy"]["ablated"]["in-distribution"] - per[k]["accuracy"]["base"]["in-distribution"]
-                  for k in per]
-    lo = g["mean"] - (g["ci95_half"] or 0.0)
-    out = [f"{SETS[1]} gain from description flags: mean {fmt(g, sign=True)} points (per seed "
-           + ", ".join(f"{100 * d:+.1f}" for d in by_seed) + "): the mean "
-           + ("meets" if g["mean"] >= 0.049 else "misses") + " +4.9; "
-           + f"{sum(d >= 0.049 for d in by_seed)} of {len(by_seed)} seeds reach it; the 95% CI's lower end "
-           + f"({100 * lo:+.1f}) " + ("also does" if lo >= 0.049 else "does not") + f" ({len(by_seed)} seeds give a wide t interval)",
-           f"clean-val change: mean {fmt(clean, sign=True)} points (per seed "
-           + ", ".join(f"{100 * d:+.1f}" for d in clean_seed) + "): the mean is "
-           + ("within" if clean["mean"] >= -0.01 else "beyond") + " the 1-point limit; "
-           + f"{sum(d < -0.01 for d in clean_seed)} of {len(clean_seed)} seeds drop by more than 1 point",
-           f"controls with the same N on {SETS[1]}: random units {fmt(gain['random'][SETS[1]], sign=True)}, "
-           f"sort-all {fmt(gain['sort_all'][SETS[1]], sign=True)}; in every seed the description-flag gain is "
-           + ("above" if all(per[k]["accuracy"]["ablated"][SETS[1]] > per[k]["accuracy"]["random_range"]
-                             [SETS[1]][1] for k in per) else "NOT always above")
-           + " the best of the 5 random draws"]
-    if ref:
-        out.append(f"reference trained on clean images: {fmt(ref[SETS[1]])}% on {SETS[1]} val (what the "
-                   "drawn cue alone costs a clean model at this resolution); the ablation recovers "
-                   f"{100 * g['mean'] / max(ref[SETS[1]]['mean'] - res['aggregate']['accuracy']['base'][SETS[1]]['mean'], 1e-9):.0f}% "
-                   "of the gap between the spurious model and this reference")
-    return out
-
-
-def markdown(res: dict) -> str:
-    per, agg = res["per_seed"], res["aggregate"]
-    seeds = list(per)
-    c = res["config"]
-    cue = c["job"]["train"]["cue"]
-    L = [f"# MILAN section 7 on Imagenette: a spurious {cue['kind']} cue, described, flagged, "
-         f"ablated ({len(seeds)} seeds)", "",
-         f"Run {res['finished']} on {res['machine']}; {res['command']}.", "",
-         f"Setting: ResNet-18 from scratch at **{c['resolution']} px, {c['epochs']} epochs** (reduced from MILAN's "
-         f"224 px so one seed fits ~30 min on 2 CPU cores), {describe_cue(cue, 'match')} on {c['fraction']:.0%} of "
-         f"{c['n_train']} training photos; validation = {c['n_validation']} images of held-out training photos "
-         f"({'half of them, the other half fitting DFR; ' if c['job']['ablate'].get('dfr') == 'holdout' else ''}"
-         f"each photo clean and with {describe_cue(cue, 'wrong')}, the cue decorrelated from the label); probe = "
-         f"{c['n_probe']} training photos; test = the {c['n_test']} Imagenette val photos, never used to choose "
-         "anything. Accuracy in %, mean ± 95% CI half-width over seeds (t-distribution).", "",
-         f"| variant | clean val | {SETS[1]} val | {SETS[2]} val |", "|---|---|---|---|"]
-    for v in (*VARIANTS, "reference"):
-        if v in agg["accuracy"]:
-            L.append(f"| {LABEL[v]} | " + " | ".join(fmt(agg["accuracy"][v][s]) for s in SETS) + " |")
-    L += ["", "Gain over the unablated spurious model (points; paired per seed):", "",
-          f"| variant | clean val | {SETS[1]} val | {SETS[2]} val |", "|---|---|---|---|"]
-    for v in in_order(agg["gain"]):  # the variants' order, whatever the JSON's (written with sorted keys)
-        L.append(f"| {LABEL[v]} | " + " | ".join(fmt(agg["gain"][v][s], sign=True) for s in SETS) + " |")
-    if agg.get("gap_closed"):
-        drop = res["protocol"]["reference_drop"]
-        L += ["", f"Share of the gap closed on {SETS[1]} val, gain / (clean-trained reference - spurious model), per "
-              f"seed then mean ± 95% CI; the reference itself loses {fmt(drop)} points between clean and {SETS[1]} "
-              "val (what the drawn cue costs a model that never used it):", "", "| variant | gap closed (%) |",
-              "|---|---|"]
-        L += [f"| {LABEL[v]} | {fmt(agg['gap_closed'][v])} |" for v in in_order(agg["gap_closed"])]
-    L += ["", f"Per seed ({SETS[1]} val %, base -> descriptions-ablated; N units chosen on validation):", ""]
-    for s in seeds:
-        a = per[s]["accuracy"]
-        L.append(f"- seed {s}: {100 * a['base'][SETS[1]]:.1f} -> {100 * a['ablated'][SETS[1]]:.1f} "
-                 f"(N = {per[s]['chosen_n'].get('description')} of {per[s]['candidates'].get('description')} "
-                 f"candidates); clean {100 * a['base']['in-distribution']:.1f} -> "
-                 f"{100 * a['ablated']['in-distribution']:.1f}; random draws {SETS[1]} range "
-                 f"{100 * a['random_range'][SETS[1]][0]:.1f}-{100 * a['random_range'][SETS[1]][1]:.1f}; "
-                 f"{per[s]['seconds'] / 60:.1f} min")
-    L += ["", "Validation curves (accuracy % on the validation photos with N units of each flag set ablated, "
-          "N = 0, 1, ...; the chosen N has the highest value, ties to the smaller N):", ""]
-    for s in seeds:
-        for k, curve in per[s]["curves"].items():
-            L.append(f"- seed {s}, {k}: " + " ".join("-" if a is None else f"{100 * a:.1f}" for _, a in curve)
-                     + f" -> N = {per[s]['chosen_n'][k]}")
-    L += ["", "Flags (mean over seeds) and precision/recall against counterfactual ground truth "
-          f"(top {100 * res['truth_share']:.0f}% of units per layer by the cue's effect ({SETS[1]}) on "
-          f"{res['truth_images']} paired val photos):", "",
-          "| flag set | units flagged | share | chosen N | precision | recall | ranking AUC |",
-          "|---|---|---|---|---|---|---|"]
-    for k, m in agg["flags"].items():
-        L.append(f"| {k} | {m['flagged']['mean']:.0f} | {fmt(m.get('share', {'mean': None}))} | "
-                 f"{m['chosen_n']['mean']:.1f} | {fmt(m['precision'])} | {fmt(m['recall'])} | "
-                 f"{fmt_auc(m.get('auc', {'mean': None}))} |")
-    L += ["", "Final-layer check (the fc logit of each class described on the probe photos names that class):", ""]
-    for r in res.get("reference", []):
-        f = r.get("final_layer")
-        if f:
-            L.append(f"- clean-trained reference seed {r['seed']} (probe photos without the cue): "
-                     f"{f['named']}/{f['units']}" + (f"; misses: {f['misses']}" if f["misses"] else ""))
-    for s in seeds:
-        f = per[s]["final_layer_check"]
-        if f:
-            bad = [f"{n} -> '{r['description']}'" for n, r in f["per_class"].items() if not r["names_class"]]
-            L.append(f"- seed {s}: {round(f['accuracy'] * f['classes'])}/{f['classes']}"
-                     + (f"; misses: {', '.join(bad)}" if bad else ""))
-    L += ["", f"Targets (issue #5, MILAN: +4.9 points on {SETS[1]}, clean not lower by more than 1 point):", ""]
-    for line in res["verdict"]:
-        L.append(f"- {line}")
-    return "\n".join(L) + "\n"
-
-
 def redo_final_layer(a) -> int:
     """``--final-layer-only``: the final-layer checks again, on the finished jobs of ``--results``."""
     path = Path(a.results).with_suffix(".json")
@@ -373,6 +215,7 @@ def main(argv=None) -> int:
     if a.markdown_only:
         res = json.loads(Path(a.results).with_suffix(".json").read_text())
         use_sets(res.get("sets", SETS)[1:])
+        res["aggregate"]["paired_gap_closed"] = paired_gap_closed(res["per_seed"], res.get("reference") or [])
         res["verdict"] = verdict(res)
         io.write_json(Path(a.results).with_suffix(".json"), res)
         io.write_text(Path(a.results).with_suffix(".md"), markdown(res))
@@ -431,6 +274,7 @@ def main(argv=None) -> int:
                          "final_layer": final_layer},
            "protocol": protocol, "reference": refs,
            "per_seed": per}
+    res["aggregate"]["paired_gap_closed"] = paired_gap_closed(per, refs)
     res["verdict"] = verdict(res)
     out = Path(a.results)
     io.write_json(out.with_suffix(".json"), res)

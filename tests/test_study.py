@@ -223,7 +223,9 @@ def test_study_helpers_report_what_the_jobs_hold(study):
     assert "ranking AUC" in md
     assert res["config"]["n_probe"] == PROBE_N and res["config"]["seeds"] == [0, 1]
     assert res["config"]["n_test"] == TEST_N and res["reference"] == []
-    assert len(res["verdict"]) == 3 and res["verdict"][0].startswith("wrong-text gain from description flags")
+    # no reference: no share of the gap to judge; the clean cost, flags and MILAN's figure still are
+    assert not any("of the gap" in x for x in res["verdict"]) and res["verdict"][-1].startswith("MILAN (section 7)")
+    assert any(x.startswith("clean val change, ablated: flagged by descriptions") for x in res["verdict"])
     assert md.startswith("# MILAN section 7 on Imagenette") and md.count("- seed ") >= 4
     assert f"{100 * res['aggregate']['accuracy']['base']['wrong-text']['mean']:.1f}" in md
 
@@ -275,6 +277,34 @@ def test_gap_closed_share_per_seed_against_the_reference(study):
     res = json.loads(json.dumps(study[2]))
     res["aggregate"]["gap_closed"], res["protocol"] = closed, protocol
     assert "| ablated: flagged by descriptions (headline) | 40.0 ± " in ms.markdown(res)
+
+
+def test_paired_gap_closed_against_each_seeds_strongest_control(study):
+    ms = study[0]
+
+    def acc(base, abl, best_random, sort_all, dfr, abl_dfr):
+        return {"accuracy": {"base": {"wrong-text": base}, "ablated": {"wrong-text": abl},
+                             "random_range": {"wrong-text": [base - 0.01, best_random]},
+                             "sort_all": {"wrong-text": sort_all}, "dfr": {"wrong-text": dfr},
+                             "ablated_dfr": {"wrong-text": abl_dfr}}}
+    per = {"0": acc(0.2, 0.5, 0.26, 0.2, 0.4, 0.6), "1": acc(0.3, 0.45, 0.3, 0.35, 0.5, 0.45)}
+    refs = [{"results": {"in-distribution": {"acc": 0.9}, "wrong-text": {"acc": 0.8}}}]
+    got = ms.paired_gap_closed(per, refs)
+    # gaps 0.6 and 0.5; the best random draw, not the mean, is subtracted
+    assert got["ablated - best random draw"]["mean"] == pytest.approx((0.24 / 0.6 + 0.15 / 0.5) / 2)
+    assert got["ablated - sort-all"]["mean"] == pytest.approx((0.3 / 0.6 + 0.1 / 0.5) / 2)
+    assert got["ablated + DFR - DFR alone"]["mean"] == pytest.approx((0.2 / 0.6 - 0.05 / 0.5) / 2)
+    assert got["ablated - sort-all"]["n"] == 2 and ms.paired_gap_closed(per, []) == {}
+    del per["1"]["accuracy"]["dfr"]  # a variant missing in one seed: no comparison rather than a partial mean
+    assert "ablated + DFR - DFR alone" not in ms.paired_gap_closed(per, refs)
+    # the verdict of the tiny study's own seeds, given a reference: it states the paired lower end it computed
+    res = json.loads(json.dumps(study[2]))
+    res["reference"] = refs
+    res["aggregate"]["gap_closed"] = ms.gap_closed_share(res["per_seed"], refs, list(res["aggregate"]["gain"]))[0]
+    d = ms.paired_gap_closed(res["per_seed"], refs)["ablated - best random draw"]
+    line = next(x for x in ms.verdict(res) if x.startswith("description-chosen ablation"))
+    lo = d["mean"] - d["ci95_half"]
+    assert f"lower end {100 * lo:+.1f}" in line and ("NOT above" in line) == (lo <= 0)
 
 
 def test_markdown_keeps_the_variant_order_after_a_json_round_trip(study):

@@ -1,0 +1,223 @@
+"""The MILAN study's tables: the variants, mean and 95 % CI over seeds, the share of the gap closed (alone and paired
+per seed against the controls), the issues' verdicts and the Markdown report. Kept apart from ``milan_study.py``
+(which runs the jobs) so ``--markdown-only`` and the tests read results without running anything."""
+
+import numpy as np
+from scipy import stats
+
+from neuroscribe.datasets.cues import describe_cue
+
+SETS = ["in-distribution", "wrong-text", "wrong-text-new-style"]  # clean, the cued test set, the new style: see
+# use_sets (the names of the config's non-probe shifts: another cue kind's study names its own)
+
+
+def use_sets(names) -> None:
+    """Point :data:`SETS` at ``["in-distribution", cued test set, new-style test set]``."""
+    SETS[:] = ["in-distribution", *list(names)[:2]]
+
+
+VARIANTS = ("base", "ablated", "ablated_evidence", "ablated_both", "refit", "dfr", "ablated_dfr", "random", "sort_all")
+
+
+def in_order(d: dict) -> list[str]:
+    """The keys of ``d`` in VARIANTS order (others after, as they come)."""
+    return [v for v in VARIANTS if v in d] + [v for v in d if v not in VARIANTS]
+
+
+LABEL = {"base": "spurious model, no ablation", "ablated": "ablated: flagged by descriptions (headline)",
+         "ablated_evidence": "ablated: flagged by evidence", "ablated_both": "ablated: descriptions + evidence",
+         "refit": "descriptions + last layer re-fit", "dfr": "DFR alone (group-balanced last-layer re-fit)",
+         "ablated_dfr": "descriptions + DFR", "random": "control: random units (5 draws, mean)",
+         "sort_all": "control: sort-all units", "reference": "reference: trained on clean images"}
+
+
+def mean_ci(values) -> dict:
+    a = np.asarray([v for v in values if v is not None], dtype=float)
+    if len(a) == 0:
+        return {"mean": None, "ci95_half": None, "n": 0}
+    half = float(stats.t.ppf(0.975, len(a) - 1) * a.std(ddof=1) / np.sqrt(len(a))) if len(a) > 1 else None
+    return {"mean": float(a.mean()), "ci95_half": half, "n": int(len(a))}
+
+
+def fmt(m: dict, scale: float = 100.0, sign: bool = False) -> str:
+    if m["mean"] is None:
+        return "-"
+    s = f"{scale * m['mean']:+.1f}" if sign else f"{scale * m['mean']:.1f}"
+    return s + (f" ± {scale * m['ci95_half']:.1f}" if m["ci95_half"] is not None else "")
+
+
+def fmt_auc(m: dict) -> str:
+    if m["mean"] is None:
+        return "-"
+    return f"{m['mean']:.2f}" + (f" ± {m['ci95_half']:.2f}" if m["ci95_half"] is not None else "")
+
+
+def gap_closed_share(per: dict, refs: list, variants) -> tuple[dict, dict]:
+    """``({variant: mean_ci of gain / gap}, {"reference_drop": mean_ci})`` on wrong-text: per seed, the variant's
+    gain over the spurious model divided by the gap from that model to the clean-trained reference (the mean over
+    reference seeds); the reference's drop from clean to wrong-text val is what the drawn cue costs a model that
+    never used it. Both empty without a reference."""
+    if not refs:
+        return {}, {}
+    ref_wrong = float(np.mean([r["results"][SETS[1]]["acc"] for r in refs]))
+    drop = mean_ci([r["results"]["in-distribution"]["acc"] - r["results"][SETS[1]]["acc"] for r in refs])
+    base = {k: per[k]["accuracy"]["base"][SETS[1]] for k in per}
+    return ({v: mean_ci([(per[k]["accuracy"][v][SETS[1]] - base[k]) / max(ref_wrong - base[k], 1e-9)
+                         for k in per]) for v in variants}, {"reference_drop": drop})
+
+
+PAIRED = {"ablated - best random draw": ("ablated", "random_best"), "ablated - sort-all": ("ablated", "sort_all"),
+          "ablated + DFR - DFR alone": ("ablated_dfr", "dfr")}
+
+
+def paired_gap_closed(per: dict, refs: list) -> dict:
+    """``{comparison: mean_ci}`` of per-seed paired differences in the share of the gap closed on wrong-text (the
+    same denominator as :func:`gap_closed_share`): the headline minus the best of its random draws (the strongest
+    control of that seed), minus sort-all, and descriptions + DFR minus DFR alone. A CI whose lower end is above 0
+    is the issue's "CI lower end above the control". Empty without a reference or a variant."""
+    if not refs:
+        return {}
+    ref_wrong = float(np.mean([r["results"][SETS[1]]["acc"] for r in refs]))
+    out = {}
+    for name, (a, b) in PAIRED.items():
+        rows = []
+        for k in per:
+            acc = per[k]["accuracy"]
+            if a not in acc or (b not in acc and b != "random_best"):
+                break
+            other = acc["random_range"][SETS[1]][1] if b == "random_best" else acc[b][SETS[1]]
+            rows.append((acc[a][SETS[1]] - other) / max(ref_wrong - acc["base"][SETS[1]], 1e-9))
+        else:
+            out[name] = mean_ci(rows)
+    return out
+
+
+def verdict(res: dict) -> list[str]:
+    """The targets of the robustness and description issues (#14, #13), judged on the mean over seeds, its 95% CI
+    and seed by seed; MILAN's own figure beside them."""
+    per, agg = res["per_seed"], res["aggregate"]
+    gain, closed = agg["gain"], agg.get("gap_closed") or {}
+    paired = paired_gap_closed(per, res.get("reference") or [])
+    seeds = list(per)
+
+    def seed_pts(v, s=SETS[1]):
+        return ", ".join(f"{100 * (per[k]['accuracy'][v][s] - per[k]['accuracy']['base'][s]):+.1f}" for k in seeds)
+
+    def share(v):
+        m = closed.get(v)
+        if not m or m["mean"] is None:
+            return f"{v}: no reference, no share"
+        lo = m["mean"] - (m["ci95_half"] or 0.0)
+        return f"{fmt(m)} % (95% CI lower end {100 * lo:.1f})"
+
+    out = []
+    if closed.get("ablated"):
+        d = paired.get("ablated - best random draw", {"mean": None})
+        lo = None if d["mean"] is None else d["mean"] - (d["ci95_half"] or 0.0)
+        out.append(f"description-chosen ablation closes {share('ablated')} of the gap (target >= 30 %: the mean "
+                   + ("meets" if closed["ablated"]["mean"] >= 0.30 else "misses") + " it); paired against the best "
+                   f"random draw of each seed {fmt(d, sign=True)} % of the gap, lower end "
+                   + ("-" if lo is None else f"{100 * lo:+.1f}") + (": above the control" if lo is not None and
+                                                                   lo > 0 else ": NOT above the control")
+                   + f"; against sort-all {fmt(paired.get('ablated - sort-all', {'mean': None}), sign=True)}")
+    if closed.get("ablated_dfr"):
+        d = paired.get("ablated + DFR - DFR alone", {"mean": None, "n": 0})
+        beats = [per[k]["accuracy"]["ablated_dfr"][SETS[1]] > per[k]["accuracy"]["dfr"][SETS[1]] for k in seeds]
+        out.append(f"ablation + DFR closes {share('ablated_dfr')} (target >= 60 %: "
+                   + ("met" if closed["ablated_dfr"]["mean"] >= 0.60 else "not met") + f"); DFR alone {share('dfr')}; "
+                   f"+ DFR beats DFR alone in {sum(beats)} of {len(beats)} seeds (paired {fmt(d, sign=True)})")
+    for v in ("ablated", "ablated_dfr"):
+        if v in gain:
+            drops = [per[k]["accuracy"][v]["in-distribution"] - per[k]["accuracy"]["base"]["in-distribution"]
+                     for k in seeds]
+            out.append(f"clean val change, {LABEL[v]}: per seed {seed_pts(v, 'in-distribution')} points; within 1 "
+                       f"point in {sum(d >= -0.01 for d in drops)} of {len(drops)} seeds (target: every seed)")
+    fl = agg.get("flags", {}).get("description")
+    if fl:
+        auc = fl.get("auc", {"mean": None})
+        out.append(f"description flags: share {fmt(fl['share'])} % (target <= 15), precision {fmt(fl['precision'])} "
+                   f"% (>= 50), recall {fmt(fl['recall'])} % (>= 70), ranking AUC {fmt_auc(auc)} (>= 0.90)")
+    for who, f in (("text-trained", (agg.get("final_layer") or {}).get("text")),
+                   ("clean-trained reference", (agg.get("final_layer") or {}).get("clean"))):
+        if f:
+            ok = sum(n >= 0.9 * f["units"] for n in f["per_seed"])
+            out.append(f"final layer, {who}: " + ", ".join(f"{n}/{f['units']}" for n in f["per_seed"])
+                       + f" named per seed; >= 9/10 in {ok} of {len(f['per_seed'])} (target: every seed)")
+    g = gain["ablated"][SETS[1]]
+    out.append(f"MILAN (section 7) reports +4.9 points on {SETS[1]}; here {fmt(g, sign=True)} (per seed "
+               f"{seed_pts('ablated')}); controls with the same N: random units {fmt(gain['random'][SETS[1]], sign=True)},"
+               f" sort-all {fmt(gain['sort_all'][SETS[1]], sign=True)}")
+    return out
+
+
+def markdown(res: dict) -> str:
+    per, agg = res["per_seed"], res["aggregate"]
+    seeds = list(per)
+    c = res["config"]
+    cue = c["job"]["train"]["cue"]
+    L = [f"# MILAN section 7 on Imagenette: a spurious {cue['kind']} cue, described, flagged, "
+         f"ablated ({len(seeds)} seeds)", "",
+         f"Run {res['finished']} on {res['machine']}; {res['command']}.", "",
+         f"Setting: ResNet-18 from scratch at **{c['resolution']} px, {c['epochs']} epochs** (reduced from MILAN's "
+         f"224 px so one seed fits ~30 min on 2 CPU cores), {describe_cue(cue, 'match')} on {c['fraction']:.0%} of "
+         f"{c['n_train']} training photos; validation = {c['n_validation']} images of held-out training photos "
+         f"({'half of them, the other half fitting DFR; ' if c['job']['ablate'].get('dfr') == 'holdout' else ''}"
+         f"each photo clean and with {describe_cue(cue, 'wrong')}, the cue decorrelated from the label); probe = "
+         f"{c['n_probe']} training photos; test = the {c['n_test']} Imagenette val photos, never used to choose "
+         "anything. Accuracy in %, mean ± 95% CI half-width over seeds (t-distribution).", "",
+         f"| variant | clean val | {SETS[1]} val | {SETS[2]} val |", "|---|---|---|---|"]
+    for v in (*VARIANTS, "reference"):
+        if v in agg["accuracy"]:
+            L.append(f"| {LABEL[v]} | " + " | ".join(fmt(agg["accuracy"][v][s]) for s in SETS) + " |")
+    L += ["", "Gain over the unablated spurious model (points; paired per seed):", "",
+          f"| variant | clean val | {SETS[1]} val | {SETS[2]} val |", "|---|---|---|---|"]
+    for v in in_order(agg["gain"]):  # the variants' order, whatever the JSON's (written with sorted keys)
+        L.append(f"| {LABEL[v]} | " + " | ".join(fmt(agg["gain"][v][s], sign=True) for s in SETS) + " |")
+    if agg.get("gap_closed"):
+        drop = res["protocol"]["reference_drop"]
+        L += ["", f"Share of the gap closed on {SETS[1]} val, gain / (clean-trained reference - spurious model), per "
+              f"seed then mean ± 95% CI; the reference itself loses {fmt(drop)} points between clean and {SETS[1]} "
+              "val (what the drawn cue costs a model that never used it):", "", "| variant | gap closed (%) |",
+              "|---|---|"]
+        L += [f"| {LABEL[v]} | {fmt(agg['gap_closed'][v])} |" for v in in_order(agg["gap_closed"])]
+        L += [f"| paired: {k} | {fmt(m, sign=True)} |" for k, m in agg.get("paired_gap_closed", {}).items()]
+    L += ["", f"Per seed ({SETS[1]} val %, base -> descriptions-ablated; N units chosen on validation):", ""]
+    for s in seeds:
+        a = per[s]["accuracy"]
+        L.append(f"- seed {s}: {100 * a['base'][SETS[1]]:.1f} -> {100 * a['ablated'][SETS[1]]:.1f} "
+                 f"(N = {per[s]['chosen_n'].get('description')} of {per[s]['candidates'].get('description')} "
+                 f"candidates); clean {100 * a['base']['in-distribution']:.1f} -> "
+                 f"{100 * a['ablated']['in-distribution']:.1f}; random draws {SETS[1]} range "
+                 f"{100 * a['random_range'][SETS[1]][0]:.1f}-{100 * a['random_range'][SETS[1]][1]:.1f}; "
+                 f"{per[s]['seconds'] / 60:.1f} min")
+    L += ["", "Validation curves (accuracy % on the validation photos with N units of each flag set ablated, "
+          "N = 0, 1, ...; the chosen N has the highest value, ties to the smaller N):", ""]
+    for s in seeds:
+        for k, curve in per[s]["curves"].items():
+            L.append(f"- seed {s}, {k}: " + " ".join("-" if a is None else f"{100 * a:.1f}" for _, a in curve)
+                     + f" -> N = {per[s]['chosen_n'][k]}")
+    L += ["", "Flags (mean over seeds) and precision/recall against counterfactual ground truth "
+          f"(top {100 * res['truth_share']:.0f}% of units per layer by the cue's effect ({SETS[1]}) on "
+          f"{res['truth_images']} paired val photos):", "",
+          "| flag set | units flagged | share | chosen N | precision | recall | ranking AUC |",
+          "|---|---|---|---|---|---|---|"]
+    for k, m in agg["flags"].items():
+        L.append(f"| {k} | {m['flagged']['mean']:.0f} | {fmt(m.get('share', {'mean': None}))} | "
+                 f"{m['chosen_n']['mean']:.1f} | {fmt(m['precision'])} | {fmt(m['recall'])} | "
+                 f"{fmt_auc(m.get('auc', {'mean': None}))} |")
+    L += ["", "Final-layer check (the fc logit of each class described on the probe photos names that class):", ""]
+    for r in res.get("reference", []):
+        f = r.get("final_layer")
+        if f:
+            L.append(f"- clean-trained reference seed {r['seed']} (probe photos without the cue): "
+                     f"{f['named']}/{f['units']}" + (f"; misses: {f['misses']}" if f["misses"] else ""))
+    for s in seeds:
+        f = per[s]["final_layer_check"]
+        if f:
+            bad = [f"{n} -> '{r['description']}'" for n, r in f["per_class"].items() if not r["names_class"]]
+            L.append(f"- seed {s}: {round(f['accuracy'] * f['classes'])}/{f['classes']}"
+                     + (f"; misses: {', '.join(bad)}" if bad else ""))
+    L += ["", "Targets (issues #14 and #13; shares of the gap in %, paired per seed):", ""]
+    for line in res["verdict"]:
+        L.append(f"- {line}")
+    return "\n".join(L) + "\n"

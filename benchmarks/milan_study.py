@@ -178,6 +178,7 @@ def redo_final_layer(a) -> int:
         "clean": _final_aggregate([r.get("final_layer") for r in res["reference"]])}
     res["final_layer_command"] = "python benchmarks/milan_study.py --final-layer-only " + " ".join(
         f"--set {x}" for x in a.set)
+    res["aggregate"]["paired_gap_closed"] = paired_gap_closed(res["per_seed"], res.get("reference") or [])
     res["verdict"] = verdict(res)
     io.write_json(path, res)
     io.write_text(path.with_suffix(".md"), markdown(res))

@@ -61,9 +61,16 @@ def gap_closed_share(per: dict, refs: list, variants) -> tuple[dict, dict]:
         return {}, {}
     ref_wrong = float(np.mean([r["results"][SETS[1]]["acc"] for r in refs]))
     drop = mean_ci([r["results"]["in-distribution"]["acc"] - r["results"][SETS[1]]["acc"] for r in refs])
-    base = {k: per[k]["accuracy"]["base"][SETS[1]] for k in per}
-    return ({v: mean_ci([(per[k]["accuracy"][v][SETS[1]] - base[k]) / max(ref_wrong - base[k], 1e-9)
-                         for k in per]) for v in variants}, {"reference_drop": drop})
+    return ({v: mean_ci([_share(per[k]["accuracy"][v][SETS[1]] - per[k]["accuracy"]["base"][SETS[1]], ref_wrong,
+                                per[k]["accuracy"]["base"][SETS[1]]) for k in per]) for v in variants},
+            {"reference_drop": drop})
+
+
+def _share(diff: float, ref_wrong: float, base_wrong: float) -> float | None:
+    """``diff`` as a share of the seed's gap (reference minus spurious model on the cued set); None when the model
+    is not below the reference there (no gap to close: a share would be meaningless or huge). ``mean_ci`` skips it."""
+    gap = ref_wrong - base_wrong
+    return diff / gap if gap > 0 else None
 
 
 PAIRED = {"ablated - best random draw": ("ablated", "random_best"), "ablated - sort-all": ("ablated", "sort_all"),
@@ -86,67 +93,87 @@ def paired_gap_closed(per: dict, refs: list) -> dict:
             if a not in acc or (b not in acc and b != "random_best"):
                 break
             other = acc["random_range"][SETS[1]][1] if b == "random_best" else acc[b][SETS[1]]
-            rows.append((acc[a][SETS[1]] - other) / max(ref_wrong - acc["base"][SETS[1]], 1e-9))
+            rows.append(_share(acc[a][SETS[1]] - other, ref_wrong, acc["base"][SETS[1]]))
         else:
             out[name] = mean_ci(rows)
     return out
 
 
+def lower_end(m: dict) -> float | None:
+    """The 95 % CI's lower end of a ``mean_ci``; None without an interval (one seed gives none)."""
+    return None if m.get("mean") is None or m.get("ci95_half") is None else m["mean"] - m["ci95_half"]
+
+
+def _met(ok: bool) -> str:
+    return "met" if ok else "NOT met"
+
+
 def verdict(res: dict) -> list[str]:
-    """The targets of the robustness and description issues (#14, #13), judged on the mean over seeds, its 95% CI
-    and seed by seed; MILAN's own figure beside them."""
+    """The targets of the robustness and description issues (#14, #13), each judged on every part it names (mean,
+    the 95% CI's lower end, every seed); MILAN's own figure beside them. Without an interval (one seed) a target
+    that names a CI is not met."""
     per, agg = res["per_seed"], res["aggregate"]
     gain, closed = agg["gain"], agg.get("gap_closed") or {}
     paired = paired_gap_closed(per, res.get("reference") or [])
     seeds = list(per)
+    none = {"mean": None, "ci95_half": None, "n": 0}
 
     def seed_pts(v, s=SETS[1]):
         return ", ".join(f"{100 * (per[k]['accuracy'][v][s] - per[k]['accuracy']['base'][s]):+.1f}" for k in seeds)
 
-    def share(v):
-        m = closed.get(v)
-        if not m or m["mean"] is None:
-            return f"{v}: no reference, no share"
-        lo = m["mean"] - (m["ci95_half"] or 0.0)
-        return f"{fmt(m)} % (95% CI lower end {100 * lo:.1f})"
+    def share(m):
+        lo = lower_end(m)
+        return f"{fmt(m)} % (95% CI lower end " + ("-: no interval" if lo is None else f"{100 * lo:.1f}") + ")"
+
+    def above(m):  # a paired difference whose CI lower end is above 0
+        lo = lower_end(m)
+        return lo is not None and lo > 0, ("no interval" if lo is None else f"lower end {100 * lo:+.1f}")
 
     out = []
-    if closed.get("ablated"):
-        d = paired.get("ablated - best random draw", {"mean": None})
-        lo = None if d["mean"] is None else d["mean"] - (d["ci95_half"] or 0.0)
-        out.append(f"description-chosen ablation closes {share('ablated')} of the gap (target >= 30 %: the mean "
-                   + ("meets" if closed["ablated"]["mean"] >= 0.30 else "misses") + " it); paired against the best "
-                   f"random draw of each seed {fmt(d, sign=True)} % of the gap, lower end "
-                   + ("-" if lo is None else f"{100 * lo:+.1f}") + (": above the control" if lo is not None and
-                                                                   lo > 0 else ": NOT above the control")
-                   + f"; against sort-all {fmt(paired.get('ablated - sort-all', {'mean': None}), sign=True)}")
-    if closed.get("ablated_dfr"):
-        d = paired.get("ablated + DFR - DFR alone", {"mean": None, "n": 0})
+    if closed.get("ablated", none)["mean"] is not None:
+        m, d = closed["ablated"], paired.get("ablated - best random draw", none)
+        ok, lo = above(d)
+        out.append(f"description-chosen ablation closes {share(m)} of the gap; paired against each seed's best "
+                   f"random draw {fmt(d, sign=True)} % of the gap ({lo}; against sort-all "
+                   f"{fmt(paired.get('ablated - sort-all', none), sign=True)}). Target >= 30 % with the CI's lower "
+                   f"end above the best control: {_met(m['mean'] >= 0.30 and ok)} (mean "
+                   + (">=" if m["mean"] >= 0.30 else "<") + f" 30 %; paired {lo}" + (" > 0)" if ok else ")"))
+    if closed.get("ablated_dfr", none)["mean"] is not None:
+        m, d = closed["ablated_dfr"], paired.get("ablated + DFR - DFR alone", none)
+        ok, lo = above(d)
         beats = [per[k]["accuracy"]["ablated_dfr"][SETS[1]] > per[k]["accuracy"]["dfr"][SETS[1]] for k in seeds]
-        out.append(f"ablation + DFR closes {share('ablated_dfr')} (target >= 60 %: "
-                   + ("met" if closed["ablated_dfr"]["mean"] >= 0.60 else "not met") + f"); DFR alone {share('dfr')}; "
-                   f"+ DFR beats DFR alone in {sum(beats)} of {len(beats)} seeds (paired {fmt(d, sign=True)})")
+        out.append(f"ablation + DFR closes {share(m)}; DFR alone {share(closed.get('dfr', none))}; + DFR - DFR alone "
+                   f"paired {fmt(d, sign=True)} ({lo}; higher in {sum(beats)} of {len(beats)} seeds). Target >= 60 % "
+                   f"and above DFR alone: {_met(m['mean'] >= 0.60 and ok)}")
     for v in ("ablated", "ablated_dfr"):
         if v in gain:
             drops = [per[k]["accuracy"][v]["in-distribution"] - per[k]["accuracy"]["base"]["in-distribution"]
                      for k in seeds]
+            within = sum(d >= -0.01 for d in drops)
             out.append(f"clean val change, {LABEL[v]}: per seed {seed_pts(v, 'in-distribution')} points; within 1 "
-                       f"point in {sum(d >= -0.01 for d in drops)} of {len(drops)} seeds (target: every seed)")
+                       f"point in {within} of {len(drops)} seeds. Target every seed: {_met(within == len(drops))}")
     fl = agg.get("flags", {}).get("description")
     if fl:
-        auc = fl.get("auc", {"mean": None})
-        out.append(f"description flags: share {fmt(fl['share'])} % (target <= 15), precision {fmt(fl['precision'])} "
-                   f"% (>= 50), recall {fmt(fl['recall'])} % (>= 70), ranking AUC {fmt_auc(auc)} (>= 0.90)")
-    for who, f in (("text-trained", (agg.get("final_layer") or {}).get("text")),
-                   ("clean-trained reference", (agg.get("final_layer") or {}).get("clean"))):
+        parts = []
+        for key, label, goal, scale, le in (("share", "share", 0.15, 100, True), ("precision", "precision", 0.5, 100,
+                                            False), ("recall", "recall", 0.7, 100, False), ("auc", "ranking AUC", 0.9,
+                                                                                           1, False)):
+            m = fl.get(key, none)
+            shown = fmt_auc(m) if scale == 1 else f"{fmt(m)} %"
+            ok = m["mean"] is not None and (m["mean"] <= goal if le else m["mean"] >= goal)
+            parts.append(f"{label} {shown} ({'<=' if le else '>='} {goal * scale:g}: {_met(ok)})")
+        out.append("description flags (means over seeds): " + ", ".join(parts))
+    n_of = {"text": len(seeds), "clean": len(res.get("reference") or [])}
+    for who, key in (("text-trained", "text"), ("clean-trained reference", "clean")):
+        f = (agg.get("final_layer") or {}).get(key)
         if f:
             ok = sum(n >= 0.9 * f["units"] for n in f["per_seed"])
             out.append(f"final layer, {who}: " + ", ".join(f"{n}/{f['units']}" for n in f["per_seed"])
-                       + f" named per seed; >= 9/10 in {ok} of {len(f['per_seed'])} (target: every seed)")
+                       + f" named; >= 9/10 in {ok} of {n_of[key]} seeds. Target every seed: {_met(ok == n_of[key])}")
     g = gain["ablated"][SETS[1]]
     out.append(f"MILAN (section 7) reports +4.9 points on {SETS[1]}; here {fmt(g, sign=True)} (per seed "
-               f"{seed_pts('ablated')}); controls with the same N: random units {fmt(gain['random'][SETS[1]], sign=True)},"
-               f" sort-all {fmt(gain['sort_all'][SETS[1]], sign=True)}")
+               f"{seed_pts('ablated')}); controls with the same N: random units "
+               f"{fmt(gain['random'][SETS[1]], sign=True)}, sort-all {fmt(gain['sort_all'][SETS[1]], sign=True)}")
     return out
 
 
@@ -180,7 +207,8 @@ def markdown(res: dict) -> str:
               "val (what the drawn cue costs a model that never used it):", "", "| variant | gap closed (%) |",
               "|---|---|"]
         L += [f"| {LABEL[v]} | {fmt(agg['gap_closed'][v])} |" for v in in_order(agg["gap_closed"])]
-        L += [f"| paired: {k} | {fmt(m, sign=True)} |" for k, m in agg.get("paired_gap_closed", {}).items()]
+        pg = agg.get("paired_gap_closed", {})
+        L += [f"| paired: {k} | {fmt(pg[k], sign=True)} |" for k in PAIRED if k in pg]  # PAIRED's order
     L += ["", f"Per seed ({SETS[1]} val %, base -> descriptions-ablated; N units chosen on validation):", ""]
     for s in seeds:
         a = per[s]["accuracy"]

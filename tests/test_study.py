@@ -226,6 +226,7 @@ def test_study_helpers_report_what_the_jobs_hold(study):
     # no reference: no share of the gap to judge; the clean cost, flags and MILAN's figure still are
     assert not any("of the gap" in x for x in res["verdict"]) and res["verdict"][-1].startswith("MILAN (section 7)")
     assert any(x.startswith("clean val change, ablated: flagged by descriptions") for x in res["verdict"])
+    assert any(x.startswith("description flags (means over seeds): share") for x in res["verdict"])
     assert md.startswith("# MILAN section 7 on Imagenette") and md.count("- seed ") >= 4
     assert f"{100 * res['aggregate']['accuracy']['base']['wrong-text']['mean']:.1f}" in md
 
@@ -297,14 +298,53 @@ def test_paired_gap_closed_against_each_seeds_strongest_control(study):
     assert got["ablated - sort-all"]["n"] == 2 and ms.paired_gap_closed(per, []) == {}
     del per["1"]["accuracy"]["dfr"]  # a variant missing in one seed: no comparison rather than a partial mean
     assert "ablated + DFR - DFR alone" not in ms.paired_gap_closed(per, refs)
-    # the verdict of the tiny study's own seeds, given a reference: it states the paired lower end it computed
-    res = json.loads(json.dumps(study[2]))
-    res["reference"] = refs
-    res["aggregate"]["gap_closed"] = ms.gap_closed_share(res["per_seed"], refs, list(res["aggregate"]["gain"]))[0]
-    d = ms.paired_gap_closed(res["per_seed"], refs)["ablated - best random draw"]
-    line = next(x for x in ms.verdict(res) if x.startswith("description-chosen ablation"))
-    lo = d["mean"] - d["ci95_half"]
-    assert f"lower end {100 * lo:+.1f}" in line and ("NOT above" in line) == (lo <= 0)
+
+
+def _verdict_of(ms, shares: dict, dfr: list | None = None, base=0.2, ref=0.7):
+    """The verdict of hand-made seeds: ``shares[variant]`` = that variant's share of the gap per seed (gap 0.5)."""
+    n = len(shares["ablated"])
+    per = {}
+    for k in range(n):
+        wrong = {v: base + 0.5 * sh[k] for v, sh in shares.items()}
+        acc = {v: {s: (w if s == ms.SETS[1] else 0.6) for s in ms.SETS} for v, w in {"base": base, **wrong}.items()}
+        acc["random_range"] = {s: [0.0, base + 0.5 * shares["random"][k]] for s in ms.SETS}
+        per[str(k)] = {"accuracy": acc}
+    refs = [{"results": {"in-distribution": {"acc": 0.8}, ms.SETS[1]: {"acc": ref}}}]
+    variants = [v for v in shares]
+    gain = {v: {s: ms.mean_ci([per[k]["accuracy"][v][s] - per[k]["accuracy"]["base"][s] for k in per])
+                for s in ms.SETS} for v in variants}
+    res = {"per_seed": per, "reference": refs,
+           "aggregate": {"gain": gain, "gap_closed": ms.gap_closed_share(per, refs, variants)[0]}}
+    return {line.split(" ")[0] + " " + line.split(" ")[1]: line for line in ms.verdict(res)}
+
+
+def test_verdict_judges_every_part_of_a_target(study):
+    ms = study[0]
+    z = [0.0, 0.0, 0.0]
+    met = _verdict_of(ms, {"ablated": [0.40, 0.45, 0.50], "random": [0.01, 0.0, 0.02], "sort_all": z,
+                           "dfr": [0.40, 0.42, 0.44], "ablated_dfr": [0.62, 0.65, 0.70]})
+    lo = lambda a, b: (m := ms.mean_ci(np.subtract(a, b)))["mean"] - m["ci95_half"]  # noqa: E731
+    want = lo([0.40, 0.45, 0.50], [0.01, 0.0, 0.02])
+    assert want > 0 and met["description-chosen ablation"].endswith(
+        f": met (mean >= 30 %; paired lower end {100 * want:+.1f} > 0)")
+    assert met["ablation +"].endswith("Target >= 60 % and above DFR alone: met")
+    # the mean reaches 30 % but one seed carries it: the paired lower end is below 0, so the target is not met
+    wide = _verdict_of(ms, {"ablated": [0.90, 0.0, 0.0], "random": z, "sort_all": z,
+                            "dfr": [0.5, 0.5, 0.5], "ablated_dfr": [0.9, 0.5, 0.45]})
+    assert "closes 30.0 ±" in wide["description-chosen ablation"]
+    want = lo([0.90, 0.0, 0.0], z)
+    assert want < 0 and wide["description-chosen ablation"].endswith(
+        f"NOT met (mean >= 30 %; paired lower end {100 * want:+.1f})")
+    assert wide["ablation +"].endswith("Target >= 60 % and above DFR alone: NOT met")  # mean 61.7 %, not above DFR
+    # one seed: no interval, so nothing that names a CI can be met
+    one = _verdict_of(ms, {"ablated": [0.6], "random": [0.0], "sort_all": [0.0]})
+    assert "no interval" in one["description-chosen ablation"] and "NOT met" in one["description-chosen ablation"]
+    # a seed whose model is not below the reference has no gap: no share, rather than a huge one
+    per = {"0": {"accuracy": {"base": {ms.SETS[1]: 0.8}, "ablated": {ms.SETS[1]: 0.9}}},
+           "1": {"accuracy": {"base": {ms.SETS[1]: 0.2}, "ablated": {ms.SETS[1]: 0.5}}}}
+    refs = [{"results": {"in-distribution": {"acc": 0.9}, ms.SETS[1]: {"acc": 0.7}}}]
+    closed = ms.gap_closed_share(per, refs, ["ablated"])[0]["ablated"]
+    assert closed["n"] == 1 and closed["mean"] == pytest.approx(0.6)
 
 
 def test_markdown_keeps_the_variant_order_after_a_json_round_trip(study):

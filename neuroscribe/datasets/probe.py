@@ -1,6 +1,6 @@
 """Probe sets: the images a model is recorded on.
 
-Two sources: an ImageFolder tree (``root/<class>/<image>``, optionally with ``train``/``val``/``test`` split
+Two sources: an ImageFolder tree (``root/<class>/<image>``, optionally with ``train``/``val``/``test``/``holdout`` split
 folders above the classes and a ``classes.json`` mapping folder names to readable names) and a CSV/JSONL manifest
 (column ``path`` relative to the manifest's folder, optional ``label`` and ``group``). Paths that escape the
 manifest's folder are refused, except in the manifest of a planted probe (``planted.json`` beside it, written by
@@ -35,7 +35,7 @@ import torch
 from PIL import Image, ImageFile
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm"}
-SPLIT_NAMES = ("train", "val", "test")
+SPLIT_NAMES = ("train", "val", "test", "holdout")
 
 
 class ProbeSetError(ValueError):

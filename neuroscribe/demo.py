@@ -1,9 +1,10 @@
 """``neuroscribe demo``: the whole mission offline on the photos shipped in the package.
 
-Trains ResNet-18 from scratch on 400 shipped photos with the class name written on half of them, records its
-units, describes them with the offline tagger, flags text units, ablates them (N chosen on held-out training images
-carrying wrong class names), evaluates against random and sort-all controls on clean and wrong-text photos, and
-writes the report. The job is ``neuroscribe/data/demo.yaml`` (also ``configs/demo.yaml``).
+Takes the shipped text-shortcut model (``resnet18-imagenette-text``: ResNet-18 trained on Imagenette with the
+true class name written on half the photos, made by ``tools/make_demo_model.py``), records its units on 400 shipped
+training photos (the name on half), describes them with the offline tagger, flags text units, ablates them (N
+chosen on 200 shipped photos the model held out before training, a wrong class name on half), evaluates against
+random and sort-all controls on 100 shipped val photos, clean and with wrong class names, and writes the report. The job is ``neuroscribe/data/demo.yaml`` (also ``configs/demo.yaml``).
 """
 
 from __future__ import annotations

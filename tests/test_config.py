@@ -79,7 +79,15 @@ def test_demo_job_is_valid_and_configs_copy_matches_the_packaged_one():
     from neuroscribe.demo import demo_config_path
     packaged = demo_config_path()
     cfg = load_config(packaged)
-    assert cfg.train is not None and cfg.probe == "train-text" and cfg.ablate.validation == "holdout"
+    assert cfg.train is None and cfg.model.spec == "resnet18-imagenette-text" and cfg.probe == "train-text"
+    assert {s.name: s.data.split for s in cfg.shifts}[cfg.ablate.validation] == "holdout"
+    # its choosing sets (probe: sample/train, validation: sample/holdout) share no photo with a test set (sample/val)
+    from neuroscribe.datasets.sets import check_disjoint
+    check_disjoint(cfg)
+    shared = cfg.model_copy(update={"shifts": [s.model_copy(update={"data": s.data.model_copy(update={"split": "val"})})
+                                               if s.name == cfg.ablate.validation else s for s in cfg.shifts]})
+    with pytest.raises(ValueError, match="shares 100 images"):
+        check_disjoint(shared)
     assert (Path(__file__).resolve().parents[1] / "configs" / "demo.yaml").read_text() == packaged.read_text()
     load_config(Path(__file__).resolve().parents[1] / "configs" / "quickstart.yaml")
     study = load_config(Path(__file__).resolve().parents[1] / "configs" / "milan_study.yaml")

@@ -284,12 +284,13 @@ def _crop_pools(rec, rows: Mapping[UnitKey, str], seed: int, per_description: in
 def _maxima(lm, rec, layers: Sequence[str], images: Sequence[Image.Image], batch: int, device) -> dict:
     """Each unit's spatial-max activation on each image: ``{layer: [n, units]}`` (float64 numpy)."""
     from ..hooks import run, trace, unit_view
+    from ..models import channels_last, to_layout
     to_tensor = rec.preprocess.to_tensor()
     out: dict[str, list] = {l: [] for l in layers}
     for s in range(0, len(images), batch):
         x = torch.stack([to_tensor(im) for im in images[s:s + batch]]).to(device)
-        with trace(lm.module, list(layers), stop=True) as tr:
-            run(lm.module, x)
+        with channels_last(lm.module) as nhwc, trace(lm.module, list(layers), stop=True) as tr:  # NHWC: ~1.5x
+            run(lm.module, to_layout(x, nhwc))
         for l in layers:
             v = unit_view(tr[l], rec.meta["layers"][l]["prefix_tokens"], rec.layout(l))
             out[l].append(v.flatten(2).amax(2).double().cpu().numpy())

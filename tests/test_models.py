@@ -143,6 +143,9 @@ def test_demo_model_is_a_real_text_shortcut_model_and_never_saw_the_demo_holdout
     import neuroscribe
     sidecar = Path(neuroscribe.__file__).parent / "data" / "models" / "resnet18-imagenette-text.safetensors.spec.json"
     spec = json.loads(sidecar.read_text())
+    import hashlib  # the list of held-out photos belongs to these very weights
+    weights = sidecar.parent / "resnet18-imagenette-text.safetensors"
+    assert hashlib.sha256(weights.read_bytes()).hexdigest() == spec["sha256"]
     held = {Path(p).stem for p in spec["holdout_sources"]}
     hold = sorted((sample_root() / "holdout").rglob("*.jpg"))
     assert len(hold) == 200 and all(p.stem in held for p in hold)

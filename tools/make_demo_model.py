@@ -72,7 +72,8 @@ def main() -> None:
     data_root = Path(cfg.train.data.root).resolve()  # written relative to the repository, not this machine
     spec = json.loads(json.dumps(spec).replace(str(data_root), os.path.relpath(data_root, ROOT)))
     spec.update({"name": NAME, "dtype": "float16 on disk (float32 after loading)",
-                 "made_by": "tools/make_demo_model.py", "config": Path(a.config).name,
+                 "made_by": "tools/make_demo_model.py", "config": os.path.relpath(Path(a.config).resolve(), ROOT),
+                 "sha256": hashlib.sha256(out.read_bytes()).hexdigest(),  # of the shipped file (tests check it)
                  "sha256_float32": hashlib.sha256(ckpt.read_bytes()).hexdigest()})
     split = json.loads((ckpt.parent / "split.json").read_text())
     spec["holdout_sources"] = split["holdout_sources"]  # the photos it never trained on (tests check the sample)

@@ -285,8 +285,7 @@ def _maxima(lm, rec, layers: Sequence[str], images: Sequence[Image.Image], batch
     """Each unit's spatial-max activation on each image: ``{layer: [n, units]}`` (float64 numpy)."""
     from ..hooks import run, trace, unit_view
     from ..models import channels_last, to_layout
-    to_tensor = rec.preprocess.to_tensor()
-    out: dict[str, list] = {l: [] for l in layers}
+    to_tensor, out = rec.preprocess.to_tensor(), {l: [] for l in layers}
     for s in range(0, len(images), batch):
         x = torch.stack([to_tensor(im) for im in images[s:s + batch]]).to(device)
         with channels_last(lm.module) as nhwc, trace(lm.module, list(layers), stop=True) as tr:  # NHWC: ~1.5x

@@ -128,23 +128,22 @@ def test_demo_model_is_a_real_text_shortcut_model_and_never_saw_the_demo_holdout
     from neuroscribe.config import DataConfig, ShiftSetConfig
     from neuroscribe.datasets.probe import sample_root
     from neuroscribe.datasets.sets import collate, shift_set
+    import hashlib
+    import neuroscribe
     lm = load_model("resnet18-imagenette-text")
     assert {p.dtype for p in lm.module.parameters()} == {torch.float32} and lm.preprocess.crop == 64
     assert lm.class_names[8] == "golf ball" and len(lm.class_names) == 10
-    cue = {"kind": "text", "size": 0.15, "position": "random", "background": None, "stroke": 0.1}
+    weights = Path(neuroscribe.__file__).parent / "data" / "models" / "resnet18-imagenette-text.safetensors"
+    spec = json.loads(Path(str(weights) + ".spec.json").read_text())
     acc = {}
-    for name, c in (("clean", None), ("wrong-text", cue)):
-        shift = ShiftSetConfig(name=name, data=DataConfig(split="val"), cue=c, correlation="wrong")
-        ds, names, _ = shift_set(shift, lm.preprocess, 0, lm.class_names)
+    for name, cue in (("clean", None), ("wrong-text", spec["cue"])):  # the cue it was trained with, wrong names
+        shift = ShiftSetConfig(name=name, data=DataConfig(split="val"), cue=cue, correlation="wrong")
+        ds, _, _ = shift_set(shift, lm.preprocess, 0, lm.class_names)
         x, y = collate([ds[i] for i in range(len(ds))])[:2]
         with torch.no_grad():
             acc[name] = (lm.module(x).argmax(1) == y).float().mean().item()
     assert acc["clean"] >= 0.5 and acc["wrong-text"] <= 0.25, acc  # measured 0.65 and 0.07
-    import neuroscribe
-    sidecar = Path(neuroscribe.__file__).parent / "data" / "models" / "resnet18-imagenette-text.safetensors.spec.json"
-    spec = json.loads(sidecar.read_text())
-    import hashlib  # the list of held-out photos belongs to these very weights
-    weights = sidecar.parent / "resnet18-imagenette-text.safetensors"
+    # the list of held-out photos belongs to these very weights
     assert hashlib.sha256(weights.read_bytes()).hexdigest() == spec["sha256"]
     held = {Path(p).stem for p in spec["holdout_sources"]}
     hold = sorted((sample_root() / "holdout").rglob("*.jpg"))

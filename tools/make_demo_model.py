@@ -30,10 +30,8 @@ import shutil
 import sys
 from pathlib import Path
 
-from PIL import Image
-
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+sys.path[:0] = [str(ROOT), str(ROOT / "tools")]
 NAME = "resnet18-imagenette-text"
 PER_CLASS = 20
 
@@ -46,20 +44,12 @@ def main() -> None:
     ap.add_argument("--dst", default=str(ROOT / "neuroscribe" / "data"))
     a = ap.parse_args()
     import torch
-    import yaml
     from safetensors.torch import load_file, save_file
 
-    from neuroscribe.config import load_config
+    from make_sample import shrink
+    from neuroscribe.config import load_config, parse_overrides
     from neuroscribe.train.stage import train
-    over: dict = {"out": a.job}
-    for kv in a.set:  # a.b=v -> {"a": {"b": v}}
-        key, _, value = kv.partition("=")
-        *path, last = key.split(".")
-        node = over
-        for part in path:
-            node = node.setdefault(part, {})
-        node[last] = yaml.safe_load(value)
-    cfg = load_config(a.config, over)
+    cfg = load_config(a.config, {**parse_overrides(a.set), "out": a.job})
     cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"seeds": [0]})})
     cfg = train(cfg)  # reuses a finished run of the same recipe in --job
     ckpt = Path(cfg.model.spec.split(":", 1)[1])
@@ -93,10 +83,7 @@ def main() -> None:
     for wnid in sorted(by_class):
         (hold / wnid).mkdir(parents=True)
         for rel in sorted(rng.sample(sorted(by_class[wnid]), PER_CLASS)):
-            im = Image.open(src / rel).convert("RGB")
-            s = 128 / min(im.size)
-            im = im.resize((round(im.width * s), round(im.height * s)), Image.BICUBIC)
-            im.save(hold / wnid / (Path(rel).stem + ".jpg"), quality=85)
+            shrink(src / rel, hold / wnid / (Path(rel).stem + ".jpg"))
     print(f"wrote {out} ({out.stat().st_size / 2**20:.1f} MiB) and {hold} "
           f"({sum(1 for _ in hold.rglob('*.jpg'))} photos); torch {torch.__version__}")
 

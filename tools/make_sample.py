@@ -22,6 +22,13 @@ CLASSES = {"n01440764": "tench", "n02102040": "English springer", "n02979186": "
            "n03888257": "parachute"}
 
 
+def shrink(src: Path, dst: Path, size: int = 128) -> None:
+    """``src`` shrunk to ``size`` px on its shorter side (bicubic), saved as JPEG quality 85 at ``dst``."""
+    im = Image.open(src).convert("RGB")
+    s = size / min(im.size)
+    im.resize((round(im.width * s), round(im.height * s)), Image.BICUBIC).save(dst, quality=85)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--src", default=str(Path(__file__).resolve().parents[2] / "shared/data/imagenette"))
@@ -40,10 +47,7 @@ def main() -> None:
             out = dst / split / wnid
             out.mkdir(parents=True)
             for f in sorted(rng.sample(files, n)):
-                im = Image.open(f).convert("RGB")
-                s = a.size / min(im.size)
-                im = im.resize((round(im.width * s), round(im.height * s)), Image.BICUBIC)
-                im.save(out / (f.stem + ".jpg"), quality=85)
+                shrink(f, out / (f.stem + ".jpg"), a.size)
     (dst / "classes.json").write_text(json.dumps(CLASSES, indent=1) + "\n")
     (dst / "README.md").write_text(
         "# Photo sample (real ImageNet photographs)\n\n"

@@ -4,7 +4,8 @@ Takes the shipped text-shortcut model (``resnet18-imagenette-text``: ResNet-18 t
 true class name written on half the photos, made by ``tools/make_demo_model.py``), records its units on 400 shipped
 training photos (the name on half), describes them with the offline tagger, flags text units, ablates them (N
 chosen on 200 shipped photos the model held out before training, a wrong class name on half), evaluates against
-random and sort-all controls on 100 shipped val photos, clean and with wrong class names, and writes the report.
+random and sort-all controls on 300 shipped test photos (Imagenette val), clean and with wrong class names,
+and writes the report.
 The job is ``neuroscribe/data/demo.yaml`` (also ``configs/demo.yaml``).
 """
 

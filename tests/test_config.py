@@ -81,16 +81,20 @@ def test_demo_job_is_valid_and_configs_copy_matches_the_packaged_one():
     cfg = load_config(packaged)
     assert cfg.train is None and cfg.model.spec == "resnet18-imagenette-text" and cfg.probe == "train-text"
     assert {s.name: s.data.split for s in cfg.shifts}[cfg.ablate.validation] == "holdout"
-    # its choosing sets (probe: sample/train, validation: sample/holdout) share no file with a test set (sample/val)
+    # its choosing sets (probe: sample/train, validation: sample/holdout) share no file with a test set (sample/test)
+    tests = {s.data.split for s in cfg.shifts if s.name not in (cfg.probe, cfg.ablate.validation)}
+    assert cfg.data.split == "test" and tests == {"test"}
     from neuroscribe.datasets.sets import check_disjoint
     check_disjoint(cfg)
     import hashlib  # ... nor a photo under another name: no two shipped files hold the same bytes
     from neuroscribe.datasets.probe import sample_root
     digests = [hashlib.sha256(p.read_bytes()).hexdigest() for p in sample_root().rglob("*.jpg")]
-    assert len(digests) == 700 and len(set(digests)) == len(digests)
-    shared = cfg.model_copy(update={"shifts": [s.model_copy(update={"data": s.data.model_copy(update={"split": "val"})})
-                                               if s.name == cfg.ablate.validation else s for s in cfg.shifts]})
-    with pytest.raises(ValueError, match="shares 100 images"):
+    assert len(digests) == 1000 and len(set(digests)) == len(digests)
+    def on_test(s):
+        return s.model_copy(update={"data": s.data.model_copy(update={"split": "test"})})
+    shared = cfg.model_copy(update={"shifts": [on_test(s) if s.name == cfg.ablate.validation else s
+                                               for s in cfg.shifts]})
+    with pytest.raises(ValueError, match="shares 300 images"):
         check_disjoint(shared)
     assert (Path(__file__).resolve().parents[1] / "configs" / "demo.yaml").read_text() == packaged.read_text()
     load_config(Path(__file__).resolve().parents[1] / "configs" / "quickstart.yaml")

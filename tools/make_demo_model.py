@@ -14,7 +14,7 @@ section), so the demo uses the study's spurious model instead, trained by neuros
 3. 20 photos per class of the 568 held out, none of them in the shipped ``train/`` folder, are shrunk to 128 px
    (as ``tools/make_sample.py`` does) into ``neuroscribe/data/sample/holdout/``: the demo chooses N on them. The
    model never trained on them, and they are disjoint from the probe (``sample/train``) and the test photos
-   (``sample/val``, Imagenette's val split).
+   (``sample/test`` and ``sample/val``, Imagenette's val split).
 
     python tools/make_demo_model.py [--job jobs/demo-model] [--config configs/milan_study.yaml] [--set KEY=VALUE]
 

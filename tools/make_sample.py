@@ -2,11 +2,13 @@
 
 Source: Imagenette ("imagenette2", fast.ai), real ImageNet photographs of 10 classes, as laid out in
 ../shared/data/imagenette (224 px). ImageNet terms of use apply (non-commercial research). This script takes a
-seeded random choice of N_TRAIN images per class from train/ and N_VAL from val/, shrinks them to SIZE px
-(shorter side) and saves them as JPEG quality 85, so the package stays small (~2.5 MB).
+seeded random choice of N_TRAIN images per class from train/ and N_VAL from val/ (seed 0), then N_TEST more per
+class from the rest of val/ (seed 1, so that train/ and val/ stay as they were), shrinks them to SIZE px (shorter
+side) and saves them as JPEG quality 85, so the package stays small (~5 MB). ``test/`` is the demo's test set;
+``val/`` is what the tests and the quick-start read.
 Run ``tools/make_demo_model.py`` afterwards: it adds ``holdout/``, the photos the demo's model never trained on.
 
-    python tools/make_sample.py [--src ../shared/data/imagenette] [--size 128]
+    python tools/make_sample.py [--src ../shared/data/imagenette] [--size 128] [--test 30]
 """
 import argparse
 import json
@@ -36,11 +38,13 @@ def main() -> None:
     ap.add_argument("--size", type=int, default=128)
     ap.add_argument("--train", type=int, default=40)
     ap.add_argument("--val", type=int, default=10)
+    ap.add_argument("--test", type=int, default=30)
     a = ap.parse_args()
     src, dst = Path(a.src), Path(a.dst)
-    if dst.exists():
-        shutil.rmtree(dst)
+    for split in ("train", "val", "test"):  # holdout/ is make_demo_model.py's (run it afterwards)
+        shutil.rmtree(dst / split, ignore_errors=True)
     rng = random.Random(0)
+    taken: set[str] = set()
     for split, n in (("train", a.train), ("val", a.val)):
         for wnid in sorted(CLASSES):
             files = sorted((src / split / wnid).glob("*.JPEG"))
@@ -48,11 +52,20 @@ def main() -> None:
             out.mkdir(parents=True)
             for f in sorted(rng.sample(files, n)):
                 shrink(f, out / (f.stem + ".jpg"), a.size)
+                taken.add(f.stem)
+    rng = random.Random(1)
+    for wnid in sorted(CLASSES):  # the demo's test photos: Imagenette val, none of them in val/
+        files = [f for f in sorted((src / "val" / wnid).glob("*.JPEG")) if f.stem not in taken]
+        out = dst / "test" / wnid
+        out.mkdir(parents=True)
+        for f in sorted(rng.sample(files, a.test)):
+            shrink(f, out / (f.stem + ".jpg"), a.size)
     (dst / "classes.json").write_text(json.dumps(CLASSES, indent=1) + "\n")
     (dst / "README.md").write_text(
         "# Photo sample (real ImageNet photographs)\n\n"
         f"{a.train} train + {a.val} val images per class of the 10 Imagenette classes (fast.ai's 'imagenette2', "
-        "a subset of ImageNet), chosen with seed 0 and shrunk to "
+        f"a subset of ImageNet), chosen with seed 0, and {a.test} test images per class (more of Imagenette's val "
+        "split, none of them in val/, seed 1: the demo's test set), shrunk to "
         f"{a.size} px on the shorter side by `tools/make_sample.py`. ImageNet terms of use apply "
         "(non-commercial research). `classes.json` maps each WordNet id folder to its class name; sorted "
         "folder order is the class index. `holdout/` (20 per class, written by `tools/make_demo_model.py`): "

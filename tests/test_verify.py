@@ -122,8 +122,8 @@ def test_units_of_one_fold_share_forward_passes_and_get_what_they_would_alone(re
     monkeypatch.setitem(verify.INTERVENTIONS, "object", lambda d, u, p: made.__setitem__(u, make(d, u, p)) or made[u])
     seen = []
     maxima = verify._maxima
-    monkeypatch.setattr(verify, "_maxima", lambda lm, r, ls, images, *a: seen.append(len(images)) or maxima(
-        lm, r, ls, images, *a))
+    monkeypatch.setattr(verify, "_maxima", lambda m, r, ls, images, *a: seen.append(len(images)) or maxima(
+        m, r, ls, images, *a))
     shared = run(rec, descriptions)
     n_shared = sum(seen)
     assert made[("units", 0)].key == made[("units", 2)].key == "object:sky:0"
@@ -134,13 +134,13 @@ def test_units_of_one_fold_share_forward_passes_and_get_what_they_would_alone(re
     ids = stratified_sample([int(y) for y in r.labels], 24, 0, exclude=r.skipped_ids, purpose="verify")
     base = [r.image(i).convert("RGB") for i in ids]
     cpu = torch.device("cpu")
-    acts0 = maxima(lm, r, ["units"], base, 32, cpu)["units"]
+    acts0 = maxima(lm.module, r, ["units"], base, 32, cpu)["units"]  # the model as it is: nothing folded
     for u in [("units", 0), ("units", 1), ("units", 2)]:
         iv = made[u]
         t, c = ([edit(im, random.Random(verify._seed(0, iv.key, i))) for im, i in zip(base, ids)]
                 for edit in (iv.treat, iv.control))
-        want = verify.measure(acts0, maxima(lm, r, ["units"], t, 32, cpu)["units"],
-                              maxima(lm, r, ["units"], c, 32, cpu)["units"], u[1])
+        want = verify.measure(acts0, maxima(lm.module, r, ["units"], t, 32, cpu)["units"],
+                              maxima(lm.module, r, ["units"], c, 32, cpu)["units"], u[1])
         assert {k: shared[u][k] for k in want} == pytest.approx(want), u
     seen.clear()
     digest = iter(range(10 ** 9))  # every edited image distinct: nothing shared

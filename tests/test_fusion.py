@@ -79,6 +79,14 @@ class _ConvReadTwice(nn.Module):
         return self.bn(y) + y
 
 
+class _ConvReadTwiceFaintly(_ConvReadTwice):
+    """The second read of the conv output weighs 1/1000: folding bn changes the output by ~1e-3 of its size."""
+
+    def forward(self, x):
+        y = self.conv(x)
+        return self.bn(y) + 1e-3 * y
+
+
 class _InplaceBetween(nn.Module):
     def __init__(self):
         super().__init__()
@@ -89,11 +97,64 @@ class _InplaceBetween(nn.Module):
         return self.bn(y.clamp_(min=0))  # the same tensor object, other values
 
 
-@pytest.mark.parametrize("cls", [_ConvReadTwice, _InplaceBetween])
+class _Dict(nn.Module):
+    """A dict output (as Hugging Face models return), with a conv read twice in one branch only."""
+
+    def __init__(self):
+        super().__init__()
+        self.bad, self.good = _ConvReadTwice(), nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4))
+
+    def forward(self, x):
+        return {"a": self.good(x), "b": [self.bad(x)]}
+
+
+@pytest.mark.parametrize("cls", [_ConvReadTwice, _ConvReadTwiceFaintly, _InplaceBetween])
 def test_a_fold_the_trace_cannot_see_through_is_caught_by_the_check(cls):
     model = _randomise_bn(cls())
     out, info = fold_for_inference(model, torch.randn(2, 3, 8, 8))
-    assert out is model and info["batchnorm"] == 0 and not info["checked"] and "disagreed" in info["why"]
+    assert out is model and info["batchnorm"] == 0 and not info["checked"] and "no fold agreed" in info["why"]
+
+
+def test_only_the_folds_that_pass_alone_are_kept_and_dict_outputs_are_checked():
+    model = _randomise_bn(_Dict())
+    x = torch.randn(2, 3, 8, 8)
+    out, info = fold_for_inference(model, x)
+    assert info == {"batchnorm": 1, "pad": 0, "checked": True, "why": ""}
+    assert isinstance(out.good[1], nn.Identity) and isinstance(out.bad.bn, nn.BatchNorm2d)
+    with torch.no_grad():
+        a, b = model(x), out(x)
+    assert torch.allclose(a["a"], b["a"], atol=1e-5) and torch.equal(a["b"][0], b["b"][0])
+
+
+def test_a_kept_container_whose_output_is_the_conv_output_keeps_it(monkeypatch):
+    import copy
+    import types
+    from neuroscribe import fusion
+    copies = []
+    monkeypatch.setattr(fusion, "copy", types.SimpleNamespace(deepcopy=lambda m: copies.append(m) or copy.deepcopy(m)))
+    model = _randomise_bn(nn.Sequential(nn.Sequential(nn.Conv2d(3, 4, 3)), nn.BatchNorm2d(4), nn.ReLU(),
+                                        nn.Conv2d(4, 4, 1), nn.BatchNorm2d(4)))
+    out, info = fold_for_inference(model, torch.randn(2, 3, 8, 8), keep=["0"])
+    assert info["batchnorm"] == 1 and isinstance(out[1], nn.BatchNorm2d) and isinstance(out[4], nn.Identity)
+    assert len(copies) == 1  # left out when planned (the trace saw it), not after a failed check and one try per fold
+
+
+def test_norms_with_more_than_a_norm_half_precision_and_affine_free_norms():
+    timm = pytest.importorskip("timm")
+    x = torch.randn(2, 3, 8, 8)
+    act = _randomise_bn(nn.Sequential(nn.Conv2d(3, 4, 3), timm.layers.BatchNormAct2d(4, act_layer=nn.ReLU)))
+    out, info = fold_for_inference(act, x)  # BatchNormAct2d is a BatchNorm2d with an activation inside
+    assert out is act and info["why"] == "nothing to fold"
+    half = _randomise_bn(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4))).half()
+    out, info = fold_for_inference(half, x.half())
+    assert out is half and "float32" in info["why"]
+    bare = nn.Sequential(nn.Conv2d(3, 4, 3, bias=False), nn.BatchNorm2d(4, affine=False)).eval()
+    bare[1].running_mean.uniform_(-1, 1)
+    bare[1].running_var.uniform_(0.5, 2)
+    out, info = fold_for_inference(bare, x)
+    assert info["batchnorm"] == 1
+    with torch.no_grad():
+        assert torch.allclose(bare(x), out(x), atol=1e-5)
 
 
 def test_training_mode_shared_modules_and_asymmetric_pads_are_left_alone():
@@ -113,3 +174,19 @@ def test_training_mode_shared_modules_and_asymmetric_pads_are_left_alone():
     assert isinstance(folded[2], nn.ZeroPad2d) and isinstance(folded[4], nn.ConstantPad2d)
     with torch.no_grad():
         assert torch.allclose(pads(x), folded(x), atol=1e-5)
+
+
+def test_the_taggers_classifier_runs_on_a_folded_copy():
+    pytest.importorskip("efficientnet_lite_pytorch")
+    from neuroscribe.datasets.probe import sample_root
+    from neuroscribe.describe.offline import ImageNetClassifier
+    from PIL import Image
+    clf = ImageNetClassifier("efficientnet-lite0", torch.device("cpu"))
+    photos = [Image.open(p).convert("RGB") for p in sorted((sample_root() / "val").rglob("*.jpg"))[::25]]
+    p = clf(photos)
+    assert clf._module is not clf.lm.module
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in clf._module.modules())
+    x = torch.stack([clf.transform(im) for im in photos])
+    with torch.no_grad():
+        want = torch.softmax(clf.lm.module(x), 1).numpy()
+    assert abs(p - want).max() < 1e-4 and (p.argmax(1) == want.argmax(1)).all()

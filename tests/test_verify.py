@@ -175,7 +175,7 @@ def _iou(p, q) -> float:
 
 
 def test_text_edit_and_its_control_differ_only_in_the_word():
-    from neuroscribe.describe.verify import _draw_words, _same_length_word
+    from neuroscribe.describe.interventions import _draw_words, _same_length_word
     words = Pools(words=["house", "table", "green", "water", "step", "stop", "shop", "ship"])
     iv = intervention_for("The word STOP", ("l", 0), words)
     assert iv.kind == "text" and iv.key == "word:stop"
@@ -249,3 +249,44 @@ def test_flags_need_the_words_and_the_experiment():
     assert [f.unit for f in rows_all if f.by_keyword] == [0, 1, 2, 4]
     assert "verification by experiment: confirmed" in flags[0].reasons
     assert [f.unit for f in flag_units(rows, FlagConfig(embedder=None, verified=False))] == [0, 1, 2, 4]
+
+
+class DetectorsAfterNorm(Detectors):
+    """The same detectors behind a 1x1 conv and a batch norm that together compute the identity: verification runs
+    on a copy with the norm folded into the conv (neuroscribe.fusion), and must measure what the model measures."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn = torch.nn.Conv2d(3, 3, 1, bias=False), torch.nn.BatchNorm2d(3)
+        with torch.no_grad():
+            self.conv.weight.copy_(torch.eye(3).view(3, 3, 1, 1) * 2.0)
+            self.bn.running_mean.fill_(0.3), self.bn.running_var.fill_(4.0 - self.bn.eps)
+            self.bn.weight.fill_(1.0), self.bn.bias.fill_(0.15)  # (2x - 0.3) / 2 + 0.15 = x
+
+    def forward(self, x):
+        return super().forward(self.bn(self.conv(x)))
+
+
+def test_verification_runs_on_the_folded_copy_and_measures_what_the_model_measures(tmp_path, monkeypatch):
+    from neuroscribe.describe import verify
+    pre = models.Preprocess(resize=SIZE, crop=SIZE)
+    monkeypatch.setitem(models._REGISTRY, "test-detectors-bn",
+                        lambda **_: models.LoadedModel("test-detectors-bn", DetectorsAfterNorm().eval(), pre))
+    cfg = load_config(None, {"model": "test-detectors-bn", "layers": ["units"], "out": str(tmp_path), "progress": False,
+                             "device": "cpu", "batch_size": 32, "workers": 0, "record": {"k": 8},
+                             "data": {"root": str(sample_root()), "split": "val"}})
+    rec = (Recording(record(cfg)), models.load_model("test-detectors-bn"))
+    descriptions = {("units", 0): "blue", ("units", 1): "red", ("units", 2): "text", ("units", 3): "green"}
+    made = []
+    fold = verify.fold_for_inference
+    monkeypatch.setattr(verify, "fold_for_inference", lambda m, x, keep: made.append((fold(m, x, keep), keep))
+                        or made[-1][0])
+    folded = run(rec, descriptions)
+    (module, info), keep = made[0]
+    assert keep == ["units"] and info["batchnorm"] == 1 and isinstance(module.bn, torch.nn.Identity)
+    monkeypatch.setattr(verify, "fold_for_inference", lambda m, x, keep: (m, {}))
+    plain = run(rec, descriptions)
+    assert {k: r["status"] for k, r in folded.items()} == {k: r["status"] for k, r in plain.items()}
+    assert folded[("units", 0)]["status"] == "confirmed" and folded[("units", 1)]["status"] == "confirmed"
+    for k in descriptions:
+        assert folded[k]["effect"] == pytest.approx(plain[k]["effect"], rel=1e-4, abs=1e-6), k

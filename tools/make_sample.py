@@ -4,8 +4,8 @@ Source: Imagenette ("imagenette2", fast.ai), real ImageNet photographs of 10 cla
 ../shared/data/imagenette (224 px). ImageNet terms of use apply (non-commercial research). This script takes a
 seeded random choice of N_TRAIN images per class from train/ and N_VAL from val/ (seed 0), then N_TEST more per
 class from the rest of val/ (seed 1, so that train/ and val/ stay as they were), shrinks them to SIZE px (shorter
-side) and saves them as JPEG quality 85, so the package stays small (~5 MB). ``test/`` is the demo's test set;
-``val/`` is what the tests and the quick-start read.
+side) and saves them as JPEG quality 85, so the package stays small (~6 MB; holdout/ adds 1.5). ``test/`` is the
+demo's test set; ``val/`` is what the tests and the quick-start read.
 Run ``tools/make_demo_model.py`` afterwards: it adds ``holdout/``, the photos the demo's model never trained on.
 
     python tools/make_sample.py [--src ../shared/data/imagenette] [--size 128] [--test 30]

@@ -2,7 +2,7 @@
 
 Part 1 (ratio): the same pre-decoded batches go through (a) the bare forward pass and (b) the recording step
 (hooks on every requested layer + running top-k + quantile + mean), alternating batch by batch so both see the
-same machine load, with the heap settings the record pass uses (:mod:`neuroscribe.record.heap`) in force for
+same machine load, with the heap settings the record pass uses (:mod:`neuroscribe.heap`) in force for
 both. Prints, side by side, wall time, user and system CPU time, the system-time share and minor page faults per
 image (``getrusage`` deltas) of each path, then ``ratio <record/bare>`` (target <= 1.10).
 Part 2 (memory): full ``record()`` runs (data loading included) on N1 and N4 images in fresh subprocesses;
@@ -45,9 +45,12 @@ def data_root() -> str:
 def heap_settings():
     """The record pass's heap settings (a no-op context in checkouts that predate them)."""
     try:
-        from neuroscribe.record.heap import reuse_freed_memory
+        from neuroscribe.heap import reuse_freed_memory
     except ImportError:
-        return contextlib.nullcontext(False)
+        try:  # checkouts before the settings moved to the core
+            from neuroscribe.record.heap import reuse_freed_memory
+        except ImportError:
+            return contextlib.nullcontext(False)
     return reuse_freed_memory()
 
 

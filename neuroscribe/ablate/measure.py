@@ -15,6 +15,7 @@ import torch
 
 from .. import io
 from ..config import JobConfig
+from ..heap import reuse_freed_memory
 from ..datasets.sets import class_index, dfr_set, held_out, loader, shift_set, test_sets
 from ..runtime import job_model
 from .refit import DFR_RULE
@@ -37,6 +38,7 @@ def _acc(rep: dict) -> dict:
     return out
 
 
+@reuse_freed_memory()  # every batch reuses the pages the one before freed (heap.py)
 def evaluate(cfg: JobConfig) -> dict:
     """Accuracy with bootstrap CIs of the base model, every ablated variant and the controls on every test set."""
     from .edit import ablation_edits, as_unit_dict

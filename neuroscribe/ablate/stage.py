@@ -10,6 +10,7 @@ from pathlib import Path
 
 from .. import io
 from ..config import JobConfig
+from ..heap import reuse_freed_memory
 from ..datasets.sets import HOLDOUT_RULE, class_index, held_out, loader, shift_set, validation_set
 from ..runtime import job_model, silence_progress
 
@@ -26,6 +27,7 @@ def model_and_means(cfg: JobConfig):
     return lm, dev, rec, means
 
 
+@reuse_freed_memory()  # every batch reuses the pages the one before freed (heap.py)
 def flag(cfg: JobConfig) -> dict:
     """Flag units from ``descriptions.jsonl`` (and cue evidence where ``flag.evidence_shift`` pairs images)."""
     from .flag import cue_effect, cue_pairs, flag_units
@@ -154,6 +156,7 @@ def validation_batches(cfg: JobConfig, lm) -> tuple[list, list[bool] | None, lis
     return val, clean if any(clean) else None, names, desc
 
 
+@reuse_freed_memory()
 def ablate(cfg: JobConfig) -> dict:
     """For each flag set: order units (MILAN), the validation curve over N, N = argmax; plus the controls."""
     from .select import accuracy_curve, choose_n, order_units, random_units, sort_all

@@ -24,6 +24,7 @@ import torch
 from .. import io
 from ..config import JobConfig
 from .describers import Described
+from ..heap import reuse_freed_memory
 from ..record.exemplars import Recording
 from ..runtime import resolve_device, silence_progress
 
@@ -238,7 +239,7 @@ def describe(cfg: JobConfig) -> Path | None:
     from .. import distributed
     if not cfg.progress:
         silence_progress()  # the embedder's and captioner's loading bars too
-    with distributed.session(cfg.device) as ctx:
+    with distributed.session(cfg.device) as ctx, reuse_freed_memory():  # batches reuse freed pages (heap.py)
         return _describe(cfg, ctx)
 
 

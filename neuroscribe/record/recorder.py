@@ -70,11 +70,11 @@ import torch
 from .. import distributed, io
 from ..config import JobConfig
 from ..datasets.probe import ProbeSet, open_probe_set
+from ..heap import reuse_freed_memory
 from ..hooks import resolve_layers
 from ..models import LoadedModel, load_model
 from ..runtime import resolve_device
 from . import state as state_mod
-from .heap import reuse_freed_memory
 from .state import LayerState, Recorder, layer_file  # noqa: F401 (LayerState, layer_file re-exported)
 from .stats import CascadeSum
 
@@ -177,7 +177,7 @@ def run_pass(rec: Recorder, ids: list[int], partial: Path | None, desc: str = "r
     bar = _progress(cfg, len(ids), done, desc)
     t0 = time.perf_counter()
     seen = 0
-    with reuse_freed_memory():  # each batch reuses the pages the previous one freed (see heap.py)
+    with reuse_freed_memory():  # each batch reuses the pages the previous one freed (neuroscribe/heap.py)
         for b, (x, bid, failed) in enumerate(rec.loader(ids[done:]), 1):
             leaf = leaf_offset + done // bs
             for i, reason in failed:

@@ -57,6 +57,7 @@ from neuroscribe.config import TrainConfig
 from neuroscribe.datasets.cues import cue_uses_class, parse_cue
 from neuroscribe.datasets.probe import open_probe_set
 from neuroscribe.datasets.shifts import CuedDataset
+from neuroscribe.heap import reuse_freed_memory
 from neuroscribe.io import atomic_path, save_tensors, write_json
 from neuroscribe.models import LoadedModel, Preprocess, channels_last, load_model, to_layout
 
@@ -153,6 +154,7 @@ def _resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
+@reuse_freed_memory()  # every batch reuses the pages the one before freed (heap.py)
 def train_classifier(cfg: TrainConfig, out_dir: str | Path, device: str = "auto", seed: int | None = None,
                      progress: bool = True, *, workers: int = 0, resume: bool = True) -> TrainResult:
     """Train ``cfg.arch`` on ``cfg.data`` with the planted cue; write the model and its records to ``out_dir``.

@@ -131,15 +131,18 @@ def test_image_keys_are_pixel_keys_memoised_per_object() -> None:
     not, and a dead image's entry goes with it (so a reused id never returns a stale key)."""
     import gc
     from PIL import Image
-    from neuroscribe.describe import offline
+    from neuroscribe.describe import views
     a = Image.new("RGB", (16, 16), (10, 20, 30))
     b = a.copy()
-    key = offline._image_key(a)
-    assert offline._image_key(a) == key == offline._image_key(b)
+    key = views.pixel_key(a)
+    assert views.pixel_key(a) == key == views.pixel_key(b)
+    assert views.pixel_key(a.convert("RGBA")) != key  # the mode is part of the key
     c = a.copy()
     c.putpixel((3, 4), (11, 20, 30))
-    assert offline._image_key(c) != key
+    assert views.pixel_key(c) != key
+    small = views.shrunk(a, (8, 8))
+    assert views.shrunk(a, (8, 8)) is small and small.size == (8, 8) and views.shrunk(a, (8, 8), 0) is not small
     ids = {id(a), id(b), id(c)}
     del a, b, c
     gc.collect()
-    assert not ids & set(offline._KEYS)
+    assert not ids & set(views._DERIVED)

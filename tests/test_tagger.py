@@ -157,6 +157,20 @@ def test_solid_patches_get_their_basic_colour(rgb: tuple[int, int, int], name: s
     assert dominant_colours(Image.new("RGB", (40, 30), rgb)) == [(name, 1.0)]
 
 
+def test_nearest_colour_term_is_the_argmin_over_centroids() -> None:
+    """The per-centroid loop gives argmin(((lab - c) ** 2).sum(-1)) exactly: every grey, the cube's corners and edges,
+    and 200,000 seeded colours (all 16.7 million were checked once)."""
+    from neuroscribe.describe import colours
+    grid = np.arange(0, 256, 15)
+    rgb = np.concatenate([np.repeat(np.arange(256)[:, None], 3, 1),
+                          np.stack(np.meshgrid(grid, grid, grid, indexing="ij"), -1).reshape(-1, 3),
+                          np.random.default_rng(0).integers(0, 256, (200_000, 3))]).astype(np.float64)
+    lab = srgb_to_lab(rgb)
+    want = colours._CENTROID_TERM[np.argmin(((lab[:, None, :] - colours._CENTROID_LAB[None]) ** 2).sum(-1), axis=1)]
+    got = colours._nearest_term(lab)
+    assert got.dtype == np.uint8 and np.array_equal(got, want)
+
+
 def test_palette_is_the_eleven_berlin_kay_terms() -> None:
     assert set(BASIC_COLOURS) == {
         "black", "white", "gray", "red", "orange", "yellow", "green", "blue", "purple", "pink", "brown"

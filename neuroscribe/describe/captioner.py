@@ -39,7 +39,6 @@ Mechanics, all deterministic:
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import zlib
 from collections.abc import Sequence
@@ -53,6 +52,7 @@ from ..models import ModelSpecError
 from .captions import caption_candidates, clean_caption
 from .describers import Described, UnitViews
 from .tagger import Candidate
+from .views import pixel_key
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..record.exemplars import Recording
@@ -156,11 +156,6 @@ def load_captioner(repo: str, device: torch.device, dtype: torch.dtype | None = 
     return model.eval().to(device), processor
 
 
-# ------------------------------------------------------------------------------------------------ captions
-def _image_key(im: Image.Image) -> tuple:
-    return (im.mode, im.size, hashlib.blake2b(im.tobytes(), digest_size=16).digest())
-
-
 # ------------------------------------------------------------------------------------------------ describer
 class CaptionerDescriber:
     """Describe units by captioning their views with an image-to-text model and summarising contrastively.
@@ -202,7 +197,7 @@ class CaptionerDescriber:
         self.alpha, self.dim = float(alpha), float(dim)
         self.recording: Recording | None = None
         self._backgrounds: dict[str, list[tuple[int, list[Candidate]]]] = {}
-        self._captions: dict[tuple, str] = {}
+        self._captions: dict[str, str] = {}
         self.generate_calls = 0  # generate() calls made so far (for tests and profiling)
 
     # -- model -------------------------------------------------------------------------------------
@@ -261,8 +256,8 @@ class CaptionerDescriber:
     @torch.inference_mode()
     def caption(self, images: Sequence[Image.Image]) -> list[str]:
         """Cleaned captions of ``images``, in order: uncached distinct images in batches of ``batch_size``."""
-        keys = [_image_key(im) for im in images]
-        todo: dict[tuple, Image.Image] = {}
+        keys = [pixel_key(im) for im in images]
+        todo: dict[str, Image.Image] = {}
         for k, im in zip(keys, images):
             if k not in self._captions and k not in todo:
                 todo[k] = im

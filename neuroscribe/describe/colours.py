@@ -11,7 +11,6 @@ and keeps a colour only where the unit's share is at least ``lift`` times the pr
 
 from __future__ import annotations
 
-import hashlib
 import threading
 from collections import OrderedDict
 from collections.abc import Sequence
@@ -20,6 +19,7 @@ import numpy as np
 from PIL import Image
 
 from .ocr import _binary_mask
+from .views import pixel_key, shrunk
 
 __all__ = ["BASIC_COLOURS", "COLOUR_NAMES", "colour_baseline", "colour_shares", "dominant_colours",
            "ranked_colours", "srgb_to_lab", "unusual_colours"]
@@ -61,22 +61,38 @@ _CENTROID_TERM = np.array([k for k, n in enumerate(COLOUR_NAMES) for _ in BASIC_
 _CENTROID_LAB = srgb_to_lab(np.array([c for n in COLOUR_NAMES for c in BASIC_COLOURS[n]], dtype=np.float64))
 
 
-_TERMS: "OrderedDict[bytes, np.ndarray]" = OrderedDict()  # image digest -> per-pixel colour terms (small image)
-_TERMS_SIZE = 1024
+_TERMS: "OrderedDict[str, np.ndarray]" = OrderedDict()  # image digest -> per-pixel colour terms (small image)
+_TERMS_SIZE = 8192  # uint8 terms of 96 px images: ~75 MB at most; a probe of 2,000 images is computed once
 _TERMS_LOCK = threading.Lock()
+
+
+def _nearest_term(lab: np.ndarray) -> np.ndarray:
+    """The colour term (uint8 index in :data:`COLOUR_NAMES`) of each ``[N, 3]`` CIELAB row's nearest centroid.
+
+    One centroid at a time (``[N]`` temporaries, not ``[N, 24, 3]``: ~3x faster), with the same float64 sums as
+    ``((lab - c) ** 2).sum(-1)`` and the first centroid kept on a tie, as ``argmin`` does: the same term for every
+    one of the 16.7 million sRGB colours (checked once, exhaustively)."""
+    best = np.full(len(lab), np.inf)
+    idx = np.zeros(len(lab), dtype=np.intp)
+    for k, (c0, c1, c2) in enumerate(_CENTROID_LAB):
+        d0, d1, d2 = lab[:, 0] - c0, lab[:, 1] - c1, lab[:, 2] - c2
+        d = d0 * d0 + d1 * d1 + d2 * d2
+        closer = d < best
+        best = np.where(closer, d, best)
+        idx[closer] = k
+    return _CENTROID_TERM.astype(np.uint8)[idx]
 
 
 def _pixel_terms(rgb: Image.Image) -> np.ndarray:
     """``[H, W]`` index (in :data:`COLOUR_NAMES`) of each pixel's nearest colour term, cached per distinct image:
     the views of a layer's units share a few probe images, each seen under many masks."""
-    key = hashlib.blake2b(rgb.tobytes() + repr(rgb.size).encode(), digest_size=16).digest()
+    key = pixel_key(rgb)
     with _TERMS_LOCK:
         terms = _TERMS.get(key)
         if terms is not None:
             _TERMS.move_to_end(key)
             return terms
-    lab = srgb_to_lab(np.asarray(rgb, dtype=np.float64).reshape(-1, 3))
-    terms = _CENTROID_TERM[np.argmin(((lab[:, None, :] - _CENTROID_LAB[None]) ** 2).sum(-1), axis=1)]
+    terms = _nearest_term(srgb_to_lab(np.asarray(rgb, dtype=np.float64).reshape(-1, 3)))
     terms = terms.reshape(rgb.height, rgb.width)
     with _TERMS_LOCK:
         _TERMS[key] = terms
@@ -90,14 +106,14 @@ def colour_shares(img: Image.Image, mask: np.ndarray | None = None, max_side: in
 
     The image is first shrunk to at most ``max_side`` pixels a side (the mask with it). None for an empty mask.
     """
-    rgb = img.convert("RGB")
-    binary = _binary_mask(mask, rgb.size)
-    scale = max_side / max(rgb.size)
+    binary = _binary_mask(mask, img.size)
+    scale = max_side / max(img.size)
+    small = img.size
     if scale < 1:
-        small = (max(1, round(rgb.width * scale)), max(1, round(rgb.height * scale)))
-        rgb = rgb.resize(small, Image.BILINEAR)
-        if binary is not None:
-            binary = np.asarray(Image.fromarray(binary).resize(small, Image.NEAREST))
+        small = (max(1, round(img.width * scale)), max(1, round(img.height * scale)))
+    rgb = shrunk(img, small, Image.BILINEAR)  # one shrunk copy per image object, whatever the mask
+    if small != img.size and binary is not None:
+        binary = np.asarray(Image.fromarray(binary).resize(small, Image.NEAREST))
     terms = _pixel_terms(rgb).reshape(-1)
     if binary is not None:
         terms = terms[binary.reshape(-1)]

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import random
 import re
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -32,6 +33,7 @@ from PIL import Image, ImageDraw, ImageFilter
 
 from ..datasets.cues import DEFAULT_FONT, load_font
 from .tagger import BASIC_COLOURS
+from .views import shrunk
 
 __all__ = ["INTERVENTIONS", "Intervention", "Pools", "intervention_for", "normalise", "register"]
 
@@ -68,6 +70,27 @@ class Pools:
     words: list[str] = field(default_factory=list)
     crops: dict[str, list[tuple[UnitKey, Image.Image, int]]] = field(default_factory=dict)
     own: dict[UnitKey, set[int]] = field(default_factory=dict)
+    #: the last pasted edits by (image, crop, size, place), holding both: the units of one description redraw the
+    #: same edits (one object each, so its pixel key is computed once too)
+    pasted: OrderedDict = field(default_factory=OrderedDict, repr=False)
+
+    def paste(self, img: Image.Image, crop: Image.Image, rng: random.Random, keep: int = 512) -> Image.Image:
+        """``img`` with ``crop`` pasted at 35-55 % of its side, at a place drawn from ``rng`` (memoised)."""
+        w, h = img.size
+        side = int(min(w, h) * rng.uniform(0.35, 0.55))
+        x, y = rng.randint(0, w - side), rng.randint(0, h - side)
+        key = (id(img), id(crop), side, x, y)
+        hit = self.pasted.get(key)
+        if hit is not None:
+            self.pasted.move_to_end(key)
+            return hit[2]
+        out = img.convert("RGB")
+        out = out.copy() if out is img else out
+        out.paste(shrunk(crop, (side, side), Image.Resampling.BILINEAR), (x, y))
+        self.pasted[key] = (img, crop, out)  # the sources pinned: their ids stay theirs while the entry lives
+        while len(self.pasted) > keep:
+            self.pasted.popitem(last=False)
+        return out
 
 
 INTERVENTIONS: dict[str, Callable[[str, UnitKey, Pools], Intervention | None]] = {}
@@ -192,15 +215,6 @@ def _colour(desc: str, unit: UnitKey, pools: Pools) -> Intervention | None:
     return Intervention("colour", hit, f"colour:{hit}", treat, control)
 
 
-def _paste(img: Image.Image, crop: Image.Image, rng: random.Random) -> Image.Image:
-    img = img.convert("RGB").copy()
-    w, h = img.size
-    side = int(min(w, h) * rng.uniform(0.35, 0.55))
-    x, y = rng.randint(0, w - side), rng.randint(0, h - side)
-    img.paste(crop.convert("RGB").resize((side, side), Image.Resampling.BILINEAR), (x, y))
-    return img
-
-
 @register("object")
 def _object(desc: str, unit: UnitKey, pools: Pools) -> Intervention | None:
     items = pools.crops.get(desc, [])
@@ -221,5 +235,5 @@ def _object(desc: str, unit: UnitKey, pools: Pools) -> Intervention | None:
         j = int(rng.random() * len(pool))
         return pool[j if pool[j][1] not in own else ok[int(rng.random() * len(ok))]][0]
     return Intervention("object", desc, f"object:{desc}:{fold}",
-                        lambda im, rng: _paste(im, pick(same, ok_same, rng), rng),
-                        lambda im, rng: _paste(im, pick(other, ok_other, rng), rng), variant=dropped)
+                        lambda im, rng: pools.paste(im, pick(same, ok_same, rng), rng),
+                        lambda im, rng: pools.paste(im, pick(other, ok_other, rng), rng), variant=dropped)

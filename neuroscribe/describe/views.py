@@ -49,12 +49,12 @@ from .describers import UnitViews
 if TYPE_CHECKING:  # pragma: no cover
     from ..record.exemplars import Recording
 
-__all__ = ["ImageCache", "image_cache", "unit_views", "dim_outside", "crop_box", "crop_view", "unit_grid",
+__all__ = ["ImageCache", "image_cache", "derived", "pixel_key", "shrunk", "unit_views", "dim_outside", "crop_box", "crop_view", "unit_grid",
            "save_unit_views", "safe_name", "OUTLINE_COLOUR", "MIN_VIEW_SIZE", "view_size", "model_box",
            "ViewGeometry"]
 
 OUTLINE_COLOUR = (255, 214, 0)  # the outline drawn around a mask region in views
-_DEFAULT_CACHE_SIZE = 512       # ~75 MB of 224 px RGB images
+_CACHE_BYTES = 512 * 2**20      # a Recording's image cache holds this much (3,566 RGB images at 224 px) by default
 
 
 class ImageCache:
@@ -63,7 +63,7 @@ class ImageCache:
     ``get(i)`` calls ``loader(i)`` only on a miss; ``decoded`` counts those calls (tests and profiling).
     """
 
-    def __init__(self, loader: Callable[[int], Image.Image], maxsize: int = _DEFAULT_CACHE_SIZE):
+    def __init__(self, loader: Callable[[int], Image.Image], maxsize: int = 512):
         if maxsize < 1:
             raise ValueError(f"ImageCache maxsize must be at least 1; got {maxsize}")
         self._loader = loader
@@ -95,8 +95,50 @@ class ImageCache:
         return len(self._items)
 
 
+_DERIVED: dict[int, tuple[weakref.ref, dict]] = {}  # id(image) -> (the image, weakly; {what: value})
+_DERIVED_LOCK = threading.Lock()
+
+
+def derived(img: Image.Image, what, make: Callable[[Image.Image], object]):
+    """``make(img)``, memoised per image object and ``what`` for as long as the image lives: a probe image is seen
+    by many units (views, colours, OCR and the classifier each ask) and an edited image by many verified units.
+    Images are never drawn on after they were handed out (views, crops and edits are new images)."""
+    with _DERIVED_LOCK:
+        hit = _DERIVED.get(id(img))
+        if hit is not None and hit[0]() is img and what in hit[1]:
+            return hit[1][what]
+    value = make(img)
+    with _DERIVED_LOCK:
+        hit = _DERIVED.get(id(img))
+        if hit is None or hit[0]() is not img:
+            hit = _DERIVED[id(img)] = (weakref.ref(img, lambda _, i=id(img): _DERIVED.pop(i, None)), {})
+        hit[1][what] = value
+    return value
+
+
+def pixel_key(img: Image.Image) -> str:
+    """A digest of the image's mode, size and pixels (memoised per image object): equal images share it."""
+    return derived(img, "key", lambda im: hashlib.blake2b(im.tobytes() + repr((im.size, im.mode)).encode(),
+                                                           digest_size=12).hexdigest())
+
+
+def shrunk(img: Image.Image, size: tuple[int, int], resample=Image.Resampling.BICUBIC) -> Image.Image:
+    """``img`` in RGB resized to ``size`` (memoised per image object, size and filter; do not draw on it)."""
+    def make(im):
+        rgb = im if im.mode == "RGB" else im.convert("RGB")
+        return rgb if rgb.size == tuple(size) else rgb.resize(tuple(size), resample)
+    return derived(img, ("shrunk", tuple(size), int(resample)), make)
+
+
 _caches: "weakref.WeakKeyDictionary[Recording, dict[int, ImageCache]]" = weakref.WeakKeyDictionary()
 _caches_lock = threading.Lock()
+
+
+def default_cache_size(size: int) -> int:
+    """Images of ``size`` px a side in :data:`_CACHE_BYTES` (at least 64): a probe of a few thousand images stays
+    decoded across a layer's units (whose exemplars span most of it), with what is derived from each image (its
+    shrunk copies, pixel key and colour terms: :func:`derived`), which dies with it."""
+    return max(64, _CACHE_BYTES // (3 * size * size))
 
 
 def image_cache(rec: "Recording", maxsize: int | None = None, size: int | None = None) -> ImageCache:
@@ -108,7 +150,7 @@ def image_cache(rec: "Recording", maxsize: int | None = None, size: int | None =
         cache = by_size.get(size)
         if cache is None:
             ref = weakref.ref(rec)  # the cache must not keep its Recording alive (a weak key's value)
-            cache = by_size[size] = ImageCache(lambda i: ref().image(i, size=size), maxsize or _DEFAULT_CACHE_SIZE)
+            cache = by_size[size] = ImageCache(lambda i: ref().image(i, size=size), maxsize or default_cache_size(size))
         elif maxsize is not None:
             if maxsize < 1:
                 raise ValueError(f"image cache maxsize must be at least 1; got {maxsize}")
@@ -124,7 +166,7 @@ def dim_outside(image: Image.Image, mask: np.ndarray, dim: float = 0.25, outline
     runs for every exemplar of every unit)."""
     if not 0.0 <= dim <= 1.0:
         raise ValueError(f"dim must be a brightness factor in [0, 1]; got {dim}")
-    rgb = image.convert("RGB")
+    rgb = image if image.mode == "RGB" else image.convert("RGB")  # read, never drawn on
     mask = np.asarray(mask, dtype=bool)
     if mask.shape != (rgb.height, rgb.width):
         raise ValueError(f"mask shape {mask.shape} does not match image size {rgb.width}x{rgb.height} "
@@ -228,8 +270,7 @@ def _small_views(rec, layer, unit, exemplars, images, side, dim, outline) -> lis
     if not exemplars:
         return []
     masks = rec.masks(layer, unit, side)
-    return [dim_outside(im.convert("RGB").resize((side, side), Image.Resampling.BICUBIC), masks[ex.rank], dim, outline)
-            for ex, im in zip(exemplars, images)]
+    return [dim_outside(shrunk(im, (side, side)), masks[ex.rank], dim, outline) for ex, im in zip(exemplars, images)]
 
 
 class Drawn(Sequence):

@@ -186,3 +186,19 @@ def test_the_taggers_classifier_runs_on_a_folded_copy():
     with torch.no_grad():
         want = torch.softmax(clf.lm.module(x), 1).numpy()
     assert abs(p - want).max() < 1e-4 and (p.argmax(1) == want.argmax(1)).all()
+
+
+def test_channels_last_nests_without_converting_again():
+    """An inner block on a module already in the layout converts nothing and leaves it so; the outer one restores."""
+    from neuroscribe.models import channels_last
+    m = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 4, 3))
+    nhwc = lambda: m[0].weight.is_contiguous(memory_format=torch.channels_last) and not m[0].weight.is_contiguous()
+    with channels_last(m) as outer:
+        assert outer and nhwc()
+        w = m[2].weight.data_ptr()
+        with channels_last(m) as inner:
+            assert inner and m[2].weight.data_ptr() == w  # no copy of the weights
+        assert nhwc() and m[2].weight.data_ptr() == w  # still in the layout after the inner block
+    assert m[0].weight.is_contiguous() and not nhwc()
+    with channels_last(nn.Linear(3, 2)) as on:
+        assert not on

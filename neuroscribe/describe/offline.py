@@ -11,9 +11,7 @@ at least ``tagger.colour_lift`` times the share over a seeded sample of ``tagger
 
 from __future__ import annotations
 
-import hashlib
 import random
-import weakref
 
 import numpy as np
 import torch
@@ -21,27 +19,13 @@ from PIL import Image
 
 from ..config import DescribeConfig, TaggerConfig
 from ..fusion import fold_for_inference
-from ..models import channels_last, load_model, to_layout
+from ..models import load_model, to_layout, uses_conv2d
 from .contrast import contrast
 from .describers import Described, UnitViews
 from ..text import SentenceEmbedder
+from .views import pixel_key
 from .ocr import OCRHit, OCRReader, _binary_mask, mask_2d, text_phrases, words_in_mask
 from .tagger import Candidate, Tagger
-
-
-_KEYS: dict[int, tuple[weakref.ref, str]] = {}  # id(image) -> (the image, weakly; its pixel key)
-
-
-def _image_key(img: Image.Image) -> str:
-    """A digest of the image's pixels and size, memoised per image object: a view's image is keyed once although
-    the classifier and the OCR cache both ask, and the views of many units share the probe images of one cache.
-    (Images handed to the describer are never drawn on afterwards: views and crops are new images.)"""
-    hit = _KEYS.get(id(img))
-    if hit is not None and hit[0]() is img:
-        return hit[1]
-    key = hashlib.blake2b(img.tobytes() + repr(img.size).encode(), digest_size=12).hexdigest()
-    _KEYS[id(img)] = (weakref.ref(img, lambda _, i=id(img): _KEYS.pop(i, None)), key)
-    return key
 
 
 class CachedOCR(OCRReader):
@@ -57,7 +41,7 @@ class CachedOCR(OCRReader):
         self._cache: dict[str, list[OCRHit]] = {}
 
     def read(self, img: Image.Image, mask: np.ndarray | None = None) -> list[OCRHit]:
-        key = _image_key(img)
+        key = pixel_key(img)
         if key not in self._cache:
             s = max(1.0, self.min_side / min(img.size))
             big = img if s == 1.0 else img.resize((round(img.width * s), round(img.height * s)), Image.BICUBIC)
@@ -96,19 +80,22 @@ class ImageNetClassifier:
         self.transform = self.lm.preprocess.transform()
         self._cache: dict[str, np.ndarray] = {}
         self._module: torch.nn.Module | None = None
+        self._nhwc = False
 
     @torch.no_grad()
     def __call__(self, images: list[Image.Image]) -> np.ndarray:
-        keys = [_image_key(im) for im in images]
+        keys = [pixel_key(im) for im in images]
         todo = {k: im for k, im in zip(keys, images) if k not in self._cache}
         items = list(todo.items())
         for s in range(0, len(items), self.batch_size):
             chunk = items[s:s + self.batch_size]
             x = torch.stack([self.transform(im.convert("RGB")) for _, im in chunk]).to(self.device)
-            if self._module is None:  # batch norm and pads folded into the convs (neuroscribe.fusion)
-                self._module = fold_for_inference(self.lm.module, x[:2])[0]
-            with channels_last(self._module) as nhwc:  # NHWC kernels: ~1.5x faster on CPU, same values
-                p = torch.softmax(self._module(to_layout(x, nhwc)).float(), 1).cpu().numpy()
+            if self._module is None:  # batch norm and pads folded into the convs (neuroscribe.fusion), and
+                self._module = fold_for_inference(self.lm.module, x[:2])[0]  # NHWC kernels (~1.5x faster on CPU)
+                self._nhwc = uses_conv2d(self._module)  # once: the module is this classifier's own
+                if self._nhwc:
+                    self._module.to(memory_format=torch.channels_last)
+            p = torch.softmax(self._module(to_layout(x, self._nhwc)).float(), 1).cpu().numpy()
             for (k, _), row in zip(chunk, p):
                 self._cache[k] = row
         return np.stack([self._cache[k] for k in keys])

@@ -25,7 +25,8 @@ overhead is measured against the model's own forward pass. In a profile of the d
 ``benchmarks/fusion_speed.py`` measures the folded copy against the original.
 
 The memory layout of those passes is here too (:func:`channels_last`, :func:`to_layout`; re-exported by
-:mod:`neuroscribe.models`): NHWC kernels, used by verification, the tagger's classifier, training, the ablation curve and evaluation.
+:mod:`neuroscribe.models`): NHWC kernels, used by verification, training, the ablation curve and evaluation (the
+tagger's classifier converts its own copy once).
 """
 
 from __future__ import annotations
@@ -60,10 +61,13 @@ def channels_last(module: nn.Module, enable: bool = True):
     whether the layout is in use, for :func:`to_layout` on inputs. Layouts change float summation order, not what
     any index means, so hooks and unit edits behave the same. Inside an outer block on the same module nothing is
     converted (each conversion copies every weight: ~5 ms for EfficientNet-Lite0, twice per batch otherwise)."""
+    if not enable:
+        yield False
+        return
     if module in _NHWC:
         yield True
         return
-    on = bool(enable) and uses_conv2d(module)
+    on = uses_conv2d(module)
     if not on:
         yield False
         return

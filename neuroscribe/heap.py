@@ -4,8 +4,8 @@ A CPU forward pass of a CNN at 224 px on a batch of 32 allocates and frees tenso
 glibc serves every block above its mmap threshold (dynamic, at most 32 MiB) with a fresh ``mmap`` and unmaps it
 on ``free``, so each batch page-faults all of them in again (the kernel zeroes every fresh page): about 20,000
 minor faults per image for EfficientNet-Lite0; a folded EfficientNet-Lite0 forward, batch 32 at 224 px on 2 cores,
-takes 2.0-2.3 s with ~290,000 faults a batch, and 1.0 s with none inside :func:`reuse_freed_memory`. Every stage's
-entry (record, describe, flag, ablate, evaluate, train) runs inside it, hence a core module.
+takes 2.0-2.3 s with ~290,000 faults a batch, and 1.0 s with none inside :func:`reuse_freed_memory`. Record's pass
+over the probe and the entries of describe, flag, ablate, evaluate and train run inside it, hence a core module.
 Inside :func:`reuse_freed_memory` glibc keeps large blocks on its heap (``M_MMAP_MAX = 0``) and does not trim
 the heap's free top (``M_TRIM_THRESHOLD`` = 2 GiB - 1), so every batch after the first reuses the pages of the
 one before: the faults no longer scale with the number of images. The peak resident size stays about the same

@@ -199,6 +199,11 @@ def test_channels_last_nests_without_converting_again():
         with channels_last(m) as inner:
             assert inner and m[2].weight.data_ptr() == w  # no copy of the weights
         assert nhwc() and m[2].weight.data_ptr() == w  # still in the layout after the inner block
+        with channels_last(m, enable=False) as off:
+            assert not off  # not asked for: the caller's inputs stay as they are
     assert m[0].weight.is_contiguous() and not nhwc()
+    with channels_last(m) as again:  # left the outer block: converted again, restored again
+        assert again and nhwc()
+    assert not nhwc()
     with channels_last(nn.Linear(3, 2)) as on:
         assert not on

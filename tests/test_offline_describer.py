@@ -136,13 +136,16 @@ def test_image_keys_are_pixel_keys_memoised_per_object() -> None:
     b = a.copy()
     key = views.pixel_key(a)
     assert views.pixel_key(a) == key == views.pixel_key(b)
-    assert views.pixel_key(a.convert("RGBA")) != key  # the mode is part of the key
+    raw = bytes(range(128))  # the same bytes under another mode or shape are another image
+    assert views.pixel_key(Image.frombytes("L", (16, 8), raw)) != views.pixel_key(Image.frombytes("P", (16, 8), raw))
+    assert views.pixel_key(Image.frombytes("L", (16, 8), raw)) != views.pixel_key(Image.frombytes("L", (8, 16), raw))
     c = a.copy()
     c.putpixel((3, 4), (11, 20, 30))
     assert views.pixel_key(c) != key
     small = views.shrunk(a, (8, 8))
     assert views.shrunk(a, (8, 8)) is small and small.size == (8, 8) and views.shrunk(a, (8, 8), 0) is not small
-    ids = {id(a), id(b), id(c)}
-    del a, b, c
+    assert views.shrunk(b, (16, 16)) is b  # already RGB at that size: itself
+    ids = {id(a), id(b), id(c), id(small)}
+    del a, b, c, small
     gc.collect()
-    assert not ids & set(views._DERIVED)
+    assert not ids & set(views._DERIVED)  # nothing derived outlives its image (nor keeps it alive)

@@ -169,6 +169,14 @@ def test_nearest_colour_term_is_the_argmin_over_centroids() -> None:
     want = colours._CENTROID_TERM[np.argmin(((lab[:, None, :] - colours._CENTROID_LAB[None]) ** 2).sum(-1), axis=1)]
     got = colours._nearest_term(lab)
     assert got.dtype == np.uint8 and np.array_equal(got, want)
+    # a tie keeps the first centroid, as argmin does: centroids at +-1 around points on the plane between them
+    pts = np.array([[50.0, 0.0, 0.0], [70.0, 3.0, -2.0]])
+    centroids = np.array([[50.0, 1.0, 0.0], [50.0, -1.0, 0.0], [70.0, 3.0, -1.0], [70.0, 3.0, -3.0]])
+    for order in ([0, 1, 2, 3], [1, 0, 3, 2]):
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(colours, "_CENTROID_LAB", centroids[order])
+            mp.setattr(colours, "_CENTROID_TERM", np.array(order))
+            assert colours._nearest_term(pts).tolist() == [order[0], order[2]]
 
 
 def test_palette_is_the_eleven_berlin_kay_terms() -> None:

@@ -33,7 +33,6 @@ from PIL import Image, ImageDraw, ImageFilter
 
 from ..datasets.cues import DEFAULT_FONT, load_font
 from .tagger import BASIC_COLOURS
-from .views import shrunk
 
 __all__ = ["INTERVENTIONS", "Intervention", "Pools", "intervention_for", "normalise", "register"]
 
@@ -50,8 +49,9 @@ UnitKey = tuple[str, int]
 
 @dataclass
 class Intervention:
-    """An edit named by a description: ``treat`` and ``control`` take (image, rng) and return the edited copy;
-    both are called with equally seeded rngs, so they share every choice but the thing tested."""
+    """An edit named by a description: ``treat`` and ``control`` take (image, rng) and return the edited copy (which
+    may be shared with other calls: never draw on it); both are called with equally seeded rngs, so they share every
+    choice but the thing tested."""
 
     kind: str
     target: str
@@ -72,7 +72,7 @@ class Pools:
     own: dict[UnitKey, set[int]] = field(default_factory=dict)
     #: the last pasted edits by (image, crop, size, place), holding both: the units of one description redraw the
     #: same edits (one object each, so its pixel key is computed once too)
-    pasted: OrderedDict = field(default_factory=OrderedDict, repr=False)
+    pasted: OrderedDict = field(default_factory=OrderedDict, repr=False, compare=False)
 
     def paste(self, img: Image.Image, crop: Image.Image, rng: random.Random, keep: int = 512) -> Image.Image:
         """``img`` with ``crop`` pasted at 35-55 % of its side, at a place drawn from ``rng`` (memoised)."""
@@ -86,7 +86,7 @@ class Pools:
             return hit[2]
         out = img.convert("RGB")
         out = out.copy() if out is img else out
-        out.paste(shrunk(crop, (side, side), Image.Resampling.BILINEAR), (x, y))
+        out.paste(crop.convert("RGB").resize((side, side), Image.Resampling.BILINEAR), (x, y))
         self.pasted[key] = (img, crop, out)  # the sources pinned: their ids stay theirs while the entry lives
         while len(self.pasted) > keep:
             self.pasted.popitem(last=False)

@@ -77,7 +77,7 @@ def _crop_pools(rec, rows: Mapping[UnitKey, str], seed: int, per_description: in
 def _maxima(module, rec, layers: Sequence[str], images: Sequence[Image.Image], batch: int, device) -> dict:
     """Each unit's spatial-max activation on each image: ``{layer: [n, units]}`` (float64 numpy)."""
     from ..hooks import run, trace, unit_view
-    from ..models import channels_last, to_layout
+    from ..fusion import to_layout
     to_tensor, out = rec.preprocess.to_tensor(), {l: [] for l in layers}
     for s in range(0, len(images), batch):
         x = torch.stack([to_tensor(im) for im in images[s:s + batch]]).to(device)

@@ -49,12 +49,14 @@ from .describers import UnitViews
 if TYPE_CHECKING:  # pragma: no cover
     from ..record.exemplars import Recording
 
-__all__ = ["ImageCache", "image_cache", "derived", "pixel_key", "shrunk", "unit_views", "dim_outside", "crop_box", "crop_view", "unit_grid",
+__all__ = ["ImageCache", "image_cache", "derived", "pixel_key", "shrunk", "unit_views", "dim_outside", "crop_box",
+           "crop_view", "unit_grid",
            "save_unit_views", "safe_name", "OUTLINE_COLOUR", "MIN_VIEW_SIZE", "view_size", "model_box",
            "ViewGeometry"]
 
 OUTLINE_COLOUR = (255, 214, 0)  # the outline drawn around a mask region in views
-_CACHE_BYTES = 512 * 2**20      # a Recording's image cache holds this much (3,566 RGB images at 224 px) by default
+_CACHE_BYTES = 512 * 2**20      # each image cache (one per Recording and size) holds this much by default: 3,566
+                                # RGB images at 224 px (it held 512 images before; what is derived from them is extra)
 
 
 class ImageCache:
@@ -123,11 +125,16 @@ def pixel_key(img: Image.Image) -> str:
 
 
 def shrunk(img: Image.Image, size: tuple[int, int], resample=Image.Resampling.BICUBIC) -> Image.Image:
-    """``img`` in RGB resized to ``size`` (memoised per image object, size and filter; do not draw on it)."""
+    """``img`` in RGB resized to ``size`` (memoised per image object, size and filter; do not draw on it). An RGB
+    image of that size is itself (never memoised under itself: it would keep itself alive)."""
+    size = tuple(size)
+    if img.mode == "RGB" and img.size == size:
+        return img
+
     def make(im):
         rgb = im if im.mode == "RGB" else im.convert("RGB")
-        return rgb if rgb.size == tuple(size) else rgb.resize(tuple(size), resample)
-    return derived(img, ("shrunk", tuple(size), int(resample)), make)
+        return rgb if rgb.size == size else rgb.resize(size, resample)
+    return derived(img, ("shrunk", size, int(resample)), make)
 
 
 _caches: "weakref.WeakKeyDictionary[Recording, dict[int, ImageCache]]" = weakref.WeakKeyDictionary()

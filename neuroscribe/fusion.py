@@ -3,9 +3,10 @@
 Two folds, each exact in real arithmetic, both found by tracing one forward pass (which tensor each module received
 and returned), never by module names or order:
 
-* a plain ``nn.BatchNorm2d`` (eval mode, running statistics; subclasses such as timm's ``BatchNormAct2d`` carry more
-  than a norm and are left alone) whose input *is* the output of a Conv2d: its scale and shift go into that
-  convolution's weight and bias (computed in float64), and the batch norm becomes ``nn.Identity`` under its name;
+* a plain ``nn.BatchNorm2d`` (eval mode, running statistics) whose input *is* the output of a Conv2d: its scale and
+  shift go into that convolution's weight and bias (computed in float64), and the batch norm becomes
+  ``nn.Identity`` under its name. timm's ``BatchNormAct2d`` (a norm, then its ``drop`` and ``act`` children) is
+  folded alike and becomes ``nn.Sequential(drop, act)``; other subclasses carry more than a norm and are left alone;
 * a symmetric zero pad (``nn.ZeroPad2d``, ``nn.ConstantPad2d`` with 0) whose output *is* a Conv2d's input, or which
   is a Conv2d's own child fed that conv's input (TensorFlow-style "same" convolutions, as in EfficientNet-Lite):
   the padding moves into the convolution (``padding=``), the pad becomes ``nn.Identity``.
@@ -83,8 +84,21 @@ def channels_last(module: nn.Module, enable: bool = True):
 _NHWC: "weakref.WeakSet[nn.Module]" = weakref.WeakSet()  # modules inside a channels_last block now
 
 
+def _timm_norm_act(mod: nn.Module) -> bool:
+    """timm's ``BatchNormAct2d`` itself (or a subclass keeping its forward): norm, then ``drop``, then ``act``."""
+    cls = type(mod)
+    if cls.__name__ != "BatchNormAct2d" or not cls.__module__.startswith("timm."):
+        return False
+    try:
+        from timm.layers import BatchNormAct2d
+    except ImportError:  # pragma: no cover - the class came from timm, so timm imports
+        return False
+    return cls.forward is BatchNormAct2d.forward and isinstance(getattr(mod, "drop", None), nn.Module) \
+        and isinstance(getattr(mod, "act", None), nn.Module)
+
+
 def _is_bn(mod: nn.Module) -> bool:
-    return type(mod) is nn.BatchNorm2d
+    return type(mod) is nn.BatchNorm2d or _timm_norm_act(mod)
 
 
 def _plan(model: nn.Module, x: torch.Tensor, keep: list[str]) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
@@ -179,7 +193,7 @@ def _apply(model: nn.Module, bn_pairs, pad_pairs) -> None:
         w = conv.weight
         w.copy_((w.double() * scale.reshape(-1, *([1] * (w.dim() - 1)))).to(w.dtype))
         conv.bias = nn.Parameter(((bias - mean) * scale + shift).to(w.dtype), requires_grad=False)
-        _set(model, bn_name, nn.Identity())
+        _set(model, bn_name, nn.Sequential(bn.drop, bn.act) if _timm_norm_act(bn) else nn.Identity())
     for pad_name, conv_name in pad_pairs:
         model.get_submodule(conv_name).padding = _symmetric(model.get_submodule(pad_name))
         _set(model, pad_name, nn.Identity())

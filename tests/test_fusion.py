@@ -138,9 +138,22 @@ def test_a_kept_container_whose_output_is_the_conv_output_keeps_it(monkeypatch):
 def test_norms_with_more_than_a_norm_half_precision_and_affine_free_norms():
     timm = pytest.importorskip("timm")
     x = torch.randn(2, 3, 8, 8)
-    act = _randomise_bn(nn.Sequential(nn.Conv2d(3, 4, 3), timm.layers.BatchNormAct2d(4, act_layer=nn.ReLU)))
-    out, info = fold_for_inference(act, x)  # BatchNormAct2d is a BatchNorm2d with an activation inside
-    assert out is act and info["why"] == "nothing to fold"
+    act = _randomise_bn(nn.Sequential(nn.Conv2d(3, 4, 3), timm.layers.BatchNormAct2d(4, act_layer=nn.ReLU6)))
+    wide = x * 8  # the activation exercised at both ends
+    out, info = fold_for_inference(act, wide)  # timm's norm + activation: the norm folded, its drop and act kept
+    assert info["batchnorm"] == 1 and isinstance(out[1], nn.Sequential)
+    assert [type(m) for m in out[1]] == [nn.Identity, nn.ReLU6]
+    with torch.no_grad():
+        want = act(wide)
+        assert want.min() == 0 and want.max() == 6
+        assert torch.allclose(want, out(wide), atol=1e-5)
+
+    class Scaled(timm.layers.BatchNormAct2d):  # a subclass with its own forward: more than a norm, left alone
+        def forward(self, x):
+            return super().forward(x) * 2
+    scaled = _randomise_bn(nn.Sequential(nn.Conv2d(3, 4, 3), Scaled(4)))
+    out, info = fold_for_inference(scaled, x)
+    assert out is scaled and info["why"] == "nothing to fold"
     half = _randomise_bn(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4))).half()
     out, info = fold_for_inference(half, x.half())
     assert out is half and "float32" in info["why"]

@@ -130,6 +130,7 @@ class DescribeConfig(_Section):
     alpha: float = Field(1.0, ge=0, description="weight of the background in the description score (tagger: "
                                                 "the fixed ImageNet background; captioner: other units' views)")
     faithfulness_images: int = Field(500, ge=0, description="labelled probe images for the AUC/MAD check")
+    cache_mb: float = Field(512.0, gt=0, description="decoded probe images kept per view size (MiB; speed only)")
     gallery: bool = True
     verify: VerifyConfig = Field(default_factory=VerifyConfig)
     tagger: TaggerConfig = Field(default_factory=TaggerConfig)

@@ -77,6 +77,28 @@ def test_resume_describes_only_missing_units(described):
     after = json.loads((out / "describe.json").read_text())
     assert after["units_described_this_run"] == 2 and after["units"] == before["units"]
     assert len(log.read_text().splitlines()) >= len(lines)
+    describe(cfg)  # the torn line did not swallow the first row written after it: nothing is left to redo
+    assert json.loads((out / "describe.json").read_text())["units_described_this_run"] == 0
+
+
+def test_cache_mb_sizes_the_image_caches_and_keeps_the_descriptions(described, monkeypatch):
+    from neuroscribe.describe import stage, views
+    cfg, out = described
+    opened = []
+    real_open = stage.Recording.open
+    monkeypatch.setattr(stage.Recording, "open", classmethod(lambda cls, j: opened.append(real_open(j)) or opened[-1]))
+    before = (out / "descriptions.jsonl").read_text()
+    small = cfg.model_copy(update={"describe": cfg.describe.model_copy(update={"cache_mb": 40.0})})
+    describe(small)
+    summary = json.loads((out / "describe.json").read_text())
+    assert summary["units_described_this_run"] == 0  # a memo's size is not part of the descriptions' key
+    assert (out / "descriptions.jsonl").read_text() == before
+    rec = opened[0]
+    assert rec.cache_bytes == 40 * 2**20
+    assert views.image_cache(rec, size=224).maxsize == 40 * 2**20 // (3 * 224 * 224) == 278
+    assert views.default_cache_size(224) == 3566 and views.default_cache_size(2048, 2**20) == 64
+    with pytest.raises(Exception, match="cache_mb"):
+        job(out, describe={"cache_mb": 0})
 
 
 def test_text_unit_is_described_with_a_text_word(tmp_path):

@@ -55,7 +55,8 @@ def make_describer(cfg: JobConfig, device: torch.device):
 
 
 def _key(cfg: JobConfig, rec: Recording) -> str:
-    d = cfg.describe.model_dump(mode="json", exclude={"gallery", "batch_units", "faithfulness_images", "verify"})
+    d = cfg.describe.model_dump(mode="json", exclude={"gallery", "batch_units", "faithfulness_images", "verify",
+                                                         "cache_mb"})
     ident = {"v": FORMAT_VERSION, "record": rec.meta["key"], "describe": d, "seed": cfg.seed}
     return hashlib.blake2b(json.dumps(ident, sort_keys=True).encode(), digest_size=8).hexdigest()
 
@@ -73,6 +74,13 @@ def _read_done(path: Path) -> dict[tuple[str, int], dict]:
 
 
 def _append(path: Path, rows: list[dict]) -> None:
+    """Append ``rows`` as JSON lines, first ending a torn last line (an interrupted write) so that it cannot swallow
+    the first new row."""
+    with open(path, "a+b") as f:
+        if f.tell() > 0:
+            f.seek(-1, os.SEEK_END)
+            if f.read(1) != b"\n":
+                f.write(b"\n")
     with open(path, "a") as f:
         for r in rows:
             f.write(json.dumps(r) + "\n")
@@ -249,6 +257,7 @@ def _describe(cfg: JobConfig, ctx) -> Path | None:
     job = Path(cfg.out)
     rec = Recording.open(job)
     rec.view_size = view_size(rec.preprocess.crop, cfg.describe.view_size)
+    rec.cache_bytes = int(cfg.describe.cache_mb * 2**20)  # the image caches' size (views.image_cache)
     layers = cfg.describe.layers or rec.layers
     for l in layers:
         rec.units(l)  # raises naming the recorded layers

@@ -56,7 +56,8 @@ __all__ = ["ImageCache", "image_cache", "derived", "pixel_key", "shrunk", "unit_
 
 OUTLINE_COLOUR = (255, 214, 0)  # the outline drawn around a mask region in views
 _CACHE_BYTES = 512 * 2**20      # each image cache (one per Recording and size) holds this much by default: 3,566
-                                # RGB images at 224 px (it held 512 images before; what is derived from them is extra)
+                                # RGB images at 224 px (what is derived from them is extra); a Recording's
+                                # ``cache_bytes`` (the describe stage sets it from ``describe.cache_mb``) overrides it
 
 
 class ImageCache:
@@ -141,23 +142,24 @@ _caches: "weakref.WeakKeyDictionary[Recording, dict[int, ImageCache]]" = weakref
 _caches_lock = threading.Lock()
 
 
-def default_cache_size(size: int) -> int:
-    """Images of ``size`` px a side in :data:`_CACHE_BYTES` (at least 64): a probe of a few thousand images stays
-    decoded across a layer's units (whose exemplars span most of it), with what is derived from each image (its
-    shrunk copies, pixel key and colour terms: :func:`derived`), which dies with it."""
-    return max(64, _CACHE_BYTES // (3 * size * size))
+def default_cache_size(size: int, cache_bytes: int | None = None) -> int:
+    """Images of ``size`` px a side in ``cache_bytes`` (default :data:`_CACHE_BYTES`; at least 64): a probe of a few
+    thousand images stays decoded across a layer's units (whose exemplars span most of it), with what is derived
+    from each image (its shrunk copies, pixel key and colour terms: :func:`derived`), which dies with it."""
+    return max(64, int(cache_bytes or _CACHE_BYTES) // (3 * size * size))
 
 
 def image_cache(rec: "Recording", maxsize: int | None = None, size: int | None = None) -> ImageCache:
     """The cache of ``rec``'s images at ``size`` px (default: ``rec.view_size``), created on first use and dropped
-    with the Recording. ``maxsize`` resizes it."""
+    with the Recording (its size: ``rec.cache_bytes`` when set). ``maxsize`` resizes it."""
     size = rec.view_size if size is None else size
     with _caches_lock:
         by_size = _caches.setdefault(rec, {})
         cache = by_size.get(size)
         if cache is None:
             ref = weakref.ref(rec)  # the cache must not keep its Recording alive (a weak key's value)
-            cache = by_size[size] = ImageCache(lambda i: ref().image(i, size=size), maxsize or default_cache_size(size))
+            cache = by_size[size] = ImageCache(lambda i: ref().image(i, size=size),
+                                                maxsize or default_cache_size(size, getattr(rec, "cache_bytes", None)))
         elif maxsize is not None:
             if maxsize < 1:
                 raise ValueError(f"image cache maxsize must be at least 1; got {maxsize}")

@@ -99,6 +99,7 @@ class Recording:
                                         for k, v in self.meta["preprocess"].items()})
         self.root = Path(self.meta["data_root"])
         self.view_size = view_size(self.preprocess.crop)  # side of describer views; the describe stage may set it
+        self.cache_bytes: int | None = None  # the image caches' size (views.image_cache); None = the default
         self._layers: dict[str, dict[str, torch.Tensor]] = {}
 
     @classmethod

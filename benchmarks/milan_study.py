@@ -1,6 +1,6 @@
 """MILAN section 7 (Hernandez et al., ICLR 2022) on the full Imagenette, rerunnable with one command:
 
-    python benchmarks/milan_study.py                      # configs/milan_study.yaml, every seed, ~35 min a seed
+    python benchmarks/milan_study.py                      # configs/milan_study.yaml, every seed, ~18 min a seed
     python benchmarks/milan_study.py --set train.resolution=224 --set train.epochs=30   # the GPU setting
 
 For every training seed of the job: ``neuroscribe run`` (train the spurious model, record, describe with the

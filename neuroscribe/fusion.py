@@ -6,7 +6,8 @@ and returned), never by module names or order:
 * a plain ``nn.BatchNorm2d`` (eval mode, running statistics) whose input *is* the output of a Conv2d: its scale and
   shift go into that convolution's weight and bias (computed in float64), and the batch norm becomes
   ``nn.Identity`` under its name. timm's ``BatchNormAct2d`` (a norm, then its ``drop`` and ``act`` children) is
-  folded alike and becomes ``nn.Sequential(drop, act)``; other subclasses carry more than a norm and are left alone;
+  folded alike and keeps its ``drop`` and ``act`` under their names; a subclass with its own forward carries more
+  than a norm and is left alone;
 * a symmetric zero pad (``nn.ZeroPad2d``, ``nn.ConstantPad2d`` with 0) whose output *is* a Conv2d's input, or which
   is a Conv2d's own child fed that conv's input (TensorFlow-style "same" convolutions, as in EfficientNet-Lite):
   the padding moves into the convolution (``padding=``), the pad becomes ``nn.Identity``.
@@ -33,6 +34,7 @@ tagger's classifier converts its own copy once).
 from __future__ import annotations
 
 import contextlib
+import sys
 import copy
 import weakref
 from collections.abc import Iterable
@@ -85,16 +87,27 @@ _NHWC: "weakref.WeakSet[nn.Module]" = weakref.WeakSet()  # modules inside a chan
 
 
 def _timm_norm_act(mod: nn.Module) -> bool:
-    """timm's ``BatchNormAct2d`` itself (or a subclass keeping its forward): norm, then ``drop``, then ``act``."""
-    cls = type(mod)
-    if cls.__name__ != "BatchNormAct2d" or not cls.__module__.startswith("timm."):
+    """timm's ``BatchNormAct2d`` or a subclass keeping its forward: norm, then ``drop``, then ``act``."""
+    if not isinstance(mod, nn.BatchNorm2d) or "timm" not in sys.modules:
         return False
     try:
         from timm.layers import BatchNormAct2d
-    except ImportError:  # pragma: no cover - the class came from timm, so timm imports
+    except ImportError:  # pragma: no cover - an old timm without timm.layers: nothing folded
         return False
-    return cls.forward is BatchNormAct2d.forward and isinstance(getattr(mod, "drop", None), nn.Module) \
-        and isinstance(getattr(mod, "act", None), nn.Module)
+    return isinstance(mod, BatchNormAct2d) and type(mod).forward is BatchNormAct2d.forward \
+        and isinstance(getattr(mod, "drop", None), nn.Module) and isinstance(getattr(mod, "act", None), nn.Module)
+
+
+class _DropAct(nn.Module):
+    """What is left of a folded ``BatchNormAct2d``: its ``drop`` and ``act``, under their own names (hooks and
+    ``keep`` names such as ``bn1.act`` still resolve)."""
+
+    def __init__(self, drop: nn.Module, act: nn.Module):
+        super().__init__()
+        self.drop, self.act = drop, act
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.act(self.drop(x))
 
 
 def _is_bn(mod: nn.Module) -> bool:
@@ -193,7 +206,7 @@ def _apply(model: nn.Module, bn_pairs, pad_pairs) -> None:
         w = conv.weight
         w.copy_((w.double() * scale.reshape(-1, *([1] * (w.dim() - 1)))).to(w.dtype))
         conv.bias = nn.Parameter(((bias - mean) * scale + shift).to(w.dtype), requires_grad=False)
-        _set(model, bn_name, nn.Sequential(bn.drop, bn.act) if _timm_norm_act(bn) else nn.Identity())
+        _set(model, bn_name, _DropAct(bn.drop, bn.act) if _timm_norm_act(bn) else nn.Identity())
     for pad_name, conv_name in pad_pairs:
         model.get_submodule(conv_name).padding = _symmetric(model.get_submodule(pad_name))
         _set(model, pad_name, nn.Identity())

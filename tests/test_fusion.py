@@ -141,8 +141,14 @@ def test_norms_with_more_than_a_norm_half_precision_and_affine_free_norms():
     act = _randomise_bn(nn.Sequential(nn.Conv2d(3, 4, 3), timm.layers.BatchNormAct2d(4, act_layer=nn.ReLU6)))
     wide = x * 8  # the activation exercised at both ends
     out, info = fold_for_inference(act, wide)  # timm's norm + activation: the norm folded, its drop and act kept
-    assert info["batchnorm"] == 1 and isinstance(out[1], nn.Sequential)
-    assert [type(m) for m in out[1]] == [nn.Identity, nn.ReLU6]
+    assert info["batchnorm"] == 1 and isinstance(out[1].act, nn.ReLU6) and isinstance(out[1].drop, nn.Identity)
+    kept, info = fold_for_inference(act, wide, keep=["1.act"])  # the activation's own name still resolves
+    assert info["batchnorm"] == 1 and isinstance(kept[1].act, nn.ReLU6)
+
+    class Same(timm.layers.BatchNormAct2d):  # a subclass keeping timm's forward: folded like it
+        pass
+    same = _randomise_bn(nn.Sequential(nn.Conv2d(3, 4, 3), Same(4, act_layer=nn.ReLU6)))
+    assert fold_for_inference(same, wide)[1]["batchnorm"] == 1
     with torch.no_grad():
         want = act(wide)
         assert want.min() == 0 and want.max() == 6

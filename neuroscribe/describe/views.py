@@ -146,7 +146,7 @@ def default_cache_size(size: int, cache_bytes: int | None = None) -> int:
     """Images of ``size`` px a side in ``cache_bytes`` (default :data:`_CACHE_BYTES`; at least 64): a probe of a few
     thousand images stays decoded across a layer's units (whose exemplars span most of it), with what is derived
     from each image (its shrunk copies, pixel key and colour terms: :func:`derived`), which dies with it."""
-    return max(64, int(cache_bytes or _CACHE_BYTES) // (3 * size * size))
+    return max(64, int(_CACHE_BYTES if cache_bytes is None else cache_bytes) // (3 * size * size))
 
 
 def image_cache(rec: "Recording", maxsize: int | None = None, size: int | None = None) -> ImageCache:

@@ -34,8 +34,8 @@ tagger's classifier converts its own copy once).
 from __future__ import annotations
 
 import contextlib
-import sys
 import copy
+import sys
 import weakref
 from collections.abc import Iterable
 

@@ -76,14 +76,12 @@ def _read_done(path: Path) -> dict[tuple[str, int], dict]:
 def _append(path: Path, rows: list[dict]) -> None:
     """Append ``rows`` as JSON lines, first ending a torn last line (an interrupted write) so that it cannot swallow
     the first new row."""
-    with open(path, "a+b") as f:
+    with open(path, "a+b") as f:  # appends go to the end whatever the position read from
+        torn = False
         if f.tell() > 0:
             f.seek(-1, os.SEEK_END)
-            if f.read(1) != b"\n":
-                f.write(b"\n")
-    with open(path, "a") as f:
-        for r in rows:
-            f.write(json.dumps(r) + "\n")
+            torn = f.read(1) != b"\n"
+        f.write(("\n" if torn else "").encode() + "".join(json.dumps(r) + "\n" for r in rows).encode())
         f.flush()
         os.fsync(f.fileno())
 

@@ -110,7 +110,8 @@ def _balanced(members: Mapping[int, Sequence[int]], names: Sequence, seed: int, 
     only (cells of one class listing the same photos in the same order -- a holdout's clean and cued copies -- are
     cut alike)."""
     size = min(len(v) for v in members.values())
-    return sorted(i for c, ids in members.items() for i in _rng(seed, tag, names[c][0], len(ids)).sample(list(ids), size))
+    return sorted(i for c, ids in members.items()
+                  for i in _rng(seed, tag, names[c][0], len(ids)).sample(list(ids), size))
 
 
 def dfr_split(labels: Sequence[int], groups: Sequence[str], seed: int) -> tuple[list[int], list[int]]:

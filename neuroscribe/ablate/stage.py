@@ -198,8 +198,8 @@ def ablate(cfg: JobConfig) -> dict:
                 rank = lambda u: (-auc.get(u, 0.0), u)  # noqa: E731
             else:  # words choose: the words' own experiment (verification effect), the most consistent, then the
                 # best-scored descriptions; never the cue evidence
-                rank = lambda u: (-verified.get(u, -math.inf), -support.get(u, 0), -words.get(u, -math.inf),  # noqa: E731
-                                  u)
+                rank = lambda u: (-verified.get(u, -math.inf), -support.get(u, 0),  # noqa: E731
+                                  -words.get(u, -math.inf), u)
             units = sorted(units, key=rank)[:cap]
         if not units:
             out["variants"][name] = {"ordered": [], "curve": [[0, None]], "chosen_n": 0, "units": []}

@@ -63,8 +63,9 @@ def label_kind(path, rows: list[tuple[int, object]]) -> str | None:
     names = [(n, v) for n, v in given if not is_index(v)]
     if idx and names:
         odd, kind, other = (names, "names", "indices") if len(names) <= len(idx) else (idx, "indices", "names")
+        shown = ", ".join(repr(str(v)) for _, v in odd[:5])
         raise LabelError(f"{path}: the label column mixes class indices and class names: {_rows([n for n, _ in odd])} "
-                         f"hold{'s' if len(odd) == 1 else ''} {kind} ({', '.join(repr(str(v)) for _, v in odd[:5])}) while {len(given) - len(odd)} "
+                         f"hold{'s' if len(odd) == 1 else ''} {kind} ({shown}) while {len(given) - len(odd)} "
                          f"rows hold {other}. Use one kind: integers are indices into the model's class list, names "
                          "are matched to its classes by name")
     return "index" if idx else "name" if names else None
@@ -106,7 +107,8 @@ def _group_format(data, classes: list[str] | None = None):
 
 
 def _train_classes(data) -> list[str] | None:
-    """The classes a model trained on ``data`` gets (as :func:`neuroscribe.train.classifier.train_classifier` names them)."""
+    """The classes a model trained on ``data`` gets (as :func:`neuroscribe.train.classifier.train_classifier`
+    names them)."""
     root, fmt = data_source(data.root, data.format)
     if fmt == "imagefolder":
         return folder_classes(root, data.split)

@@ -265,9 +265,9 @@ def manifest(path: str | Path, classes: list[str] | None = None) -> ProbeSet:
         p = (root / rel).resolve()
         if not p.is_relative_to(root):
             raise ProbeSetError(f"{path}: row {n}: path {rel!r} escapes the manifest's folder {root}; "
-                                "manifests may only name files under their own folder (a guard against manifests that reach "
-                                "into the rest of the disk): save the manifest in a folder that holds the images, e.g. "
-                                "the dataset's root, with paths relative to it")
+                                "manifests may only name files under their own folder (a guard against manifests "
+                                "that reach into the rest of the disk): save the manifest in a folder that holds the "
+                                "images, e.g. the dataset's root, with paths relative to it")
         grp = r.get("group")
         samples.append(Sample(p, label, None if grp in (None, "") else str(grp)))
     return ProbeSet(root, samples, names, "manifest")

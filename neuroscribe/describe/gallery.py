@@ -148,7 +148,8 @@ def write_gallery(rows: Sequence["Described"], job_dir: str | Path,
         seen.add(key)
         by_layer.setdefault(key[0], []).append(r)
     pages = {layer: layer_page_name(layer) for layer in by_layer}
-    if len(set(pages.values())) != len(pages):  # pragma: no cover - safe_name hashes every changed name, so this needs a hash collision
+    # pragma below: safe_name hashes every changed name, so this needs a hash collision
+    if len(set(pages.values())) != len(pages):  # pragma: no cover
         raise ValueError(f"two layers map to the same gallery page: {pages}")
 
     layers_ctx, index_units = [], []

@@ -24,8 +24,9 @@ own data the same way. :func:`train_classifier` does, in order:
    are fixed per image.
 4. **Train.** ``cfg.arch`` (``torchvision:NAME`` or ``timm:NAME``) is built with random weights and one output per
    class; naming pretrained weights (``torchvision:resnet18@IMAGENET1K_V1``) fine-tunes them with a new last linear
-   layer, as does ``efficientnet-lite0`` (the offline ImageNet weights shipped in the wheel). SGD + momentum, weight decay on every parameter, cosine learning-rate decay per step from ``cfg.lr`` to 0,
-   no warm-up, cross-entropy, the weights' mean/std normalisation (ImageNet's for random weights).
+   layer, as does ``efficientnet-lite0`` (the offline ImageNet weights shipped in the wheel). SGD + momentum,
+   weight decay on every parameter, cosine learning-rate decay per step from ``cfg.lr`` to 0, no warm-up,
+   cross-entropy, the weights' mean/std normalisation (ImageNet's for random weights).
 5. **Determinism.** Initialisation uses ``torch.manual_seed(seed)`` inside a forked RNG (the caller's RNG is left
    alone); batch order and augmentation derive from ``(seed, epoch, index)`` only, so ``workers`` does not change the
    result. On CPU the same seed gives bit-identical weights (same torch build and thread count); on CUDA cuDNN runs in
@@ -162,7 +163,8 @@ def train_classifier(cfg: TrainConfig, out_dir: str | Path, device: str = "auto"
     ``seed`` (default ``cfg.seeds[0]``) drives initialisation, batch order and augmentation; ``cfg.data_seed`` the
     holdout split and cue plan. ``workers`` data-loading processes (results do not depend on it). With ``resume``
     an interrupted run continues from its last finished epoch and a finished one is returned as it is. See the
-    module docstring for every step: data (:func:`_data`), the loop (:func:`_fit`), the checkpoint (the end of this function).
+    module docstring for every step: data (:func:`_data`), the loop (:func:`_fit`), the checkpoint (the end of
+    this function).
     """
     out = Path(out_dir)
     seed = cfg.seeds[0] if seed is None else int(seed)

@@ -100,6 +100,19 @@ def flag_truth(cfg) -> dict:
     return quality
 
 
+def flag_aggregate(per: dict, truth_of) -> dict:
+    """Mean and CI over seeds of each flag set's figures against ``truth_of(flag_truth)`` (the per-layer truth, or
+    its pooled variant: the same share over all units at once)."""
+    out = {}
+    for name in truth_of(next(iter(per.values()))["flag_truth"])["sets"]:
+        rows = [truth_of(per[k]["flag_truth"])["sets"][name] for k in per]
+        out[name] = {"flagged": mean_ci([r["flagged"] for r in rows]), "share": mean_ci([r["share"] for r in rows]),
+                     "chosen_n": mean_ci([per[k]["chosen_n"].get(name, 0) for k in per]),
+                     "precision": mean_ci([r["precision"] for r in rows]),
+                     "recall": mean_ci([r["recall"] for r in rows]), "auc": mean_ci([r.get("auc") for r in rows])}
+    return out
+
+
 def reference(cfg, seed: int) -> dict:
     """The same architecture and schedule trained on clean images, evaluated on the same test sets."""
     from neuroscribe.ablate.evaluate import accuracy_report, predict
@@ -185,6 +198,33 @@ def redo_final_layer(a) -> int:
     return 0
 
 
+def redo_flag_truth(a) -> int:
+    """``--flag-truth-only``: each seed's flag quality measured again on its finished job with the current evaluate
+    code (:func:`neuroscribe.ablate.measure.cue_flag_quality`; it must give the stored per-layer figures), which adds
+    the pooled-truth variant to results made before it existed."""
+    from neuroscribe.ablate.measure import cue_flag_quality
+    from neuroscribe.ablate.stage import model_and_means
+    from neuroscribe.datasets.sets import test_sets
+    path = Path(a.results).with_suffix(".json")
+    res = json.loads(path.read_text())
+    cfg = load_config(a.config, parse_overrides(a.set))
+    use_sets(res.get("sets", SETS)[1:])
+    for s, row in res["per_seed"].items():
+        trained = pipeline.train(seed_cfg(cfg, int(s)))  # finished: the seed's model, not trained again
+        lm, dev, rec, _ = model_and_means(trained)
+        q = cue_flag_quality(trained, lm, dev, rec.layers, test_sets(trained, lm.preprocess, lm.class_names))
+        if q["sets"] != row["flag_truth"]["sets"]:
+            raise SystemExit(f"seed {s}: the recomputed truth gives other flag figures than the results hold")
+        row["flag_truth"] = q
+    res["aggregate"]["flags_pooled"] = flag_aggregate(res["per_seed"], lambda t: t["pooled"])
+    res["flag_truth_command"] = "python benchmarks/milan_study.py --flag-truth-only " + " ".join(
+        f"--set {x}" for x in a.set)
+    res["verdict"] = verdict(res)
+    io.write_json(path, res)
+    io.write_text(path.with_suffix(".md"), markdown(res))
+    return 0
+
+
 def command_line(a) -> str:
     """The study's command as run: the config (relative to the repository when inside it), the overrides and the
     reference seeds, so a results file names what made it."""
@@ -210,9 +250,14 @@ def main(argv=None) -> int:
     ap.add_argument("--final-layer-only", action="store_true",
                     help="redo the final-layer checks of the seeds and references in --results (their jobs must "
                          "exist; nothing is trained) with the current describer, and rewrite the .json and .md")
+    ap.add_argument("--flag-truth-only", action="store_true",
+                    help="measure the flag quality of the seeds in --results again on their jobs (the per-layer "
+                         "figures must not change; adds the pooled-truth variant), and rewrite the .json and .md")
     a = ap.parse_args(argv)
     if a.final_layer_only:
         return redo_final_layer(a)
+    if a.flag_truth_only:
+        return redo_flag_truth(a)
     if a.markdown_only:
         res = json.loads(Path(a.results).with_suffix(".json").read_text())
         use_sets(res.get("sets", SETS)[1:])
@@ -246,15 +291,9 @@ def main(argv=None) -> int:
     gain = {v: {s: mean_ci([per[k]["accuracy"][v][s] - per[k]["accuracy"]["base"][s] for k in per]) for s in SETS}
             for v in VARIANTS if v != "base" and v in acc}
     gap_closed, protocol = gap_closed_share(per, refs, [v for v in VARIANTS if v != "base" and v in acc])
-    flags = {}
-    for name in per[cfg.train.seeds[0]]["flag_truth"]["sets"]:
-        rows = [per[k]["flag_truth"]["sets"][name] for k in per]
-        flags[name] = {"flagged": mean_ci([r["flagged"] for r in rows]),
-                       "share": mean_ci([r["share"] for r in rows]),
-                       "chosen_n": mean_ci([per[k]["chosen_n"].get(name, 0) for k in per]),
-                       "precision": mean_ci([r["precision"] for r in rows]),
-                       "recall": mean_ci([r["recall"] for r in rows]),
-                       "auc": mean_ci([r.get("auc") for r in rows])}
+    flags = flag_aggregate(per, lambda t: t)
+    pooled = flag_aggregate(per, lambda t: t.get("pooled")) if all(
+        per[k]["flag_truth"].get("pooled") for k in per) else None
     final_layer = {"text": _final_aggregate([per[k].get("final_layer") for k in per]),
                    "clean": _final_aggregate([r.get("final_layer") for r in refs])}
     first = per[cfg.train.seeds[0]]
@@ -272,7 +311,7 @@ def main(argv=None) -> int:
                       "job": cfg.model_dump(mode="json")},
            "sets": list(SETS), "truth_share": TRUTH_SHARE, "truth_images": first["flag_truth"]["n_images"],
            "aggregate": {"accuracy": acc, "gain": gain, "gap_closed": gap_closed, "flags": flags,
-                         "final_layer": final_layer},
+                         **({"flags_pooled": pooled} if pooled else {}), "final_layer": final_layer},
            "protocol": protocol, "reference": refs,
            "per_seed": per}
     res["aggregate"]["paired_gap_closed"] = paired_gap_closed(per, refs)

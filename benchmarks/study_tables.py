@@ -229,10 +229,15 @@ def markdown(res: dict) -> str:
           f"{res['truth_images']} paired val photos):", "",
           "| flag set | units flagged | share | chosen N | precision | recall | ranking AUC |",
           "|---|---|---|---|---|---|---|"]
-    for k, m in agg["flags"].items():
+    pooled = agg.get("flags_pooled") or {}
+    for k, m in [*agg["flags"].items(), *((f"{k}, pooled truth", m) for k, m in pooled.items())]:
         L.append(f"| {k} | {m['flagged']['mean']:.0f} | {fmt(m.get('share', {'mean': None}))} | "
                  f"{m['chosen_n']['mean']:.1f} | {fmt(m['precision'])} | {fmt(m['recall'])} | "
                  f"{fmt_auc(m.get('auc', {'mean': None}))} |")
+    if pooled:
+        L += ["", f"\"Pooled truth\": the top {100 * res['truth_share']:.0f}% of all units at once by the same effect "
+              "(in clean-image standard deviations, comparable across layers) -- the issue's wording; the per-layer "
+              "truth above stays the headline and the verdict's."]
     L += ["", "Final-layer check (the fc logit of each class described on the probe photos names that class):", ""]
     for r in res.get("reference", []):
         f = r.get("final_layer")

@@ -292,11 +292,26 @@ def test_flag_quality_against_counterfactual_truth_on_a_test_set(job):
     assert all(rank[tuple(u)] > rank[v] for u in flags["sets"]["description"] for v in rank
                if list(v) not in flags["sets"]["description"])  # flagged words rank above every other unit
     assert 0 <= q["sets"]["description"]["auc"] <= 1 and np.isfinite(q["sets"]["description"]["auc"])
+    # beside it, the same share over all units at once (the same effects; the literal rule)
+    e = sorted((-v, u) for u, v in effect.items())
+    pooled = {u for _, u in e[:round(0.05 * 768)]}
+    p = q["pooled"]
+    assert p["truth"] == len(pooled) == 38 and {tuple(u) for u in p["truth_units"]} == pooled
+    assert p["truth_per_layer"] == {l: sum(x == l for x, _ in pooled) for l in cfg.layers}
+    for name, members in flags["sets"].items():
+        got = {tuple(u) for u in members}
+        assert p["sets"][name]["true_positives"] == len(got & pooled)
+        assert p["sets"][name]["recall"] == pytest.approx(len(got & pooled) / 38)
+    if 0 < sum(u in pooled for u in units) < len(units):
+        assert p["sets"]["description"]["auc"] == pytest.approx(roc_auc_score(
+            [u in pooled for u in units], [levels.index(key[u]) for u in units]))
     pipeline.report(cfg)  # the report carries it: json as evaluated, a table in report.md and report.html
     rq = json.loads((out / "report.json").read_text())["flag_quality"]
-    assert {k: v for k, v in rq.items() if k != "sets"} == {k: v for k, v in q.items() if k != "sets"}
-    assert {k: {f: x for f, x in v.items() if x is not None} for k, v in rq["sets"].items()} == \
-        {k: {f: x for f, x in v.items() if x is not None} for k, v in q["sets"].items()}
+    assert {k: v for k, v in rq.items() if k not in ("sets", "pooled")} == \
+        {k: v for k, v in q.items() if k not in ("sets", "pooled")}
+    for got, want in ((rq, q), (rq["pooled"], q["pooled"])):
+        assert {k: {f: x for f, x in v.items() if x is not None} for k, v in got["sets"].items()} == \
+            {k: {f: x for f, x in v.items() if x is not None} for k, v in want["sets"].items()}
     d = q["sets"]["description"]
     precision = "—" if d["precision"] is None else f"{100 * d['precision']:.1f}"
     row = f"| description | {d['flagged']} | {100 * d['share']:.1f} | {precision} | {100 * d['recall']:.1f} | "

@@ -220,7 +220,12 @@ def test_study_helpers_report_what_the_jobs_hold(study):
                 is not None]
         got = res["aggregate"]["flags"]["description"][k]["mean"]
         assert got == (pytest.approx(np.mean(vals)) if vals else None)
-    assert "ranking AUC" in md
+    for k in ("flagged", "precision", "recall"):  # the same share of all units at once, labelled beside it
+        vals = [v for s in ("0", "1") if (v := res["per_seed"][s]["flag_truth"]["pooled"]["sets"]["description"][k])
+                is not None]
+        got = res["aggregate"]["flags_pooled"]["description"][k]["mean"]
+        assert got == (pytest.approx(np.mean(vals)) if vals else None)
+    assert "ranking AUC" in md and "| description, pooled truth |" in md
     assert res["config"]["n_probe"] == PROBE_N and res["config"]["seeds"] == [0, 1]
     assert res["config"]["n_test"] == TEST_N and res["reference"] == []
     # no reference: no share of the gap to judge; the clean cost, flags and MILAN's figure still are
@@ -229,6 +234,27 @@ def test_study_helpers_report_what_the_jobs_hold(study):
     assert any(x.startswith("description flags (means over seeds): share") for x in res["verdict"])
     assert md.startswith("# MILAN section 7 on Imagenette") and md.count("- seed ") >= 4
     assert f"{100 * res['aggregate']['accuracy']['base']['wrong-text']['mean']:.1f}" in md
+
+
+def test_flag_truth_only_measures_the_flags_again_on_the_finished_jobs(study, tmp_path):
+    """``--flag-truth-only`` on results made before the pooled truth existed: the per-layer figures come out as
+    stored (else it stops), the pooled variant is added as a fresh run would have it; nothing is trained."""
+    ms, cfg, res, _ = study
+    old = json.loads(json.dumps(res))
+    for row in old["per_seed"].values():
+        row["flag_truth"].pop("pooled")
+    old["aggregate"].pop("flags_pooled")
+    (tmp_path / "old.json").write_text(json.dumps(old))
+    config = Path(cfg.out).parent / "tiny.yaml"
+    assert ms.main(["--config", str(config), "--results", str(tmp_path / "old"), "--flag-truth-only"]) == 0
+    new = json.loads((tmp_path / "old.json").read_text())
+    assert new["aggregate"]["flags_pooled"] == res["aggregate"]["flags_pooled"]
+    assert all(new["per_seed"][s]["flag_truth"] == res["per_seed"][s]["flag_truth"] for s in ("0", "1"))
+    assert "| description, pooled truth |" in (tmp_path / "old.md").read_text()
+    old["per_seed"]["0"]["flag_truth"]["sets"]["description"]["true_positives"] += 1  # results that disagree
+    (tmp_path / "old.json").write_text(json.dumps(old))
+    with pytest.raises(SystemExit, match="seed 0: the recomputed truth gives other flag figures"):
+        ms.main(["--config", str(config), "--results", str(tmp_path / "old"), "--flag-truth-only"])
 
 
 def test_markdown_survives_an_empty_flag_set(study):

@@ -226,11 +226,20 @@ def cue_flag_quality(cfg: JobConfig, lm, dev, layers, sets: dict) -> dict | None
                "rule": "ground truth: the top 5% of each layer's units by the cue's effect on paired images (with and "
                        "without the cue) of this test set, class-stratified", "sets": _set_quality(flags["sets"], truth,
                                                                                                  len(effect))}
+        # the same truth share over all units at once (effects are in clean-image SDs, so comparable across
+        # layers): the literal rule, reported beside the per-layer one, which stays the headline
+        ranked = sorted((-e, u) for u, e in effect.items())
+        pooled = {u for _, u in ranked[:max(1, round(TRUTH_SHARE * len(ranked)))]}
+        out["pooled"] = {"truth": len(pooled), "truth_units": sorted([l, u] for l, u in pooled),
+                         "truth_per_layer": {layer: sum(l == layer for l, _ in pooled) for layer in layers},
+                         "rule": "the top 5% of all units (every layer together) by the same effect",
+                         "sets": _set_quality(flags["sets"], pooled, len(effect))}
         rank = description_ranking(Path(cfg.out))
         units = sorted(u for u in rank if u in effect)
-        y = [u in truth for u in units]
-        if units and 0 < sum(y) < len(y) and "description" in out["sets"]:
-            out["sets"]["description"]["auc"] = float(roc_auc_score(y, [rank[u] for u in units]))
-            out["sets"]["description"]["auc_units"] = len(units)
+        for body, truth_set in ((out, truth), (out["pooled"], pooled)):
+            y = [u in truth_set for u in units]
+            if units and 0 < sum(y) < len(y) and "description" in body["sets"]:
+                body["sets"]["description"]["auc"] = float(roc_auc_score(y, [rank[u] for u in units]))
+                body["sets"]["description"]["auc_units"] = len(units)
         return out
     return None

@@ -220,7 +220,10 @@ def _flag_quality_table(r: RobustnessResults) -> dict | None:
                     "was chosen with it. AUC: the description ranking over all described units.",
             "header": ["flag set", "flagged", "share", "precision", "recall", "AUC"],
             "rows": [[k, str(v.flagged), f(v.share), f(v.precision), f(v.recall), f(v.auc, False)]
-                     for k, v in q.sets.items()]}
+                     for k, v in q.sets.items()]
+                    + ([[f"{k} (pooled truth: {q.pooled.truth} units, {q.pooled.rule})", str(v.flagged), f(v.share),
+                         f(v.precision), f(v.recall), f(v.auc, False)] for k, v in q.pooled.sets.items()]
+                       if q.pooled else [])}
 
 
 def _group_tables(r: RobustnessResults, order, label: dict, cols) -> list[str]:

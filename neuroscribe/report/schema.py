@@ -183,6 +183,16 @@ class FlagSetQuality(_M):
     auc_units: int | None = Field(None, ge=0)
 
 
+class PooledTruth(_M):
+    """The same truth share taken over all units together instead of per layer (reported beside it)."""
+
+    truth: int = Field(ge=0)
+    truth_units: list[tuple[str, int]] | None = None
+    truth_per_layer: dict[str, int] | None = None
+    rule: str
+    sets: dict[str, FlagSetQuality]
+
+
 class FlagQuality(_M):
     """How well each flag set finds the units tied to the cue, against ground truth measured on a test set (after
     the fact: ``evaluation.json`` ``flag_quality``)."""
@@ -195,6 +205,7 @@ class FlagQuality(_M):
     truth_units: list[tuple[str, int]] | None = None  # the ground-truth units themselves, [layer, unit]
     rule: str
     sets: dict[str, FlagSetQuality]
+    pooled: PooledTruth | None = None  # planted cues: the top share over all units at once
 
 
 class RobustnessResults(_M):

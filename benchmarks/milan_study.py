@@ -172,12 +172,17 @@ def _final_aggregate(rows: list[dict | None]) -> dict | None:
             "per_seed": [r["named"] for r in rows]}
 
 
-def redo_final_layer(a) -> int:
-    """``--final-layer-only``: the final-layer checks again, on the finished jobs of ``--results``."""
+def _finished(a) -> tuple[Path, dict, object]:
+    """The results file of ``--results``, its contents and the study config, for a redo on finished jobs."""
     path = Path(a.results).with_suffix(".json")
     res = json.loads(path.read_text())
-    cfg = load_config(a.config, parse_overrides(a.set))
     use_sets(res.get("sets", SETS)[1:])
+    return path, res, load_config(a.config, parse_overrides(a.set))
+
+
+def redo_final_layer(a) -> int:
+    """``--final-layer-only``: the final-layer checks again, on the finished jobs of ``--results``."""
+    path, res, cfg = _finished(a)
     for s, row in res["per_seed"].items():
         trained = pipeline.train(seed_cfg(cfg, int(s)))  # finished: the seed's model, not trained again
         row["final_layer_check"] = final_layer_check(pipeline.with_probe(trained))
@@ -205,10 +210,7 @@ def redo_flag_truth(a) -> int:
     from neuroscribe.ablate.measure import cue_flag_quality
     from neuroscribe.ablate.stage import model_and_means
     from neuroscribe.datasets.sets import test_sets
-    path = Path(a.results).with_suffix(".json")
-    res = json.loads(path.read_text())
-    cfg = load_config(a.config, parse_overrides(a.set))
-    use_sets(res.get("sets", SETS)[1:])
+    path, res, cfg = _finished(a)
     for s, row in res["per_seed"].items():
         trained = pipeline.train(seed_cfg(cfg, int(s)))  # finished: the seed's model, not trained again
         lm, dev, rec, _ = model_and_means(trained)

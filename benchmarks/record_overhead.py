@@ -23,6 +23,7 @@ import json
 import os
 import platform
 import resource
+import statistics
 import subprocess
 import sys
 import time
@@ -75,33 +76,35 @@ def ratio(n_images: int, batch: int, crop: int | None) -> dict:
     model = lm.module
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
     acc = {p: {"s": 0.0, "faults": 0, "user_s": 0.0, "sys_s": 0.0} for p in ("bare", "record")}
+    per_batch = []  # (bare s, record s) of each measured batch
     with heap_settings() as heap:
-        rec = Recorder(cfg, lm, probe, dev)
-        rec.probe_shapes()
-        with torch.no_grad():  # warm-up both paths
-            model(xs[0].to(dev))
-        rec.step(xs[0], torch.arange(len(xs[0])))
-        rec = Recorder(cfg, lm, probe, dev)
-        rec.probe_shapes()
-        start = 0
-        for x in xs:
-            ids = torch.arange(start, start + len(x))
-            start += len(x)
-            for path in ("bare", "record"):
-                sync()
-                u0, t = usage(), time.perf_counter()
-                if path == "bare":
-                    with torch.no_grad():
-                        model(x.to(dev))
-                else:
-                    rec.step(x, ids)
-                sync()
-                dt, u1 = time.perf_counter() - t, usage()
-                a = acc[path]
-                a["s"] += dt
-                a["faults"] += u1[0] - u0[0]
-                a["user_s"] += u1[1] - u0[1]
-                a["sys_s"] += u1[2] - u0[2]
+        for measured in (False, True):  # a whole throwaway pass first: both paths reach their memory high-water
+            rec = Recorder(cfg, lm, probe, dev)  # mark, so neither pays first-touch page faults the other did not
+            rec.probe_shapes()
+            start = 0
+            for x in xs:
+                ids = torch.arange(start, start + len(x))
+                start += len(x)
+                pair = []
+                for path in ("bare", "record"):
+                    sync()
+                    u0, t = usage(), time.perf_counter()
+                    if path == "bare":
+                        with torch.no_grad():
+                            model(x.to(dev))
+                    else:
+                        rec.step(x, ids)
+                    sync()
+                    dt, u1 = time.perf_counter() - t, usage()
+                    pair.append(dt)
+                    if measured:
+                        a = acc[path]
+                        a["s"] += dt
+                        a["faults"] += u1[0] - u0[0]
+                        a["user_s"] += u1[1] - u0[1]
+                        a["sys_s"] += u1[2] - u0[2]
+                if measured:
+                    per_batch.append(tuple(pair))
     n = len(probe)
     for a in acc.values():
         a["faults_per_image"] = round(a.pop("faults") / n)
@@ -110,6 +113,8 @@ def ratio(n_images: int, batch: int, crop: int | None) -> dict:
     units = sum(m["units"] for m in rec.layer_meta.values())
     return {"images": n, "layers": len(LAYERS), "units": units, "device": str(dev), "heap_reuse": bool(heap),
             "bare": acc["bare"], "record": acc["record"], "ratio": round(acc["record"]["s"] / acc["bare"]["s"], 3),
+            "batch_ratios": [round(r / b, 3) for b, r in per_batch],
+            "median_batch_ratio": round(statistics.median(r / b for b, r in per_batch), 3),
             "bare_img_per_s": round(n / acc["bare"]["s"], 1)}
 
 
@@ -164,6 +169,8 @@ def main() -> None:
                        ("faults_per_image", "minor faults / image")]:
         print(f"{label:22s}{r['bare'][key]:>10}{r['record'][key]:>10}")
     print(f"bare forward: {r['bare_img_per_s']} images/s")
+    print(f"record / bare per batch: {r['batch_ratios']} (median {r['median_batch_ratio']:.2f}; a batch that a "
+          f"neighbouring job slowed shows as an outlier here)")
     out = {"ratio": r}
     if not a.no_memory:
         mem = {n: record_run(n, crop, 16 if a.quick else 32) for n in sizes}

@@ -302,9 +302,10 @@ def test_flag_quality_against_counterfactual_truth_on_a_test_set(job):
         got = {tuple(u) for u in members}
         assert p["sets"][name]["true_positives"] == len(got & pooled)
         assert p["sets"][name]["recall"] == pytest.approx(len(got & pooled) / 38)
-    if 0 < sum(u in pooled for u in units) < len(units):
-        assert p["sets"]["description"]["auc"] == pytest.approx(roc_auc_score(
-            [u in pooled for u in units], [levels.index(key[u]) for u in units]))
+        assert p["sets"][name]["precision"] == (pytest.approx(len(got & pooled) / len(got)) if got else None)
+    assert 0 < sum(u in pooled for u in units) < len(units)  # both classes present: the AUC below is defined
+    assert p["sets"]["description"]["auc"] == pytest.approx(roc_auc_score(
+        [u in pooled for u in units], [levels.index(key[u]) for u in units]))
     pipeline.report(cfg)  # the report carries it: json as evaluated, a table in report.md and report.html
     rq = json.loads((out / "report.json").read_text())["flag_quality"]
     assert {k: v for k, v in rq.items() if k not in ("sets", "pooled")} == \
@@ -318,3 +319,7 @@ def test_flag_quality_against_counterfactual_truth_on_a_test_set(job):
     for name in ("report.md", "report.html"):
         assert "Flag quality on wrong-text (%)" in (out / name).read_text()
     assert row in (out / "report.md").read_text()
+    pd = q["pooled"]["sets"]["description"]
+    pooled_row = (f"| description (pooled truth: 38 units, {q['pooled']['rule']}) | {pd['flagged']} | "
+                  f"{100 * pd['share']:.1f} | ")
+    assert pooled_row in (out / "report.md").read_text()

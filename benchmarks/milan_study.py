@@ -194,8 +194,7 @@ def redo_final_layer(a) -> int:
     res["aggregate"]["final_layer"] = {
         "text": _final_aggregate([r.get("final_layer") for r in res["per_seed"].values()]),
         "clean": _final_aggregate([r.get("final_layer") for r in res["reference"]])}
-    res["final_layer_command"] = "python benchmarks/milan_study.py --final-layer-only " + " ".join(
-        f"--set {x}" for x in a.set)
+    res["final_layer_command"] = command_line(a, "--final-layer-only")
     res["aggregate"]["paired_gap_closed"] = paired_gap_closed(res["per_seed"], res.get("reference") or [])
     res["verdict"] = verdict(res)
     io.write_json(path, res)
@@ -219,21 +218,20 @@ def redo_flag_truth(a) -> int:
             raise SystemExit(f"seed {s}: the recomputed truth gives other flag figures than the results hold")
         row["flag_truth"] = q
     res["aggregate"]["flags_pooled"] = flag_aggregate(res["per_seed"], lambda t: t["pooled"])
-    res["flag_truth_command"] = "python benchmarks/milan_study.py --flag-truth-only " + " ".join(
-        f"--set {x}" for x in a.set)
+    res["flag_truth_command"] = command_line(a, "--flag-truth-only")
     res["verdict"] = verdict(res)
     io.write_json(path, res)
     io.write_text(path.with_suffix(".md"), markdown(res))
     return 0
 
 
-def command_line(a) -> str:
+def command_line(a, *mode: str) -> str:
     """The study's command as run: the config (relative to the repository when inside it), the overrides and the
     reference seeds, so a results file names what made it."""
     def path(option: str, value: str, default: Path) -> list[str]:  # named only when not the default
         p = Path(value).resolve()
         return [] if p == default.resolve() else [option, str(p.relative_to(ROOT) if p.is_relative_to(ROOT) else p)]
-    cmd = ["python", "benchmarks/milan_study.py", *path("--config", a.config, ROOT / "configs" / "milan_study.yaml")]
+    cmd = ["python", "benchmarks/milan_study.py", *mode, *path("--config", a.config, ROOT / "configs" / "milan_study.yaml")]
     for x in a.set:
         cmd += ["--set", x]
     if a.reference_seeds != "0":

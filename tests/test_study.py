@@ -251,6 +251,10 @@ def test_flag_truth_only_measures_the_flags_again_on_the_finished_jobs(study, tm
     assert new["aggregate"]["flags_pooled"] == res["aggregate"]["flags_pooled"]
     assert all(new["per_seed"][s]["flag_truth"] == res["per_seed"][s]["flag_truth"] for s in ("0", "1"))
     assert "| description, pooled truth |" in (tmp_path / "old.md").read_text()
+    cmd = shlex.split(new["flag_truth_command"])  # the redo names what it ran on, so it can be run again
+    assert cmd[:3] == ["python", "benchmarks/milan_study.py", "--flag-truth-only"]
+    assert Path(cmd[cmd.index("--config") + 1]).resolve() == config.resolve()
+    assert Path(cmd[cmd.index("--results") + 1]).resolve() == (tmp_path / "old").resolve()
     old["per_seed"]["0"]["flag_truth"]["sets"]["description"]["true_positives"] += 1  # results that disagree
     (tmp_path / "old.json").write_text(json.dumps(old))
     with pytest.raises(SystemExit, match="seed 0: the recomputed truth gives other flag figures"):
@@ -409,6 +413,9 @@ def test_clean_reference_is_checked_on_the_probe_photos_without_the_cue(study, t
     assert ms.main(["--config", str(config), "--results", str(results), "--final-layer-only"]) == 0
     redone = json.loads(results.with_suffix(".json").read_text())
     assert redone["reference"][0]["final_layer"] == summary  # the same jobs, described again: the same words
+    cmd = shlex.split(redone["final_layer_command"])
+    assert cmd[:3] == ["python", "benchmarks/milan_study.py", "--final-layer-only"]
+    assert Path(cmd[cmd.index("--results") + 1]).resolve() == results.resolve()
     agg = redone["aggregate"]["final_layer"]
     assert agg["clean"]["per_seed"] == [summary["named"]] and agg["clean"]["units"] == summary["units"]
     assert agg["text"]["per_seed"] == [redone["per_seed"][s]["final_layer"]["named"] for s in ("0", "1")]

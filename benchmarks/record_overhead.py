@@ -4,7 +4,9 @@ Part 1 (ratio): the same pre-decoded batches go through (a) the bare forward pas
 (hooks on every requested layer + running top-k + quantile + mean), alternating batch by batch so both see the
 same machine load, with the heap settings the record pass uses (:mod:`neuroscribe.heap`) in force for
 both. Prints, side by side, wall time, user and system CPU time, the system-time share and minor page faults per
-image (``getrusage`` deltas) of each path, then ``ratio <record/bare>`` (target <= 1.10).
+image (``getrusage`` deltas) of each path, the per-batch ratios with their median, then ``ratio <record/bare>``
+(target <= 1.10). A whole alternating pass is run and thrown away first, so that neither path pays first-touch page
+faults that the other did not.
 Part 2 (memory): full ``record()`` runs (data loading included) on N1 and N4 images in fresh subprocesses;
 prints peak RSS, minor faults per image and the user/system split of each (the whole process, model loading
 included; DataLoader workers not counted) and the peak-RSS ratio (target: flat -- the state is O(units x k) plus

@@ -231,7 +231,8 @@ def command_line(a, *mode: str) -> str:
     def path(option: str, value: str, default: Path) -> list[str]:  # named only when not the default
         p = Path(value).resolve()
         return [] if p == default.resolve() else [option, str(p.relative_to(ROOT) if p.is_relative_to(ROOT) else p)]
-    cmd = ["python", "benchmarks/milan_study.py", *mode, *path("--config", a.config, ROOT / "configs" / "milan_study.yaml")]
+    cmd = ["python", "benchmarks/milan_study.py", *mode,
+           *path("--config", a.config, ROOT / "configs" / "milan_study.yaml")]
     for x in a.set:
         cmd += ["--set", x]
     if a.reference_seeds != "0":

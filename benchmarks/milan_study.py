@@ -204,20 +204,22 @@ def redo_final_layer(a) -> int:
 
 def redo_flag_truth(a) -> int:
     """``--flag-truth-only``: each seed's flag quality measured again on its finished job with the current evaluate
-    code (:func:`neuroscribe.ablate.measure.cue_flag_quality`; it must give the stored per-layer figures), which adds
-    the pooled-truth variant to results made before it existed."""
-    from neuroscribe.ablate.measure import cue_flag_quality
+    code (:func:`neuroscribe.ablate.measure.flag_quality`, the evaluate stage's own: a planted cue's truth, or
+    ``flag.group_cue``'s; it must give the stored per-layer figures), which adds the pooled-truth variant (planted
+    cues) to results made before it existed."""
+    from neuroscribe.ablate.measure import flag_quality
     from neuroscribe.ablate.stage import model_and_means
     from neuroscribe.datasets.sets import test_sets
     path, res, cfg = _finished(a)
     for s, row in res["per_seed"].items():
         trained = pipeline.train(seed_cfg(cfg, int(s)))  # finished: the seed's model, not trained again
         lm, dev, rec, _ = model_and_means(trained)
-        q = cue_flag_quality(trained, lm, dev, rec.layers, test_sets(trained, lm.preprocess, lm.class_names))
-        if q["sets"] != row["flag_truth"]["sets"]:
+        q = flag_quality(trained, lm, dev, rec.layers, test_sets(trained, lm.preprocess, lm.class_names))
+        if q is None or q["sets"] != row["flag_truth"]["sets"]:
             raise SystemExit(f"seed {s}: the recomputed truth gives other flag figures than the results hold")
         row["flag_truth"] = q
-    res["aggregate"]["flags_pooled"] = flag_aggregate(res["per_seed"], lambda t: t["pooled"])
+    if all(row["flag_truth"].get("pooled") for row in res["per_seed"].values()):
+        res["aggregate"]["flags_pooled"] = flag_aggregate(res["per_seed"], lambda t: t["pooled"])
     res["flag_truth_command"] = command_line(a, "--flag-truth-only")
     res["verdict"] = verdict(res)
     io.write_json(path, res)

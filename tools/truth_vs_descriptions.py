@@ -1,6 +1,6 @@
 """Read a study seed's counterfactual truth units against their descriptions (after the fact; chooses nothing).
 
-    python tools/truth_vs_descriptions.py JOBDIR/seed0 [--out FILE.json]
+    python tools/truth_vs_descriptions.py JOBDIR/seed0 [--out FILE.json] [--probe]
 
 Recomputes the evaluate stage's flag-quality truth (:func:`neuroscribe.ablate.measure.cue_flag_quality`: the top 5 %
 of each layer's units by the cue's effect on class-stratified paired test images) with the seed's trained checkpoint,
@@ -8,6 +8,16 @@ checks that it gives the flag figures ``evaluation.json`` holds, and prints, for
 layer, their descriptions, how many have a word of the job's cue keywords (``flag.cues``) as the description or among
 the candidates, and their verification verdicts. Jobs evaluated since ``flag_quality.truth_units`` exists need no
 recomputation, but the script recomputes anyway (the check is the point).
+
+``--probe`` also measures what the cue's own words do when every unit is tested with them, whatever its description
+(a diagnostic, never a flag: units chosen this way are not chosen by their descriptions). Each keyword of
+``flag.cues`` that a text or colour intervention of the verifier reads (``text`` -> common words against the same
+drawing blurred; a colour -> a patch of it against another colour; keywords that make the same edit run once) is
+applied to every unit with :func:`neuroscribe.describe.verify.verify_units` (the job's ``describe.verify`` images and
+seed); a unit's probe effect is its largest effect over those edits. Printed: the AUC of the probe effect for the
+per-layer and the pooled truth beside the description ranking's (``evaluation.json``), and how many truth units the
+probe confirms. It tells apart the two reasons a truth unit is missed: the unit does not respond to the cue's kind
+at all (the probe misses it too), or it does and its description does not say so.
 """
 from __future__ import annotations
 
@@ -28,6 +38,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("job", type=Path, help="a study seed's job folder (config.yaml, train/, evaluation.json ...)")
     ap.add_argument("--out", type=Path)
+    ap.add_argument("--probe", action="store_true", help="also test every unit with the cue's own words (diagnostic)")
     a = ap.parse_args()
     ckpt = next((a.job / "train").glob("seed*/model.safetensors"))
     cfg = load_config(a.job / "config.yaml", {"model": f"checkpoint:{ckpt}"})
@@ -56,9 +67,40 @@ def main() -> None:
     out["commonest_description_exemplars_of_that_class"] = {
         "description": top, "exemplars": len(ex), "share": sum(lm.class_names[labels[i]] == top for i in ex) / len(ex),
         "units_per_layer": dict(Counter(r["layer"] for r in rows.values() if r["description"] == top))}
+    if a.probe:
+        out["probe"] = probe(cfg, lm, dev, rec, sorted(rows), q, words)
     print(json.dumps({k: v for k, v in out.items() if k != "truth_units"}, indent=1))
     if a.out:
         io.write_json(a.out, out)
+
+
+def probe(cfg, lm, dev, rec, units: list, q: dict, words: set) -> dict:
+    """Every unit tested with each edit the cue's keywords make (see ``--probe``); AUCs against both truths."""
+    from sklearn.metrics import roc_auc_score
+    from neuroscribe.describe.verify import Pools, intervention_for, verify_units
+    edits = {}
+    for w in sorted(words):
+        iv = intervention_for(w, ("", -1), Pools(), ["text", "colour"])
+        if iv is not None:
+            edits.setdefault(iv.key, w)
+    if not edits:
+        raise SystemExit(f"no keyword of flag.cues ({sorted(words)}) makes a text or colour edit")
+    best: dict = {}
+    for key, w in sorted(edits.items()):
+        res = verify_units(rec, lm, {u: w for u in units}, cfg.describe.verify, cfg.seed, dev)
+        for u, r in res.items():
+            if u not in best or r["effect"] > best[u]["effect"]:
+                best[u] = {**r, "keyword": w}
+    out = {"edits": sorted(edits.values()), "units": len(units),
+           "confirmed": sum(r["status"] == "confirmed" for r in best.values())}
+    for name, truth in (("per_layer", q["truth_units"]), ("pooled", q["pooled"]["truth_units"])):
+        t = {tuple(u) for u in truth}
+        y = [u in t for u in units]
+        stored = q["sets"]["description"] if name == "per_layer" else q["pooled"]["sets"]["description"]
+        out[name] = {"truth": len(t), "probe_auc": float(roc_auc_score(y, [best[u]["effect"] for u in units])),
+                     "description_auc": stored.get("auc"),
+                     "truth_confirmed_by_probe": sum(best[u]["status"] == "confirmed" for u in t)}
+    return out
 
 
 if __name__ == "__main__":

@@ -134,7 +134,8 @@ def main() -> None:
         print(f"{m:6s}: describe wall {mean[m]['wall']:.1f}s cpu {mean[m]['cpu']:.1f}s; OCR reads the cue in "
               f"{rate[m]:.0%} of cued exemplar images; bare colour words {mean[m]['bare_colour']:.0f}")
     print(f"ratio source/model ({'with' if a.verify else 'without'} verification): wall "
-          f"{mean['source']['wall'] / mean['model']['wall']:.2f}, cpu {mean['source']['cpu'] / mean['model']['cpu']:.2f}"
+          f"{mean['source']['wall'] / mean['model']['wall']:.2f}, "
+          f"cpu {mean['source']['cpu'] / mean['model']['cpu']:.2f}"
           " (target < 1.3)")
 
 

@@ -104,8 +104,9 @@ def aggregate_seeds(reports: dict[int, dict], out: Path) -> dict:
     cols = sorted({s for v in agg.values() for s in v})
     lines = ["| variant | " + " | ".join(cols) + " |", "|---|" + "---|" * len(cols)]
     for vname, sets in agg.items():
-        cells = [(f"{100 * sets[c]['mean']:.1f}% ± {100 * sets[c]['ci95_half']:.1f}" if sets[c]["ci95_half"] is not None
-                  else f"{100 * sets[c]['mean']:.1f}%") if c in sets else "" for c in cols]
+        cells = [(f"{100 * sets[c]['mean']:.1f}% ± {100 * sets[c]['ci95_half']:.1f}"
+                  if sets[c]["ci95_half"] is not None else f"{100 * sets[c]['mean']:.1f}%") if c in sets else ""
+                 for c in cols]
         lines.append(f"| {vname} | " + " | ".join(cells) + " |")
     md = (f"# Accuracy over {len(reports)} training seeds (mean ± 95% CI half-width, t-distribution)\n\n"
           + "\n".join(lines) + "\n")

@@ -243,7 +243,8 @@ def test_hook_and_weight_ablation_give_the_constant(layer, method):
     before = {k: v.clone() for k, v in net.state_dict().items()}
     plain = outputs(net)
     units = [2, 0] if layer != "lin" else [1]
-    edits = E.ablation_edits(net, {"lin" if layer != "lin" else "conv": [], layer: units}, method, MEANS if method == "mean" else None)
+    edits = E.ablation_edits(net, {"lin" if layer != "lin" else "conv": [], layer: units}, method,
+                             MEANS if method == "mean" else None)
     assert list(edits) == [layer] and edits[layer].units == sorted(units)
     hooked = outputs(net, edits)
     want = ablate_ref(plain[layer], AXIS[layer], sorted(units),

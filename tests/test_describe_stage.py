@@ -130,7 +130,8 @@ def test_faithfulness_uses_the_recordings_model_and_images(described):
     from neuroscribe.describe.stage import faithfulness
     cfg, out = described
     rec = Recording.open(out)
-    rows = [Described("_fc", 0, "tench", 1.0, "tagger", [], {}), Described("_fc", 574, "golf ball", 1.0, "tagger", [], {}),
+    rows = [Described("_fc", 0, "tench", 1.0, "tagger", [], {}),
+            Described("_fc", 574, "golf ball", 1.0, "tagger", [], {}),
             Described("_fc", 1, "striped texture", 1.0, "tagger", [], {})]
     same = faithfulness(cfg, rec, rows)
     other = cfg.model_copy(update={"model": cfg.model.model_copy(update={"spec": "torchvision:resnet18@none"}),

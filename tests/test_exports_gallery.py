@@ -1,4 +1,5 @@
-"""Tests for the description exports and gallery (neuroscribe.describe.exports, .gallery): table exports (pandas/pyarrow/duckdb) and the static gallery's safety and links.
+"""Tests for the description exports and gallery (neuroscribe.describe.exports, .gallery): table exports
+(pandas/pyarrow/duckdb) and the static gallery's safety and links.
 
 Descriptions are fake (given here) over a real recording (efficientnet-lite0 on the shipped photos).
 """

@@ -51,7 +51,8 @@ def test_flags_on_real_descriptions(embedder):
     f = by_unit[0]
     assert f.flagged and f.by_keyword and f.keyword == "word" and "keyword 'word'" in f.reasons[0]
     assert 0 < f.similarity < cfg.embedding_threshold and not f.by_embedding  # recorded though below threshold
-    assert by_unit[1].by_keyword and by_unit[1].keyword == "text" and by_unit[1].similarity == pytest.approx(1, abs=1e-5)
+    assert by_unit[1].by_keyword and by_unit[1].keyword == "text"
+    assert by_unit[1].similarity == pytest.approx(1, abs=1e-5)
     assert by_unit[3].by_keyword and by_unit[3].keyword == "letters" and by_unit[3].by_embedding
     for u in (2, 4):  # golf ball, a dog on grass
         assert not by_unit[u].flagged and not by_unit[u].by_keyword and by_unit[u].similarity < 0.45

@@ -96,7 +96,8 @@ def test_each_seed_job_has_every_stage_artifact(study):
         assert load_config(job / "record" / "config.yaml").data.root.name == "manifest.csv"  # the probe set
         assert train["train_n"] + train["holdout_n"] == 40 and len(train["history"]) == 1  # one epoch
         abl = json.loads((job / "ablation.json").read_text())
-        assert "the name of a random WRONG class" in abl["validation"]["description"]  # chosen on the held-out training photos
+        # chosen on the held-out training photos
+        assert "the name of a random WRONG class" in abl["validation"]["description"]
         assert abl["validation"]["n"] == 2 * train["holdout_n"]  # each held-out photo clean and cued
         ev = json.loads((job / "evaluation.json").read_text())
         assert set(ev["test_sets"]) == set(SETS)  # the probe shift is never a test set

@@ -1,5 +1,5 @@
-"""neuroscribe.train.classifier on the shipped photo sample: tiny ResNet-18 runs at 32 px on the CPU (one thread: under a
-shared, loaded CPU two OpenMP threads are several times slower than one)."""
+"""neuroscribe.train.classifier on the shipped photo sample: tiny ResNet-18 runs at 32 px on the CPU (one thread:
+under a shared, loaded CPU two OpenMP threads are several times slower than one)."""
 
 from __future__ import annotations
 

@@ -56,8 +56,8 @@ def _probe_job(out: Path, cue: dict, limit: int = 40) -> tuple[Recording, dict[i
 def test_model_box_is_torchvisions_resize_and_crop() -> None:
     """Resampling the box straight from the source gives the model's own input (to rounding)."""
     photo = load_image(next((sample_root() / "val").glob("*/*.jpg")))
-    for pre in (Preprocess(resize=73, crop=64), Preprocess(resize=256, crop=224), Preprocess(resize=64, crop=64,
-                                                                                               interpolation="bicubic")):
+    for pre in (Preprocess(resize=73, crop=64), Preprocess(resize=256, crop=224),
+                Preprocess(resize=64, crop=64, interpolation="bicubic")):
         for src in (photo, photo.transpose(Image.Transpose.TRANSPOSE), photo.resize((50, 41))):
             ref = np.asarray(pre.geometry()(src)).astype(int)
             got = src.resize((pre.crop, pre.crop), Image.Resampling[pre.interpolation.upper()],
@@ -99,7 +99,8 @@ def test_probe_cue_is_drawn_at_the_view_size_and_downsampled_for_the_model(tmp_p
     rec, tokens = _probe_job(tmp_path / "job", FAINT_TEXT)
     probe_dir = tmp_path / "job" / "probe" / "cued"
     info = json.loads((probe_dir / "probe.json").read_text())
-    assert info["view_size"] == 224 and (info["model_preprocess"]["resize"], info["model_preprocess"]["crop"]) == (73, 64)
+    pre = info["model_preprocess"]
+    assert info["view_size"] == 224 and (pre["resize"], pre["crop"]) == (73, 64)
     # the probe is the model's field of view at 224 px, the cue drawn there (redrawn from the source photo, see
     # tests/test_planted.py); record resizes it to 64 px
     assert rec.preprocess.resize == rec.preprocess.crop == 64

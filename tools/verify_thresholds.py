@@ -59,7 +59,8 @@ def main() -> None:
                 auc = {n: np.array([r["auc"] for r in res[n].values()]) for n in res}
                 rates = "  ".join(f"{np.mean((eff[True] >= e) & (auc[True] >= u)):.4f}/"
                                   f"{np.mean((eff[False] >= e) & (auc[False] >= u)):.4f}".rjust(28) for e, u in grid)
-                print(f"{seed:>4} {text:16s} {np.quantile(eff[True], 0.99):>12.2f} {np.quantile(auc[True], 0.99):>12.3f}"
+                print(f"{seed:>4} {text:16s} {np.quantile(eff[True], 0.99):>12.2f} "
+                      f"{np.quantile(auc[True], 0.99):>12.3f}"
                       f" {np.quantile(eff[False], 0.99):>12.2f} {np.quantile(auc[False], 0.99):>12.3f}  {rates}",
                       flush=True)
 

@@ -13,7 +13,7 @@ from .config import ConfigError, load_config, parse_overrides
 _FLAGS = {
     "model": ("model.spec", str, "model spec (neuroscribe models)"),
     "data": ("data.root", str, "image folder or CSV/JSONL manifest"),
-    "split": ("data.split", str, "split folder (train/val) under --data"),
+    "split": ("data.split", str, "split under --data (train/val/test/holdout; a group format's own split)"),
     "layers": ("layers", str, "comma-separated layer names (neuroscribe layers SPEC)"),
     "limit": ("data.limit", int, "seeded random subset of this many images"),
     "out": ("out", str, "job directory"),
@@ -78,7 +78,8 @@ def cmd_layers(a):
     for r in rows:
         note = f"  (called {r.calls}x: the last call is recorded)" if r.calls > 1 else ""
         if r.layout == "?":
-            note += "  (channels-first or -last? declare it in `layouts:` to record it)"
+            note += ("  (channels-first or -last? record finds out with a second blank pass; a model bound to one "
+                     "input size needs it declared in `layouts:`)")
         print(f"{r.name:<{w}}  {r.type:<22} {r.kind:<6} {r.layout or '-':<6} {r.units:>6}  {list(r.shape)}{note}")
     print(f"# {lm.spec}: {len(rows)} layers; preprocessing {lm.preprocess.to_dict()}")
 

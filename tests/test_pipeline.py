@@ -16,7 +16,8 @@ def job(tmp_path_factory):
     out = tmp_path_factory.mktemp("pipe") / "job"
     cfg = load_config(None, {
         "train": {"arch": "torchvision:resnet18", "data": {"split": "train", "limit": 120}, "cue": TEXT,
-                  "fraction": 0.5, "holdout": 0.25, "resolution": 48, "epochs": 2, "batch_size": 30},
+                  "fraction": 0.5, "holdout": 0.25, "resolution": 48, "epochs": 2, "batch_size": 30,
+                  "checkpoint": str(out.parent / "models" / "text-{seed}.safetensors")},
         "layers": ["layer3", "layer4"], "data": {"split": "val", "limit": 40}, "record": {"k": 5},
         "describe": {"units": 12, "faithfulness_images": 0, "gallery": False, "verify": {"images": 8}},
         "shifts": [{"name": "wrong-text", "data": {"split": "val", "limit": 40}, "cue": TEXT,
@@ -323,3 +324,21 @@ def test_flag_quality_against_counterfactual_truth_on_a_test_set(job):
     pooled_row = (f"| description (pooled truth: 38 units, {q['pooled']['rule']}) | {pd['flagged']} | "
                   f"{100 * pd['share']:.1f} | ")
     assert pooled_row in (out / "report.md").read_text()
+
+
+def test_train_checkpoint_is_a_loadable_copy_of_the_jobs_model(job, tmp_path):
+    """``train.checkpoint``: the trained model and its spec copied there ({seed} filled in), loadable by spec."""
+    import torch
+    from neuroscribe.models import load_model
+    from neuroscribe.train.stage import copy_checkpoint
+    cfg, out = job
+    info = json.loads((out / "train.json").read_text())
+    copy = out.parent / "models" / "text-0.safetensors"
+    assert info["copy"] == str(copy)
+    assert copy.read_bytes() == (out / "train" / "seed0" / "model.safetensors").read_bytes()
+    assert copy.with_name(copy.name + ".spec.json").read_bytes() == \
+        (out / "train" / "seed0" / "model.safetensors.spec.json").read_bytes()
+    a, b = load_model(f"checkpoint:{copy}").module, load_model(f"checkpoint:{info['checkpoint']}").module
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+    with pytest.raises(ValueError, match="must name a .safetensors file"):
+        copy_checkpoint(copy, copy, tmp_path / "model.pt", 0)

@@ -177,9 +177,8 @@ class TrainConfig(_Section):
     augment: bool = Field(True, description="random resized crop (0.6-1) + flip, both before the cue is drawn")
     data_seed: int = Field(0, ge=0, description="seed of the holdout split and cue plan, the same for all `seeds`")
     seeds: list[int] = Field(default_factory=lambda: [0], min_length=1)
-    checkpoint: Path | None = Field(None, description="also copy the trained model (and its .spec.json) to this "
-                                    ".safetensors path, {seed} replaced by the seed; the job's own stays in "
-                                    "JOBDIR/train/seed<S>")
+    checkpoint: Path | None = Field(None, description="also copy the model (+ .spec.json) to this .safetensors "
+                                    "path, {seed} filled in; the job keeps JOBDIR/train/seed<S>")
 
 
 class FlagConfig(_Section):

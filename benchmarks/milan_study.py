@@ -284,8 +284,7 @@ def main(argv=None) -> int:
         per[s] = collect(sub, seconds, final_layer_check(pipeline.with_probe(trained)),
                          flag_truth(trained))
         print(f"[study] seed {s} done in {seconds / 60:.1f} min", file=sys.stderr, flush=True)
-    if len(cfg.train.seeds) > 1:  # every seed is current: writes JOBDIR/seeds.{json,md} (one seed: nothing to
-        # aggregate)
+    if len(cfg.train.seeds) > 1:  # the seeds' mean and CI into JOBDIR/seeds.{json,md} (every job is current)
         pipeline.run(cfg)
     refs = [reference(cfg, int(s)) for s in a.reference_seeds.split(",") if s.strip()]
     acc = {v: {s: mean_ci([per[k]["accuracy"][v][s] for k in per]) for s in SETS} for v in VARIANTS

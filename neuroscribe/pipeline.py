@@ -72,6 +72,9 @@ def run(cfg: JobConfig) -> dict:
     from .datasets.sets import check_disjoint
     check_disjoint(cfg)  # nothing is chosen on a test image
     if cfg.train is not None and len(cfg.train.seeds) > 1:
+        if cfg.train.checkpoint and "{seed}" not in str(cfg.train.checkpoint):
+            raise ValueError(f"train.checkpoint {str(cfg.train.checkpoint)!r} is one file for seeds {cfg.train.seeds}: "
+                             "each seed's copy would overwrite the last. Put {seed} in its name")
         reports = {}
         for s in cfg.train.seeds:
             sub = cfg.model_copy(update={"out": Path(cfg.out) / f"seed{s}",

@@ -158,6 +158,7 @@ def collect(cfg, seconds: float, final: dict | None, truth: dict) -> dict:
             "chosen_n": {k: v["chosen_n"] for k, v in abl["variants"].items()},
             "candidates": {k: len(v["ordered"]) for k, v in abl["variants"].items()},
             "curves": {k: v["curve"] for k, v in abl["variants"].items()},
+            "dfr_tuned": {k: abl["dfr_tuned"][k] for k in ("curve", "chosen_n")} if "dfr_tuned" in abl else None,
             "units_scored_alone": abl.get("passes", {}).get("units_scored_alone"),
             "accuracy": acc, "bootstrap_ci95": ci, "describe_units_per_second": desc.get("units_per_second"),
             "final_layer_check": final, "final_layer": final_layer_summary(final), "flag_truth": truth}

@@ -16,7 +16,8 @@ def use_sets(names) -> None:
     SETS[:] = ["in-distribution", *list(names)[:2]]
 
 
-VARIANTS = ("base", "ablated", "ablated_evidence", "ablated_both", "refit", "dfr", "ablated_dfr", "random", "sort_all")
+VARIANTS = ("base", "ablated", "ablated_evidence", "ablated_both", "refit", "dfr", "ablated_dfr", "ablated_dfr_tuned",
+            "random", "sort_all")
 
 
 def in_order(d: dict) -> list[str]:
@@ -27,7 +28,8 @@ def in_order(d: dict) -> list[str]:
 LABEL = {"base": "spurious model, no ablation", "ablated": "ablated: flagged by descriptions (headline)",
          "ablated_evidence": "ablated: flagged by evidence", "ablated_both": "ablated: descriptions + evidence",
          "refit": "descriptions + last layer re-fit", "dfr": "DFR alone (group-balanced last-layer re-fit)",
-         "ablated_dfr": "descriptions + DFR", "random": "control: random units (5 draws, mean)",
+         "ablated_dfr": "descriptions + DFR", "ablated_dfr_tuned": "descriptions + DFR, N chosen with DFR",
+         "random": "control: random units (5 draws, mean)",
          "sort_all": "control: sort-all units", "reference": "reference: trained on clean images"}
 
 
@@ -74,7 +76,8 @@ def _share(diff: float, ref_wrong: float, base_wrong: float) -> float | None:
 
 
 PAIRED = {"ablated - best random draw": ("ablated", "random_best"), "ablated - sort-all": ("ablated", "sort_all"),
-          "ablated + DFR - DFR alone": ("ablated_dfr", "dfr")}
+          "ablated + DFR - DFR alone": ("ablated_dfr", "dfr"),
+          "ablated + DFR (N chosen with DFR) - DFR alone": ("ablated_dfr_tuned", "dfr")}
 
 
 def paired_gap_closed(per: dict, refs: list) -> dict:
@@ -138,14 +141,18 @@ def verdict(res: dict) -> list[str]:
                    f"{fmt(paired.get('ablated - sort-all', none), sign=True)}). Target >= 30 % with the CI's lower "
                    f"end above the best control: {_met(m['mean'] >= 0.30 and ok)} (mean "
                    + (">=" if m["mean"] >= 0.30 else "<") + f" 30 %; paired {lo}" + (" > 0)" if ok else ")"))
-    if closed.get("ablated_dfr", none)["mean"] is not None:
-        m, d = closed["ablated_dfr"], paired.get("ablated + DFR - DFR alone", none)
+    for v, pair, how in (("ablated_dfr", "ablated + DFR - DFR alone", "the headline's N"),
+                         ("ablated_dfr_tuned", "ablated + DFR (N chosen with DFR) - DFR alone",
+                          "N chosen on validation for ablation + DFR together")):
+        if closed.get(v, none)["mean"] is None:
+            continue
+        m, d = closed[v], paired.get(pair, none)
         ok, lo = above(d)
-        beats = [per[k]["accuracy"]["ablated_dfr"][SETS[1]] > per[k]["accuracy"]["dfr"][SETS[1]] for k in seeds]
-        out.append(f"ablation + DFR closes {share(m)}; DFR alone {share(closed.get('dfr', none))}; + DFR - DFR alone "
-                   f"paired {fmt(d, sign=True)} ({lo}; higher in {sum(beats)} of {len(beats)} seeds). Target >= 60 % "
-                   f"and above DFR alone: {_met(m['mean'] >= 0.60 and ok)}")
-    for v in ("ablated", "ablated_dfr"):
+        beats = [per[k]["accuracy"][v][SETS[1]] > per[k]["accuracy"]["dfr"][SETS[1]] for k in seeds]
+        out.append(f"ablation + DFR ({how}) closes {share(m)}; DFR alone {share(closed.get('dfr', none))}; + DFR - "
+                   f"DFR alone paired {fmt(d, sign=True)} ({lo}; higher in {sum(beats)} of {len(beats)} seeds). Target "
+                   f">= 60 % and above DFR alone: {_met(m['mean'] >= 0.60 and ok)}")
+    for v in ("ablated", "ablated_dfr", "ablated_dfr_tuned"):
         if v in gain:
             drops = [per[k]["accuracy"][v]["in-distribution"] - per[k]["accuracy"]["base"]["in-distribution"]
                      for k in seeds]
@@ -218,6 +225,10 @@ def markdown(res: dict) -> str:
                  f"{100 * a['ablated']['in-distribution']:.1f}; random draws {SETS[1]} range "
                  f"{100 * a['random_range'][SETS[1]][0]:.1f}-{100 * a['random_range'][SETS[1]][1]:.1f}; "
                  f"{per[s]['seconds'] / 60:.1f} min")
+        if per[s].get("dfr_tuned"):
+            t = per[s]["dfr_tuned"]
+            L[-1] += ("; ablation + DFR, validation % by N: " + ", ".join(f"{n}: {100 * v:.1f}" for n, v in t["curve"])
+                      + f" -> N = {t['chosen_n']}, {SETS[1]} {100 * a['ablated_dfr_tuned'][SETS[1]]:.1f}")
     L += ["", "Validation curves (accuracy % on the validation photos with N units of each flag set ablated, "
           "N = 0, 1, ...; the chosen N has the highest value, ties to the smaller N):", ""]
     for s in seeds:

@@ -56,8 +56,7 @@ class DataConfig(_Section):
     root: Path | None = Field(None, description="image folder, manifest, metadata.csv / table file, or CelebA "
                                                 "folder; unset = the photo sample shipped inside the package")
     format: Literal["auto", "imagefolder", "csv", "jsonl", "waterbirds", "celeba", "table"] = "auto"
-    limit: int | None = Field(None, ge=1, description="a seeded subset of this many images (stratified by class x "
-                              "group for the group formats)")
+    limit: int | None = Field(None, ge=1, description="a seeded subset of this many images (class x group strata)")
     split: str | None = Field(None, description="split folder (train/val/test) under root; for the group "
                               "formats the split column's value (waterbirds/celeba: train, val or test)")
     target: str | None = Field(None, description="celeba: the attribute that is the label (e.g. Blond_Hair)")
@@ -209,14 +208,15 @@ class AblateConfig(_Section):
     method: Literal["zero", "mean"] = "zero"
     max_units: int = Field(50, ge=1, description="largest N tried on the validation curve")
     validation: str = Field("holdout", description="'holdout' (train.holdout images) or the name of a shift")
-    max_candidates: int | None = Field(None, ge=1, description="flagged units scored alone for the ordering (a "
-                                       "validation pass each); past it, the most consistent first. null = all")
+    max_candidates: int | None = Field(None, ge=1, description="flagged units scored alone (README); null = all")
     random_draws: int = Field(5, ge=5, description="random-unit control draws (at least 5, to show the spread)")
     control_candidates: int | None = Field(512, ge=1, description="sort-all control: a seeded random subset of all "
                                            "recorded units scored alone (a validation pass each); null = every unit")
     refit: bool = Field(False, description="also MILAN's re-fit: last layer fitted on the probe after ablation")
     dfr: str | None = Field(None, description="also DFR on this shift (cue independent of the label; never a test "
                             "set) or 'holdout' (the training holdout, halved per class if validation is it too)")
+    dfr_ns: list[int] | None = Field(None, description="Ns of the description ordering tried with DFR (ablate.dfr): "
+                                     "the best on validation is ablated_dfr_tuned; null = the headline's N only")
     cache_mb: float = Field(1024.0, ge=0, description="validation batches kept in memory up to this size")
     clean_tolerance: float | None = Field(None, ge=0, le=100, description="points of clean validation accuracy the "
                                           "chosen N may cost (needs clean validation images); null = MILAN's rule")

@@ -128,6 +128,44 @@ def test_evaluate_passes_once_per_distinct_edit_and_reuses_it(job, monkeypatch):
             assert ev["results"][names.get(name, name)] == ev["results"]["base"]
 
 
+def test_dfr_ns_chooses_n_for_ablation_and_dfr_together_on_validation(job):
+    """``ablate.dfr_ns``: DFR fitted after the first N units of the description ordering, for each N (clipped to
+    the ordering), scored on validation; N = the best (ties to the smaller); evaluated as ``ablated_dfr_tuned``."""
+    from neuroscribe.ablate.refit import dfr_last_layer
+    from neuroscribe.ablate.select import val_correct
+    from neuroscribe.ablate.stage import model_and_means, validation_batches
+    from neuroscribe.datasets.sets import class_index, dfr_set, loader
+    cfg, out = job
+    with pytest.raises(ValueError, match="set ablate.dfr too"):
+        pipeline.ablate(cfg.model_copy(update={"ablate": cfg.ablate.model_copy(update={"dfr_ns": [0, 2]})}))
+    cfg = cfg.model_copy(update={"ablate": cfg.ablate.model_copy(update={"dfr": "holdout", "dfr_ns": [0, 1, 99]})})
+    pipeline.flag(cfg)
+    abl = pipeline.ablate(cfg)
+    ordered = [(l, u) for l, u, _ in abl["variants"]["description"]["ordered"]]
+    assert ordered, "the fixture's description ordering is empty: nothing to tune"
+    tuned = abl["dfr_tuned"]
+    assert [n for n, _ in tuned["curve"]] == sorted({0, 1, len(ordered)})
+    best = max(v for _, v in tuned["curve"])
+    assert tuned["chosen_n"] == min(n for n, v in tuned["curve"] if v == best)
+    assert tuned["units"] == [list(u) for u in ordered[:tuned["chosen_n"]]]
+    lm, dev, _, means = model_and_means(cfg)  # the curve's last point measured again, independently
+    val, _, names, _ = validation_batches(cfg, lm)
+    n = len(ordered)
+    model, _ = dfr_last_layer(lm.module, ordered, dfr_set(cfg, lm.preprocess, lm.class_names)[0],
+                              lambda d: loader(cfg, d), cfg.ablate.method, means, device=dev, seed=cfg.seed)
+    from neuroscribe.ablate.edit import ablation_edits, as_unit_dict
+    right = val_correct(model, val, ablation_edits(model, as_unit_dict(ordered), cfg.ablate.method, means), dev,
+                        class_index(lm, names))
+    assert tuned["curve"][-1] == [n, int(right.sum()) / len(right)]
+    (out / "evaluation.json").unlink(missing_ok=True)
+    ev = pipeline.evaluate(cfg)
+    assert ev["variants"]["ablated_dfr_tuned"] == tuned["units"]
+    same = {"ablated_dfr": abl["variants"]["description"]["units"], "dfr": []}
+    for other, units in same.items():  # the same units: the same (seeded) fit, figure for figure
+        if units == tuned["units"] and other in ev["results"]:  # ablated_dfr: only when N > 0
+            assert ev["results"]["ablated_dfr_tuned"] == ev["results"][other]
+
+
 def test_clean_tolerance_chooses_among_the_n_that_keep_clean_validation_accuracy(job):
     cfg, out = job
     pipeline.flag(cfg)

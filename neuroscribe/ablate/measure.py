@@ -71,9 +71,15 @@ def evaluate(cfg: JobConfig) -> dict:
     if cfg.ablate.dfr:  # DFR alone and after the ablation: the last layer re-fitted on a group-balanced held-out slice
         from .refit import dfr_last_layer
         dfr_ds, _, _ = dfr_set(cfg, lm.preprocess, lm.class_names)
-        for vname, units in [("dfr", [])] + ([("ablated_dfr", variants["ablated"])] if variants.get("ablated") else []):
-            model, dfr_info[vname] = dfr_last_layer(lm.module, units, dfr_ds, lambda d: loader(cfg, d),
-                                                    cfg.ablate.method, means, device=dev, seed=cfg.seed)
+        fits = [("dfr", [])] + ([("ablated_dfr", variants["ablated"])] if variants.get("ablated") else [])
+        if "dfr_tuned" in abl:  # N chosen for ablation + DFR together on validation (ablate.dfr_ns)
+            fits.append(("ablated_dfr_tuned", [tuple(u) for u in abl["dfr_tuned"]["units"]]))
+        fitted = {}  # the same units give the same fit (seeded): fitted once
+        for vname, units in fits:
+            if tuple(units) not in fitted:
+                fitted[tuple(units)] = dfr_last_layer(lm.module, units, dfr_ds, lambda d: loader(cfg, d),
+                                                      cfg.ablate.method, means, device=dev, seed=cfg.seed)
+            model, dfr_info[vname] = fitted[tuple(units)]
             runs[vname], variants[vname] = (model, units), units
     sets = test_sets(cfg, lm.preprocess, lm.class_names)
     quality = flag_quality(cfg, lm, dev, rec.layers, sets) if (job / "flags.json").is_file() else None

@@ -160,11 +160,14 @@ def validation_batches(cfg: JobConfig, lm) -> tuple[list, list[bool] | None, lis
 def ablate(cfg: JobConfig) -> dict:
     """For each flag set: order units (MILAN), the validation curve over N, N = argmax; plus the controls."""
     from .select import accuracy_curve, choose_n, order_units, random_units, sort_all
+    if cfg.ablate.dfr_ns and not cfg.ablate.dfr:
+        raise ValueError("ablate.dfr_ns chooses N for ablation + DFR: set ablate.dfr too (e.g. 'holdout')")
     job = Path(cfg.out)
     flags = json.loads((job / "flags.json").read_text())
     settings = cfg.ablate.model_dump(mode="json")
-    if settings["clean_tolerance"] is None:  # jobs that never set it keep their keys
-        del settings["clean_tolerance"]
+    for opt in ("clean_tolerance", "dfr_ns"):  # jobs that never set them keep their keys
+        if settings[opt] is None:
+            del settings[opt]
     key = io.artifact_key(flags["key"], settings, cfg.model.spec, io.file_key(job / "train.json"), HOLDOUT_RULE)
     done = io.current(job / "ablation.json", key)
     if done:
@@ -211,6 +214,9 @@ def ablate(cfg: JobConfig) -> dict:
                                  "curve": [list(r[:2]) for r in rows], "chosen_n": n,
                                  "units": [[l, u] for (l, u), _ in ordered[:n]],
                                  **({"clean_curve": [[r[0], r[2]] for r in rows]} if clean else {})}
+    if cfg.ablate.dfr_ns and out["variants"].get("description", {}).get("ordered"):
+        ordered = [(l, u) for l, u, _ in out["variants"]["description"]["ordered"]]
+        out["dfr_tuned"] = dfr_curve(cfg, lm, dev, means, ordered, val, ci)
     n = out["variants"].get("description", {}).get("chosen_n", 0)
     all_units = {l: rec.units(l) for l in rec.layers}
     out["controls"] = {"n": n, "random": [[list(u) for u in d] for d in
@@ -221,3 +227,24 @@ def ablate(cfg: JobConfig) -> dict:
     out["passes"] = {"units_scored_alone": len(scores)}
     io.write_json(job / "ablation.json", out)
     return out
+
+
+def dfr_curve(cfg: JobConfig, lm, dev, means, ordered: list, val: list, ci) -> dict:
+    """Ablation + DFR with N chosen for the pair: for each N of ``ablate.dfr_ns`` (past the ordering: all of it),
+    the first N units of the description ordering ablated and DFR fitted after them (:func:`.refit.dfr_last_layer`,
+    on the DFR slice), scored on the validation images (disjoint from that slice); N = the best, ties to the smaller.
+    The units are the description variant's own ordering: the words choose them, validation only how many."""
+    from ..datasets.sets import dfr_set
+    from .edit import ablation_edits, as_unit_dict
+    from .refit import dfr_last_layer
+    from .select import val_correct
+    dfr_ds, _, _ = dfr_set(cfg, lm.preprocess, lm.class_names)
+    curve = []
+    for n in sorted({min(int(n), len(ordered)) for n in cfg.ablate.dfr_ns}):
+        model, _ = dfr_last_layer(lm.module, ordered[:n], dfr_ds, lambda d: loader(cfg, d), cfg.ablate.method, means,
+                                  device=dev, seed=cfg.seed)
+        edits = ablation_edits(model, as_unit_dict(ordered[:n]), cfg.ablate.method, means) if n else None
+        right = val_correct(model, val, edits, dev, ci)
+        curve.append([n, int(right.sum()) / len(right)])
+    n = max(curve, key=lambda r: (r[1], -r[0]))[0]
+    return {"ns": cfg.ablate.dfr_ns, "curve": curve, "chosen_n": n, "units": [list(u) for u in ordered[:n]]}

@@ -20,7 +20,7 @@ computed (e.g. a bootstrap), null when none was (``evaluate.bootstrap: 0``). Sch
                    "chosen_n": int, "selection": str (how N was chosen, e.g. "best validation accuracy")},
       "variants": {VARIANT: {                    # "base" required; known order: base, ablated, ablated_evidence,
                        "label"?: str,            #   ablated_both, ablated_group, refit_only, refit, dfr,
-                                                 #   ablated_dfr, random, sort_all; others follow
+                                                 #   ablated_dfr, ablated_dfr_tuned, random, sort_all; others follow
                        "description"?: str, "n_units": int, "units"?: ["layer:unit", ...],
                        "results"?: {SET: ACC},   # SET = a test set name or validation.name; required unless draws
                        "draws"?: [{"seed"?: int, "units"?: [...], "results": {SET: ACC}}]}},  # random: >= 5 draws
@@ -71,12 +71,13 @@ __all__ = ["ReportError", "RobustnessResults", "write_report", "VARIANT_ORDER"]
 
 TEMPLATES = Path(__file__).with_name("templates")
 VARIANT_ORDER = ("base", "ablated", "ablated_evidence", "ablated_both", "ablated_group", "refit_only", "refit",
-                 "dfr", "ablated_dfr", "random", "sort_all")
+                 "dfr", "ablated_dfr", "ablated_dfr_tuned", "random", "sort_all")
 _LABELS = {"base": "base model", "ablated": "ablated (flagged by descriptions)", "ablated_evidence":
            "ablated (flagged by evidence)", "ablated_both": "ablated (descriptions and evidence)",
            "ablated_group": "ablated (flagged by group evidence)", "refit_only": "last layer re-fit alone (control)",
            "refit": "ablated + last layer re-fit", "dfr": "DFR alone (last layer re-fit, group-balanced)",
-           "ablated_dfr": "ablated + DFR", "random": "random units (control)",
+           "ablated_dfr": "ablated + DFR", "ablated_dfr_tuned": "ablated + DFR, N chosen with DFR",
+           "random": "random units (control)",
            "sort_all": "top units by validation gain (control)"}
 _CSS = ("body{font:14px/1.45 system-ui,sans-serif;margin:2rem auto;max-width:1200px;padding:0 1rem;color:#222}"
         "table{border-collapse:collapse;margin:.5rem 0 1.5rem}th,td{border:1px solid #ccc;padding:.3rem .5rem;"

@@ -128,7 +128,7 @@ def test_evaluate_passes_once_per_distinct_edit_and_reuses_it(job, monkeypatch):
             assert ev["results"][names.get(name, name)] == ev["results"]["base"]
 
 
-def test_dfr_ns_chooses_n_for_ablation_and_dfr_together_on_validation(job):
+def test_dfr_ns_chooses_n_for_ablation_and_dfr_together_on_validation(job, monkeypatch):
     """``ablate.dfr_ns``: DFR fitted after the first N units of the description ordering, for each N (clipped to
     the ordering), scored on validation; N = the best (ties to the smaller); evaluated as ``ablated_dfr_tuned``."""
     from neuroscribe.ablate.refit import dfr_last_layer
@@ -140,7 +140,13 @@ def test_dfr_ns_chooses_n_for_ablation_and_dfr_together_on_validation(job):
         pipeline.ablate(cfg.model_copy(update={"ablate": cfg.ablate.model_copy(update={"dfr_ns": [0, 2]})}))
     cfg = cfg.model_copy(update={"ablate": cfg.ablate.model_copy(update={"dfr": "holdout", "dfr_ns": [0, 1, 99]})})
     pipeline.flag(cfg)
+    from neuroscribe.ablate import edit as edit_mod
+    scored, real = [], edit_mod.ablation_edits  # the edits the validation passes of the curve apply
+    monkeypatch.setattr(edit_mod, "ablation_edits", lambda m, units, *a, **k: scored.append(
+        edit_mod.as_unit_dict(units)) or real(m, units, *a, **k))
+    (out / "ablation.json").unlink(missing_ok=True)
     abl = pipeline.ablate(cfg)
+    monkeypatch.undo()
     ordered = [(l, u) for l, u, _ in abl["variants"]["description"]["ordered"]]
     assert ordered, "the fixture's description ordering is empty: nothing to tune"
     tuned = abl["dfr_tuned"]
@@ -148,6 +154,8 @@ def test_dfr_ns_chooses_n_for_ablation_and_dfr_together_on_validation(job):
     best = max(v for _, v in tuned["curve"])
     assert tuned["chosen_n"] == min(n for n, v in tuned["curve"] if v == best)
     assert tuned["units"] == [list(u) for u in ordered[:tuned["chosen_n"]]]
+    assert all(edit_mod.as_unit_dict(ordered[:n]) in scored for n, _ in tuned["curve"] if n), \
+        "a point of the curve was scored without its units ablated"
     lm, dev, _, means = model_and_means(cfg)  # the curve's last point measured again, independently
     val, _, names, _ = validation_batches(cfg, lm)
     n = len(ordered)

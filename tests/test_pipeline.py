@@ -136,6 +136,9 @@ def test_dfr_ns_chooses_n_for_ablation_and_dfr_together_on_validation(job, monke
     from neuroscribe.ablate.stage import model_and_means, validation_batches
     from neuroscribe.datasets.sets import class_index, dfr_set, loader
     cfg, out = job
+    from neuroscribe.config import ConfigError
+    with pytest.raises(ConfigError, match="ablate.dfr_ns.0: Input should be greater than or equal to 0"):
+        load_config(None, {"ablate": {"dfr": "holdout", "dfr_ns": [-1, 10]}})
     with pytest.raises(ValueError, match="set ablate.dfr too"):
         pipeline.ablate(cfg.model_copy(update={"ablate": cfg.ablate.model_copy(update={"dfr_ns": [0, 2]})}))
     cfg = cfg.model_copy(update={"ablate": cfg.ablate.model_copy(update={"dfr": "holdout", "dfr_ns": [0, 1, 99]})})

@@ -131,19 +131,19 @@ def test_evaluate_passes_once_per_distinct_edit_and_reuses_it(job, monkeypatch):
 def test_dfr_ns_chooses_n_for_ablation_and_dfr_together_on_validation(job, monkeypatch):
     """``ablate.dfr_ns``: DFR fitted after the first N units of the description ordering, for each N (clipped to
     the ordering), scored on validation; N = the best (ties to the smaller); evaluated as ``ablated_dfr_tuned``."""
+    from neuroscribe.ablate import edit as edit_mod
     from neuroscribe.ablate.refit import dfr_last_layer
     from neuroscribe.ablate.select import val_correct
     from neuroscribe.ablate.stage import model_and_means, validation_batches
+    from neuroscribe.config import ConfigError
     from neuroscribe.datasets.sets import class_index, dfr_set, loader
     cfg, out = job
-    from neuroscribe.config import ConfigError
     with pytest.raises(ConfigError, match="ablate.dfr_ns.0: Input should be greater than or equal to 0"):
         load_config(None, {"ablate": {"dfr": "holdout", "dfr_ns": [-1, 10]}})
     with pytest.raises(ValueError, match="set ablate.dfr too"):
         pipeline.ablate(cfg.model_copy(update={"ablate": cfg.ablate.model_copy(update={"dfr_ns": [0, 2]})}))
     cfg = cfg.model_copy(update={"ablate": cfg.ablate.model_copy(update={"dfr": "holdout", "dfr_ns": [0, 1, 99]})})
     pipeline.flag(cfg)
-    from neuroscribe.ablate import edit as edit_mod
     scored, real = [], edit_mod.ablation_edits  # the edits the validation passes of the curve apply
     monkeypatch.setattr(edit_mod, "ablation_edits", lambda m, units, *a, **k: scored.append(
         edit_mod.as_unit_dict(units)) or real(m, units, *a, **k))
@@ -164,9 +164,8 @@ def test_dfr_ns_chooses_n_for_ablation_and_dfr_together_on_validation(job, monke
     n = len(ordered)
     model, _ = dfr_last_layer(lm.module, ordered, dfr_set(cfg, lm.preprocess, lm.class_names)[0],
                               lambda d: loader(cfg, d), cfg.ablate.method, means, device=dev, seed=cfg.seed)
-    from neuroscribe.ablate.edit import ablation_edits, as_unit_dict
-    right = val_correct(model, val, ablation_edits(model, as_unit_dict(ordered), cfg.ablate.method, means), dev,
-                        class_index(lm, names))
+    edits = edit_mod.ablation_edits(model, edit_mod.as_unit_dict(ordered), cfg.ablate.method, means)
+    right = val_correct(model, val, edits, dev, class_index(lm, names))
     assert tuned["curve"][-1] == [n, int(right.sum()) / len(right)]
     (out / "evaluation.json").unlink(missing_ok=True)
     ev = pipeline.evaluate(cfg)

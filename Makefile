@@ -48,7 +48,8 @@ lock:
 	$(PYTHON) -m venv .venv-lock
 	.venv-lock/bin/python -m pip install -q $(PIP_TOOLS)
 	rm -f requirements/lock.new.txt
-	.venv-lock/bin/pip-compile -q --strip-extras --extra $(EXTRAS) -c requirements/torch.txt --allow-unsafe \
+	CUSTOM_COMPILE_COMMAND="make lock" .venv-lock/bin/pip-compile -q --strip-extras --extra $(EXTRAS) \
+	  -c requirements/torch.txt --allow-unsafe \
 	  --no-emit-index-url --no-emit-find-links -o requirements/lock.new.txt pyproject.toml
 	mv requirements/lock.new.txt requirements/lock.txt
 	rm -rf .venv-lock

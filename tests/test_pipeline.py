@@ -130,13 +130,14 @@ def test_evaluate_passes_once_per_distinct_edit_and_reuses_it(job, monkeypatch):
 
 def test_dfr_ns_chooses_n_for_ablation_and_dfr_together_on_validation(job, monkeypatch):
     """``ablate.dfr_ns``: DFR fitted after the first N units of the description ordering, for each N (clipped to
-    the ordering), scored on validation; N = the best (ties to the smaller); evaluated as ``ablated_dfr_tuned``."""
-    from neuroscribe.ablate import edit as edit_mod
-    from neuroscribe.ablate.refit import dfr_last_layer
-    from neuroscribe.ablate.select import val_correct
+    the ordering), scored on validation with those units ablated; N = the best (ties to the smaller); evaluated as
+    ``ablated_dfr_tuned``. Every point is measured again independently, and so is the evaluated variant."""
+    import torch
+    from neuroscribe.ablate import edit as edit_mod, refit as refit_mod, select as select_mod, stage as stage_mod
+    from neuroscribe.ablate.evaluate import accuracy_report, predict
     from neuroscribe.ablate.stage import model_and_means, validation_batches
     from neuroscribe.config import ConfigError
-    from neuroscribe.datasets.sets import class_index, dfr_set, loader
+    from neuroscribe.datasets.sets import class_index, dfr_set, loader, test_sets
     cfg, out = job
     with pytest.raises(ConfigError, match="ablate.dfr_ns.0: Input should be greater than or equal to 0"):
         load_config(None, {"ablate": {"dfr": "holdout", "dfr_ns": [-1, 10]}})
@@ -144,36 +145,62 @@ def test_dfr_ns_chooses_n_for_ablation_and_dfr_together_on_validation(job, monke
         pipeline.ablate(cfg.model_copy(update={"ablate": cfg.ablate.model_copy(update={"dfr_ns": [0, 2]})}))
     cfg = cfg.model_copy(update={"ablate": cfg.ablate.model_copy(update={"dfr": "holdout", "dfr_ns": [0, 1, 99]})})
     pipeline.flag(cfg)
-    scored, real = [], edit_mod.ablation_edits  # the edits the validation passes of the curve apply
-    monkeypatch.setattr(edit_mod, "ablation_edits", lambda m, units, *a, **k: scored.append(
-        edit_mod.as_unit_dict(units)) or real(m, units, *a, **k))
+    # what the curve's passes get: the units DFR is fitted after, and the edits each validation pass applies
+    fitted, scored, built, inside = [], [], {}, []
+    real = {"fit": refit_mod.dfr_last_layer, "edits": edit_mod.ablation_edits, "val": select_mod.val_correct,
+            "curve": stage_mod.dfr_curve}
+
+    def edits(m, units, *a, **k):
+        e = real["edits"](m, units, *a, **k)
+        built[id(e)] = (e, edit_mod.as_unit_dict(units))  # e kept alive: its id is not reused
+        return e
+    monkeypatch.setattr(refit_mod, "dfr_last_layer", lambda m, units, *a, **k: (
+        inside and fitted.append([tuple(u) for u in units])) or real["fit"](m, units, *a, **k))
+    monkeypatch.setattr(edit_mod, "ablation_edits", edits)
+    monkeypatch.setattr(select_mod, "val_correct", lambda m, v, e, *a, **k: (inside and scored.append(
+        None if e is None else built.get(id(e), (None, "edits not built for this pass"))[1])) or real["val"](
+        m, v, e, *a, **k))
+    monkeypatch.setattr(stage_mod, "dfr_curve", lambda *a: inside.append(1) or real["curve"](*a))
     (out / "ablation.json").unlink(missing_ok=True)
     abl = pipeline.ablate(cfg)
     monkeypatch.undo()
     ordered = [(l, u) for l, u, _ in abl["variants"]["description"]["ordered"]]
     assert ordered, "the fixture's description ordering is empty: nothing to tune"
     tuned = abl["dfr_tuned"]
-    assert [n for n, _ in tuned["curve"]] == sorted({0, 1, len(ordered)})
+    ns = [n for n, _ in tuned["curve"]]
+    assert ns == sorted({0, 1, len(ordered)})
+    assert fitted == [ordered[:n] for n in ns], "DFR was not fitted after the first N units of the ordering"
+    assert scored == [edit_mod.as_unit_dict(ordered[:n]) if n else None for n in ns], \
+        "a point of the curve was not scored with its own units ablated"
     best = max(v for _, v in tuned["curve"])
     assert tuned["chosen_n"] == min(n for n, v in tuned["curve"] if v == best)
     assert tuned["units"] == [list(u) for u in ordered[:tuned["chosen_n"]]]
-    assert all(edit_mod.as_unit_dict(ordered[:n]) in scored for n, _ in tuned["curve"] if n), \
-        "a point of the curve was scored without its units ablated"
-    lm, dev, _, means = model_and_means(cfg)  # the curve's last point measured again, independently
+    lm, dev, _, means = model_and_means(cfg)  # every point measured again, independently
     val, _, names, _ = validation_batches(cfg, lm)
-    n = len(ordered)
-    model, _ = dfr_last_layer(lm.module, ordered, dfr_set(cfg, lm.preprocess, lm.class_names)[0],
-                              lambda d: loader(cfg, d), cfg.ablate.method, means, device=dev, seed=cfg.seed)
-    edits = edit_mod.ablation_edits(model, edit_mod.as_unit_dict(ordered), cfg.ablate.method, means)
-    right = val_correct(model, val, edits, dev, class_index(lm, names))
-    assert tuned["curve"][-1] == [n, int(right.sum()) / len(right)]
+    dfr_ds = dfr_set(cfg, lm.preprocess, lm.class_names)[0]
+    models = {}
+    for n, value in tuned["curve"]:
+        model, _ = refit_mod.dfr_last_layer(lm.module, ordered[:n], dfr_ds, lambda d: loader(cfg, d),
+                                            cfg.ablate.method, means, device=dev, seed=cfg.seed)
+        e = edit_mod.ablation_edits(model, edit_mod.as_unit_dict(ordered[:n]), cfg.ablate.method, means) if n else None
+        right = select_mod.val_correct(model, val, e, dev, class_index(lm, names))
+        assert value == int(right.sum()) / len(right), f"N = {n}"
+        models[n] = (model, e)
+    # a tie goes to the smaller N (every point scores alike)
+    monkeypatch.setattr(refit_mod, "dfr_last_layer", lambda m, *a, **k: (m, {}))
+    monkeypatch.setattr(select_mod, "val_correct", lambda *a, **k: torch.ones(4, dtype=torch.bool))
+    tie = stage_mod.dfr_curve(cfg, lm, dev, means, ordered, val, class_index(lm, names))
+    assert [v for _, v in tie["curve"]] == [1.0] * len(ns) and tie["chosen_n"] == 0 and tie["units"] == []
+    monkeypatch.undo()
     (out / "evaluation.json").unlink(missing_ok=True)
     ev = pipeline.evaluate(cfg)
     assert ev["variants"]["ablated_dfr_tuned"] == tuned["units"]
-    same = {"ablated_dfr": abl["variants"]["description"]["units"], "dfr": []}
-    for other, units in same.items():  # the same units: the same (seeded) fit, figure for figure
-        if units == tuned["units"] and other in ev["results"]:  # ablated_dfr: only when N > 0
-            assert ev["results"]["ablated_dfr_tuned"] == ev["results"][other]
+    model, e = models[tuned["chosen_n"]]  # the evaluated variant: the chosen N's fit with its units ablated
+    ds, set_names, _ = test_sets(cfg, lm.preprocess, lm.class_names)["wrong-text"]
+    p = predict(model, list(loader(cfg, ds)), dev, e, class_index=class_index(lm, set_names), keep_logits=False,
+                progress=False)
+    rep = accuracy_report(p.preds, p.labels, p.groups, cfg.evaluate.bootstrap, cfg.seed)
+    assert ev["results"]["ablated_dfr_tuned"]["wrong-text"]["acc"] == pytest.approx(rep["acc"], abs=1e-12)
 
 
 def test_clean_tolerance_chooses_among_the_n_that_keep_clean_validation_accuracy(job):

@@ -237,7 +237,7 @@ def dfr_curve(cfg: JobConfig, lm, dev, means, ordered: list, val: list, ci) -> d
     from ..datasets.sets import dfr_set
     from .edit import ablation_edits, as_unit_dict
     from .refit import dfr_last_layer
-    from .select import val_correct
+    from .select import choose_n, val_correct
     dfr_ds, _, _ = dfr_set(cfg, lm.preprocess, lm.class_names)
     curve = []
     for n in sorted({min(int(n), len(ordered)) for n in cfg.ablate.dfr_ns}):
@@ -246,5 +246,5 @@ def dfr_curve(cfg: JobConfig, lm, dev, means, ordered: list, val: list, ci) -> d
         edits = ablation_edits(model, as_unit_dict(ordered[:n]), cfg.ablate.method, means) if n else None
         right = val_correct(model, val, edits, dev, ci)
         curve.append([n, int(right.sum()) / len(right)])
-    n = max(curve, key=lambda r: (r[1], -r[0]))[0]
+    n = choose_n(curve)  # the headline's rule: the best, ties to the smaller N
     return {"ns": cfg.ablate.dfr_ns, "curve": curve, "chosen_n": n, "units": [list(u) for u in ordered[:n]]}

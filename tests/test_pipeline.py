@@ -192,15 +192,26 @@ def test_dfr_ns_chooses_n_for_ablation_and_dfr_together_on_validation(job, monke
     tie = stage_mod.dfr_curve(cfg, lm, dev, means, ordered, val, class_index(lm, names))
     assert [v for _, v in tie["curve"]] == [1.0] * len(ns) and tie["chosen_n"] == 0 and tie["units"] == []
     monkeypatch.undo()
+    from neuroscribe.ablate import evaluate as ev_mod  # evaluation: which model each pass ran, with which edits
+    dfr_models, passes, built = {}, [], {}
+    monkeypatch.setattr(refit_mod, "dfr_last_layer", lambda m, units, *a, **k: dfr_models.setdefault(
+        tuple(map(tuple, units)), real["fit"](m, units, *a, **k)))
+    monkeypatch.setattr(edit_mod, "ablation_edits", edits)
+    monkeypatch.setattr(ev_mod, "predict", lambda m, b, d, e, *a, **k: passes.append(
+        (id(m), None if e is None else built[id(e)][1])) or predict(m, b, d, e, *a, **k))
     (out / "evaluation.json").unlink(missing_ok=True)
     ev = pipeline.evaluate(cfg)
+    monkeypatch.undo()
     assert ev["variants"]["ablated_dfr_tuned"] == tuned["units"]
-    model, e = models[tuned["chosen_n"]]  # the evaluated variant: the chosen N's fit with its units ablated
-    ds, set_names, _ = test_sets(cfg, lm.preprocess, lm.class_names)["wrong-text"]
-    p = predict(model, list(loader(cfg, ds)), dev, e, class_index=class_index(lm, set_names), keep_logits=False,
-                progress=False)
-    rep = accuracy_report(p.preds, p.labels, p.groups, cfg.evaluate.bootstrap, cfg.seed)
-    assert ev["results"]["ablated_dfr_tuned"]["wrong-text"]["acc"] == pytest.approx(rep["acc"], abs=1e-12)
+    chosen = ordered[:tuned["chosen_n"]]
+    assert (id(dfr_models[tuple(chosen)][0]), edit_mod.as_unit_dict(chosen) if chosen else None) in passes, \
+        "ablated_dfr_tuned was not evaluated as its DFR fit with its units ablated"
+    model, e = models[tuned["chosen_n"]]  # its figures measured again with the independent fit
+    for sname, (ds, set_names, _) in test_sets(cfg, lm.preprocess, lm.class_names).items():
+        p = predict(model, list(loader(cfg, ds)), dev, e, class_index=class_index(lm, set_names), keep_logits=False,
+                    progress=False)
+        acc = accuracy_report(p.preds, p.labels, p.groups, 0, cfg.seed)["acc"]
+        assert ev["results"]["ablated_dfr_tuned"][sname]["acc"] == pytest.approx(acc, abs=1e-12), sname
 
 
 def test_clean_tolerance_chooses_among_the_n_that_keep_clean_validation_accuracy(job):

@@ -271,6 +271,7 @@ def main(argv=None) -> int:
         io.write_text(Path(a.results).with_suffix(".md"), markdown(res))
         return 0
     cfg = load_config(a.config, parse_overrides(a.set))
+    pipeline.check_seed_checkpoint(cfg)  # the seeds run one by one below: refused here, before any of them
     use_sets([s.name for s in cfg.shifts if s.name != cfg.probe])
     if cfg.train.data.root is not None and not Path(cfg.train.data.root).is_dir():
         print(f"the study needs the Imagenette photos at {cfg.train.data.root}", file=sys.stderr)

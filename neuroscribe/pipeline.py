@@ -71,10 +71,8 @@ def run(cfg: JobConfig) -> dict:
     check_job_labels(cfg)
     from .datasets.sets import check_disjoint
     check_disjoint(cfg)  # nothing is chosen on a test image
+    check_seed_checkpoint(cfg)
     if cfg.train is not None and len(cfg.train.seeds) > 1:
-        if cfg.train.checkpoint and "{seed}" not in str(cfg.train.checkpoint):
-            raise ValueError(f"train.checkpoint {str(cfg.train.checkpoint)!r} is one file for seeds {cfg.train.seeds}: "
-                             "each seed's copy would overwrite the last. Put {seed} in its name")
         reports = {}
         for s in cfg.train.seeds:
             sub = cfg.model_copy(update={"out": Path(cfg.out) / f"seed{s}",
@@ -82,6 +80,15 @@ def run(cfg: JobConfig) -> dict:
             reports[s] = json.loads(Path(_run_one(sub)["json"]).read_text())
         return aggregate_seeds(reports, Path(cfg.out))
     return _run_one(cfg)
+
+
+def check_seed_checkpoint(cfg: JobConfig) -> None:
+    """Refuse a ``train.checkpoint`` without ``{seed}`` for several seeds (each copy would overwrite the last);
+    called before any work by :func:`run` and by whatever runs the seeds one by one (the study script)."""
+    if cfg.train is not None and len(cfg.train.seeds) > 1 and cfg.train.checkpoint \
+            and "{seed}" not in str(cfg.train.checkpoint):
+        raise ValueError(f"train.checkpoint {str(cfg.train.checkpoint)!r} is one file for seeds {cfg.train.seeds}: "
+                         "each seed's copy would overwrite the last. Put {seed} in its name")
 
 
 def aggregate_seeds(reports: dict[int, dict], out: Path) -> dict:

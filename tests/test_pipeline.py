@@ -428,6 +428,7 @@ def test_train_checkpoint_is_a_loadable_copy_of_the_jobs_model(job, tmp_path):
     assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
     with pytest.raises(ValueError, match="must name a .safetensors file"):
         copy_checkpoint(copy, copy, tmp_path / "model.pt", 0)
+    assert copy_checkpoint(copy, copy, tmp_path / "x-{seed}.safetensors", 3) == tmp_path / "x-3.safetensors"
     several = cfg.model_copy(update={"out": str(tmp_path / "seeds"), "train": cfg.train.model_copy(
         update={"seeds": [0, 1], "checkpoint": tmp_path / "one.safetensors"})})
     with pytest.raises(ValueError, match=r"one file for seeds \[0, 1\].*Put \{seed\} in its name"):

@@ -60,6 +60,22 @@ def _study_module():
     return module
 
 
+def test_study_refuses_one_checkpoint_file_for_several_seeds_before_any_work(tmp_path, monkeypatch):
+    """The study runs its seeds one by one (each a one-seed job), so pipeline.run's own check would come only after
+    every seed had overwritten the same file: the script checks first."""
+    from neuroscribe import pipeline
+    config = tmp_path / "tiny.yaml"
+    train = dict(JOB["train"], seeds=[0, 1], checkpoint=str(tmp_path / "one.safetensors"))
+    config.write_text(yaml.safe_dump(dict(JOB, train=train, out=str(tmp_path / "job"))))
+    def forbidden(*a, **k):
+        raise AssertionError("the study started work")
+    for stage in ("run", "train"):
+        monkeypatch.setattr(pipeline, stage, forbidden)
+    with pytest.raises(ValueError, match=r"one file for seeds \[0, 1\].*Put \{seed\} in its name"):
+        _study_module().main(["--config", str(config), "--reference-seeds", "", "--results", str(tmp_path / "r")])
+    assert not (tmp_path / "job").exists() and not (tmp_path / "one.safetensors").exists()
+
+
 @pytest.fixture(scope="module")
 def study(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("study")

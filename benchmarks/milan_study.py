@@ -45,6 +45,15 @@ from study_tables import (LABEL, SETS, VARIANTS, gap_closed_share, in_order, mar
                           mean_ci, paired_gap_closed, use_sets, verdict)
 
 
+def cpu_name() -> str:
+    """The CPU's model name: the same seed trains other weights on another CPU (other kernels, other rounding)."""
+    try:
+        return next(l.split(":", 1)[1].strip() for l in Path("/proc/cpuinfo").read_text().splitlines()
+                    if l.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or "CPU model unknown"
+
+
 def seed_cfg(cfg, seed: int):
     return cfg.model_copy(update={"out": Path(cfg.out) / f"seed{seed}",
                                   "train": cfg.train.model_copy(update={"seeds": [seed]})})
@@ -306,7 +315,8 @@ def main(argv=None) -> int:
     probe_n = json.loads((Path(cfg.out) / f"seed{cfg.train.seeds[0]}" / "train.json").read_text())
     res = {"command": command_line(a),
            "finished": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-           "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads, "
+           "machine": f"{platform.machine()} ({cpu_name()}, torch CPU capability "
+                      f"{torch.backends.cpu.get_cpu_capability()}), {torch.get_num_threads()} torch threads, "
                       f"{'CUDA ' + torch.cuda.get_device_name() if torch.cuda.is_available() else 'CPU only'}, "
                       f"torch {torch.__version__}",
            "config": {"resolution": cfg.train.resolution, "epochs": cfg.train.epochs, "fraction": cfg.train.fraction,

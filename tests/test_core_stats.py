@@ -2,7 +2,8 @@
 
 - QuantileSketch: the sparse merge (only values above each unit's floor are picked out), the pilot floor of the first
   batch and its fall-back, against the dense merge alone (``_sparse`` switched off), bit for bit, on continuous,
-  tied, NaN-holding and stride-aliased activations; the unsorted buffer reads sorted.
+  tied, NaN-holding and stride-aliased activations; the unsorted buffer reads sorted; merges deferred over
+  many batches give the same buffer at every read.
 - TopK's slot table: kept exemplars never move, every row of slots is a permutation, maps come back in rank order.
 (The recorder's folding of same-shape layers into one state: tests/test_record_fused.py.)
 """
@@ -126,6 +127,29 @@ def test_pilot_is_refused_when_it_cannot_pay():
     qs._top[1, 0] = -math.inf
     a[3, 0, ::11] = math.nan  # a NaN in the subsample
     assert qs._pilot_floor(a, qs._top) is None
+
+
+def test_deferred_merges_keep_the_exact_multiset_and_reads_flush_them(monkeypatch):
+    """A full buffer's candidates are merged later, many batches at once (at m // 4 or 256 columns): the buffer read
+    at any point equals merging every batch densely, and a read flushes what is pending."""
+    g = torch.Generator().manual_seed(3)
+    acts = torch.randn(390, 3, 8, 8, generator=g)
+    qs = QuantileSketch(3, 0.95, 390, 64, budget_bytes=1e9)
+    pending, read_at = [], []
+    for s in range(0, 390, 10):
+        qs.update(acts[s:s + 10], torch.arange(s, s + 10))
+        pending.append(sum(c for _, c in qs._pending.values()))
+        merged_some = any(b < a for a, b in zip(pending, pending[1:]))  # pending fell: merged at the limit
+        if pending[-1] and (merged_some and not read_at or s + 10 == 390):
+            read_at.append(s + 10)
+            ref = QuantileSketch(3, 0.95, 390, 64, budget_bytes=1e9)
+            with monkeypatch.context() as m:
+                _dense_only(m)
+                _feed(ref, acts[:s + 10], 10)
+            assert torch.equal(qs.top, ref.top) and not qs._pending, f"read after {s + 10} images"
+    assert len(read_at) == 2, f"reads with candidates pending: {read_at} (pending by batch: {pending})"
+    exact = np.quantile(acts.transpose(0, 1).reshape(3, -1).double().numpy(), 0.95, axis=1)
+    assert np.allclose(qs.value().double().numpy(), exact, rtol=0, atol=1e-6)
 
 
 def test_prime_stride():

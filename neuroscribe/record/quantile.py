@@ -29,6 +29,7 @@ import torch
 
 SAMPLE_MAX_RATE = 0.25  # a rank-error target samples only below this share of the values (above it, exact: not
 # much slower, at most 4x the sample's memory, and no error)
+PENDING_MIN_COLUMNS = 256  # deferred candidates of a unit chunk are merged at max(m // 4, this) columns
 DELTA = 0.01  # the confidence of reported rank errors: they hold with probability 1 - DELTA
 
 
@@ -91,7 +92,8 @@ class QuantileSketch:
     ``top [U, w]`` (``w = min(m, values seen)``, read sorted descending) lives on ``device``. Between reads the
     buffer is kept unsorted: a batch's values above each unit's smallest kept value are picked out (a sparse
     pass over the activations, no copy of them), and the buffer plus those candidates are cut back to ``w`` by a
-    partial selection; the sort happens once, when :attr:`top` is read.
+    partial selection -- once the buffer is full, for many batches at once (:meth:`_defer`); the sort happens once,
+    when :attr:`top` is read (which merges whatever is still pending).
     """
 
     def __init__(self, units: int, q: float, n_expected: int, positions: int, budget_bytes: float,
@@ -111,6 +113,7 @@ class QuantileSketch:
             m = self.needed(math.ceil(total * self.rate * 1.05) + 64)
         self.m = m
         self.count = 0  # values seen (after sampling)
+        self._parent = None  # the fused state whose _top this one's is a view of (see LayerState.show)
         self.top = torch.full((units, 0), -math.inf, device=device)
 
     def needed(self, n: int) -> int:
@@ -123,9 +126,31 @@ class QuantileSketch:
 
     @top.setter
     def top(self, value: torch.Tensor) -> None:
-        self._top, self._is_sorted = value, False
+        self._top, self._is_sorted, self._pending = value, False, {}
+
+    def flush(self) -> None:
+        """Merge the deferred candidates into the buffer (in place: views of it see them)."""
+        pending, self._pending = self._pending, {}
+        for u0, (cands, _) in sorted(pending.items()):
+            self._merge_chunk(u0, torch.cat(cands, 1) if len(cands) > 1 else cands[0])
+
+    def _defer(self, u0: int, cand: torch.Tensor) -> None:
+        """Keep ``cand`` (values above a full buffer's floor) for a later merge: the O(m) selection of a merge is paid
+        once per ~m/4 candidate columns instead of once per batch. The floor stays a lower bound of the true one, so
+        later batches pick a superset of what can enter: the merged multiset is the same as merging every batch."""
+        cands, cols = self._pending.get(u0, ([], 0))
+        cands.append(cand)
+        self._pending[u0] = (cands, cols + cand.shape[1])
+        if cols + cand.shape[1] >= max(self.m // 4, PENDING_MIN_COLUMNS):
+            cands = self._pending.pop(u0)[0]
+            self._merge_chunk(u0, torch.cat(cands, 1))
 
     def _sorted_top(self) -> torch.Tensor:
+        if self._parent is not None and self._parent._pending:  # a fused view: its values may still be deferred
+            self._parent.flush()
+            self._is_sorted = False
+        if self._pending:
+            self.flush()
         if not self._is_sorted:
             self._top = torch.sort(self._top, dim=1, descending=True).values
             self._is_sorted = True
@@ -203,7 +228,10 @@ class QuantileSketch:
             return False
         cand = torch.full((c, int(count.max())), -math.inf, device=a.device)
         cand.view(-1).index_put_((torch.remainder(row, c) * cand.shape[1] + col,), vals)
-        self._merge_chunk(u0, cand)
+        if pilot or top.device != cand.device:
+            self._merge_chunk(u0, cand)
+        else:  # a full buffer (width m, never grows again): merged later, in one selection for many batches
+            self._defer(u0, cand)
         return True
 
     def _pilot_floor(self, a: torch.Tensor, top: torch.Tensor) -> torch.Tensor | None:

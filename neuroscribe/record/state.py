@@ -90,7 +90,7 @@ class LayerState:
         out.topk.ids = torch.cat([st.topk.ids for st in states])
         out.topk._maps = torch.cat([st.topk._maps for st in states])
         out.topk.slot = torch.cat([st.topk.slot for st in states])
-        out.quant.top = torch.cat([st.quant._top for st in states])
+        out.quant.top = torch.cat([st.quant.flush() or st.quant._top for st in states])
         out.sums.nodes = {key: torch.cat([st.sums.nodes[key] for st in states]) for key in first.sums.nodes}
         out.n, out._next_leaf = first.n, first._next_leaf
         out.chunk = LayerState.chunk_units(units, first.map_shape[0] * first.map_shape[1], first.topk.k,
@@ -105,6 +105,7 @@ class LayerState:
             st.topk.scores, st.topk.ids = self.topk.scores[u0:u1], self.topk.ids[u0:u1]
             st.topk._maps, st.topk.slot = self.topk._maps[u0:u1], self.topk.slot[u0:u1]
             st.quant._top, st.quant._is_sorted = self.quant._top[u0:u1], self.quant._is_sorted
+            st.quant._pending, st.quant._parent = {}, self.quant  # reads flush the parent's deferred merges
             st.quant.count = self.quant.count
             st.sums.nodes = {key: v[u0:u1] for key, v in self.sums.nodes.items()}
             st.n, st._next_leaf = self.n, self._next_leaf

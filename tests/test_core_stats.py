@@ -152,6 +152,23 @@ def test_deferred_merges_keep_the_exact_multiset_and_reads_flush_them(monkeypatc
     assert np.allclose(qs.value().double().numpy(), exact, rtol=0, atol=1e-6)
 
 
+def test_deferred_merges_with_a_nan_give_what_merging_every_batch_gives(monkeypatch):
+    """A NaN candidate ranks above every value in a merge's selection: merged with later batches' candidates it would
+    displace another value than merged alone (a case found in review). NaN batches are merged as they come."""
+    batches = [list(range(1, 9)), [math.nan, -10, -10, -10], [100, 9, -10, -10], [50, 51, 52, 53]]
+    tops = []
+    for dense in (False, True):
+        qs = QuantileSketch(1, 0.9, 10, 4, budget_bytes=1e9)  # m = 5
+        with monkeypatch.context() as m:
+            if dense:
+                _dense_only(m)
+            for i, vals in enumerate(batches):
+                acts = torch.tensor(vals, dtype=torch.float32).view(-1, 1, 2, 2)
+                qs.update(acts, torch.arange(2 * i, 2 * i + len(acts)))
+        tops.append(qs.top)
+    assert torch.equal(tops[0], tops[1]), tops
+
+
 def test_prime_stride():
     assert [_prime_at_least(n) for n in (0, 1, 2, 3, 4, 8, 14, 24, 90)] == [2, 2, 2, 3, 5, 11, 17, 29, 97]
 

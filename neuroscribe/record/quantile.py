@@ -228,7 +228,11 @@ class QuantileSketch:
             return False
         cand = torch.full((c, int(count.max())), -math.inf, device=a.device)
         cand.view(-1).index_put_((torch.remainder(row, c) * cand.shape[1] + col,), vals)
-        if pilot or top.device != cand.device:
+        if pilot or top.device != cand.device or bool(vals.isnan().any()):
+            # a NaN candidate is merged batch by batch, as the dense merge does (a NaN ranks above every value in the
+            # selection, so which values it displaces depends on what it is merged with): what waits goes first
+            if u0 in self._pending:
+                self._merge_chunk(u0, torch.cat(self._pending.pop(u0)[0], 1))
             self._merge_chunk(u0, cand)
         else:  # a full buffer (width m, never grows again): merged later, in one selection for many batches
             self._defer(u0, cand)

@@ -54,7 +54,8 @@ class LayerState:
     def state_bytes(units: int, positions: int, k: int, q: float, n_images: int, budget_bytes: float,
                     rank_error: float = 0.0) -> int:
         m = QuantileSketch(1, q, n_images, positions, budget_bytes / max(units, 1), rank_error=rank_error).m
-        return units * k * (positions * 2 + 12) + min(units * m * 4, int(budget_bytes * 1.2)) + units * 8 * 40
+        quant = min(units * m * 4, int(budget_bytes * 1.2)) * 5 // 4  # + deferred candidates (up to ~m/4 a unit)
+        return units * k * (positions * 2 + 12) + quant + units * 8 * 40
 
     @property
     def sum(self) -> torch.Tensor:

@@ -1,5 +1,6 @@
 """Recorder: same-shape small layers folded in as one state (one set of tensor operations per batch instead of one
-per layer) write byte-identical artifacts, and a checkpoint of fused layers resumes to the same state."""
+per layer) write byte-identical artifacts, a checkpoint of fused layers resumes to the same state, and two shards
+merged as under torchrun equal one pass (deferred quantile candidates pending on both sides)."""
 import torch
 from torch import nn
 
@@ -77,3 +78,31 @@ def test_fused_layers_resume_from_a_checkpoint(tmp_path):
     assert whole.state().keys() == again.state().keys()
     for key, v in whole.state().items():
         torch.testing.assert_close(again.state()[key], v, rtol=0, atol=0)
+
+
+def test_fused_layers_merge_across_ranks_with_quantile_candidates_pending(tmp_path, monkeypatch):
+    """Two shards folded by two recorders, merged as under torchrun (``merge_ranks``, its gathers replayed in one
+    process), equal one recorder over every batch: fused layers' deferred quantile candidates (still pending on both
+    sides when the merge starts) included."""
+    from neuroscribe import distributed
+    cfg = _cfg(tmp_path)
+    lm, probe = record_mod.prepare(cfg, torch.device("cpu"))
+    g = torch.Generator().manual_seed(5)
+    xs = [torch.randn(6, 3, 64, 64, generator=g) for _ in range(4)]
+    recs = [state_mod.Recorder(cfg, lm, probe, torch.device("cpu")) for _ in range(3)]
+    for b, x in enumerate(xs):  # recs[0]: every batch; recs[1] and recs[2]: the even and the odd ones
+        for rec in (recs[0], recs[1 + b % 2]):
+            rec.step(x, torch.arange(6 * b, 6 * b + 6), b)
+    fused = next(f for names, f in recs[2].groups if f is not None)
+    assert fused.quant._pending and next(f for _, f in recs[1].groups if f is not None).quant._pending, \
+        "no quantile candidates pending before the merge: the case is not exercised"
+    res = {"skipped": [], "images_this_run": 12, "seconds": 1.0}
+    sent = []  # rank 1's messages, in order
+    monkeypatch.setattr(distributed, "gather_objects", lambda obj, dst=0: sent.append(obj))
+    record_mod.merge_ranks(recs[2], res, distributed.Context(rank=1, world=2))
+    replies = iter(sent)
+    monkeypatch.setattr(distributed, "gather_objects", lambda obj, dst=0: [obj, next(replies)])
+    record_mod.merge_ranks(recs[1], res, distributed.Context(rank=0, world=2))
+    whole, merged = recs[0].state(), recs[1].state()
+    for key in (k for k in whole if "::quant." in k or "::topk.scores" in k):
+        torch.testing.assert_close(merged[key], whole[key], rtol=0, atol=0, msg=key)

@@ -37,21 +37,13 @@ import torch
 from neuroscribe import io, pipeline
 from neuroscribe.config import load_config, parse_overrides
 from neuroscribe.datasets.sets import class_index, loader
+from neuroscribe.runtime import cpu_name
 from neuroscribe.ablate.measure import TRUTH_SHARE
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from study_tables import (LABEL, SETS, VARIANTS, gap_closed_share, in_order, markdown,  # noqa: E402,F401
                           mean_ci, paired_gap_closed, use_sets, verdict)
-
-
-def cpu_name() -> str:
-    """The CPU's model name: the same seed trains other weights on another CPU (other kernels, other rounding)."""
-    try:
-        return next(l.split(":", 1)[1].strip() for l in Path("/proc/cpuinfo").read_text().splitlines()
-                    if l.startswith("model name"))
-    except (OSError, StopIteration):
-        return platform.processor() or "CPU model unknown"
 
 
 def seed_cfg(cfg, seed: int):

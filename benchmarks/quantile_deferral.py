@@ -24,7 +24,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import torch  # noqa: E402
 
-from record_overhead import LAYERS, data_root, heap_settings  # noqa: E402
+from record_overhead import LAYERS, heap_settings, setup  # noqa: E402
 
 
 def main() -> None:
@@ -35,22 +35,9 @@ def main() -> None:
     ap.add_argument("--images", type=int, default=256, help="photos timed")
     ap.add_argument("--plan", type=int, default=4000, help="probe size the quantile sampling plan is made for")
     a = ap.parse_args()
-    from neuroscribe.config import load_config
-    from neuroscribe.datasets.probe import load_image
     from neuroscribe.record import quantile
-    from neuroscribe.record.recorder import Recorder, prepare
-    from neuroscribe.runtime import resolve_device
-    cfg = load_config(None, {"model": "efficientnet-lite0", "layers": LAYERS, "progress": False,
-                             "data": {"root": data_root(), "limit": max(a.plan, a.warm + a.images)},
-                             "batch_size": a.batch, "preprocess": {"crop": a.crop, "resize": a.crop}})
-    dev = resolve_device(cfg.device)
-    lm, probe = prepare(cfg, dev)
-    if len(probe) < a.warm + a.images:
-        sys.exit(f"{len(probe)} photos under {data_root()}: fewer than --warm + --images")
-    tf = lm.preprocess.transform()
-    n = a.warm + a.images
-    xs = [torch.stack([tf(load_image(s.path)) for s in probe.samples[i:min(i + a.batch, n)]])
-          for i in range(0, n, a.batch)]
+    from neuroscribe.record.recorder import Recorder
+    cfg, dev, lm, probe, xs = setup(a.warm + a.images, a.batch, a.crop, a.plan)
     deferred = quantile.QuantileSketch._defer
 
     def every_batch(self, u0, cand):

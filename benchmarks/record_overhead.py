@@ -68,24 +68,31 @@ def usage() -> tuple[int, float, float]:
     return r.ru_minflt, r.ru_utime, r.ru_stime
 
 
-def ratio(n_images: int, batch: int, crop: int | None, warm: int = 0, plan: int | None = None) -> dict:
-    """Record vs bare on ``n_images``; with ``warm``, measured only after the recorder has folded in ``warm`` images
-    (not timed) of a probe set of ``plan`` images (its quantile sampling plan: what a long run of that size uses)."""
+def setup(n: int, batch: int, crop: int | None, plan: int | None = None):
+    """``(cfg, device, loaded model, probe set, batches)``: EfficientNet-Lite0 with every layer of ``LAYERS``, a probe
+    set of ``max(plan, n)`` photos (``plan`` sizes the quantile sampling plan) and its first ``n`` photos decoded."""
     from neuroscribe.config import load_config
     from neuroscribe.datasets.probe import load_image
-    from neuroscribe.record.recorder import Recorder, prepare
+    from neuroscribe.record.recorder import prepare
     from neuroscribe.runtime import resolve_device
     cfg = load_config(None, {"model": "efficientnet-lite0", "layers": LAYERS, "progress": False,
-                             "data": {"root": data_root(), "limit": max(plan or 0, warm + n_images)},
-                             "batch_size": batch,
+                             "data": {"root": data_root(), "limit": max(plan or 0, n)}, "batch_size": batch,
                              "preprocess": {"crop": crop, "resize": crop}})
     dev = resolve_device(cfg.device)
     lm, probe = prepare(cfg, dev)
+    if len(probe) < n:
+        sys.exit(f"{len(probe)} photos under {data_root()}: fewer than the {n} this run needs")
     tf = lm.preprocess.transform()
-    if len(probe) < warm + n_images:
-        sys.exit(f"{len(probe)} photos under {data_root()}: fewer than the {warm + n_images} this run needs")
-    xs = [torch.stack([tf(load_image(s.path)) for s in probe.samples[i:min(i + batch, warm + n_images)]])
-          for i in range(0, warm + n_images, batch)]
+    xs = [torch.stack([tf(load_image(s.path)) for s in probe.samples[i:min(i + batch, n)]])
+          for i in range(0, n, batch)]
+    return cfg, dev, lm, probe, xs
+
+
+def ratio(n_images: int, batch: int, crop: int | None, warm: int = 0, plan: int | None = None) -> dict:
+    """Record vs bare on ``n_images``; with ``warm``, measured only after the recorder has folded in ``warm`` images
+    (not timed) of a probe set of ``plan`` images (its quantile sampling plan: what a long run of that size uses)."""
+    from neuroscribe.record.recorder import Recorder
+    cfg, dev, lm, probe, xs = setup(warm + n_images, batch, crop, plan)
     model = lm.module
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
     acc = {p: {"s": 0.0, "faults": 0, "user_s": 0.0, "sys_s": 0.0} for p in ("bare", "record")}
@@ -178,7 +185,8 @@ def main() -> None:
         r = ratio(a.images or 256, a.batch or 32, None)
         sizes, crop = tuple(a.sizes or (1000, 4000)), None
     import neuroscribe
-    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cpus, load average "
+    from neuroscribe.runtime import cpu_name
+    print(f"machine: {platform.machine()} ({cpu_name()}), {os.cpu_count()} cpus, load average "
           f"{os.getloadavg()[0]:.1f}, torch {torch.__version__}, threads {torch.get_num_threads()}; "
           f"neuroscribe from {Path(neuroscribe.__file__).parent}")
     print(f"record vs bare forward, EfficientNet-Lite0, {r['layers']} layers / {r['units']} units, "

@@ -7,7 +7,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-__all__ = ["apply", "job_model", "physical_cores", "resolve_device"]
+__all__ = ["apply", "cpu_name", "job_model", "physical_cores", "resolve_device"]
 
 
 def physical_cores() -> int:
@@ -32,6 +32,16 @@ def physical_cores() -> int:
     except (OSError, ValueError):
         cores = set()
     return max(1, len(cores) or len(allowed))
+
+
+def cpu_name() -> str:
+    """The CPU's model name (results name it: the same seed trains other weights on another CPU)."""
+    try:
+        return next(line.partition(":")[2].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                    if line.startswith("model name"))
+    except (OSError, StopIteration):
+        import platform
+        return platform.processor() or "CPU model unknown"
 
 
 def apply(threads: int | None = None, progress: bool = True) -> int:

@@ -130,20 +130,22 @@ class QuantileSketch:
 
     def flush(self) -> None:
         """Merge the deferred candidates into the buffer (in place: views of it see them)."""
-        pending, self._pending = self._pending, {}
-        for u0, (cands, _) in sorted(pending.items()):
-            self._merge_chunk(u0, torch.cat(cands, 1) if len(cands) > 1 else cands[0])
+        for u0 in sorted(self._pending):
+            self._flush_chunk(u0)
+
+    def _flush_chunk(self, u0: int) -> None:
+        cands = self._pending.pop(u0, None)
+        if cands:
+            self._merge_chunk(u0, torch.cat(cands, 1))
 
     def _defer(self, u0: int, cand: torch.Tensor) -> None:
         """Keep ``cand`` (values above a full buffer's floor) for a later merge: the O(m) selection of a merge is paid
         once per ~m/4 candidate columns instead of once per batch. The floor stays a lower bound of the true one, so
         later batches pick a superset of what can enter: the merged multiset is the same as merging every batch."""
-        cands, cols = self._pending.get(u0, ([], 0))
+        cands = self._pending.setdefault(u0, [])
         cands.append(cand)
-        self._pending[u0] = (cands, cols + cand.shape[1])
-        if cols + cand.shape[1] >= max(self.m // 4, PENDING_MIN_COLUMNS):
-            cands = self._pending.pop(u0)[0]
-            self._merge_chunk(u0, torch.cat(cands, 1))
+        if sum(c.shape[1] for c in cands) >= max(self.m // 4, PENDING_MIN_COLUMNS):
+            self._flush_chunk(u0)
 
     def _sorted_top(self) -> torch.Tensor:
         if self._parent is not None and self._parent._pending:  # a fused view: its values may still be deferred
@@ -231,8 +233,7 @@ class QuantileSketch:
         if pilot or top.device != cand.device or bool(vals.isnan().any()):
             # a NaN candidate is merged batch by batch, as the dense merge does (a NaN ranks above every value in the
             # selection, so which values it displaces depends on what it is merged with): what waits goes first
-            if u0 in self._pending:
-                self._merge_chunk(u0, torch.cat(self._pending.pop(u0)[0], 1))
+            self._flush_chunk(u0)
             self._merge_chunk(u0, cand)
         else:  # a full buffer (width m, never grows again): merged later, in one selection for many batches
             self._defer(u0, cand)

@@ -91,7 +91,9 @@ class LayerState:
         out.topk.ids = torch.cat([st.topk.ids for st in states])
         out.topk._maps = torch.cat([st.topk._maps for st in states])
         out.topk.slot = torch.cat([st.topk.slot for st in states])
-        out.quant.top = torch.cat([st.quant.flush() or st.quant._top for st in states])
+        for st in states:
+            st.quant.flush()  # deferred candidates into the buffers that are joined
+        out.quant.top = torch.cat([st.quant._top for st in states])
         out.sums.nodes = {key: torch.cat([st.sums.nodes[key] for st in states]) for key in first.sums.nodes}
         out.n, out._next_leaf = first.n, first._next_leaf
         out.chunk = LayerState.chunk_units(units, first.map_shape[0] * first.map_shape[1], first.topk.k,

@@ -106,3 +106,32 @@ def test_fused_layers_merge_across_ranks_with_quantile_candidates_pending(tmp_pa
     whole, merged = recs[0].state(), recs[1].state()
     for key in (k for k in whole if "::quant." in k or "::topk.scores" in k):
         torch.testing.assert_close(merged[key], whole[key], rtol=0, atol=0, msg=key)
+
+
+def test_reading_a_fused_state_keeps_its_layers_views_of_it(tmp_path):
+    """A fused group's own buffer read (flushed and sorted) between batches: its layers' states stay views of it (a
+    merge into the group reaches them), and reading those layers after a batch whose candidates all wait there (the
+    group still marked sorted) gives what a recorder that never read the group gives: the first layer's read flushes
+    the group, which changes the other layers' rows too."""
+    cfg = _cfg(tmp_path)
+    lm, probe = record_mod.prepare(cfg, torch.device("cpu"))
+    g = torch.Generator().manual_seed(7)
+    xs = [torch.randn(6, 3, 64, 64, generator=g) for _ in range(4)]
+    read, plain = (state_mod.Recorder(cfg, lm, probe, torch.device("cpu")) for _ in range(2))
+    for b, x in enumerate(xs):
+        for rec in (read, plain):
+            rec.step(x, torch.arange(6 * b, 6 * b + 6), b)
+        names, fused = next((n, f) for n, f in read.groups if f is not None)
+        if b < 3:
+            fused.quant.top  # noqa: B018 -- the read under test (flush + sort)
+    assert fused.quant._is_sorted and fused.quant._pending, "the last batch merged: the case is not exercised"
+    whole, again = plain.state(), read.state()  # the layers read one by one, the group not read first
+    for key in (k for k in whole if "::quant." in k):
+        torch.testing.assert_close(again[key], whole[key], rtol=0, atol=0, msg=key)
+    fused.quant.top  # noqa: B018
+    members = [read.states[n].quant for n in names]
+    base = fused.quant._top.data_ptr()
+    assert all(base <= q._top.data_ptr() < base + fused.quant._top.nbytes for q in members), \
+        "a read of the fused state left its layers' states on another buffer"
+    fused.quant._top.fill_(7.0)  # what a later merge into the group writes: its layers must see it
+    assert all(bool((q._top == 7.0).all()) for q in members)

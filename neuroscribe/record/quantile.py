@@ -148,13 +148,13 @@ class QuantileSketch:
             self._flush_chunk(u0)
 
     def _sorted_top(self) -> torch.Tensor:
-        if self._parent is not None and self._parent._pending:  # a fused view: its values may still be deferred
-            self._parent.flush()
-            self._is_sorted = False
+        if self._parent is not None:  # a view of a fused state: its values may still wait there, and a merge or sort
+            self._parent.flush()  # through that state (or another view) changes its rows without telling it
+            self._is_sorted = self._is_sorted and self._parent._is_sorted
         if self._pending:
             self.flush()
-        if not self._is_sorted:
-            self._top = torch.sort(self._top, dim=1, descending=True).values
+        if not self._is_sorted:  # in place: the views of a fused state (or the state a view belongs to) stay current
+            self._top.copy_(torch.sort(self._top, dim=1, descending=True).values)
             self._is_sorted = True
         return self._top
 

@@ -300,9 +300,10 @@ class QuantileSketch:
         pos = self.q * (n - 1)
         lo, hi = math.floor(pos), math.ceil(pos)
         # ascending index j is descending index n-1-j; clamp only matters if more values came than planned
-        last = self.top.shape[1] - 1
-        v_lo = self.top[:, min(n - 1 - lo, last)]
-        v_hi = self.top[:, min(n - 1 - hi, last)]
+        top = self.top  # read once: a fused layer's view sorts again on every read
+        last = top.shape[1] - 1
+        v_lo = top[:, min(n - 1 - lo, last)]
+        v_hi = top[:, min(n - 1 - hi, last)]
         return (v_lo + (v_hi - v_lo) * (pos - lo)).cpu()
 
     def rank_error(self, delta: float = DELTA) -> float:

@@ -215,8 +215,8 @@ class AblateConfig(_Section):
     refit: bool = Field(False, description="also MILAN's re-fit: last layer fitted on the probe after ablation")
     dfr: str | None = Field(None, description="also DFR on this shift (cue independent of the label; never a test "
                             "set) or 'holdout' (the training holdout, halved per class if validation is it too)")
-    dfr_ns: list[NonNegativeInt] | None = Field(None, description="Ns of the description ordering tried with DFR "
-                                                "(ablate.dfr); the best on validation: ablated_dfr_tuned")
+    dfr_ns: list[NonNegativeInt] | None = Field(None, description="Ns tried with DFR: the best is ablated_dfr_tuned")
+    dfr_toward: Literal["zero", "head"] = Field("zero", description="DFR's L2 centre: zero (DFR) or the trained head")
     cache_mb: float = Field(1024.0, ge=0, description="validation batches kept in memory up to this size")
     clean_tolerance: float | None = Field(None, ge=0, le=100, description="points of clean validation accuracy the "
                                           "chosen N may cost (needs clean validation images); null = MILAN's rule")

@@ -1,4 +1,5 @@
 """MILAN's re-fit variant: the last linear layer re-fitted on training images with the units still ablated."""
+import numpy as np
 import pytest
 import torch
 
@@ -241,3 +242,40 @@ def test_holdout_halves_split_validation_and_dfr_disjoint_and_stratified(tmp_pat
     assert len(validation_set(alone, pre)[0]) == 56
     no_cue = load_config(None, dict(base, train={"holdout": 0.1}, ablate={"validation": "holdout"}))
     assert len(validation_set(no_cue, pre)[0]) == 28  # no cue in training: the holdout is clean once
+
+
+def test_toward_head_is_sklearns_objective_with_another_centre():
+    """Centred at zero it is sklearn's multinomial logistic regression (same C); as C -> 0 it stays at the prior."""
+    from sklearn.linear_model import LogisticRegression
+    from neuroscribe.ablate.refit import _TowardHead
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(300, 4, generator=g, dtype=torch.float64).numpy()
+    y = ((x[:, 0] + 0.5 * x[:, 1] + 0.3 * torch.randn(300, generator=g, dtype=torch.float64).numpy()) > 0).astype(int)
+    y[::7] = 2  # three classes
+    zero = (np.zeros((3, 4)), np.zeros(3))
+    for c in (0.01, 1.0):
+        ours = _TowardHead(zero, c).fit(x, y)
+        ref = LogisticRegression(C=c, max_iter=5000, tol=1e-10).fit(x, y)
+        assert np.allclose(ours.coef_, ref.coef_, atol=1e-4) and np.allclose(ours.intercept_, ref.intercept_, atol=1e-4)
+        assert (ours.predict(x) == ref.predict(x)).all()
+    prior = (np.arange(12.0).reshape(3, 4) / 10, np.zeros(3))
+    stay = _TowardHead(prior, 1e-9).fit(x, y)
+    assert np.allclose(stay.coef_, prior[0], atol=1e-5)  # no room to move: the prior's weights
+    assert not np.allclose(_TowardHead(prior, 1.0).fit(x, y).coef_, prior[0], atol=1e-2)  # room to move: it moves
+
+
+def test_dfr_toward_the_trained_head_keeps_it_when_c_is_tiny_and_drops_the_shortcut_when_not():
+    from neuroscribe.ablate.refit import dfr_last_layer
+    model = _shortcut_model()
+    held, test = _toy(300, 100, seed=1), _toy(0, 200, seed=2)
+    batches = lambda d: torch.utils.data.DataLoader(d, batch_size=64)  # noqa: E731
+    kept, info = dfr_last_layer(model, [], held, batches, seed=0, cs=(1e-9,), toward="head")
+    assert info["toward"] == "head" and info["C"] == 1e-9
+    with torch.no_grad():  # the same function as the trained head (logits up to a shift shared by the classes)
+        d0, d1 = (model(test.x).diff(dim=1), kept(test.x).diff(dim=1))
+    assert torch.allclose(d0, d1, atol=1e-4)
+    moved, info = dfr_last_layer(model, [], held, batches, seed=0, toward="head")
+    with torch.no_grad():
+        assert (moved(test.x).argmax(1) == test.y).float().mean().item() > 0.8  # the shortcut model gets 0 here
+    with pytest.raises(ValueError, match="toward='nowhere'"):
+        dfr_last_layer(model, [], held, batches, seed=0, toward="nowhere")

@@ -1,7 +1,8 @@
 """How DFR's result depends on the size of its slice, on one study seed's finished job (a diagnostic; the job is not
 touched).
 
-    python tools/dfr_slice.py JOBDIR/seed0 [--fractions 0.3,0.6,1] [--reference-wrong 0.58] [--out FILE.json]
+    python tools/dfr_slice.py JOBDIR/seed0 [--fractions 0.3,0.6,1] [--toward zero|head] [--reference-wrong 0.58]
+                              [--out FILE.json]
 
 The job's DFR slice (``ablate.dfr``: its photos, each clean and with the decorrelated cue) is cut to a class-stratified
 seeded share of its photos (a photo's two copies kept or dropped together; the share 1 is the job's own slice) and
@@ -9,7 +10,9 @@ DFR (:func:`neuroscribe.ablate.refit.dfr_last_layer`, the evaluate stage's own f
 job's description-flag ablation (``ablation.json``'s units). Every model is scored on the job's test sets; on the
 whole slice the figures should equal the job's own ``dfr`` and ``ablated_dfr`` (a row that does not is marked
 ``differs_from_job``: another thread count changes float rounding, which can flip DFR's choice of C). With the
-clean-trained reference's accuracy on ``--shift``, also the share of the gap closed there."""
+clean-trained reference's accuracy on ``--shift``, also the share of the gap closed there. ``--toward head`` fits DFR
+with its L2 penalty centred on the trained head (``ablate.dfr_toward: head``); rows are compared with the job's own
+figures only when the job used the same centre."""
 from __future__ import annotations
 
 import argparse
@@ -50,6 +53,7 @@ def main() -> None:
     ap.add_argument("--reference-wrong", type=float, help="the clean-trained reference's accuracy on --shift")
     ap.add_argument("--shift", default="wrong-text", help="the shifted test set of the gap (default wrong-text)")
     ap.add_argument("--out", type=Path, help="also write the figures here (JSON)")
+    ap.add_argument("--toward", choices=("zero", "head"), default="zero", help="DFR's L2 centre (default zero)")
     a = ap.parse_args()
     cfg = _stage_cfg(load_config(str(a.job / "config.yaml"), {"out": str(a.job), "progress": False}))
     units = [tuple(u) for u in json.loads((a.job / "ablation.json").read_text())["variants"]["description"]["units"]]
@@ -64,17 +68,17 @@ def main() -> None:
         part = photo_share(full, share, cfg.seed)
         for name, us in (("dfr", []), ("ablated_dfr", units)):
             model, info = dfr_last_layer(lm.module, us, part, lambda d: loader(cfg, d), cfg.ablate.method, means,
-                                         device=dev, seed=cfg.seed)
+                                         device=dev, seed=cfg.seed, toward=a.toward)
             edits = ablation_edits(model, as_unit_dict(us), cfg.ablate.method, means) if us else None
             acc = {}
             for s, (batches, ci) in sets.items():
                 p = predict(model, batches, dev, edits, class_index=ci, keep_logits=False, progress=False)
                 acc[s] = float((p.preds == p.labels).mean())
             row = {"share": share, "photos": len(part) // 2, "variant": name, "units": len(us), "C": info["C"],
-                   "acc": acc}
+                   "toward": a.toward, "acc": acc}
             if a.reference_wrong is not None:
                 row["gap_closed"] = (acc[a.shift] - base[a.shift]) / (a.reference_wrong - base[a.shift])
-            if share == 1 and name in ev and any(abs(acc[s] - r["acc"]) > 1e-9 for s, r in ev[name].items()):
+            if share == 1 and name in ev and a.toward == cfg.ablate.dfr_toward and any(abs(acc[s] - r["acc"]) > 1e-9 for s, r in ev[name].items()):
                 row["differs_from_job"] = True  # e.g. another thread count: float rounding can flip DFR's C choice
                 print(f"warning: {name} on the whole slice gives other accuracies than the job's "
                       f"({ {s: r['acc'] for s, r in ev[name].items()} }); run with the job's thread count", flush=True)

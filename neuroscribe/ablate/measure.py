@@ -47,7 +47,8 @@ def evaluate(cfg: JobConfig) -> dict:
     abl = json.loads((job / "ablation.json").read_text())
     key = io.artifact_key(abl["key"], cfg.evaluate.model_dump(mode="json"), cfg.data.model_dump(mode="json"),
                [s.model_dump(mode="json") for s in cfg.shifts], cfg.seed, cfg.ablate.refit, cfg.probe,
-               *([cfg.ablate.dfr, DFR_RULE] if cfg.ablate.dfr else []))
+               *([cfg.ablate.dfr, DFR_RULE] if cfg.ablate.dfr else []),
+               *([cfg.ablate.dfr_toward] if cfg.ablate.dfr and cfg.ablate.dfr_toward != "zero" else []))
     done = io.current(job / "evaluation.json", key)
     if done:
         return done
@@ -78,7 +79,8 @@ def evaluate(cfg: JobConfig) -> dict:
         for vname, units in fits:
             if tuple(units) not in fitted:
                 fitted[tuple(units)] = dfr_last_layer(lm.module, units, dfr_ds, lambda d: loader(cfg, d),
-                                                      cfg.ablate.method, means, device=dev, seed=cfg.seed)
+                                                      cfg.ablate.method, means, device=dev, seed=cfg.seed,
+                                                      toward=cfg.ablate.dfr_toward)
             model, dfr_info[vname] = fitted[tuple(units)]
             runs[vname], variants[vname] = (model, units), units
     sets = test_sets(cfg, lm.preprocess, lm.class_names)

@@ -165,9 +165,9 @@ def ablate(cfg: JobConfig) -> dict:
     job = Path(cfg.out)
     flags = json.loads((job / "flags.json").read_text())
     settings = cfg.ablate.model_dump(mode="json")
-    for opt in ("clean_tolerance", "dfr_ns"):  # jobs that never set them keep their keys
-        if settings[opt] is None:
-            del settings[opt]
+    for opt, unset in (("clean_tolerance", None), ("dfr_ns", None), ("dfr_toward", "zero")):
+        if settings[opt] == unset or (opt == "dfr_toward" and not cfg.ablate.dfr_ns):  # keys of jobs without them
+            del settings[opt]  # stay (DFR's centre matters here only for dfr_ns)
     key = io.artifact_key(flags["key"], settings, cfg.model.spec, io.file_key(job / "train.json"), HOLDOUT_RULE)
     done = io.current(job / "ablation.json", key)
     if done:
@@ -242,7 +242,7 @@ def dfr_curve(cfg: JobConfig, lm, dev, means, ordered: list, val: list, ci) -> d
     curve = []
     for n in sorted({min(int(n), len(ordered)) for n in cfg.ablate.dfr_ns}):
         model, _ = dfr_last_layer(lm.module, ordered[:n], dfr_ds, lambda d: loader(cfg, d), cfg.ablate.method, means,
-                                  device=dev, seed=cfg.seed)
+                                  device=dev, seed=cfg.seed, toward=cfg.ablate.dfr_toward)
         edits = ablation_edits(model, as_unit_dict(ordered[:n]), cfg.ablate.method, means) if n else None
         right = val_correct(model, val, edits, dev, ci)
         curve.append([n, int(right.sum()) / len(right)])

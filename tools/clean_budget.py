@@ -1,0 +1,92 @@
+"""A study seed under a clean budget (a labelled variant; the seed's job is not touched): N chosen by
+``ablate.clean_tolerance``'s rule on the job's own validation curves, then DFR after those units.
+
+    python tools/clean_budget.py JOBDIR/seed0 [--tolerance 1] [--toward zero,head] [--reference-wrong 0.532]
+                                 [--out FILE.json]
+
+The description variant's ordering and its validation curves (``ablation.json``: ``curve`` and ``clean_curve``, the
+clean images' accuracy from the same passes) are the job's; N is :func:`neuroscribe.ablate.select.choose_n` with the
+tolerance, so nothing here sees a test image before the choice. Scored on the job's test sets: the first N units
+ablated; DFR alone and after them for each centre of ``--toward`` (:func:`neuroscribe.ablate.refit.dfr_last_layer`,
+``ablate.dfr_toward``); the random-unit control at that N (the job's own draws rule: ``random_units`` with the job's
+seed and number of draws). The sort-all control is not rerun. With ``--reference-wrong`` (the clean-trained
+reference on ``--shift``) also the share of the gap closed."""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from neuroscribe import io
+from neuroscribe.ablate.edit import ablation_edits, as_unit_dict
+from neuroscribe.ablate.evaluate import predict
+from neuroscribe.ablate.refit import dfr_last_layer
+from neuroscribe.ablate.select import choose_n, random_units
+from neuroscribe.ablate.stage import model_and_means
+from neuroscribe.cli import _stage_cfg
+from neuroscribe.config import load_config
+from neuroscribe.datasets.sets import class_index, dfr_set, loader, test_sets
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("job", type=Path, help="a study seed's finished job folder (config.yaml, ablation.json)")
+    ap.add_argument("--tolerance", type=float, default=1.0, help="points of clean validation accuracy (default 1)")
+    ap.add_argument("--toward", default="zero,head", help="DFR's L2 centres to fit (default zero,head)")
+    ap.add_argument("--reference-wrong", type=float, help="the clean-trained reference's accuracy on --shift")
+    ap.add_argument("--shift", default="wrong-text", help="the shifted test set of the gap (default wrong-text)")
+    ap.add_argument("--out", type=Path, help="also write the figures here (JSON)")
+    a = ap.parse_args()
+    cfg = _stage_cfg(load_config(str(a.job / "config.yaml"), {"out": str(a.job), "progress": False}))
+    abl = json.loads((a.job / "ablation.json").read_text())
+    desc = abl["variants"]["description"]
+    if "clean_curve" not in desc:
+        raise SystemExit("ablation.json has no clean_curve: the job's validation holds no clean image")
+    rows = [(n, acc, clean) for (n, acc), (m, clean) in zip(desc["curve"], desc["clean_curve"]) if n == m]
+    n = choose_n(rows, a.tolerance / 100)
+    units = [(l, u) for l, u, _ in desc["ordered"][:n]]
+    ev = json.loads((a.job / "evaluation.json").read_text())["results"]
+    lm, dev, rec, means = model_and_means(cfg)
+    sets = {k: (list(loader(cfg, ds)), class_index(lm, names)) for k, (ds, names, _) in
+            test_sets(cfg, lm.preprocess, lm.class_names).items()}
+
+    def score(model, us) -> dict:
+        edits = ablation_edits(model, as_unit_dict(us), cfg.ablate.method, means) if us else None
+        return {s: float((p.preds == p.labels).mean()) for s, (batches, ci) in sets.items()
+                for p in [predict(model, batches, dev, edits, class_index=ci, keep_logits=False, progress=False)]}
+
+    acc = {"base": score(lm.module, []), "ablated": score(lm.module, units)}
+    if any(abs(acc["base"][s] - r["acc"]) > 1e-9 for s, r in ev["base"].items()):
+        raise SystemExit(f"the base model scores {acc['base']} here but {ev['base']} in the job: another model?")
+    dfr_ds, _, _ = dfr_set(cfg, lm.preprocess, lm.class_names)
+    info = {}
+    for toward in a.toward.split(","):
+        for name, us in ((f"dfr/{toward}", []), (f"ablated_dfr/{toward}", units)):
+            model, info[name] = dfr_last_layer(lm.module, us, dfr_ds, lambda d: loader(cfg, d), cfg.ablate.method,
+                                               means, device=dev, seed=cfg.seed, toward=toward)
+            acc[name] = score(model, us)
+            print(name, info[name]["C"], acc[name], flush=True)
+    job_dfr = {s: r["acc"] for s, r in ev.get("dfr", {}).items()}
+    if "dfr/zero" in acc and job_dfr and any(abs(acc["dfr/zero"][s] - v) > 1e-9 for s, v in job_dfr.items()):
+        info["dfr/zero"]["differs_from_job"] = True  # e.g. another thread count: rounding can flip DFR's choice of C
+        print("warning: DFR alone differs from the job's own figures (run with the job's thread count)", flush=True)
+    draws = random_units({l: rec.units(l) for l in rec.layers}, n, cfg.ablate.random_draws, cfg.seed) if n else []
+    for i, d in enumerate(draws):
+        acc[f"random/{i}"] = score(lm.module, d)
+    out = {"job": str(a.job), "tolerance_points": a.tolerance,
+           "chosen_n": {"milan_rule": desc["chosen_n"], "tolerance": n},
+           "clean_validation": {"unablated": rows[0][2], "at_n": rows[n][2]}, "units": [list(u) for u in units],
+           "acc": acc, "dfr": {k: {"C": v["C"], "differs_from_job": v.get("differs_from_job", False)}
+                                        for k, v in info.items()},
+           "clean_change_points": {k: 100 * (v["in-distribution"] - acc["base"]["in-distribution"])
+                                   for k, v in acc.items()}}
+    if a.reference_wrong is not None:
+        base = acc["base"][a.shift]
+        out["gap_closed"] = {k: (v[a.shift] - base) / (a.reference_wrong - base) for k, v in acc.items()}
+    print(json.dumps({k: out[k] for k in ("chosen_n", "clean_change_points", "gap_closed") if k in out}, indent=1))
+    if a.out:
+        io.write_json(a.out, out)
+
+
+if __name__ == "__main__":
+    main()

@@ -17,15 +17,14 @@ import argparse
 import json
 from pathlib import Path
 
+from dfr_slice import accuracies, decoded_test_sets  # tools/, beside this script
 from neuroscribe import io
-from neuroscribe.ablate.edit import ablation_edits, as_unit_dict
-from neuroscribe.ablate.evaluate import predict
 from neuroscribe.ablate.refit import dfr_last_layer
 from neuroscribe.ablate.select import choose_n, random_units
 from neuroscribe.ablate.stage import model_and_means
 from neuroscribe.cli import _stage_cfg
 from neuroscribe.config import load_config
-from neuroscribe.datasets.sets import class_index, dfr_set, loader, test_sets
+from neuroscribe.datasets.sets import dfr_set, loader
 
 
 def main() -> None:
@@ -42,18 +41,17 @@ def main() -> None:
     desc = abl["variants"]["description"]
     if "clean_curve" not in desc:
         raise SystemExit("ablation.json has no clean_curve: the job's validation holds no clean image")
-    rows = [(n, acc, clean) for (n, acc), (m, clean) in zip(desc["curve"], desc["clean_curve"]) if n == m]
+    if [r[0] for r in desc["curve"]] != [r[0] for r in desc["clean_curve"]]:
+        raise SystemExit("ablation.json's curve and clean_curve list other Ns")
+    rows = [(n, acc, clean) for (n, acc), (_, clean) in zip(desc["curve"], desc["clean_curve"])]
     n = choose_n(rows, a.tolerance / 100)
     units = [(l, u) for l, u, _ in desc["ordered"][:n]]
     ev = json.loads((a.job / "evaluation.json").read_text())["results"]
     lm, dev, rec, means = model_and_means(cfg)
-    sets = {k: (list(loader(cfg, ds)), class_index(lm, names)) for k, (ds, names, _) in
-            test_sets(cfg, lm.preprocess, lm.class_names).items()}
+    sets = decoded_test_sets(cfg, lm)
 
     def score(model, us) -> dict:
-        edits = ablation_edits(model, as_unit_dict(us), cfg.ablate.method, means) if us else None
-        return {s: float((p.preds == p.labels).mean()) for s, (batches, ci) in sets.items()
-                for p in [predict(model, batches, dev, edits, class_index=ci, keep_logits=False, progress=False)]}
+        return accuracies(cfg, model, us, sets, means, dev)
 
     acc = {"base": score(lm.module, []), "ablated": score(lm.module, units)}
     if any(abs(acc["base"][s] - r["acc"]) > 1e-9 for s, r in ev["base"].items()):
@@ -76,8 +74,8 @@ def main() -> None:
     out = {"job": str(a.job), "tolerance_points": a.tolerance,
            "chosen_n": {"milan_rule": desc["chosen_n"], "tolerance": n},
            "clean_validation": {"unablated": rows[0][2], "at_n": rows[n][2]}, "units": [list(u) for u in units],
-           "acc": acc, "dfr": {k: {"C": v["C"], "differs_from_job": v.get("differs_from_job", False)}
-                                        for k, v in info.items()},
+           "acc": acc,
+           "dfr": {k: {"C": v["C"], "differs_from_job": v.get("differs_from_job", False)} for k, v in info.items()},
            "clean_change_points": {k: 100 * (v["in-distribution"] - acc["base"]["in-distribution"])
                                    for k, v in acc.items()}}
     if a.reference_wrong is not None:

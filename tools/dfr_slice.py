@@ -46,6 +46,22 @@ def photo_share(ds: Labelled, share: float, seed: int) -> Labelled:
                     ds.class_names, ds.geometry)
 
 
+def decoded_test_sets(cfg, lm) -> dict:
+    """The job's test sets, decoded once: ``{name: (batches, class_index)}``."""
+    return {k: (list(loader(cfg, ds)), class_index(lm, names)) for k, (ds, names, _) in
+            test_sets(cfg, lm.preprocess, lm.class_names).items()}
+
+
+def accuracies(cfg, model, units, sets: dict, means, dev) -> dict:
+    """Top-1 accuracy of ``model`` with ``units`` ablated (the job's method) on each of ``sets``."""
+    edits = ablation_edits(model, as_unit_dict(units), cfg.ablate.method, means) if units else None
+    acc = {}
+    for s, (batches, ci) in sets.items():
+        p = predict(model, batches, dev, edits, class_index=ci, keep_logits=False, progress=False)
+        acc[s] = float((p.preds == p.labels).mean())
+    return acc
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("job", type=Path, help="a study seed's finished job folder (config.yaml, ablation.json)")
@@ -60,8 +76,7 @@ def main() -> None:
     ev = json.loads((a.job / "evaluation.json").read_text())["results"]
     lm, dev, _, means = model_and_means(cfg)
     full, _, desc = dfr_set(cfg, lm.preprocess, lm.class_names)
-    sets = {k: (list(loader(cfg, ds)), class_index(lm, names)) for k, (ds, names, _) in
-            test_sets(cfg, lm.preprocess, lm.class_names).items()}
+    sets = decoded_test_sets(cfg, lm)
     base = {s: r["acc"] for s, r in ev["base"].items()}
     rows = []
     for share in (float(f) for f in a.fractions.split(",")):
@@ -69,16 +84,13 @@ def main() -> None:
         for name, us in (("dfr", []), ("ablated_dfr", units)):
             model, info = dfr_last_layer(lm.module, us, part, lambda d: loader(cfg, d), cfg.ablate.method, means,
                                          device=dev, seed=cfg.seed, toward=a.toward)
-            edits = ablation_edits(model, as_unit_dict(us), cfg.ablate.method, means) if us else None
-            acc = {}
-            for s, (batches, ci) in sets.items():
-                p = predict(model, batches, dev, edits, class_index=ci, keep_logits=False, progress=False)
-                acc[s] = float((p.preds == p.labels).mean())
+            acc = accuracies(cfg, model, us, sets, means, dev)
             row = {"share": share, "photos": len(part) // 2, "variant": name, "units": len(us), "C": info["C"],
                    "toward": a.toward, "acc": acc}
             if a.reference_wrong is not None:
                 row["gap_closed"] = (acc[a.shift] - base[a.shift]) / (a.reference_wrong - base[a.shift])
-            if share == 1 and name in ev and a.toward == cfg.ablate.dfr_toward and any(abs(acc[s] - r["acc"]) > 1e-9 for s, r in ev[name].items()):
+            same_fit = share == 1 and name in ev and a.toward == cfg.ablate.dfr_toward
+            if same_fit and any(abs(acc[s] - r["acc"]) > 1e-9 for s, r in ev[name].items()):
                 row["differs_from_job"] = True  # e.g. another thread count: float rounding can flip DFR's C choice
                 print(f"warning: {name} on the whole slice gives other accuracies than the job's "
                       f"({ {s: r['acc'] for s, r in ev[name].items()} }); run with the job's thread count", flush=True)

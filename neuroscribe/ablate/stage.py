@@ -165,9 +165,11 @@ def ablate(cfg: JobConfig) -> dict:
     job = Path(cfg.out)
     flags = json.loads((job / "flags.json").read_text())
     settings = cfg.ablate.model_dump(mode="json")
-    for opt, unset in (("clean_tolerance", None), ("dfr_ns", None), ("dfr_toward", "zero")):
-        if settings[opt] == unset or (opt == "dfr_toward" and not cfg.ablate.dfr_ns):  # keys of jobs without them
-            del settings[opt]  # stay (DFR's centre matters here only for dfr_ns)
+    for opt in ("clean_tolerance", "dfr_ns"):  # jobs that never set them keep their keys
+        if settings[opt] is None:
+            del settings[opt]
+    if settings["dfr_toward"] == "zero" or not cfg.ablate.dfr_ns:  # DFR's centre matters here only for dfr_ns
+        del settings["dfr_toward"]
     key = io.artifact_key(flags["key"], settings, cfg.model.spec, io.file_key(job / "train.json"), HOLDOUT_RULE)
     done = io.current(job / "ablation.json", key)
     if done:

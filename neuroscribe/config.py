@@ -1,9 +1,7 @@
-"""Job configuration: one YAML file drives every stage.
-
-The file is parsed into typed, validated pydantic models. Unknown keys, wrong types and out-of-range values
-raise :class:`ConfigError`, whose message names the field (``record.k``) and what is allowed, before any work
-starts. Every field can also be set from the command line with ``--set section.field=value`` (values are parsed
-as YAML, so ``--set record.k=20`` gives an int and ``--set layers=[a,b]`` a list).
+"""Job configuration: one YAML file drives every stage. Parsed into typed, validated pydantic models: unknown keys,
+wrong types and out-of-range values raise :class:`ConfigError`, naming the field (``record.k``) and what is allowed,
+before any work starts. Every field can be set with ``--set section.field=value`` (YAML: ``--set record.k=20`` gives
+an int, ``--set layers=[a,b]`` a list).
 """
 
 from __future__ import annotations
@@ -166,7 +164,7 @@ class TrainConfig(_Section):
     fraction: float = Field(0.5, ge=0, le=1, description="share of training images that carry the cue")
     correlation: Literal["match", "wrong", "random", "none"] = "match"
     strength: float = Field(1.0, ge=0, le=1)
-    holdout: float = Field(0.1, ge=0, lt=1, description="share of training images held out (cue decorrelated)")
+    holdout: float = Field(0.1, ge=0, lt=1, description="share of training images held out (cue: a wrong class)")
     resolution: int = Field(224, ge=16)
     epochs: int = Field(10, ge=1)
     batch_size: int = Field(64, ge=1)
@@ -217,6 +215,8 @@ class AblateConfig(_Section):
                             "set) or 'holdout' (the training holdout, halved per class if validation is it too)")
     dfr_ns: list[NonNegativeInt] | None = Field(None, description="Ns tried with DFR: the best is ablated_dfr_tuned")
     dfr_toward: Literal["zero", "head"] = Field("zero", description="DFR's L2 centre: zero (DFR) or the trained head")
+    dfr_cue: Literal["random", "wrong"] = Field("random", description="dfr: holdout's cued copies name a random class "
+                                                "(independent of the label) or always a wrong one (anti-correlated)")
     cache_mb: float = Field(1024.0, ge=0, description="validation batches kept in memory up to this size")
     clean_tolerance: float | None = Field(None, ge=0, le=100, description="points of clean validation accuracy the "
                                           "chosen N may cost (needs clean validation images); null = MILAN's rule")

@@ -186,6 +186,7 @@ def test_holdout_halves_split_validation_and_dfr_disjoint_and_stratified(tmp_pat
     import csv
     import json
     from neuroscribe.config import load_config
+    from PIL import Image
     from neuroscribe.datasets.sets import dfr_set, holdout_halves, validation_set
     labels = [c for c in range(4) for _ in range(7)]  # class-sorted, 7 per class
     val, dfr = holdout_halves(labels, seed=3)
@@ -231,11 +232,32 @@ def test_holdout_halves_split_validation_and_dfr_disjoint_and_stratified(tmp_pat
     v_groups = [s.group for s in v_ds.samples]
     assert v_groups.count("clean") == v_groups.count("cue-disagrees") == len(v_ds) // 2
     v_photos = {Path(s.path).name for s in v_ds.samples}
-    d_photos = {Path(s.path).name for s in d_ds.samples}
+    d_photos = {Path(s.path).name for s in d_ds.samples[:len(d_ds) // 2]}  # its clean half: the photos themselves
     assert len(v_photos) + len(d_photos) == 28 and not v_photos & d_photos and len(v_ds) == 2 * len(v_photos)
-    assert sorted({s.group for s in d_ds.samples}) == ["clean", "cue-disagrees"] and len(d_ds) == 2 * len(d_photos)
+    assert len(d_ds) == 2 * len(d_photos)
     assert "half kept for validation" in v_desc and "half kept for dfr" in d_desc and "twice" in v_desc
     assert {s.label for s in d_ds.samples} == {0, 1, 2, 3}
+    # DFR's cued copies (ablate.dfr_cue: random, the default) are drawn again from its clean photos with the cue
+    # naming a random class, the right one too: independent of the label, not always wrong (anti-correlated)
+    n = len(d_ds) // 2
+    clean_half, cued_half = d_ds.samples[:n], d_ds.samples[n:]
+    assert {s.group for s in clean_half} == {"clean"} and {s.group for s in cued_half} == {"cued"}
+    assert [s.label for s in clean_half] == [s.label for s in cued_half]
+    assert all(Path(s.path).parent.parent.parent == tmp_path / "dfr-slice" for s in cued_half)
+    with (Path(cued_half[0].path).parents[1] / "manifest.csv").open() as f:
+        drawn = list(csv.DictReader(f))
+    agree = [int(r["cue_class"]) == int(r["label"]) for r in drawn]
+    assert any(agree) and not all(agree) and all(r["has_cue"] == "1" for r in drawn), drawn
+    assert all(np.asarray(Image.open(c.path).convert("RGB")).shape == np.asarray(Image.open(k.path)).shape
+               and (np.asarray(Image.open(c.path).convert("RGB")) != np.asarray(Image.open(k.path))).any()
+               for c, k in zip(clean_half, cued_half))  # the text is drawn on each photo
+    stamp = Path(cued_half[0].path).stat().st_mtime_ns
+    assert [s.path for s in dfr_set(both, pre)[0].samples] == [s.path for s in d_ds.samples]  # written once, reused
+    assert Path(cued_half[0].path).stat().st_mtime_ns == stamp and "independent of the label" in d_desc
+    wrong = load_config(None, dict(base, ablate={"validation": "holdout", "dfr": "holdout", "dfr_cue": "wrong"}))
+    w_ds, _, w_desc = dfr_set(wrong, pre)  # the holdout's own cued copies, every one naming a wrong class
+    assert sorted({s.group for s in w_ds.samples}) == ["clean", "cue-disagrees"] and len(w_ds) == len(d_ds)
+    assert [s.path for s in w_ds.samples[:n]] == [s.path for s in clean_half] and "never names the label" in w_desc
     whole = load_config(None, dict(base, ablate={"validation": "v", "dfr": "holdout"}))
     assert len(dfr_set(whole, pre)[0]) == 56
     alone = load_config(None, dict(base, ablate={"validation": "holdout"}))

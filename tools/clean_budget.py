@@ -1,21 +1,25 @@
 """A study seed under a clean budget (a labelled variant; the seed's job is not touched): N chosen by
 ``ablate.clean_tolerance``'s rule on the job's own validation curves, then DFR after those units.
 
-    python tools/clean_budget.py JOBDIR/seed0 [--tolerance 1] [--toward zero,head] [--reference-wrong 0.532]
-                                 [--out FILE.json]
+    python tools/clean_budget.py JOBDIR/seed0 [--tolerance 1|milan] [--toward zero,head] [--dfr-cue random|wrong]
+                                 [--draws 5] [--reference-wrong 0.532] [--out FILE.json]
 
 The description variant's ordering and its validation curves (``ablation.json``: ``curve`` and ``clean_curve``, the
 clean images' accuracy from the same passes) are the job's; N is :func:`neuroscribe.ablate.select.choose_n` with the
 tolerance, so nothing here sees a test image before the choice. Scored on the job's test sets: the first N units
 ablated; DFR alone and after them for each centre of ``--toward`` (:func:`neuroscribe.ablate.refit.dfr_last_layer`,
 ``ablate.dfr_toward``); the random-unit control at that N (the job's own draws rule: ``random_units`` with the job's
-seed and number of draws). The sort-all control is not rerun. With ``--reference-wrong`` (the clean-trained
-reference on ``--shift``) also the share of the gap closed."""
+seed and number of draws; ``--draws 0`` skips it). The sort-all control is not rerun. ``--tolerance milan`` takes
+MILAN's rule (the job's own N); ``--dfr-cue`` sets ``ablate.dfr_cue`` (the class the DFR slice's cued copies name)
+instead of the job's. With ``--reference-wrong`` (the clean-trained reference on ``--shift``) also the share of the
+gap closed."""
 from __future__ import annotations
 
 import argparse
 import json
 from pathlib import Path
+
+import yaml
 
 from dfr_slice import accuracies, decoded_test_sets  # tools/, beside this script
 from neuroscribe import io
@@ -30,13 +34,19 @@ from neuroscribe.datasets.sets import dfr_set, loader
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("job", type=Path, help="a study seed's finished job folder (config.yaml, ablation.json)")
-    ap.add_argument("--tolerance", type=float, default=1.0, help="points of clean validation accuracy (default 1)")
+    ap.add_argument("--tolerance", default="1", help="points of clean validation accuracy, or 'milan' (default 1)")
+    ap.add_argument("--dfr-cue", choices=("random", "wrong"), help="ablate.dfr_cue for DFR (default: the job's)")
+    ap.add_argument("--draws", type=int, help="random-unit draws at that N (default: the job's; 0 = none)")
     ap.add_argument("--toward", default="zero,head", help="DFR's L2 centres to fit (default zero,head)")
     ap.add_argument("--reference-wrong", type=float, help="the clean-trained reference's accuracy on --shift")
     ap.add_argument("--shift", default="wrong-text", help="the shifted test set of the gap (default wrong-text)")
     ap.add_argument("--out", type=Path, help="also write the figures here (JSON)")
     a = ap.parse_args()
-    cfg = _stage_cfg(load_config(str(a.job / "config.yaml"), {"out": str(a.job), "progress": False}))
+    # jobs made before ablate.dfr_cue existed fitted DFR on always-wrong cues: that is their own
+    job_cue = (yaml.safe_load((a.job / "config.yaml").read_text()).get("ablate") or {}).get("dfr_cue", "wrong")
+    over = {"out": str(a.job), "progress": False, "ablate": {"dfr_cue": a.dfr_cue or job_cue}}
+    cfg = _stage_cfg(load_config(str(a.job / "config.yaml"), over))
+    tol = None if a.tolerance == "milan" else float(a.tolerance)
     abl = json.loads((a.job / "ablation.json").read_text())
     desc = abl["variants"]["description"]
     if "clean_curve" not in desc:
@@ -44,7 +54,7 @@ def main() -> None:
     if [r[0] for r in desc["curve"]] != [r[0] for r in desc["clean_curve"]]:
         raise SystemExit("ablation.json's curve and clean_curve list other Ns")
     rows = [(n, acc, clean) for (n, acc), (_, clean) in zip(desc["curve"], desc["clean_curve"])]
-    n = choose_n(rows, a.tolerance / 100)
+    n = choose_n(rows, None if tol is None else tol / 100)
     units = [(l, u) for l, u, _ in desc["ordered"][:n]]
     ev = json.loads((a.job / "evaluation.json").read_text())["results"]
     lm, dev, rec, means = model_and_means(cfg)
@@ -65,13 +75,16 @@ def main() -> None:
             acc[name] = score(model, us)
             print(name, info[name]["C"], acc[name], flush=True)
     job_dfr = {s: r["acc"] for s, r in ev.get("dfr", {}).items()}
-    if "dfr/zero" in acc and job_dfr and any(abs(acc["dfr/zero"][s] - v) > 1e-9 for s, v in job_dfr.items()):
+    same_slice = cfg.ablate.dfr_cue == job_cue
+    if "dfr/zero" in acc and job_dfr and same_slice and any(abs(acc["dfr/zero"][s] - v) > 1e-9
+                                                            for s, v in job_dfr.items()):
         info["dfr/zero"]["differs_from_job"] = True  # e.g. another thread count: rounding can flip DFR's choice of C
         print("warning: DFR alone differs from the job's own figures (run with the job's thread count)", flush=True)
-    draws = random_units({l: rec.units(l) for l in rec.layers}, n, cfg.ablate.random_draws, cfg.seed) if n else []
+    n_draws = cfg.ablate.random_draws if a.draws is None else a.draws
+    draws = random_units({l: rec.units(l) for l in rec.layers}, n, n_draws, cfg.seed) if n and n_draws else []
     for i, d in enumerate(draws):
         acc[f"random/{i}"] = score(lm.module, d)
-    out = {"job": str(a.job), "tolerance_points": a.tolerance,
+    out = {"job": str(a.job), "tolerance_points": tol, "dfr_cue": cfg.ablate.dfr_cue,
            "chosen_n": {"milan_rule": desc["chosen_n"], "tolerance": n},
            "clean_validation": {"unablated": rows[0][2], "at_n": rows[n][2]}, "units": [list(u) for u in units],
            "acc": acc,

@@ -19,7 +19,7 @@ from ..heap import reuse_freed_memory
 from ..datasets.sets import class_index, dfr_set, held_out, loader, shift_set, test_sets
 from ..runtime import job_model
 from .refit import DFR_RULE
-from .stage import model_and_means
+from .stage import dfr_cue_matters, model_and_means
 
 log = logging.getLogger("neuroscribe.ablate")
 
@@ -48,7 +48,8 @@ def evaluate(cfg: JobConfig) -> dict:
     key = io.artifact_key(abl["key"], cfg.evaluate.model_dump(mode="json"), cfg.data.model_dump(mode="json"),
                [s.model_dump(mode="json") for s in cfg.shifts], cfg.seed, cfg.ablate.refit, cfg.probe,
                *([cfg.ablate.dfr, DFR_RULE] if cfg.ablate.dfr else []),
-               *([cfg.ablate.dfr_toward] if cfg.ablate.dfr and cfg.ablate.dfr_toward != "zero" else []))
+               *([cfg.ablate.dfr_toward] if cfg.ablate.dfr and cfg.ablate.dfr_toward != "zero" else []),
+               *([cfg.ablate.dfr_cue] if dfr_cue_matters(cfg) else []))
     done = io.current(job / "evaluation.json", key)
     if done:
         return done

@@ -156,6 +156,13 @@ def validation_batches(cfg: JobConfig, lm) -> tuple[list, list[bool] | None, lis
     return val, clean if any(clean) else None, names, desc
 
 
+def dfr_cue_matters(cfg: JobConfig) -> bool:
+    """Whether ``ablate.dfr_cue`` changes DFR's slice (the training holdout with a cue) and differs from 'wrong', the
+    only slice of jobs made before the option (their keys stay)."""
+    return cfg.ablate.dfr == "holdout" and cfg.train is not None and cfg.train.cue is not None \
+        and cfg.ablate.dfr_cue != "wrong"
+
+
 @reuse_freed_memory()
 def ablate(cfg: JobConfig) -> dict:
     """For each flag set: order units (MILAN), the validation curve over N, N = argmax; plus the controls."""
@@ -170,6 +177,8 @@ def ablate(cfg: JobConfig) -> dict:
             del settings[opt]
     if settings["dfr_toward"] == "zero" or not cfg.ablate.dfr_ns:  # DFR's centre matters here only for dfr_ns
         del settings["dfr_toward"]
+    if not dfr_cue_matters(cfg) or not cfg.ablate.dfr_ns:  # 'wrong' was the only slice before: those keys stay
+        del settings["dfr_cue"]
     key = io.artifact_key(flags["key"], settings, cfg.model.spec, io.file_key(job / "train.json"), HOLDOUT_RULE)
     done = io.current(job / "ablation.json", key)
     if done:

@@ -142,7 +142,7 @@ HOLDOUT_RULE = "holdout v2: validation clean + cued copies; dfr per-class halves
 
 def _holdout(cfg: JobConfig, what: str):
     """The trained job's holdout (training images held out before training): ``(cued, clean, class_names)``, the
-    probe set with the cue decorrelated from the label and the same images clean (None when training had no cue or
+    probe set with the cue naming a wrong class and the same images clean (None when training had no cue or
     the clean copy is missing)."""
     tj = Path(cfg.out) / "train.json"
     t = json.loads(tj.read_text()) if tj.is_file() else {}
@@ -183,8 +183,26 @@ def holdout_halves(labels, seed: int) -> tuple[list[int], list[int]]:
     return [i for i in range(len(labels)) if i not in taken], sorted(dfr)
 
 
+def _random_cue_copy(cfg: JobConfig, photos: list, names: list[str]) -> list:
+    """``photos`` (the holdout's clean copies) with the training cue naming a uniformly random class -- the right
+    one 1 time in k, so the cue is independent of the label -- written once under ``<out>/dfr-slice/`` (atomic; the
+    folder is named by the photos, the cue and the seed). Their group is ``cued``: split by whether the cue agrees,
+    DFR's cell balancing would cut every cell to the agreeing ~1/k and make the cue predictive again."""
+    from .. import io
+    from .probe import Sample, manifest
+    from .shifts import CuedDataset, materialise
+    draw = CuedDataset([(s.path, int(s.label)) for s in photos], names, cfg.train.cue, fraction=1.0,
+                       correlation="random", seed=cfg.seed)
+    folder = Path(cfg.out) / "dfr-slice" / io.artifact_key([(str(s.path), int(s.label)) for s in photos],
+                                                           draw.config.model_dump(mode="json"), names)
+    if not (folder / "manifest.csv").is_file():
+        materialise(draw, folder, overwrite=True)
+    cued = manifest(folder / "manifest.csv", list(names)).samples
+    return [Sample(s.path, s.label, "cued") for s in cued]
+
+
 def _holdout_part(cfg: JobConfig, pre, part: str):
-    """The holdout as ``part`` sees it. Validation: every held-out image twice, clean and with the decorrelated
+    """The holdout as ``part`` sees it. Validation: every held-out image twice, clean and with the wrong-class
     cue (groups ``clean`` / ``cue-conflicts``), so a choice made there weighs the clean accuracy it costs as much
     as the cued accuracy it gains. DFR: the same two groups, its (class, group) cells balanced by DFR itself."""
     cued, clean, names = _holdout(cfg, f"ablate.{part}")
@@ -194,8 +212,12 @@ def _holdout_part(cfg: JobConfig, pre, part: str):
         ids = dict(zip(("validation", "dfr"), holdout_halves([int(s.label) for s in cued.samples], cfg.seed)))[part]
     samples = [cued.samples[i] for i in ids]
     from .cues import describe_cue
-    tied = (f"each with {describe_cue(cfg.train.cue, 'wrong')}, so the cue is decorrelated from the label"
+    tied = (f"each with {describe_cue(cfg.train.cue, 'wrong')}, so the cue never names the label"
             if cfg.train.cue is not None else "clean")
+    if part == "dfr" and cfg.ablate.dfr_cue == "random" and cfg.train.cue is not None and clean is not None:
+        samples = _random_cue_copy(cfg, [clean.samples[i] for i in ids], names)
+        tied = (f"each with {describe_cue(cfg.train.cue, 'random')} (ablate.dfr_cue: random), so the cue is "
+                "independent of the label")
     if clean is not None:  # the same photos clean, first, in the same order (DFR cuts both groups alike)
         samples = [clean.samples[i] for i in ids] + samples
         tied = f"each twice: clean and {tied}"

@@ -34,7 +34,7 @@ own data the same way. :func:`train_classifier` does, in order:
 6. **Outputs** (atomic): ``model.safetensors`` + ``model.safetensors.spec.json`` (arch, num_classes, class_names,
    preprocess at ``R`` with the normalisation used, seed, cue config, data fingerprint, history: what
    ``load_model('checkpoint:PATH')`` reads), ``history.json`` (per epoch: loss, accuracy on all / cued / clean
-   training images, holdout accuracy with the decorrelated cue and clean, lr, seconds) and ``split.json``.
+   training images, holdout accuracy with the wrong-class cue and clean, lr, seconds) and ``split.json``.
 7. **Resume.** ``resume.pt`` (model, optimizer, scheduler, RNG, history) is saved after each epoch; a re-run with the
    same settings continues after the last finished epoch (same final weights as an uninterrupted CPU run), and a
    finished run is returned without training.
@@ -77,7 +77,7 @@ class TrainResult:
     holdout_ids: list[int]
     class_names: list[str]
     train_ids: list[int] = field(default_factory=list)
-    holdout_manifest: Path | None = None  # validation set: cue decorrelated (clean when no cue); None if no holdout
+    holdout_manifest: Path | None = None  # validation set: wrong-class cue (clean when no cue); None if no holdout
     holdout_clean_manifest: Path | None = None
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (relative path, reason)
     model: nn.Module | None = None  # the trained module (eval mode, on the training device)
@@ -235,7 +235,7 @@ class _Data:
 
 
 def _data(cfg: TrainConfig, out: Path, probe, labels, names, cue, seed: int, workers: int, progress: bool) -> _Data:
-    """Steps 1-3: decode once, split off the holdout (written with the cue decorrelated), plan the training cues."""
+    """Steps 1-3: decode once, split off the holdout (written with wrong-class cues), plan the training cues."""
     r = cfg.resolution
     cache, ok, skipped = _decode_all(probe, Preprocess(resize=r, crop=r), workers, progress)
     train_ids, hold_ids = _split(labels, ok, cfg.holdout, cfg.data_seed)

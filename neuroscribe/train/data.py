@@ -1,5 +1,5 @@
 """Training data: every image decoded once into a uint8 cache, the seeded stratified holdout (written as lossless
-PNGs with the cue decorrelated from the label), and the training set that augments, then draws the planned cue.
+PNGs with the cue naming a wrong class), and the training set that augments, then draws the planned cue.
 Steps 1-3 of :mod:`neuroscribe.train.classifier`'s recipe."""
 
 from __future__ import annotations
@@ -112,7 +112,7 @@ class _TrainSet(torch.utils.data.Dataset):
 
 def _holdout_sets(out: Path, cache: torch.Tensor, probe: ProbeSet, ids: list[int], names: list[str], cue,
                   data_seed: int) -> tuple[Path | None, Path | None, torch.Tensor, torch.Tensor]:
-    """Write the clean and cue-decorrelated holdout manifests; return them and their uint8 images."""
+    """Write the clean and wrong-class-cue holdout manifests; return them and their uint8 images."""
     clean = cache[ids]
     if not ids:
         return None, None, clean, clean

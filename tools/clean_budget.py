@@ -1,7 +1,7 @@
 """A study seed under a clean budget (a labelled variant; the seed's job is not touched): N chosen by
 ``ablate.clean_tolerance``'s rule on the job's own validation curves, then DFR after those units.
 
-    python tools/clean_budget.py JOBDIR/seed0 [--tolerance 1|milan] [--toward zero,head] [--dfr-cue random|wrong]
+    python tools/clean_budget.py JOBDIR/seed0 [--tolerance 1|milan|dfr] [--toward zero,head] [--dfr-cue random|wrong]
                                  [--draws 5] [--reference-wrong 0.532] [--out FILE.json]
 
 The description variant's ordering and its validation curves (``ablation.json``: ``curve`` and ``clean_curve``, the
@@ -10,9 +10,10 @@ tolerance, so nothing here sees a test image before the choice. Scored on the jo
 ablated; DFR alone and after them for each centre of ``--toward`` (:func:`neuroscribe.ablate.refit.dfr_last_layer`,
 ``ablate.dfr_toward``); the random-unit control at that N (the job's own draws rule: ``random_units`` with the job's
 seed and number of draws; ``--draws 0`` skips it). The sort-all control is not rerun. ``--tolerance milan`` takes
-MILAN's rule (the job's own N); ``--dfr-cue`` sets ``ablate.dfr_cue`` (the class the DFR slice's cued copies name)
-instead of the job's. With ``--reference-wrong`` (the clean-trained reference on ``--shift``) also the share of the
-gap closed."""
+MILAN's rule (the job's own N), ``--tolerance dfr`` the N chosen for ablation + DFR together on validation (the ablate
+stage's ``dfr_curve`` over ``ablate.dfr_ns``, with this run's DFR slice); ``--dfr-cue`` sets ``ablate.dfr_cue``
+(the class the DFR slice's cued copies name) instead of the job's. With ``--reference-wrong`` (the clean-trained
+reference on ``--shift``) also the share of the gap closed."""
 from __future__ import annotations
 
 import argparse
@@ -25,16 +26,17 @@ from dfr_slice import accuracies, decoded_test_sets  # tools/, beside this scrip
 from neuroscribe import io
 from neuroscribe.ablate.refit import dfr_last_layer
 from neuroscribe.ablate.select import choose_n, random_units
-from neuroscribe.ablate.stage import model_and_means
+from neuroscribe.ablate.stage import dfr_curve, model_and_means, validation_batches
 from neuroscribe.cli import _stage_cfg
 from neuroscribe.config import load_config
-from neuroscribe.datasets.sets import dfr_set, loader
+from neuroscribe.datasets.sets import class_index, dfr_set, loader
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("job", type=Path, help="a study seed's finished job folder (config.yaml, ablation.json)")
-    ap.add_argument("--tolerance", default="1", help="points of clean validation accuracy, or 'milan' (default 1)")
+    ap.add_argument("--tolerance", default="1", help="points of clean validation accuracy, 'milan' or 'dfr' "
+                    "(default 1)")
     ap.add_argument("--dfr-cue", choices=("random", "wrong"), help="ablate.dfr_cue for DFR (default: the job's)")
     ap.add_argument("--draws", type=int, help="random-unit draws at that N (default: the job's; 0 = none)")
     ap.add_argument("--toward", default="zero,head", help="DFR's L2 centres to fit (default zero,head)")
@@ -46,7 +48,7 @@ def main() -> None:
     job_cue = (yaml.safe_load((a.job / "config.yaml").read_text()).get("ablate") or {}).get("dfr_cue", "wrong")
     over = {"out": str(a.job), "progress": False, "ablate": {"dfr_cue": a.dfr_cue or job_cue}}
     cfg = _stage_cfg(load_config(str(a.job / "config.yaml"), over))
-    tol = None if a.tolerance == "milan" else float(a.tolerance)
+    tol = None if a.tolerance in ("milan", "dfr") else float(a.tolerance)
     abl = json.loads((a.job / "ablation.json").read_text())
     desc = abl["variants"]["description"]
     if "clean_curve" not in desc:
@@ -55,9 +57,17 @@ def main() -> None:
         raise SystemExit("ablation.json's curve and clean_curve list other Ns")
     rows = [(n, acc, clean) for (n, acc), (_, clean) in zip(desc["curve"], desc["clean_curve"])]
     n = choose_n(rows, None if tol is None else tol / 100)
-    units = [(l, u) for l, u, _ in desc["ordered"][:n]]
     ev = json.loads((a.job / "evaluation.json").read_text())["results"]
     lm, dev, rec, means = model_and_means(cfg)
+    if a.tolerance == "dfr":  # N chosen for the pair on validation (the evaluate stage's ablated_dfr_tuned)
+        if not cfg.ablate.dfr_ns:
+            raise SystemExit("--tolerance dfr needs ablate.dfr_ns in the job")
+        val, _, val_names, _ = validation_batches(cfg, lm)
+        n = dfr_curve(cfg, lm, dev, means, [(l, u) for l, u, _ in desc["ordered"]], val,
+                      class_index(lm, val_names))["chosen_n"]
+        if cfg.ablate.dfr_cue == job_cue and n != abl.get("dfr_tuned", {}).get("chosen_n"):
+            print(f"warning: N = {n} here but {abl.get('dfr_tuned', {}).get('chosen_n')} in the job", flush=True)
+    units = [(l, u) for l, u, _ in desc["ordered"][:n]]
     sets = decoded_test_sets(cfg, lm)
 
     def score(model, us) -> dict:
@@ -85,8 +95,9 @@ def main() -> None:
     for i, d in enumerate(draws):
         acc[f"random/{i}"] = score(lm.module, d)
     out = {"job": str(a.job), "tolerance_points": tol, "dfr_cue": cfg.ablate.dfr_cue,
-           "chosen_n": {"milan_rule": desc["chosen_n"], "tolerance": n},
-           "clean_validation": {"unablated": rows[0][2], "at_n": rows[n][2]}, "units": [list(u) for u in units],
+           "chosen_n": {"milan_rule": desc["chosen_n"], "tolerance" if tol is not None else a.tolerance: n},
+           "clean_validation": {"unablated": rows[0][2], "at_n": dict((r[0], r[2]) for r in rows).get(n)},
+           "units": [list(u) for u in units],
            "acc": acc,
            "dfr": {k: {"C": v["C"], "differs_from_job": v.get("differs_from_job", False)} for k, v in info.items()},
            "clean_change_points": {k: 100 * (v["in-distribution"] - acc["base"]["in-distribution"])

@@ -20,15 +20,11 @@ import argparse
 import json
 from pathlib import Path
 
-import yaml
-
-from dfr_slice import accuracies, decoded_test_sets  # tools/, beside this script
+from dfr_slice import accuracies, decoded_test_sets, job_config  # tools/, beside this script
 from neuroscribe import io
 from neuroscribe.ablate.refit import dfr_last_layer
 from neuroscribe.ablate.select import choose_n, random_units
 from neuroscribe.ablate.stage import dfr_curve, model_and_means, validation_batches
-from neuroscribe.cli import _stage_cfg
-from neuroscribe.config import load_config
 from neuroscribe.datasets.sets import class_index, dfr_set, loader
 
 
@@ -44,10 +40,7 @@ def main() -> None:
     ap.add_argument("--shift", default="wrong-text", help="the shifted test set of the gap (default wrong-text)")
     ap.add_argument("--out", type=Path, help="also write the figures here (JSON)")
     a = ap.parse_args()
-    # jobs made before ablate.dfr_cue existed fitted DFR on always-wrong cues: that is their own
-    job_cue = (yaml.safe_load((a.job / "config.yaml").read_text()).get("ablate") or {}).get("dfr_cue", "wrong")
-    over = {"out": str(a.job), "progress": False, "ablate": {"dfr_cue": a.dfr_cue or job_cue}}
-    cfg = _stage_cfg(load_config(str(a.job / "config.yaml"), over))
+    cfg, job_cue = job_config(a.job, a.dfr_cue)
     tol = None if a.tolerance in ("milan", "dfr") else float(a.tolerance)
     abl = json.loads((a.job / "ablation.json").read_text())
     desc = abl["variants"]["description"]

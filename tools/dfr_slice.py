@@ -20,6 +20,8 @@ import json
 import random
 from pathlib import Path
 
+import yaml
+
 from neuroscribe import io
 from neuroscribe.ablate.edit import ablation_edits, as_unit_dict
 from neuroscribe.ablate.evaluate import predict
@@ -44,6 +46,14 @@ def photo_share(ds: Labelled, share: float, seed: int) -> Labelled:
                   for i in random.Random(f"{seed}/dfr share/{y}").sample(ids, max(1, round(share * len(ids)))))
     return Labelled([ds.samples[i] for i in keep] + [ds.samples[n + i] for i in keep], ds.transform,
                     ds.class_names, ds.geometry)
+
+
+def job_config(job: Path, dfr_cue: str | None = None):
+    """``(config, the job's own ablate.dfr_cue)`` of a finished job, ``ablate.dfr_cue`` set to ``dfr_cue`` (default:
+    the job's own; jobs made before the option fitted DFR on wrong-class cues, so that is theirs)."""
+    own = (yaml.safe_load((job / "config.yaml").read_text()).get("ablate") or {}).get("dfr_cue", "wrong")
+    over = {"out": str(job), "progress": False, "ablate": {"dfr_cue": dfr_cue or own}}
+    return _stage_cfg(load_config(str(job / "config.yaml"), over)), own
 
 
 def decoded_test_sets(cfg, lm) -> dict:
@@ -71,7 +81,7 @@ def main() -> None:
     ap.add_argument("--out", type=Path, help="also write the figures here (JSON)")
     ap.add_argument("--toward", choices=("zero", "head"), default="zero", help="DFR's L2 centre (default zero)")
     a = ap.parse_args()
-    cfg = _stage_cfg(load_config(str(a.job / "config.yaml"), {"out": str(a.job), "progress": False}))
+    cfg, _ = job_config(a.job)
     units = [tuple(u) for u in json.loads((a.job / "ablation.json").read_text())["variants"]["description"]["units"]]
     ev = json.loads((a.job / "evaluation.json").read_text())["results"]
     lm, dev, _, means = model_and_means(cfg)

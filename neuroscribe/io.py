@@ -73,14 +73,18 @@ def save_tensors(path: str | Path, tensors: dict, metadata: dict[str, str] | Non
 
 
 @contextlib.contextmanager
-def atomic_dir(path: str | Path) -> Iterator[Path]:
-    """Build a directory under a temporary name; it replaces ``path`` only when the block succeeds."""
+def atomic_dir(path: str | Path, *, replace: bool = True) -> Iterator[Path]:
+    """Build a directory under a temporary name; it replaces ``path`` only when the block succeeds. With
+    ``replace=False`` a ``path`` that appeared meanwhile (another process that wrote the same thing) is kept and the
+    new copy dropped: no reader of the finished one ever sees it swapped."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
     os.chmod(tmp, 0o777 & ~_umask())
     try:
         yield tmp
+        if path.exists() and not replace:
+            return
         if path.exists():
             old = path.with_name(f".{path.name}.old")
             shutil.rmtree(old, ignore_errors=True)

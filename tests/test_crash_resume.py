@@ -136,3 +136,21 @@ def test_finished_recording_with_leftover_checkpoint_is_reused_and_cleaned(refer
     assert record(load_config(None, job_dict(job))) == job / "record" / ref_path.name
     assert not stale.parent.exists()
     assert artifact_bytes(job / "record" / ref_path.name) == want
+
+
+def test_atomic_dir_without_replace_keeps_the_copy_another_writer_finished(tmp_path):
+    """Two jobs materialising the same folder (e.g. DFR's drawn slice) at once: the second to finish keeps the
+    first's copy instead of swapping the folder under a reader; the default still replaces."""
+    from neuroscribe import io
+    target = tmp_path / "slice"
+    with io.atomic_dir(target, replace=False) as mine:
+        (mine / "mine.txt").write_text("mine")
+        with io.atomic_dir(target) as theirs:  # the other writer finishes first
+            (theirs / "theirs.txt").write_text("theirs")
+        inode = target.stat().st_ino
+    assert [p.name for p in target.iterdir()] == ["theirs.txt"]
+    assert target.stat().st_ino == inode
+    assert [p.name for p in tmp_path.iterdir()] == ["slice"]  # our temporary copy is gone
+    with io.atomic_dir(target) as new:
+        (new / "new.txt").write_text("new")
+    assert [p.name for p in target.iterdir()] == ["new.txt"]

@@ -196,7 +196,10 @@ def _random_cue_copy(cfg: JobConfig, photos: list, names: list[str]) -> list:
     folder = Path(cfg.out) / "dfr-slice" / io.artifact_key([(str(s.path), int(s.label)) for s in photos],
                                                            draw.config.model_dump(mode="json"), names)
     if not (folder / "manifest.csv").is_file():
-        materialise(draw, folder, overwrite=True)
+        try:  # a job writing the same slice at the same time keeps its copy (the same draw, never swapped under it)
+            materialise(draw, folder, overwrite=folder.exists())
+        except FileExistsError:
+            pass
     cued = manifest(folder / "manifest.csv", list(names)).samples
     return [Sample(s.path, s.label, "cued") for s in cued]
 

@@ -302,8 +302,9 @@ def materialise(dataset: CuedDataset, out_dir: str | os.PathLike[str], *, image_
     (``path`` relative to ``out_dir``) in index order, matching ``dataset.plan()``. ``shift.json``
     holds the :class:`ShiftConfig` and class names. Everything is written into a temporary
     sibling directory that is renamed into place only when complete, so an interrupted run
-    (exception, Ctrl-C) leaves no partial ``out_dir``. ``progress(done, total)`` is called after
-    each image. Returns the final directory.
+    (exception, Ctrl-C) leaves no partial ``out_dir``; without ``overwrite``, an ``out_dir`` that another process
+    finished meanwhile is kept (ours dropped). ``progress(done, total)`` is called after each image. Returns the
+    final directory.
     """
     if image_format not in ("png", "jpeg"):
         raise ValueError(f"image_format must be 'png' or 'jpeg', got {image_format!r}")
@@ -313,7 +314,7 @@ def materialise(dataset: CuedDataset, out_dir: str | os.PathLike[str], *, image_
     if out.exists() and not overwrite:
         raise FileExistsError(f"{out} already exists; pass overwrite=True to replace it")
     ext = "png" if image_format == "png" else "jpg"
-    with io.atomic_dir(out) as tmp:
+    with io.atomic_dir(out, replace=overwrite) as tmp:
         total = len(dataset)
         width = max(5, len(str(total)))
         with open(tmp / "manifest.csv", "w", newline="", encoding="utf-8") as fh:

@@ -301,3 +301,39 @@ def test_dfr_toward_the_trained_head_keeps_it_when_c_is_tiny_and_drops_the_short
         assert (moved(test.x).argmax(1) == test.y).float().mean().item() > 0.8  # the shortcut model gets 0 here
     with pytest.raises(ValueError, match="toward='nowhere'"):
         dfr_last_layer(model, [], held, batches, seed=0, toward="nowhere")
+
+
+def _toy3(n: int, agree: float, seed: int):
+    """3 classes; features: the class's core signal (3), a cue naming a class (3), noise (4). The cue names the label
+    on ``agree`` of the images and a random other class on the rest (groups agree / conflict)."""
+    g = torch.Generator().manual_seed(seed)
+    y = torch.randint(0, 3, (n,), generator=g)
+    n_agree = int(agree * n)
+    cue = torch.cat([y[:n_agree], (y[n_agree:] + torch.randint(1, 3, (n - n_agree,), generator=g)) % 3])
+    x = torch.cat([torch.nn.functional.one_hot(y, 3).float() * 2 + 0.7 * torch.randn(n, 3, generator=g),
+                   torch.nn.functional.one_hot(cue, 3).float() * 3, torch.randn(n, 4, generator=g)], 1)
+    return _Toy(x, y, ["agree"] * n_agree + ["conflict"] * (n - n_agree))
+
+
+def test_dfr_l1_is_dfrs_own_sparse_one_vs_rest_fit():
+    from neuroscribe.ablate.refit import DFR_C_L1, dfr_last_layer
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Identity(), torch.nn.Linear(10, 3))
+    with torch.no_grad():  # the shortcut: reads the cue only
+        model[1].weight.zero_()
+        model[1].weight[:, 3:6] = torch.eye(3)
+        model[1].bias.zero_()
+    held, test = _toy3(600, 0.5, seed=1), _toy3(300, 0.0, seed=2)
+    batches = lambda d: torch.utils.data.DataLoader(d, batch_size=64)  # noqa: E731
+    fits = {p: dfr_last_layer(model, [], held, batches, seed=0, penalty=p) for p in ("l1", "l2")}
+    l1, info = fits["l1"]
+    assert info["penalty"] == "l1" and set(info["worst_group_by_C"]) == {str(c) for c in DFR_C_L1}
+    with torch.no_grad():
+        assert (model(test.x).argmax(1) == test.y).float().mean().item() == 0.0
+        for p, (m, _) in fits.items():  # three classes: the one-vs-rest scores are the logits
+            assert (m(test.x).argmax(1) == test.y).float().mean().item() > 0.8, p
+    sparse, _ = dfr_last_layer(model, [], held, batches, seed=0, penalty="l1", cs=(0.02,))
+    assert (sparse[1].weight[:, 6:] == 0).float().mean() > 0.5  # L1 drops noise features outright
+    assert (fits["l2"][0][1].weight[:, 6:] != 0).all()  # L2 only shrinks them
+    with pytest.raises(ValueError, match="penalty='l1' with toward='head'"):
+        dfr_last_layer(model, [], held, batches, seed=0, penalty="l1", toward="head")

@@ -2,7 +2,7 @@
 ``ablate.clean_tolerance``'s rule on the job's own validation curves, then DFR after those units.
 
     python tools/clean_budget.py JOBDIR/seed0 [--tolerance 1|milan|dfr] [--toward zero,head] [--dfr-cue random|wrong]
-                                 [--draws 5] [--reference-wrong 0.532] [--out FILE.json]
+                                 [--penalty l2|l1] [--draws 5] [--reference-wrong 0.532] [--out FILE.json]
 
 The description variant's ordering and its validation curves (``ablation.json``: ``curve`` and ``clean_curve``, the
 clean images' accuracy from the same passes) are the job's; N is :func:`neuroscribe.ablate.select.choose_n` with the
@@ -12,8 +12,9 @@ ablated; DFR alone and after them for each centre of ``--toward`` (:func:`neuros
 seed and number of draws; ``--draws 0`` skips it). The sort-all control is not rerun. ``--tolerance milan`` takes
 MILAN's rule (the job's own N), ``--tolerance dfr`` the N chosen for ablation + DFR together on validation (the ablate
 stage's ``dfr_curve`` over ``ablate.dfr_ns``, with this run's DFR slice); ``--dfr-cue`` sets ``ablate.dfr_cue``
-(the class the DFR slice's cued copies name) instead of the job's. With ``--reference-wrong`` (the clean-trained
-reference on ``--shift``) also the share of the gap closed."""
+(the class the DFR slice's cued copies name) instead of the job's; ``--penalty l1`` fits DFR as DFR's own
+script does (L1 one-vs-rest, its C grid; toward zero only) instead of the product's L2 multinomial fit. With
+``--reference-wrong`` (the clean-trained reference on ``--shift``) also the share of the gap closed."""
 from __future__ import annotations
 
 import argparse
@@ -34,6 +35,7 @@ def main() -> None:
     ap.add_argument("--tolerance", default="1", help="points of clean validation accuracy, 'milan' or 'dfr' "
                     "(default 1)")
     ap.add_argument("--dfr-cue", choices=("random", "wrong"), help="ablate.dfr_cue for DFR (default: the job's)")
+    ap.add_argument("--penalty", choices=("l2", "l1"), default="l2", help="DFR's fit (default l2, the product's)")
     ap.add_argument("--draws", type=int, help="random-unit draws at that N (default: the job's; 0 = none)")
     ap.add_argument("--toward", default="zero,head", help="DFR's L2 centres to fit (default zero,head)")
     ap.add_argument("--reference-wrong", type=float, help="the clean-trained reference's accuracy on --shift")
@@ -74,12 +76,12 @@ def main() -> None:
     for toward in a.toward.split(","):
         for name, us in ((f"dfr/{toward}", []), (f"ablated_dfr/{toward}", units)):
             model, info[name] = dfr_last_layer(lm.module, us, dfr_ds, lambda d: loader(cfg, d), cfg.ablate.method,
-                                               means, device=dev, seed=cfg.seed, toward=toward)
+                                               means, device=dev, seed=cfg.seed, toward=toward, penalty=a.penalty)
             acc[name] = score(model, us)
             print(name, info[name]["C"], acc[name], flush=True)
     job_dfr = {s: r["acc"] for s, r in ev.get("dfr", {}).items()}
     same_slice = cfg.ablate.dfr_cue == job_cue
-    if "dfr/zero" in acc and job_dfr and same_slice and any(abs(acc["dfr/zero"][s] - v) > 1e-9
+    if "dfr/zero" in acc and job_dfr and same_slice and a.penalty == "l2" and any(abs(acc["dfr/zero"][s] - v) > 1e-9
                                                             for s, v in job_dfr.items()):
         info["dfr/zero"]["differs_from_job"] = True  # e.g. another thread count: rounding can flip DFR's choice of C
         print("warning: DFR alone differs from the job's own figures (run with the job's thread count)", flush=True)
@@ -87,7 +89,7 @@ def main() -> None:
     draws = random_units({l: rec.units(l) for l in rec.layers}, n, n_draws, cfg.seed) if n and n_draws else []
     for i, d in enumerate(draws):
         acc[f"random/{i}"] = score(lm.module, d)
-    out = {"job": str(a.job), "tolerance_points": tol, "dfr_cue": cfg.ablate.dfr_cue,
+    out = {"job": str(a.job), "tolerance_points": tol, "dfr_cue": cfg.ablate.dfr_cue, "penalty": a.penalty,
            "chosen_n": {"milan_rule": desc["chosen_n"], "tolerance" if tol is not None else a.tolerance: n},
            "clean_validation": {"unablated": rows[0][2], "at_n": dict((r[0], r[2]) for r in rows).get(n)},
            "units": [list(u) for u in units],

@@ -216,8 +216,9 @@ def dfr_last_layer(model: nn.Module, units: Any, ds, make_loader, method: str = 
     may move from it, and the grid's large C is DFR again).
     The fit is a multinomial L2 logistic regression (``penalty="l2"``, C over :data:`DFR_C`). DFR's own script fits
     L1 one-vs-rest (liblinear, C over :data:`DFR_C_L1`; ``penalty="l1"``): on the five 64 px study seeds, with the
-    slice's cue naming a random class, that closed 2.2 points of wrong-text accuracy less alone (1.9 after the
-    description units) and cost 1.3 (0.5) clean points more, in every seed (``tools/clean_budget.py --penalty``).
+    slice's cue naming a random class, that gave 2.2 points less wrong-text accuracy alone and 1.9 less after the
+    description units, in every seed, and 1.3 (every seed) / 0.5 (4 of 5) clean points less
+    (``tools/clean_budget.py --penalty``).
     Returns ``(model copy, info)`` with the cells, sizes and scores.
     """
     if penalty not in ("l1", "l2") or (penalty == "l1" and toward != "zero"):

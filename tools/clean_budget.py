@@ -80,9 +80,9 @@ def main() -> None:
             acc[name] = score(model, us)
             print(name, info[name]["C"], acc[name], flush=True)
     job_dfr = {s: r["acc"] for s, r in ev.get("dfr", {}).items()}
-    same_slice = cfg.ablate.dfr_cue == job_cue
-    if "dfr/zero" in acc and job_dfr and same_slice and a.penalty == "l2" and any(abs(acc["dfr/zero"][s] - v) > 1e-9
-                                                            for s, v in job_dfr.items()):
+    same_fit = cfg.ablate.dfr_cue == job_cue and a.penalty == "l2"  # the job's own slice and fit
+    if "dfr/zero" in acc and job_dfr and same_fit and any(abs(acc["dfr/zero"][s] - v) > 1e-9
+                                                          for s, v in job_dfr.items()):
         info["dfr/zero"]["differs_from_job"] = True  # e.g. another thread count: rounding can flip DFR's choice of C
         print("warning: DFR alone differs from the job's own figures (run with the job's thread count)", flush=True)
     n_draws = cfg.ablate.random_draws if a.draws is None else a.draws

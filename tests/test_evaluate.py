@@ -288,9 +288,15 @@ def test_validation_batches_cached_when_they_fit():
 
 def test_shared_scores_give_the_same_orderings_with_fewer_passes(monkeypatch):
     model, val = Toy(), _toy_batches()
-    passes = []
-    real = select.val_accuracy
-    monkeypatch.setattr(select, "val_accuracy", lambda *a, **k: passes.append(1) or real(*a, **k))
+    passes = []  # one entry a unit scored: a full pass, or one edit set of a cut's passes
+    full, cut = select.val_correct, select.cut_correct
+
+    def cut_counted(*a, **k):
+        right = cut(*a, **k)
+        passes.extend([1] * len(right or []))
+        return right
+    monkeypatch.setattr(select, "val_correct", lambda *a, **k: passes.append(1) or full(*a, **k))
+    monkeypatch.setattr(select, "cut_correct", cut_counted)
     a_alone = order_units(model, [("feat", 3), ("feat", 1)], val, progress=False)
     b_alone = order_units(model, [("feat", 1), ("feat", 2)], val, progress=False)
     top_alone = sort_all(model, {"feat": 4}, val, 2, progress=False)

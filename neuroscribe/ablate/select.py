@@ -17,8 +17,10 @@ The test set is not an argument of any function here: each takes a ``val_loader`
 the validation curve), so nothing chosen here can have seen test data. Evaluate the chosen ablation on test sets
 afterwards with :mod:`neuroscribe.ablate.evaluate`.
 
-Cost: each scored unit and each curve point is one pass over the validation set. Validation batches are kept in
-memory between passes when they fit in ``cache_mb`` (else the loader is re-read each time).
+Cost: each scored unit and each curve point is one pass over the validation set from its first ablated layer on:
+the model up to that layer runs once a batch for all units of the layer (:mod:`.cut`; full passes where torch.fx
+cannot cut the model). Validation batches are kept in memory between passes when they fit in ``cache_mb`` (else the
+loader is re-read each time).
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ from torch import nn
 
 from ..hooks import trace
 from ..models import channels_last, to_layout
+from .cut import LayerGraph, cut_correct
 from .edit import Method, ablation_edits, as_unit_dict
 from .evaluate import _model_device, unpack_batch
 
@@ -97,7 +100,7 @@ class ValBatches:
 def val_correct(model: nn.Module, val: Iterable, edits: Mapping[str, Any] | None = None,
                 device: str | torch.device | None = None, class_index: Sequence[int] | None = None) -> torch.Tensor:
     """Per validation image (in loader order), whether the top-1 prediction with ``edits`` applied is right."""
-    dev = torch.device(device) if device is not None else (_model_device(model) or torch.device("cpu"))
+    dev = _device(model, device)
     cols = torch.as_tensor(list(class_index), dtype=torch.long, device=dev) if class_index is not None else None
     right = []
     was_training = model.training
@@ -146,13 +149,17 @@ def _bar(total: int, desc: str, progress: bool):
 def order_units(model: nn.Module, flagged: Iterable[Any], val_loader: Iterable, method: Method = "zero",
                 means: Mapping[str, Any] | None = None, *, device: str | torch.device | None = None,
                 class_index: Sequence[int] | None = None, cache_mb: float = 1024.0,
-                progress: bool = True, scores: dict[Unit, float] | None = None) -> list[tuple[Unit, float]]:
+                progress: bool = True, scores: dict[Unit, float] | None = None,
+                cut: bool = True) -> list[tuple[Unit, float]]:
     """``[((layer, unit), val_acc_alone), ...]``: each flagged unit's validation accuracy when it alone is ablated,
     highest first (best for validation first), one ordering across layers; ties keep the order of ``flagged``.
 
     ``scores``: a dict shared between calls on the SAME model, validation data, method and means (e.g. the orderings
     of several flag sets and the sort-all control): units already scored there are not scored again, new scores are
     added. A unit's score does not depend on the set it is ordered in, so results are the same, with fewer passes.
+
+    ``cut``: score a layer's units from one pass up to the layer a batch (:mod:`.cut`; the same accuracies as full
+    passes, which models torch.fx cannot trace get instead); False: one full pass a unit.
 
     Raises ``ValueError`` for an empty flag set, and the errors of :func:`~neuroscribe.ablate.edit.ablation_edits`
     (unknown layer, unit out of range, missing means) before any pass.
@@ -164,28 +171,40 @@ def order_units(model: nn.Module, flagged: Iterable[Any], val_loader: Iterable, 
     ablation_edits(model, as_unit_dict(units), method, means)  # validate everything before the first pass
     val = ValBatches(val_loader, cache_mb)
     scores = {} if scores is None else scores
-    scored = []
+    todo: dict[str, list[int]] = {}
+    for layer, u in units:
+        if (layer, u) not in scores:
+            todo.setdefault(layer, []).append(u)
+    dev = _device(model, device)
+    graph = LayerGraph.trace(model, todo) if cut and todo else None
     with _bar(len(units), "order units", progress) as bar:
-        for i, (layer, u) in enumerate(units):
-            if (layer, u) not in scores:
-                scores[(layer, u)] = val_accuracy(model, val, ablation_edits(model, {layer: [u]}, method, means),
-                                                  device, class_index)
-            scored.append((i, (layer, u), scores[(layer, u)]))
-            bar.update(1)
-    scored.sort(key=lambda r: (-r[2], r[0]))
+        bar.update(len(units) - sum(map(len, todo.values())))
+        for layer, us in todo.items():  # one prefix pass a batch scores all of a layer's units (cut.py)
+            edit_sets = [ablation_edits(model, {layer: [u]}, method, means) for u in us]
+            right = cut_correct(model, graph, layer, val, edit_sets, dev, class_index)
+            for j, u in enumerate(us):
+                r = right[j] if right is not None else val_correct(model, val, edit_sets[j], dev, class_index)
+                scores[(layer, u)] = int(r.sum()) / len(r)
+                bar.update(1)
+    scored = sorted(((i, unit, scores[unit]) for i, unit in enumerate(units)), key=lambda r: (-r[2], r[0]))
     return [(unit, acc) for _, unit, acc in scored]
+
+
+def _device(model: nn.Module, device: str | torch.device | None) -> torch.device:
+    return torch.device(device) if device is not None else (_model_device(model) or torch.device("cpu"))
 
 
 def accuracy_curve(model: nn.Module, ordered_units: Sequence[Any], val_loader: Iterable, max_n: int | None = None,
                    method: Method = "zero", means: Mapping[str, Any] | None = None, *,
                    device: str | torch.device | None = None, class_index: Sequence[int] | None = None,
                    cache_mb: float = 1024.0, progress: bool = True,
-                   clean: Sequence[bool] | None = None) -> list[tuple]:
+                   clean: Sequence[bool] | None = None, cut: bool = True) -> list[tuple]:
     """``[(n, val_acc), ...]`` for ``n = 0..min(max_n, len(ordered_units))``, ablating the first ``n`` units together
     (``n = 0`` is the unablated model). ``ordered_units`` are ``(layer, unit)`` pairs or :func:`order_units` rows.
 
     ``clean``: which validation images (in loader order) are clean; each row is then ``(n, val_acc, clean_acc)``,
-    ``clean_acc`` the accuracy on those images alone (from the same pass), for :func:`choose_n`'s tolerance."""
+    ``clean_acc`` the accuracy on those images alone (from the same pass), for :func:`choose_n`'s tolerance.
+    ``cut``: as in :func:`order_units` (the points whose first layer is the same share one pass up to it)."""
     units = _unit_list(ordered_units, "accuracy_curve")
     top = len(units) if max_n is None else min(int(max_n), len(units))
     if max_n is not None and max_n < 0:
@@ -197,11 +216,23 @@ def accuracy_curve(model: nn.Module, ordered_units: Sequence[Any], val_loader: I
             raise ValueError("accuracy_curve: `clean` marks no validation image as clean")
     ablation_edits(model, as_unit_dict(units[:top]), method, means)  # validate before the first pass
     val = ValBatches(val_loader, cache_mb)
+    dev = _device(model, device)
+    graph = LayerGraph.trace(model, {layer for layer, _ in units[:top]}) if cut and top else None
+    by_cut: dict[str | None, list[int]] = {None: [0]}  # each n from a cut at the first of its layers in the graph
+    for n in range(1, top + 1):
+        by_cut.setdefault(min((l for l, _ in units[:n]), key=graph.order) if graph else None, []).append(n)
+    rights: dict[int, torch.Tensor] = {}
     curve = []
     with _bar(top + 1, "accuracy curve", progress) as bar:
+        for layer, ns in by_cut.items():
+            edit_sets = [ablation_edits(model, as_unit_dict(units[:n]), method, means) if n else {} for n in ns]
+            right = cut_correct(model, graph, layer, val, edit_sets, dev, class_index) if layer else None
+            for j, n in enumerate(ns):
+                rights[n] = right[j] if right is not None else val_correct(model, val, edit_sets[j], dev,
+                                                                           class_index)
+                bar.update(1)
         for n in range(top + 1):
-            edits = ablation_edits(model, as_unit_dict(units[:n]), method, means) if n else {}
-            right = val_correct(model, val, edits, device, class_index)
+            right = rights[n]
             row = (n, int(right.sum()) / len(right))
             if mask is not None:
                 if len(mask) != len(right):
@@ -209,7 +240,6 @@ def accuracy_curve(model: nn.Module, ordered_units: Sequence[Any], val_loader: I
                                      f"images")
                 row += (int(right[mask].sum()) / int(mask.sum()),)
             curve.append(row)
-            bar.update(1)
     return curve
 
 

@@ -93,6 +93,32 @@ def test_each_pass_gets_fresh_cut_values(val):
         assert torch.equal(out, _logits(m, val, edits))
 
 
+class _TrainOnly(nn.Module):
+    """A branch on ``self.training`` in the traced forward itself (fixed when torch.fx traces)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.head = nn.Conv2d(3, 6, 3), nn.Linear(6, 4)
+
+    def forward(self, x):
+        h = self.conv(x)
+        if self.training:
+            h = h * 0
+        return self.head(h.mean((2, 3)))
+
+
+def test_a_model_left_in_training_mode_is_traced_as_it_is_scored(val):
+    torch.manual_seed(5)
+    m = _TrainOnly().train()
+    graph = LayerGraph.trace(m, ["conv"])
+    assert m.training  # its mode is given back
+    edit_sets = [ablation_edits(m, {"conv": [u]}) for u in range(2)]
+    got = cut_correct(m, graph, "conv", val, edit_sets, CPU, reduce=_keep)
+    assert m.training
+    for edits, out in zip(edit_sets, got):
+        assert torch.equal(out, _logits(m, val, edits))  # _logits scores in eval mode, as val_correct does
+
+
 def test_order_units_and_curve_same_with_fewer_passes(resnet, val):
     labels = _logits(resnet, val, {}).argmax(1).split([len(y) for _, y in val])
     val = [(x, y) for (x, _), y in zip(val, labels)]  # the unablated model is right everywhere: ablations show

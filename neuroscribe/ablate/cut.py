@@ -53,10 +53,14 @@ class LayerGraph:
         layers = list(dict.fromkeys(layers))
         if any(a != b and b.startswith(a + ".") for a in layers for b in layers):
             return None  # a layer inside another: the inner one's call is hidden in the outer leaf
+        was_training = model.training
+        model.eval()  # traced as it runs here: Python branches on self.training are fixed at trace time
         try:
             graph = _LeafTracer(layers).trace(model)
         except Exception:  # noqa: BLE001 - control flow on values, untraceable ops...: full passes instead
             return None
+        finally:
+            model.train(was_training)
         nodes, where = list(graph.nodes), {}
         for i, n in enumerate(nodes):
             if n.op == "call_module" and n.target in layers:

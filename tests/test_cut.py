@@ -143,9 +143,10 @@ def test_order_units_and_curve_same_with_fewer_passes(resnet, val):
         assert runs[True, method] == runs[False, method]
     assert any(acc < 1 for _, acc in runs[True, "mean"][0]) and any(acc < 1 for _, acc in runs[True, "mean"][1])
     # full passes: 6 units + 7 curve points a method; cut: 4 layers to order, then n = 0, n = 1 from layer3 and
-    # n = 2..6 from layer1 (the first layer of the units so far)
+    # n = 2..6 from layer1 (the first layer of the units so far), each cut checked once on its first batch by a full
+    # pass (4 + 2)
     assert runs[False] == 2 * (6 + 7) * len(val)
-    assert runs[True] == 2 * (4 + 1 + 2) * len(val)
+    assert runs[True] == 2 * ((4 + 1 + 2) * len(val) + 4 + 2)
 
 
 class _Branchy(nn.Module):
@@ -204,3 +205,100 @@ def test_efficientnet_lite0_real_photos_cut_equals_full():
         got = cut_correct(lm.module, graph, layer, val, edit_sets, CPU, reduce=_keep)
         for edits, out in zip(edit_sets, got):
             assert torch.equal(out, _logits(lm.module, val, edits)), layer
+
+
+class _Small(nn.Module):
+    """stem -> layer -> head, with ``kind`` choosing what happens around the cut (the holes a review found)."""
+
+    def __init__(self, kind: str):
+        super().__init__()
+        self.kind, self.scale = kind, None
+        self.stem, self.layer, self.act = nn.Conv2d(3, 8, 3), nn.Conv2d(8, 8, 3, padding=1), nn.Hardswish(True)
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x):
+        if self.kind == "lazy":
+            if self.scale is None:  # built on the first call: tracing would leave a Proxy here
+                self.scale = torch.ones_like(x[:1])
+            x = x * self.scale
+        h = self.stem(x)
+        if self.kind == "in-place before":
+            h.relu_()  # its result is never read: only the write matters
+        if self.kind == "isinstance" and isinstance(h, torch.Tensor):  # False on a torch.fx Proxy
+            h = h.relu()
+        if self.kind == "grad" and not torch.is_grad_enabled():
+            h = h * 2
+        v = h[:, :4, ::2] if self.kind == "view" else None
+        b = self.layer(h)
+        if self.kind == "view":
+            self.act(h)  # writes into h, which v views: copies of v and h apart would not see it
+            return self.head(torch.cat([v.mean((2, 3)), b[:, 4:].mean((2, 3))], 1))
+        return self.head((b + h).mean((2, 3)))
+
+
+def _cut_vs_full(model, val, layer="layer"):
+    graph = LayerGraph.trace(model, [layer])
+    edit_sets = [ablation_edits(model, {layer: [u]}) for u in (0, 1)]
+    got = None if graph is None else cut_correct(model, graph, layer, val, edit_sets, CPU, reduce=_keep)
+    if got is not None:
+        for edits, out in zip(edit_sets, got):
+            assert torch.equal(out, _logits(model, val, edits))
+    return got is not None
+
+
+@pytest.mark.parametrize("kind,cut", [("in-place before", True), ("grad", True), ("isinstance", False),
+                                      ("view", False), ("lazy", False)])
+def test_what_tracing_would_get_wrong_is_exact_or_falls_back(val, kind, cut):
+    """In-place writes before the cut are kept (no dead-code elimination) and grad mode is traced as scored: exact.
+    A branch fixed wrongly at trace time, a view whose base is written after the cut: the first batch's check
+    against a full pass falls back. A model that tracing would change (a lazily built attribute): not traced, and
+    left as it was."""
+    torch.manual_seed(6)
+    m = _Small(kind).eval()
+    assert _cut_vs_full(m, val) is cut
+    assert m.scale is None and torch.is_tensor(m(val[0][0]))  # the model works as before tracing
+
+
+def test_hooks_the_graphs_would_skip_mean_full_passes(val):
+    torch.manual_seed(7)
+    m = _Small("plain").eval()
+    assert _cut_vs_full(m, val)
+    for where in (m, m.stem):  # the model itself; a leaf keeps its hook (stem is called as a whole)
+        for register in (where.register_forward_pre_hook, where.register_forward_hook):
+            h = register(lambda *a: None)
+            try:
+                assert _cut_vs_full(m, val) is (where is m.stem)
+            finally:
+                h.remove()
+    block = torchvision.models.resnet18(num_classes=4).eval()
+    h = block.layer1.register_forward_hook(lambda *a: None)  # traced through when layer2 is the cut
+    try:
+        assert LayerGraph.trace(block, ["layer2"]) is None
+    finally:
+        h.remove()
+    assert LayerGraph.trace(block, ["layer2"]) is not None
+
+
+def test_named_tuple_outputs_cross_the_cut(val):
+    from collections import namedtuple
+    pair = namedtuple("pair", "a b")
+
+    class Twin(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 4, 3)
+
+        def forward(self, x):
+            y = self.conv(x)
+            return pair(y, y * 2)
+
+    class UsesTwin(nn.Module):  # the stem's named tuple is read again after the cut (t.b): it is carried over
+        def __init__(self):
+            super().__init__()
+            self.stem, self.layer, self.head = Twin(), nn.Conv2d(4, 4, 3, padding=1), nn.Linear(4, 3)
+
+        def forward(self, x):
+            t = self.stem(x)
+            return self.head((self.layer(t.a) + t.b).mean((2, 3)))
+    torch.manual_seed(8)
+    assert _cut_vs_full(UsesTwin().eval(), val)

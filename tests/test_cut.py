@@ -93,23 +93,24 @@ def test_each_pass_gets_fresh_cut_values(val):
         assert torch.equal(out, _logits(m, val, edits))
 
 
-class _TrainOnly(nn.Module):
-    """A branch on ``self.training`` in the traced forward itself (fixed when torch.fx traces)."""
+class _Branch(nn.Module):
+    """conv -> head with a Python branch: on ``self.training`` (fixed when torch.fx traces) or on a value (torch.fx
+    cannot trace it)."""
 
-    def __init__(self):
+    def __init__(self, on: str):
         super().__init__()
-        self.conv, self.head = nn.Conv2d(3, 6, 3), nn.Linear(6, 4)
+        self.on, self.conv, self.head = on, nn.Conv2d(3, 6, 3), nn.Linear(6, 4)
 
     def forward(self, x):
         h = self.conv(x)
-        if self.training:
-            h = h * 0
+        if self.training if self.on == "training" else h.mean() > 0:
+            h = h * 0 if self.on == "training" else h * 2
         return self.head(h.mean((2, 3)))
 
 
 def test_a_model_left_in_training_mode_is_traced_as_it_is_scored(val):
     torch.manual_seed(5)
-    m = _TrainOnly().train()
+    m = _Branch("training").train()
     graph = LayerGraph.trace(m, ["conv"])
     assert m.training  # its mode is given back
     edit_sets = [ablation_edits(m, {"conv": [u]}) for u in range(2)]
@@ -149,20 +150,6 @@ def test_order_units_and_curve_same_with_fewer_passes(resnet, val):
     assert runs[True] == 2 * ((4 + 1 + 2) * len(val) + 4 + 2)
 
 
-class _Branchy(nn.Module):
-    """Control flow on a value: torch.fx cannot trace it."""
-
-    def __init__(self):
-        super().__init__()
-        self.conv, self.head = nn.Conv2d(3, 6, 3), nn.Linear(6, 4)
-
-    def forward(self, x):
-        h = self.conv(x)
-        if h.mean() > 0:
-            h = h * 2
-        return self.head(h.mean((2, 3)))
-
-
 class _Twice(nn.Module):
     def __init__(self):
         super().__init__()
@@ -174,9 +161,9 @@ class _Twice(nn.Module):
 
 def test_what_cannot_be_cut_makes_full_passes(resnet, val):
     torch.manual_seed(4)
-    for model, layers in ((_Branchy(), ["conv"]), (_Twice(), ["conv"]), (resnet, ["layer1", "layer1.0"])):
+    for model, layers in ((_Branch("value"), ["conv"]), (_Twice(), ["conv"]), (resnet, ["layer1", "layer1.0"])):
         assert LayerGraph.trace(model.eval(), layers) is None
-    m = _Branchy().eval()
+    m = _Branch("value").eval()
     units = [("conv", 0), ("conv", 5), ("head", 1)]
     assert order_units(m, units, val, progress=False) == order_units(m, units, val, progress=False, cut=False)
     # an edit set with a layer before the cut, or without the cut's layer: not from this cut

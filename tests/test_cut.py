@@ -164,8 +164,16 @@ def test_what_cannot_be_cut_makes_full_passes(resnet, val):
     for model, layers in ((_Branch("value"), ["conv"]), (_Twice(), ["conv"]), (resnet, ["layer1", "layer1.0"])):
         assert LayerGraph.trace(model.eval(), layers) is None
     m = _Branch("value").eval()
-    units = [("conv", 0), ("conv", 5), ("head", 1)]
-    assert order_units(m, units, val, progress=False) == order_units(m, units, val, progress=False, cut=False)
+    labels = _logits(m, val, {}).argmax(1)  # the unablated model is right everywhere: ablations show
+    val = [(x, y) for (x, _), y in zip(val, labels.split([len(y) for _, y in val]))]
+    top = int(labels.mode().values)  # the most predicted class: its logit set to -100 turns its images wrong
+    units = [("conv", 0), ("conv", 5), ("head", (top + 1) % 4), ("head", top)]
+    means = {"conv": torch.zeros(6), "head": torch.full((4,), -100.0)}
+    want = {u: int((_logits(m, val, ablation_edits(m, {u[0]: [u[1]]}, "mean", means)).argmax(1) == labels).sum())
+            / len(labels) for u in units}  # each unit's accuracy from its own full pass, apart from the fallback
+    assert want[("head", top)] != want[("head", (top + 1) % 4)]  # a unit scored with another's edit would show
+    got = order_units(m, units, val, "mean", means, progress=False)
+    assert dict(got) == want and len(got) == len(units)
     # an edit set with a layer before the cut, or without the cut's layer: not from this cut
     graph = LayerGraph.trace(resnet, ["layer1", "layer3"])
     both = ablation_edits(resnet, {"layer1": [0], "layer3": [0]})

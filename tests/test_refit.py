@@ -337,3 +337,34 @@ def test_dfr_l1_is_dfrs_own_sparse_one_vs_rest_fit():
     assert (fits["l2"][0][1].weight[:, 6:] != 0).all()  # L2 only shrinks them
     with pytest.raises(ValueError, match="penalty='l1' with toward='head'"):
         dfr_last_layer(model, [], held, batches, seed=0, penalty="l1", toward="head")
+
+
+def test_dfr_extra_images_join_every_fit_and_are_never_scored():
+    """``extra`` (the job's training photos, ``ablate.dfr_train``) joins the fits of the C search and the final fit,
+    never the choose half that picks C. Here only ``extra`` holds a third class: with it the re-fit predicts that class
+    where its images lie, without it never; C is chosen on the slice's own groups with the same choose half."""
+    from neuroscribe.ablate.refit import dfr_last_layer
+    held = _toy(300, 100, seed=1)
+    g = torch.Generator().manual_seed(7)
+    x3 = torch.stack([6 + 0.3 * torch.randn(200, generator=g), 3.0 * torch.randn(200, generator=g).sign()], 1)
+    extra = _Toy(x3, torch.full((200,), 2), ["other"] * 200)
+    model = torch.nn.Sequential(torch.nn.Identity(), torch.nn.Linear(2, 3))
+    with torch.no_grad():  # classes 0/1 read the cue only; class 2 never wins
+        model[1].weight.copy_(torch.tensor([[0.0, -1.0], [0.0, 1.0], [0.0, 0.0]]))
+        model[1].bias.copy_(torch.tensor([0.0, 0.0, -10.0]))
+    seen = []
+
+    def batches(d):
+        seen.append(len(d))
+        return torch.utils.data.DataLoader(d, batch_size=64)
+    plain, info0 = dfr_last_layer(model, [], held, batches, seed=0)
+    dfr, info = dfr_last_layer(model, [], held, batches, seed=0, extra=extra)
+    assert seen == [400, 400, 200]  # one pass over the slice each, one over extra
+    assert info0["extra"] == 0 and info["extra"] == 200
+    assert info["choose"] == info0["choose"] and info["fit"] == info0["fit"]
+    assert all(set(groups) == {"agree", "conflict"} for groups in info["group_acc_by_C"].values())  # never scored
+    with torch.no_grad():
+        assert (dfr(x3).argmax(1) == 2).float().mean() > 0.95
+        assert not (plain(x3).argmax(1) == 2).any()
+        test = _toy(0, 200, seed=2)
+        assert (dfr(test.x).argmax(1) == test.y).float().mean() > 0.8  # the slice's classes are still told apart

@@ -201,7 +201,7 @@ def _fit(x: np.ndarray, y: np.ndarray, c: float, seed: int, prior: tuple[np.ndar
 def dfr_last_layer(model: nn.Module, units: Any, ds, make_loader, method: str = "zero",
                    means: Mapping[str, Any] | None = None, *, device: torch.device | str = "cpu",
                    seed: int = 0, cs: Sequence[float] | None = None, retrains: int = DFR_RETRAINS,
-                   toward: str = "zero", penalty: str = "l2") -> tuple[nn.Module, dict]:
+                   toward: str = "zero", penalty: str = "l2", extra=None) -> tuple[nn.Module, dict]:
     """DFR: a copy of ``model`` whose last linear layer is re-fitted on group-balanced subsets of ``ds``, as in
     Kirichenko et al. (2023), ``dfr_evaluate_spurious.py``.
 
@@ -214,6 +214,10 @@ def dfr_last_layer(model: nn.Module, units: Any, ds, make_loader, method: str = 
     coefficients averaged (DFR's final fit). ``make_loader(dataset)`` batches a subset. ``toward="head"`` pulls
     the weights toward the trained head's instead of toward zero (:class:`_TowardHead`; C then sets how far the re-fit
     may move from it, and the grid's large C is DFR again).
+    ``extra``: more images added to every fit, never scored (:func:`~neuroscribe.datasets.sets.dfr_train_set`:
+    training photos, each clean and with the cue naming a random class, so its groups are balanced by construction).
+    C is still chosen on the held-out half of ``ds`` alone -- photos the model never trained on, whose features
+    show how much it leans on the cue -- and the features are standardised over both.
     The fit is a multinomial L2 logistic regression (``penalty="l2"``, C over :data:`DFR_C`). DFR's own script fits
     L1 one-vs-rest (liblinear, C over :data:`DFR_C_L1`; ``penalty="l1"``): on the five 64 px study seeds, with the
     slice's cue naming a random class, that gave 2.2 points less wrong-text accuracy alone and 1.9 less after the
@@ -228,13 +232,21 @@ def dfr_last_layer(model: nn.Module, units: Any, ds, make_loader, method: str = 
     device = torch.device(device)
     labels, groups = labels_and_groups(ds)
     names, cell, members = _cells(labels, groups)
-    fit, choose = dfr_split(labels, groups, seed)
-    fit_cells = sorted({names[cell[i]] for i in fit})
+    fit_ids, choose = dfr_split(labels, groups, seed)
+    fit_cells = sorted({names[cell[i]] for i in fit_ids})
     head = last_linear(model)
     edits = ablation_edits(model, as_unit_dict(units), method, means) if units else None
     x, y = features(model, make_loader(torch.utils.data.Subset(ds, list(range(len(ds))))), edits, head, device)
-    mu, sd = x.mean(0), x.std(0) + 1e-6
-    z = (x - mu) / sd
+    xe, ye = x[:0], y[:0]
+    if extra is not None and len(extra):
+        xe, ye = features(model, make_loader(torch.utils.data.Subset(extra, list(range(len(extra))))), edits, head,
+                          device)
+    both = np.concatenate([x, xe])
+    mu, sd = both.mean(0), both.std(0) + 1e-6
+    z, ze = (x - mu) / sd, (xe - mu) / sd
+
+    def fit(ids, c):  # the slice's ``ids`` and every extra image
+        return _fit(np.concatenate([z[ids], ze]), np.concatenate([y[ids], ye]), c, seed, prior, penalty)
     prior = None
     if toward == "head":  # the trained head in standardised coordinates: W x + b = (W sd) z + (W mu + b)
         lin = dict(model.named_modules())[head]
@@ -249,7 +261,7 @@ def dfr_last_layer(model: nn.Module, units: Any, ds, make_loader, method: str = 
     cc, gc = cells[choose], np.asarray(groups)[choose]
     by_c, cell_by_c, best = {}, {}, None
     for c in cs:
-        hit = _fit(z[fit], y[fit], c, seed, prior, penalty).predict(z[choose]) == y[choose]
+        hit = fit(fit_ids, c).predict(z[choose]) == y[choose]
         per_cell = {k: float(hit[cc == k].mean()) for k in np.unique(cc)}
         per_group = {g: float(np.mean([v for k, v in per_cell.items() if names[k][1] == g])) for g in np.unique(gc)}
         by_c[c], cell_by_c[c] = per_group, min(per_cell.values())
@@ -258,7 +270,7 @@ def dfr_last_layer(model: nn.Module, units: Any, ds, make_loader, method: str = 
     coef, inter = [], []
     for r in range(retrains):
         sub = _balanced(members, names, seed + 1000 * r, "dfr final")
-        clf = _fit(z[sub], y[sub], best, seed, prior, penalty)
+        clf = fit(sub, best)
         coef.append(clf.coef_)
         inter.append(clf.intercept_)
     clf.coef_, clf.intercept_ = np.mean(coef, 0) / sd, np.mean(inter, 0) - (np.mean(coef, 0) / sd) @ mu
@@ -268,7 +280,7 @@ def dfr_last_layer(model: nn.Module, units: Any, ds, make_loader, method: str = 
             "group_acc_by_C": {str(c): v for c, v in by_c.items()},
             "worst_cell_by_C": {str(c): v for c, v in cell_by_c.items()},
             "cells": [f"{y}/{g}" for y, g in names], "fit_cells": [f"{y}/{g}" for y, g in fit_cells],
-            "fit_per_cell": len(fit) // len(fit_cells), "fit": len(fit),
+            "fit_per_cell": len(fit_ids) // len(fit_cells), "fit": len(fit_ids), "extra": len(ye),
             "choose": len(choose), "images": len(cell), "standardised": True,
             "final": {"retrains": retrains, "per_cell": per_cell_final, "images": per_cell_final * len(members)}}
     return _with_head(model, head, clf), info

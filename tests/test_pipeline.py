@@ -2,6 +2,7 @@
 import json
 
 import pytest
+import torch
 
 from neuroscribe import pipeline
 from neuroscribe.config import load_config
@@ -325,6 +326,56 @@ def test_probe_from_training_photos_leaves_out_the_validation_holdout(job):
     with open(probe_cfg.data.root) as fh:
         sources = {Path(r["source"]).resolve() for r in csv.DictReader(fh)}
     assert len(sources) == 400 - len(holdout) and not sources & holdout
+
+
+def test_dfr_train_adds_the_trained_photos_to_every_dfr_fit_and_never_the_holdout(job, monkeypatch):
+    """``ablate.dfr_train``: that share of the photos the model trained on (class-stratified), each clean and again
+    with the cue naming a random class, joins every DFR fit (the dfr_ns curve and evaluate alike); no held-out photo
+    is among them; the default (0) adds nothing."""
+    from pathlib import Path
+    from neuroscribe.ablate import refit as refit_mod
+    from neuroscribe.ablate.stage import model_and_means
+    from neuroscribe.config import ConfigError
+    from neuroscribe.datasets.probe import open_probe_set
+    from neuroscribe.datasets.sets import dfr_train_set, held_out
+    cfg, out = job
+    with pytest.raises(ConfigError, match="ablate.dfr_train adds training photos to DFR's fit: set ablate.dfr"):
+        load_config(None, {"ablate": {"dfr_train": 0.5}})
+    lm = model_and_means(cfg)[0]
+    assert dfr_train_set(cfg, lm.preprocess) is None
+    cfg = cfg.model_copy(update={"ablate": cfg.ablate.model_copy(update={"dfr": "holdout", "dfr_train": 0.5,
+                                                                         "dfr_ns": [0, 1]})})
+    ds, desc = dfr_train_set(cfg, lm.preprocess)
+    split = json.loads(next((out / "train").glob("seed*/split.json")).read_text())
+    d = cfg.train.data
+    probe = open_probe_set(d.root, d.format, d.split, d.limit, seed=cfg.train.data_seed)
+    trained = {Path(probe.samples[i].path).resolve(): int(probe.samples[i].label) for i in split["train_ids"]}
+    n = len(ds) // 2
+    assert n == round(0.5 * len(trained)) and len(ds) == 2 * n and f"{n} training photos (50%" in desc
+    photos = [Path(s.path).resolve() for s in ds.samples]
+    assert photos[:n] == photos[n:] and set(photos) <= set(trained) and not set(photos) & held_out(out)
+    assert [s.label for s in ds.samples[:n]] == [trained[p] for p in photos[:n]] == [s.label for s in ds.samples[n:]]
+    assert [s.group for s in ds.samples] == ["clean"] * n + ["cued"] * n
+    per_class = [sum(s.label == c for s in ds.samples[:n]) for c in set(trained.values())]
+    assert max(per_class) - min(per_class) <= 1, per_class  # class-stratified
+    for i in range(n):  # the cue drawn on every cued copy, the label kept
+        (xc, yc, gc), (xq, yq, gq) = ds[i], ds[n + i]
+        assert yc == yq and (gc, gq) == ({"group": "clean"}, {"group": "cued"}) and not torch.equal(xc, xq)
+    named = [p["cue_class"] for p in ds.cued.plan()]
+    assert 0 < sum(c == s.label for c, s in zip(named, ds.samples)) < n  # a random class: sometimes the right one
+    extras = []
+    real = refit_mod.dfr_last_layer
+    monkeypatch.setattr(refit_mod, "dfr_last_layer", lambda *a, **k: extras.append(k.get("extra")) or real(*a, **k))
+    pipeline.flag(cfg)
+    (out / "ablation.json").unlink(missing_ok=True)
+    pipeline.ablate(cfg)
+    (out / "evaluation.json").unlink(missing_ok=True)
+    ev = pipeline.evaluate(cfg)
+    monkeypatch.undo()
+    assert len(extras) >= 3 and all(e is not None and e.samples == ds.samples for e in extras)  # curve (2) + evaluate
+    assert ev["dfr"]["dfr"]["extra"] == len(ds) and ev["dfr"]["training_photos"] == desc
+    (out / "ablation.json").unlink(missing_ok=True)  # the other tests' settings rebuild theirs
+    (out / "evaluation.json").unlink(missing_ok=True)
 
 
 def test_flag_quality_against_counterfactual_truth_on_a_test_set(job):

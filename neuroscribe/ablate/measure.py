@@ -16,7 +16,7 @@ import torch
 from .. import io
 from ..config import JobConfig
 from ..heap import reuse_freed_memory
-from ..datasets.sets import class_index, dfr_set, held_out, loader, shift_set, test_sets
+from ..datasets.sets import class_index, dfr_set, dfr_train_set, held_out, loader, shift_set, test_sets
 from ..runtime import job_model
 from .refit import DFR_RULE
 from .stage import dfr_cue_matters, model_and_means
@@ -49,7 +49,8 @@ def evaluate(cfg: JobConfig) -> dict:
                [s.model_dump(mode="json") for s in cfg.shifts], cfg.seed, cfg.ablate.refit, cfg.probe,
                *([cfg.ablate.dfr, DFR_RULE] if cfg.ablate.dfr else []),
                *([cfg.ablate.dfr_toward] if cfg.ablate.dfr and cfg.ablate.dfr_toward != "zero" else []),
-               *([cfg.ablate.dfr_cue] if dfr_cue_matters(cfg) else []))
+               *([cfg.ablate.dfr_cue] if dfr_cue_matters(cfg) else []),
+               *([f"dfr_train {cfg.ablate.dfr_train}"] if cfg.ablate.dfr and cfg.ablate.dfr_train else []))
     done = io.current(job / "evaluation.json", key)
     if done:
         return done
@@ -73,6 +74,7 @@ def evaluate(cfg: JobConfig) -> dict:
     if cfg.ablate.dfr:  # DFR alone and after the ablation: the last layer re-fitted on a group-balanced held-out slice
         from .refit import dfr_last_layer
         dfr_ds, _, _ = dfr_set(cfg, lm.preprocess, lm.class_names)
+        extra, extra_desc = dfr_train_set(cfg, lm.preprocess) or (None, None)
         fits = [("dfr", [])] + ([("ablated_dfr", variants["ablated"])] if variants.get("ablated") else [])
         if "dfr_tuned" in abl:  # N chosen for ablation + DFR together on validation (ablate.dfr_ns)
             fits.append(("ablated_dfr_tuned", [tuple(u) for u in abl["dfr_tuned"]["units"]]))
@@ -81,7 +83,7 @@ def evaluate(cfg: JobConfig) -> dict:
             if tuple(units) not in fitted:
                 fitted[tuple(units)] = dfr_last_layer(lm.module, units, dfr_ds, lambda d: loader(cfg, d),
                                                       cfg.ablate.method, means, device=dev, seed=cfg.seed,
-                                                      toward=cfg.ablate.dfr_toward)
+                                                      toward=cfg.ablate.dfr_toward, extra=extra)
             model, dfr_info[vname] = fitted[tuple(units)]
             runs[vname], variants[vname] = (model, units), units
     sets = test_sets(cfg, lm.preprocess, lm.class_names)
@@ -115,7 +117,7 @@ def evaluate(cfg: JobConfig) -> dict:
     if quality:
         out["flag_quality"] = quality
     if dfr_info:
-        out["dfr"] = dict(dfr_info, shift=cfg.ablate.dfr)
+        out["dfr"] = dict(dfr_info, shift=cfg.ablate.dfr, **({"training_photos": extra_desc} if extra_desc else {}))
     out["variants"] = {k: [list(u) for u in v] for k, v in variants.items()}
     out["random_draws"] = [[list(u) for u in d] for d in draws]
     io.write_json(job / "evaluation.json", out)

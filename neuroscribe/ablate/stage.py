@@ -179,6 +179,8 @@ def ablate(cfg: JobConfig) -> dict:
         del settings["dfr_toward"]
     if not dfr_cue_matters(cfg) or not cfg.ablate.dfr_ns:  # 'wrong' was the only slice before: those keys stay
         del settings["dfr_cue"]
+    if not cfg.ablate.dfr_train or not cfg.ablate.dfr_ns:  # DFR's training photos matter here only for dfr_ns
+        del settings["dfr_train"]
     key = io.artifact_key(flags["key"], settings, cfg.model.spec, io.file_key(job / "train.json"), HOLDOUT_RULE)
     done = io.current(job / "ablation.json", key)
     if done:
@@ -245,15 +247,16 @@ def dfr_curve(cfg: JobConfig, lm, dev, means, ordered: list, val: list, ci) -> d
     the first N units of the description ordering ablated and DFR fitted after them (:func:`.refit.dfr_last_layer`,
     on the DFR slice), scored on the validation images (disjoint from that slice); N = the best, ties to the smaller.
     The units are the description variant's own ordering: the words choose them, validation only how many."""
-    from ..datasets.sets import dfr_set
+    from ..datasets.sets import dfr_set, dfr_train_set
     from .edit import ablation_edits, as_unit_dict
     from .refit import dfr_last_layer
     from .select import choose_n, val_correct
     dfr_ds, _, _ = dfr_set(cfg, lm.preprocess, lm.class_names)
+    extra = (dfr_train_set(cfg, lm.preprocess) or (None,))[0]
     curve = []
     for n in sorted({min(int(n), len(ordered)) for n in cfg.ablate.dfr_ns}):
         model, _ = dfr_last_layer(lm.module, ordered[:n], dfr_ds, lambda d: loader(cfg, d), cfg.ablate.method, means,
-                                  device=dev, seed=cfg.seed, toward=cfg.ablate.dfr_toward)
+                                  device=dev, seed=cfg.seed, toward=cfg.ablate.dfr_toward, extra=extra)
         edits = ablation_edits(model, as_unit_dict(ordered[:n]), cfg.ablate.method, means) if n else None
         right = val_correct(model, val, edits, dev, ci)
         curve.append([n, int(right.sum()) / len(right)])

@@ -249,6 +249,67 @@ def dfr_set(cfg: JobConfig, pre, classes: list[str] | None = None):
     return shift_set(shift, pre, cfg.seed, classes, held_out(cfg.out))
 
 
+class _TrainCopies(torch.utils.data.Dataset):
+    """Photos twice: as they are (group ``clean``), then as ``cued`` draws them (group ``cued``), same order."""
+
+    def __init__(self, clean: Labelled, cued):
+        from .probe import Sample
+        self.clean, self.cued = clean, cued
+        self.samples = clean.samples + [Sample(s.path, s.label, "cued") for s in clean.samples]
+
+    def __len__(self):
+        return len(self.samples)
+
+    def __getitem__(self, i):
+        from .probe import ImageLoadError
+        if i < len(self.clean):
+            return self.clean[i]
+        try:
+            x, y, _ = self.cued[i - len(self.clean)]
+        except ImageLoadError:
+            return None
+        return x, int(y), {"group": "cued"}
+
+
+def dfr_train_set(cfg: JobConfig, pre):
+    """``(dataset, description)`` of the training photos that DFR also fits on (``ablate.dfr_train``; None when 0):
+    that share of the photos the ``train`` stage trained on (class-stratified, seeded), each clean and, with a
+    training cue, again with that cue naming a uniformly random class (the right one 1 time in k: independent of
+    the label), drawn after the model's resize and crop as in training. Their features tell the re-fit what the
+    classes look like; the held-out slice alone chooses C (:func:`~neuroscribe.ablate.refit.dfr_last_layer`)."""
+    share = cfg.ablate.dfr_train
+    if not share:
+        return None
+    tj = Path(cfg.out) / "train.json"
+    t = json.loads(tj.read_text()) if tj.is_file() else {}
+    split_file = Path(t["checkpoint"]).parent / "split.json" if t.get("checkpoint") else None
+    if cfg.train is None or split_file is None or not split_file.is_file():
+        raise ValueError(f"ablate.dfr_train fits DFR on the training photos too, but {cfg.out} has no trained model "
+                         "(train.json, split.json): run the train stage first, or set ablate.dfr_train: 0")
+    split = json.loads(split_file.read_text())
+    from .probe import Sample, open_probe_set
+    from .splits import stratified_sample
+    d = cfg.train.data
+    probe = open_probe_set(d.root, d.format, d.split, d.limit, seed=cfg.train.data_seed, target=d.target,
+                           spurious=d.spurious)
+    if probe.fingerprint() != split["data_fingerprint"]:
+        raise ValueError(f"ablate.dfr_train: the training data under {probe.root} changed since the train stage "
+                         f"wrote {split_file}: train again, or set ablate.dfr_train: 0")
+    labels = [int(probe.samples[i].label) for i in split["train_ids"]]
+    keep = stratified_sample(labels, round(share * len(labels)), cfg.seed, purpose="dfr train")
+    photos = [Sample(probe.samples[split["train_ids"][i]].path, labels[i], "clean") for i in keep]
+    clean = Labelled(photos, pre.transform(), split["class_names"])
+    if cfg.train.cue is None:
+        return clean, f"{len(photos)} training photos ({share:.0%}, class-stratified), clean"
+    from .cues import describe_cue
+    from .shifts import CuedDataset
+    cued = CuedDataset([(s.path, s.label) for s in photos], split["class_names"], cfg.train.cue, fraction=1.0,
+                       correlation="random", seed=cfg.seed, transform=pre.to_tensor(), geometry=pre.geometry())
+    tied = describe_cue(cfg.train.cue, "random")
+    return _TrainCopies(clean, cued), (f"{2 * len(photos)} images of {len(photos)} training photos ({share:.0%}, "
+                                       f"class-stratified), each twice: clean and {tied}")
+
+
 def class_index(lm, names):
     from .labels import label_map
     if lm.class_names is None or list(lm.class_names) == list(names):

@@ -2,7 +2,8 @@
 ``ablate.clean_tolerance``'s rule on the job's own validation curves, then DFR after those units.
 
     python tools/clean_budget.py JOBDIR/seed0 [--tolerance 1|milan|dfr] [--toward zero,head] [--dfr-cue random|wrong]
-                                 [--penalty l2|l1] [--draws 5] [--reference-wrong 0.532] [--out FILE.json]
+                                 [--penalty l2|l1] [--dfr-train 1] [--draws 5] [--reference-wrong 0.532]
+                                 [--out FILE.json]
 
 The description variant's ordering and its validation curves (``ablation.json``: ``curve`` and ``clean_curve``, the
 clean images' accuracy from the same passes) are the job's; N is :func:`neuroscribe.ablate.select.choose_n` with the
@@ -13,7 +14,8 @@ seed and number of draws; ``--draws 0`` skips it). The sort-all control is not r
 MILAN's rule (the job's own N), ``--tolerance dfr`` the N chosen for ablation + DFR together on validation (the ablate
 stage's ``dfr_curve`` over ``ablate.dfr_ns``, with this run's DFR slice); ``--dfr-cue`` sets ``ablate.dfr_cue``
 (the class the DFR slice's cued copies name) instead of the job's; ``--penalty l1`` fits DFR as DFR's own
-script does (L1 one-vs-rest, its C grid; toward zero only) instead of the product's L2 multinomial fit. With
+script does (L1 one-vs-rest, its C grid; toward zero only) instead of the product's L2 multinomial fit;
+``--dfr-train SHARE`` sets ``ablate.dfr_train`` (that share of the training photos joins every DFR fit). With
 ``--reference-wrong`` (the clean-trained reference on ``--shift``) also the share of the gap closed."""
 from __future__ import annotations
 
@@ -26,7 +28,7 @@ from neuroscribe import io
 from neuroscribe.ablate.refit import dfr_last_layer
 from neuroscribe.ablate.select import choose_n, random_units
 from neuroscribe.ablate.stage import dfr_curve, model_and_means, validation_batches
-from neuroscribe.datasets.sets import class_index, dfr_set, loader
+from neuroscribe.datasets.sets import class_index, dfr_set, dfr_train_set, loader
 
 
 def main() -> None:
@@ -36,6 +38,8 @@ def main() -> None:
                     "(default 1)")
     ap.add_argument("--dfr-cue", choices=("random", "wrong"), help="ablate.dfr_cue for DFR (default: the job's)")
     ap.add_argument("--penalty", choices=("l2", "l1"), default="l2", help="DFR's fit (default l2, the product's)")
+    ap.add_argument("--dfr-train", type=float, default=0.0, help="ablate.dfr_train: share of the training photos "
+                    "that join DFR's fits (default 0: the held-out slice alone)")
     ap.add_argument("--draws", type=int, help="random-unit draws at that N (default: the job's; 0 = none)")
     ap.add_argument("--toward", default="zero,head", help="DFR's L2 centres to fit (default zero,head)")
     ap.add_argument("--reference-wrong", type=float, help="the clean-trained reference's accuracy on --shift")
@@ -43,6 +47,7 @@ def main() -> None:
     ap.add_argument("--out", type=Path, help="also write the figures here (JSON)")
     a = ap.parse_args()
     cfg, job_cue = job_config(a.job, a.dfr_cue)
+    cfg = cfg.model_copy(update={"ablate": cfg.ablate.model_copy(update={"dfr_train": a.dfr_train})})
     tol = None if a.tolerance in ("milan", "dfr") else float(a.tolerance)
     abl = json.loads((a.job / "ablation.json").read_text())
     desc = abl["variants"]["description"]
@@ -72,15 +77,17 @@ def main() -> None:
     if any(abs(acc["base"][s] - r["acc"]) > 1e-9 for s, r in ev["base"].items()):
         raise SystemExit(f"the base model scores {acc['base']} here but {ev['base']} in the job: another model?")
     dfr_ds, _, _ = dfr_set(cfg, lm.preprocess, lm.class_names)
+    extra, extra_desc = dfr_train_set(cfg, lm.preprocess) or (None, None)
     info = {}
     for toward in a.toward.split(","):
         for name, us in ((f"dfr/{toward}", []), (f"ablated_dfr/{toward}", units)):
             model, info[name] = dfr_last_layer(lm.module, us, dfr_ds, lambda d: loader(cfg, d), cfg.ablate.method,
-                                               means, device=dev, seed=cfg.seed, toward=toward, penalty=a.penalty)
+                                               means, device=dev, seed=cfg.seed, toward=toward, penalty=a.penalty,
+                                               extra=extra)
             acc[name] = score(model, us)
             print(name, info[name]["C"], acc[name], flush=True)
     job_dfr = {s: r["acc"] for s, r in ev.get("dfr", {}).items()}
-    same_fit = cfg.ablate.dfr_cue == job_cue and a.penalty == "l2"  # the job's own slice and fit
+    same_fit = cfg.ablate.dfr_cue == job_cue and a.penalty == "l2" and not a.dfr_train  # the job's own fit
     if "dfr/zero" in acc and job_dfr and same_fit and any(abs(acc["dfr/zero"][s] - v) > 1e-9
                                                           for s, v in job_dfr.items()):
         info["dfr/zero"]["differs_from_job"] = True  # e.g. another thread count: rounding can flip DFR's choice of C
@@ -90,6 +97,7 @@ def main() -> None:
     for i, d in enumerate(draws):
         acc[f"random/{i}"] = score(lm.module, d)
     out = {"job": str(a.job), "tolerance_points": tol, "dfr_cue": cfg.ablate.dfr_cue, "penalty": a.penalty,
+           "dfr_train": a.dfr_train, "dfr_training_photos": extra_desc,
            "chosen_n": {"milan_rule": desc["chosen_n"], "tolerance" if tol is not None else a.tolerance: n},
            "clean_validation": {"unablated": rows[0][2], "at_n": dict((r[0], r[2]) for r in rows).get(n)},
            "units": [list(u) for u in units],

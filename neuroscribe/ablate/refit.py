@@ -244,9 +244,6 @@ def dfr_last_layer(model: nn.Module, units: Any, ds, make_loader, method: str = 
     both = np.concatenate([x, xe])
     mu, sd = both.mean(0), both.std(0) + 1e-6
     z, ze = (x - mu) / sd, (xe - mu) / sd
-
-    def fit(ids, c):  # the slice's ``ids`` and every extra image
-        return _fit(np.concatenate([z[ids], ze]), np.concatenate([y[ids], ye]), c, seed, prior, penalty)
     prior = None
     if toward == "head":  # the trained head in standardised coordinates: W x + b = (W sd) z + (W mu + b)
         lin = dict(model.named_modules())[head]
@@ -257,6 +254,9 @@ def dfr_last_layer(model: nn.Module, units: Any, ds, make_loader, method: str = 
         prior = (w0 * sd, w0 @ mu + b0)
     elif toward != "zero":
         raise ValueError(f"dfr toward={toward!r}: use 'zero' (DFR) or 'head' (toward the trained head)")
+
+    def fit(ids, c):  # the slice's ``ids`` and every extra image
+        return _fit(np.concatenate([z[ids], ze]), np.concatenate([y[ids], ye]), c, seed, prior, penalty)
     cells = np.asarray(cell)
     cc, gc = cells[choose], np.asarray(groups)[choose]
     by_c, cell_by_c, best = {}, {}, None

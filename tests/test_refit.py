@@ -339,11 +339,15 @@ def test_dfr_l1_is_dfrs_own_sparse_one_vs_rest_fit():
         dfr_last_layer(model, [], held, batches, seed=0, penalty="l1", toward="head")
 
 
-def test_dfr_extra_images_join_every_fit_and_are_never_scored():
+def test_dfr_extra_images_join_every_fit_and_are_never_scored(monkeypatch):
     """``extra`` (the job's training photos, ``ablate.dfr_train``) joins the fits of the C search and the final fit,
     never the choose half that picks C. Here only ``extra`` holds a third class: with it the re-fit predicts that class
-    where its images lie, without it never; C is chosen on the slice's own groups with the same choose half."""
-    from neuroscribe.ablate.refit import dfr_last_layer
+    where its images lie, without it never; every regression (each C, each final fit) gets the 200 extra images; C is
+    chosen on the slice's own groups with the same choose half."""
+    from neuroscribe.ablate import refit as refit_mod
+    from neuroscribe.ablate.refit import DFR_C, DFR_RETRAINS, dfr_last_layer
+    sizes, real_fit = [], refit_mod._fit
+    monkeypatch.setattr(refit_mod, "_fit", lambda x, y, *a, **k: sizes.append(len(y)) or real_fit(x, y, *a, **k))
     held = _toy(300, 100, seed=1)
     g = torch.Generator().manual_seed(7)
     x3 = torch.stack([6 + 0.3 * torch.randn(200, generator=g), 3.0 * torch.randn(200, generator=g).sign()], 1)
@@ -360,6 +364,8 @@ def test_dfr_extra_images_join_every_fit_and_are_never_scored():
     plain, info0 = dfr_last_layer(model, [], held, batches, seed=0)
     dfr, info = dfr_last_layer(model, [], held, batches, seed=0, extra=extra)
     assert seen == [400, 400, 200]  # one pass over the slice each, one over extra
+    fits = len(DFR_C) + DFR_RETRAINS
+    assert len(sizes) == 2 * fits and [b - a for a, b in zip(sizes[:fits], sizes[fits:])] == [200] * fits
     assert info0["extra"] == 0 and info["extra"] == 200
     assert info["choose"] == info0["choose"] and info["fit"] == info0["fit"]
     assert all(set(groups) == {"agree", "conflict"} for groups in info["group_acc_by_C"].values())  # never scored

@@ -38,8 +38,8 @@ def main() -> None:
                     "(default 1)")
     ap.add_argument("--dfr-cue", choices=("random", "wrong"), help="ablate.dfr_cue for DFR (default: the job's)")
     ap.add_argument("--penalty", choices=("l2", "l1"), default="l2", help="DFR's fit (default l2, the product's)")
-    ap.add_argument("--dfr-train", type=float, default=0.0, help="ablate.dfr_train: share of the training photos "
-                    "that join DFR's fits (default 0: the held-out slice alone)")
+    ap.add_argument("--dfr-train", type=float, help="ablate.dfr_train: share of the training photos that join DFR's "
+                    "fits (default: the job's own; 0 = the held-out slice alone)")
     ap.add_argument("--draws", type=int, help="random-unit draws at that N (default: the job's; 0 = none)")
     ap.add_argument("--toward", default="zero,head", help="DFR's L2 centres to fit (default zero,head)")
     ap.add_argument("--reference-wrong", type=float, help="the clean-trained reference's accuracy on --shift")
@@ -47,7 +47,9 @@ def main() -> None:
     ap.add_argument("--out", type=Path, help="also write the figures here (JSON)")
     a = ap.parse_args()
     cfg, job_cue = job_config(a.job, a.dfr_cue)
-    cfg = cfg.model_copy(update={"ablate": cfg.ablate.model_copy(update={"dfr_train": a.dfr_train})})
+    job_train = cfg.ablate.dfr_train
+    if a.dfr_train is not None:
+        cfg = cfg.model_copy(update={"ablate": cfg.ablate.model_copy(update={"dfr_train": a.dfr_train})})
     tol = None if a.tolerance in ("milan", "dfr") else float(a.tolerance)
     abl = json.loads((a.job / "ablation.json").read_text())
     desc = abl["variants"]["description"]
@@ -87,22 +89,22 @@ def main() -> None:
             acc[name] = score(model, us)
             print(name, info[name]["C"], acc[name], flush=True)
     job_dfr = {s: r["acc"] for s, r in ev.get("dfr", {}).items()}
-    same_fit = cfg.ablate.dfr_cue == job_cue and a.penalty == "l2" and not a.dfr_train  # the job's own fit
-    if "dfr/zero" in acc and job_dfr and same_fit and any(abs(acc["dfr/zero"][s] - v) > 1e-9
-                                                          for s, v in job_dfr.items()):
-        info["dfr/zero"]["differs_from_job"] = True  # e.g. another thread count: rounding can flip DFR's choice of C
+    same_fit = cfg.ablate.dfr_cue == job_cue and a.penalty == "l2" and cfg.ablate.dfr_train == job_train
+    if "dfr/zero" in acc and job_dfr and same_fit:  # the job's own slice and fit: compared (else null: not compared)
+        info["dfr/zero"]["differs_from_job"] = any(abs(acc["dfr/zero"][s] - v) > 1e-9 for s, v in job_dfr.items())
+    if info.get("dfr/zero", {}).get("differs_from_job"):  # e.g. another thread count: rounding can flip DFR's C
         print("warning: DFR alone differs from the job's own figures (run with the job's thread count)", flush=True)
     n_draws = cfg.ablate.random_draws if a.draws is None else a.draws
     draws = random_units({l: rec.units(l) for l in rec.layers}, n, n_draws, cfg.seed) if n and n_draws else []
     for i, d in enumerate(draws):
         acc[f"random/{i}"] = score(lm.module, d)
     out = {"job": str(a.job), "tolerance_points": tol, "dfr_cue": cfg.ablate.dfr_cue, "penalty": a.penalty,
-           "dfr_train": a.dfr_train, "dfr_training_photos": extra_desc,
+           "dfr_train": cfg.ablate.dfr_train, "dfr_training_photos": extra_desc,
            "chosen_n": {"milan_rule": desc["chosen_n"], "tolerance" if tol is not None else a.tolerance: n},
            "clean_validation": {"unablated": rows[0][2], "at_n": dict((r[0], r[2]) for r in rows).get(n)},
            "units": [list(u) for u in units],
            "acc": acc,
-           "dfr": {k: {"C": v["C"], "differs_from_job": v.get("differs_from_job", False)} for k, v in info.items()},
+           "dfr": {k: {"C": v["C"], "differs_from_job": v.get("differs_from_job")} for k, v in info.items()},
            "clean_change_points": {k: 100 * (v["in-distribution"] - acc["base"]["in-distribution"])
                                    for k, v in acc.items()}}
     if a.reference_wrong is not None:

@@ -96,6 +96,13 @@ def test_demo_job_is_valid_and_configs_copy_matches_the_packaged_one():
                                                for s in cfg.shifts]})
     with pytest.raises(ValueError, match="shares 300 images"):
         check_disjoint(shared)
+    # DFR's training photos (ablate.dfr_train) are a fitting set too: trained on the test split, refused; on the
+    # sample's train split, the same job passes
+    trained = dict(cfg.model_dump(), train={"data": {"split": "test"}, "holdout": 0.2},
+                   ablate=dict(cfg.ablate.model_dump(), dfr="holdout", dfr_train=0.5))
+    with pytest.raises(ValueError, match=r"data \(a test set\) shares 300 images with train.data \(ablate.dfr_train\)"):
+        check_disjoint(load_config(None, trained))
+    check_disjoint(load_config(None, dict(trained, train={"data": {"split": "train"}, "holdout": 0.2})))
     assert (Path(__file__).resolve().parents[1] / "configs" / "demo.yaml").read_text() == packaged.read_text()
     load_config(Path(__file__).resolve().parents[1] / "configs" / "quickstart.yaml")
     study = load_config(Path(__file__).resolve().parents[1] / "configs" / "milan_study.yaml")

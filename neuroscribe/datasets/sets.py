@@ -90,10 +90,10 @@ def shift_set(shift: ShiftSetConfig, pre, seed: int, classes: list[str] | None =
 
 def check_disjoint(cfg: JobConfig) -> None:
     """Refuse a job whose choosing sets (``probe``, the ``ablate.validation`` shift, ``flag.evidence_shift``,
-    ``flag.group_shift``, ``ablate.dfr``) share an image with a test set (``data`` and every other shift), or the
-    DFR shift with the probe or validation shift, compared by resolved source path: anything chosen or fitted there
-    would have seen those images (``ablate.dfr: holdout`` is the training holdout, which a validation shift leaves
-    out, see :func:`validation_set`). Raises ``ValueError`` naming both sets."""
+    ``flag.group_shift``, ``ablate.dfr``, ``train.data`` under ``ablate.dfr_train``) share an image with a test set
+    (``data`` and every other shift), or the DFR shift with the probe or validation shift, compared by resolved source
+    path: anything chosen or fitted there would have seen those images (``ablate.dfr: holdout`` is the training
+    holdout, which a validation shift leaves out, see :func:`validation_set`). Raises ``ValueError`` naming both."""
     from .probe import open_probe_set
 
     def paths(d) -> set[Path]:
@@ -101,12 +101,17 @@ def check_disjoint(cfg: JobConfig) -> None:
         return {Path(s.path).resolve() for s in ps.samples}
 
     choosing = {cfg.probe, cfg.ablate.validation, cfg.flag.evidence_shift, cfg.flag.group_shift, cfg.ablate.dfr}
-    chosen = {s.name: paths(s.data) for s in cfg.shifts if s.name in choosing}
+    chosen = {f"shift {s.name!r}": paths(s.data) for s in cfg.shifts if s.name in choosing}
+    if cfg.ablate.dfr_train and cfg.train is not None:  # DFR also fits on the photos the model trained on
+        d = cfg.train.data
+        ps = open_probe_set(d.root, d.format, d.split, d.limit, cfg.train.data_seed, None, target=d.target,
+                            spurious=d.spurious)
+        chosen["train.data (ablate.dfr_train)"] = {Path(s.path).resolve() for s in ps.samples}
     if not chosen:
         return
     tests = [("data", cfg.data)] + [(f"shifts[{s.name}]", s.data) for s in cfg.shifts if s.name not in choosing]
-    for other in (cfg.probe, cfg.ablate.validation) if cfg.ablate.dfr in chosen else ():  # DFR fits on its own
-        shared = chosen[cfg.ablate.dfr] & chosen.get(other, set())
+    for other in (cfg.probe, cfg.ablate.validation) if f"shift {cfg.ablate.dfr!r}" in chosen else ():  # DFR's own
+        shared = chosen[f"shift {cfg.ablate.dfr!r}"] & chosen.get(f"shift {other!r}", set())
         if shared:
             raise ValueError(f"ablate.dfr shift {cfg.ablate.dfr!r} shares {len(shared)} images with shift {other!r}: "
                              "DFR re-fits the last layer on its images, so they must be disjoint from the probe and "
@@ -115,7 +120,7 @@ def check_disjoint(cfg: JobConfig) -> None:
         mine = paths(d)
         for name, theirs in chosen.items():
             if mine & theirs:
-                raise ValueError(f"{where} (a test set) shares {len(mine & theirs)} images with shift {name!r}, "
+                raise ValueError(f"{where} (a test set) shares {len(mine & theirs)} images with {name}, "
                                  "which chooses units or N or fits a layer (probe, validation, evidence, DFR): give "
                                  "them disjoint data, e.g. the data's own train/val/test splits (data.split)")
 

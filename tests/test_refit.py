@@ -374,3 +374,31 @@ def test_dfr_extra_images_join_every_fit_and_are_never_scored(monkeypatch):
         assert not (plain(x3).argmax(1) == 2).any()
         test = _toy(0, 200, seed=2)
         assert (dfr(test.x).argmax(1) == test.y).float().mean() > 0.8  # the slice's classes are still told apart
+
+
+def test_dfr_with_extra_images_starts_each_fit_from_the_last_and_reaches_the_same_fit():
+    """With ``extra`` every L2 fit starts from the previous solution (the chosen C's for the final fits): the same C
+    and the same head as fitting each from zero, to the solver's tolerance, in fewer L-BFGS iterations."""
+    from neuroscribe.ablate.refit import dfr_last_layer
+    g = torch.Generator().manual_seed(3)
+    centres = 1.5 * torch.randn(4, 24, generator=g)
+
+    def images(n, cued):
+        y = torch.randint(0, 4, (n,), generator=g)
+        return _Toy(centres[y] + torch.randn(n, 24, generator=g), y, ["cued" if cued else "clean"] * n)
+    a, b, extra = images(200, False), images(200, True), images(1200, False)
+    held = _Toy(torch.cat([a.x, b.x]), torch.cat([a.y, b.y]), a.g + b.g)
+    model = torch.nn.Sequential(torch.nn.Identity(), torch.nn.Linear(24, 4))
+
+    def batches(d):
+        return torch.utils.data.DataLoader(d, batch_size=256)
+    warm, info = dfr_last_layer(model, [], held, batches, seed=0, extra=extra)
+    cold, info0 = dfr_last_layer(model, [], held, batches, seed=0, extra=extra, warm_start=False)
+    _, plain = dfr_last_layer(model, [], held, batches, seed=0)
+    assert info["warm_start"] and not info0["warm_start"] and not plain["warm_start"]
+    assert info["C"] == info0["C"] and info["group_acc_by_C"] == info0["group_acc_by_C"]
+    assert info["solver_iterations"] < 0.7 * info0["solver_iterations"]
+    w, w0 = warm[1].weight.detach(), cold[1].weight.detach()
+    assert (w - w0).abs().max() < 0.02 * w0.abs().max()
+    with torch.no_grad():
+        assert torch.equal(warm(held.x).argmax(1), cold(held.x).argmax(1))

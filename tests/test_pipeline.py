@@ -337,7 +337,7 @@ def test_dfr_train_adds_the_trained_photos_to_every_dfr_fit_and_never_the_holdou
     from neuroscribe.ablate.stage import model_and_means
     from neuroscribe.config import ConfigError
     from neuroscribe.datasets.probe import open_probe_set
-    from neuroscribe.datasets.sets import dfr_train_set, held_out
+    from neuroscribe.datasets.sets import InMemory, dfr_train_set, held_out
     cfg, out = job
     with pytest.raises(ConfigError, match="ablate.dfr_train adds training photos to DFR's fit: set ablate.dfr"):
         load_config(None, {"ablate": {"dfr_train": 0.5}})
@@ -363,9 +363,10 @@ def test_dfr_train_adds_the_trained_photos_to_every_dfr_fit_and_never_the_holdou
         assert yc == yq and (gc, gq) == ({"group": "clean"}, {"group": "cued"}) and not torch.equal(xc, xq)
     named = [p["cue_class"] for p in ds.cued.plan()]
     assert 0 < sum(c == s.label for c, s in zip(named, ds.samples)) < n  # a random class: sometimes the right one
-    extras = []
+    extras, slices = [], []
     real = refit_mod.dfr_last_layer
-    monkeypatch.setattr(refit_mod, "dfr_last_layer", lambda *a, **k: extras.append(k.get("extra")) or real(*a, **k))
+    monkeypatch.setattr(refit_mod, "dfr_last_layer",
+                        lambda *a, **k: extras.append(k.get("extra")) or slices.append(a[2]) or real(*a, **k))
     pipeline.flag(cfg)
     (out / "ablation.json").unlink(missing_ok=True)
     pipeline.ablate(cfg)
@@ -373,6 +374,10 @@ def test_dfr_train_adds_the_trained_photos_to_every_dfr_fit_and_never_the_holdou
     ev = pipeline.evaluate(cfg)
     monkeypatch.undo()
     assert len(extras) >= 3 and all(e is not None and e.samples == ds.samples for e in extras)  # curve (2) + evaluate
+    # each stage reads the slice and the training photos once for all its fits (held in memory, the same items)
+    assert all(isinstance(d, InMemory) for d in extras + slices)
+    assert extras[0] is extras[1] and slices[0] is slices[1] and extras[-1] is not extras[0]
+    assert all(torch.equal(extras[0][i][0], ds[i][0]) for i in (0, n, len(ds) - 1))
     assert ev["dfr"]["dfr"]["extra"] == len(ds) and ev["dfr"]["training_photos"] == desc
     (out / "ablation.json").unlink(missing_ok=True)  # the other tests' settings rebuild theirs
     (out / "evaluation.json").unlink(missing_ok=True)

@@ -402,3 +402,43 @@ def test_dfr_with_extra_images_starts_each_fit_from_the_last_and_reaches_the_sam
     assert (w - w0).abs().max() < 0.02 * w0.abs().max()
     with torch.no_grad():
         assert torch.equal(warm(held.x).argmax(1), cold(held.x).argmax(1))
+
+
+def test_in_memory_set_holds_the_same_items_read_once(tmp_path, monkeypatch):
+    """DFR's sets are read once for all of a stage's fits (:class:`~neuroscribe.datasets.sets.InMemory`): real photos
+    with the cue drawn, the same tensors, labels and groups as reading them again, an unreadable photo still None,
+    later passes touch no file and start no worker; a set over the memory limit is read from disk as before."""
+    from types import SimpleNamespace
+    import torchvision.transforms as T
+    from neuroscribe.ablate.refit import labels_and_groups
+    from neuroscribe.datasets import probe as probe_mod, sets
+    from neuroscribe.datasets.cues import TextCue
+    from neuroscribe.datasets.probe import Sample, open_probe_set, sample_root
+    from neuroscribe.datasets.shifts import CuedDataset
+    probe = open_probe_set(sample_root(), split="val")
+    photos = [Sample(s.path, s.label, "clean") for c in range(10) for s in [x for x in probe.samples
+                                                                             if x.label == c][:2]]
+    (tmp_path / "bad.jpg").write_bytes(b"not a jpeg")
+    photos.insert(7, Sample(tmp_path / "bad.jpg", 3, "clean"))
+    to_tensor = T.Compose([T.Resize(48), T.CenterCrop(48), T.ToTensor()])
+    cued = CuedDataset([(s.path, s.label) for s in photos], probe.class_names, TextCue(), fraction=1.0,
+                       correlation="random", seed=0, transform=T.ToTensor(), geometry=T.Compose([T.Resize(48),
+                                                                                                T.CenterCrop(48)]))
+    ds = sets._TrainCopies(sets.Labelled(photos, to_tensor, probe.class_names), cued)
+    cfg = SimpleNamespace(workers=1, batch_size=8)
+    mem = sets.in_memory(cfg, ds)
+    assert isinstance(mem, sets.InMemory) and len(mem) == len(ds) == 42
+    assert mem[7] is None and mem[28] is None  # the unreadable photo, clean and cued
+    for i in range(len(ds)):
+        if i not in (7, 28):
+            (x, y, g), (x0, y0, g0) = mem[i], ds[i]
+            assert torch.equal(x, x0) and (y, g) == (y0, g0)
+    assert labels_and_groups(mem) == labels_and_groups(ds) and mem.samples is ds.samples
+    reads = []
+    monkeypatch.setattr(probe_mod, "load_image", lambda *a, **k: reads.append(a) or None)
+    batches = list(sets.loader(cfg, torch.utils.data.Subset(mem, range(len(mem)))))
+    assert not reads and sum(len(b[1]) for b in batches) == 40
+    assert sets.loader(cfg, torch.utils.data.Subset(mem, [0])).num_workers == 0 and sets.loader(cfg, ds).num_workers
+    monkeypatch.undo()
+    monkeypatch.setattr(sets, "IN_MEMORY_BYTES", 3 * 48 * 48 * 4 * 41)  # one image short of the whole set
+    assert sets.in_memory(cfg, ds) is ds and sets.in_memory(cfg, None) is None

@@ -16,7 +16,8 @@ import torch
 from .. import io
 from ..config import JobConfig
 from ..heap import reuse_freed_memory
-from ..datasets.sets import class_index, dfr_set, dfr_train_set, held_out, loader, shift_set, test_sets
+from ..datasets.sets import (class_index, dfr_set, dfr_train_set, held_out, in_memory, loader, shift_set,
+                             test_sets)
 from ..runtime import job_model
 from .refit import DFR_RULE
 from .stage import dfr_cue_matters, model_and_means
@@ -75,6 +76,7 @@ def evaluate(cfg: JobConfig) -> dict:
         from .refit import dfr_last_layer
         dfr_ds, _, _ = dfr_set(cfg, lm.preprocess, lm.class_names)
         extra, extra_desc = dfr_train_set(cfg, lm.preprocess) or (None, None)
+        dfr_ds, extra = in_memory(cfg, dfr_ds), in_memory(cfg, extra)  # read once for the fits below
         fits = [("dfr", [])] + ([("ablated_dfr", variants["ablated"])] if variants.get("ablated") else [])
         if "dfr_tuned" in abl:  # N chosen for ablation + DFR together on validation (ablate.dfr_ns)
             fits.append(("ablated_dfr_tuned", [tuple(u) for u in abl["dfr_tuned"]["units"]]))

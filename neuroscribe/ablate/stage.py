@@ -247,12 +247,13 @@ def dfr_curve(cfg: JobConfig, lm, dev, means, ordered: list, val: list, ci) -> d
     the first N units of the description ordering ablated and DFR fitted after them (:func:`.refit.dfr_last_layer`,
     on the DFR slice), scored on the validation images (disjoint from that slice); N = the best, ties to the smaller.
     The units are the description variant's own ordering: the words choose them, validation only how many."""
-    from ..datasets.sets import dfr_set, dfr_train_set
+    from ..datasets.sets import dfr_set, dfr_train_set, in_memory
     from .edit import ablation_edits, as_unit_dict
     from .refit import dfr_last_layer
     from .select import choose_n, val_correct
     dfr_ds, _, _ = dfr_set(cfg, lm.preprocess, lm.class_names)
     extra = (dfr_train_set(cfg, lm.preprocess) or (None,))[0]
+    dfr_ds, extra = in_memory(cfg, dfr_ds), in_memory(cfg, extra)  # read once for every point of the curve
     curve = []
     for n in sorted({min(int(n), len(ordered)) for n in cfg.ablate.dfr_ns}):
         model, _ = dfr_last_layer(lm.module, ordered[:n], dfr_ds, lambda d: loader(cfg, d), cfg.ablate.method, means,

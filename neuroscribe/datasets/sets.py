@@ -126,8 +126,48 @@ def check_disjoint(cfg: JobConfig) -> None:
 
 
 def loader(cfg: JobConfig, ds):
-    return torch.utils.data.DataLoader(ds, batch_size=cfg.batch_size, shuffle=False, num_workers=cfg.workers,
-                                       collate_fn=collate)
+    held = getattr(ds, "dataset", ds)  # a Subset of an in-memory set: nothing to decode, no worker processes
+    return torch.utils.data.DataLoader(ds, batch_size=cfg.batch_size, shuffle=False, collate_fn=collate,
+                                       num_workers=0 if isinstance(held, InMemory) else cfg.workers)
+
+
+#: The most an :class:`InMemory` set may hold; a larger set is read from disk on every pass.
+IN_MEMORY_BYTES = 2 << 30
+
+
+class InMemory(torch.utils.data.Dataset):
+    """``ds`` read once (one pass, ``workers`` processes) and its items kept: a set that several fits pass over (DFR's
+    slice and training photos, for each point of ablate's ``dfr_ns`` curve) is decoded and its cues drawn once.
+    The same items as ``ds`` (cues are drawn per index, seeded), the same attributes; an unreadable image stays None.
+    :func:`in_memory` builds it only when the items fit in :data:`IN_MEMORY_BYTES`."""
+
+    def __init__(self, ds, workers: int = 0, batch_size: int = 64):
+        self.ds, self.items = ds, []
+        for batch in torch.utils.data.DataLoader(ds, batch_size=batch_size, num_workers=workers, collate_fn=list):
+            # copied out of the workers' shared memory: one file descriptor per kept tensor would run out
+            self.items += [None if it is None else (it[0].clone(), *it[1:]) for it in batch]
+
+    def __len__(self):
+        return len(self.items)
+
+    def __getitem__(self, i):
+        return self.items[i]
+
+    def __getattr__(self, name):  # samples, group, pair, class_names... of the set it holds
+        if name in ("ds", "items"):
+            raise AttributeError(name)
+        return getattr(self.ds, name)
+
+
+def in_memory(cfg: JobConfig, ds):
+    """``ds`` as an :class:`InMemory` set when its items fit in :data:`IN_MEMORY_BYTES` (judged by the first one),
+    else ``ds`` itself (None stays None)."""
+    if ds is None or not len(ds):
+        return ds
+    first = next((ds[i] for i in range(min(len(ds), 8)) if ds[i] is not None), None)
+    if first is None or first[0].numel() * first[0].element_size() * len(ds) > IN_MEMORY_BYTES:
+        return ds
+    return InMemory(ds, cfg.workers, cfg.batch_size)
 
 
 def test_sets(cfg: JobConfig, pre, classes: list[str] | None = None) -> dict[str, tuple]:

@@ -376,10 +376,11 @@ def test_dfr_extra_images_join_every_fit_and_are_never_scored(monkeypatch):
         assert (dfr(test.x).argmax(1) == test.y).float().mean() > 0.8  # the slice's classes are still told apart
 
 
-def test_dfr_with_extra_images_starts_each_fit_from_the_last_and_reaches_the_same_fit():
+def test_dfr_with_extra_images_starts_each_fit_from_the_last_and_reaches_the_same_fit(monkeypatch):
     """With ``extra`` every L2 fit starts from the previous solution (the chosen C's for the final fits): the same C
-    and the same head as fitting each from zero, to the solver's tolerance, in fewer L-BFGS iterations."""
-    from neuroscribe.ablate.refit import dfr_last_layer
+    and the same head as fitting each from zero, to the solver's tolerance, in fewer L-BFGS iterations. Not for
+    the L1 or head-centred fits (their solvers start from their own points)."""
+    from neuroscribe.ablate.refit import DFR_C, DFR_RETRAINS, dfr_last_layer
     g = torch.Generator().manual_seed(3)
     centres = 1.5 * torch.randn(4, 24, generator=g)
 
@@ -392,10 +393,19 @@ def test_dfr_with_extra_images_starts_each_fit_from_the_last_and_reaches_the_sam
 
     def batches(d):
         return torch.utils.data.DataLoader(d, batch_size=256)
+    from neuroscribe.ablate import refit as refit_mod
+    starts, real_fit = [], refit_mod._fit
+    monkeypatch.setattr(refit_mod, "_fit", lambda *a, start=None, **k: starts.append(start and start.C)
+                        or real_fit(*a, start=start, **k))
     warm, info = dfr_last_layer(model, [], held, batches, seed=0, extra=extra)
+    monkeypatch.undo()
+    grid = list(DFR_C)
+    assert starts[:len(grid)] == [None] + grid[:-1] and info["C"] != grid[-1]  # the grid in order, each from the last
+    assert starts[len(grid):] == [info["C"]] * DFR_RETRAINS  # the final fits from the chosen C's
     cold, info0 = dfr_last_layer(model, [], held, batches, seed=0, extra=extra, warm_start=False)
     _, plain = dfr_last_layer(model, [], held, batches, seed=0)
-    assert info["warm_start"] and not info0["warm_start"] and not plain["warm_start"]
+    _, l1 = dfr_last_layer(model, [], held, batches, seed=0, extra=extra, penalty="l1")
+    assert info["warm_start"] and not info0["warm_start"] and not plain["warm_start"] and not l1["warm_start"]
     assert info["C"] == info0["C"] and info["group_acc_by_C"] == info0["group_acc_by_C"]
     assert info["solver_iterations"] < 0.7 * info0["solver_iterations"]
     w, w0 = warm[1].weight.detach(), cold[1].weight.detach()
@@ -435,7 +445,12 @@ def test_in_memory_set_holds_the_same_items_read_once(tmp_path, monkeypatch):
             assert torch.equal(x, x0) and (y, g) == (y0, g0)
     assert labels_and_groups(mem) == labels_and_groups(ds) and mem.samples is ds.samples
     reads = []
-    monkeypatch.setattr(probe_mod, "load_image", lambda *a, **k: reads.append(a) or None)
+    from neuroscribe.datasets import shifts as shifts_mod
+    for mod in (probe_mod, shifts_mod):  # the clean and the cued half read photos through these
+        monkeypatch.setattr(mod, "load_image", lambda *a, **k: reads.append(a) or None)
+    with pytest.raises(TypeError):  # the patch sees a read
+        ds[len(photos)]
+    reads.clear()
     batches = list(sets.loader(cfg, torch.utils.data.Subset(mem, range(len(mem)))))
     assert not reads and sum(len(b[1]) for b in batches) == 40
     assert sets.loader(cfg, torch.utils.data.Subset(mem, [0])).num_workers == 0 and sets.loader(cfg, ds).num_workers

@@ -88,6 +88,7 @@ def evaluate(cfg: JobConfig) -> dict:
                                                       toward=cfg.ablate.dfr_toward, extra=extra)
             model, dfr_info[vname] = fitted[tuple(units)]
             runs[vname], variants[vname] = (model, units), units
+        del dfr_ds, extra  # the images held for the fits
     sets = test_sets(cfg, lm.preprocess, lm.class_names)
     quality = flag_quality(cfg, lm, dev, rec.layers, sets) if (job / "flags.json").is_file() else None
     if cfg.evaluate.limit:  # a seeded random subset (the same images for every variant): folders are class-sorted

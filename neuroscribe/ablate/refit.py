@@ -265,8 +265,8 @@ def dfr_last_layer(model: nn.Module, units: Any, ds, make_loader, method: str = 
     elif toward != "zero":
         raise ValueError(f"dfr toward={toward!r}: use 'zero' (DFR) or 'head' (toward the trained head)")
 
-    warm = bool(len(ye)) if warm_start is None else warm_start
-    last, iters = [None], []  # warm: each L2 fit starts from the one before
+    warm = (bool(len(ye)) if warm_start is None else warm_start) and penalty == "l2" and prior is None
+    last, iters = [None], []  # warm: each sklearn L2 fit starts from the one before
 
     def fit(ids, c):  # the slice's ``ids`` and every extra image
         clf = _fit(np.concatenate([z[ids], ze]), np.concatenate([y[ids], ye]), c, seed, prior, penalty,

@@ -126,7 +126,7 @@ def check_disjoint(cfg: JobConfig) -> None:
 
 
 def loader(cfg: JobConfig, ds):
-    held = getattr(ds, "dataset", ds)  # a Subset of an in-memory set: nothing to decode, no worker processes
+    held = ds.dataset if isinstance(ds, torch.utils.data.Subset) else ds  # in memory: nothing to decode, no workers
     return torch.utils.data.DataLoader(ds, batch_size=cfg.batch_size, shuffle=False, collate_fn=collate,
                                        num_workers=0 if isinstance(held, InMemory) else cfg.workers)
 
@@ -143,9 +143,12 @@ class InMemory(torch.utils.data.Dataset):
 
     def __init__(self, ds, workers: int = 0, batch_size: int = 64):
         self.ds, self.items = ds, []
-        for batch in torch.utils.data.DataLoader(ds, batch_size=batch_size, num_workers=workers, collate_fn=list):
-            # copied out of the workers' shared memory: one file descriptor per kept tensor would run out
-            self.items += [None if it is None else (it[0].clone(), *it[1:]) for it in batch]
+        for good, x, rest in torch.utils.data.DataLoader(ds, batch_size=batch_size, num_workers=workers,
+                                                         collate_fn=_stacked):
+            x, k = x.clone(), 0  # out of the workers' shared memory (one storage a batch: few file descriptors)
+            for g in good:
+                self.items.append((x[k], *rest[k]) if g else None)
+                k += g
 
     def __len__(self):
         return len(self.items)
@@ -159,13 +162,21 @@ class InMemory(torch.utils.data.Dataset):
         return getattr(self.ds, name)
 
 
+def _stacked(batch):
+    """A batch of items as ``(which are images, their tensors stacked, (label, info) of each)``."""
+    good = [it for it in batch if it is not None]
+    return [it is not None for it in batch], torch.stack([it[0] for it in good]) if good else torch.zeros(0), \
+        [tuple(it[1:]) for it in good]
+
+
 def in_memory(cfg: JobConfig, ds):
-    """``ds`` as an :class:`InMemory` set when its items fit in :data:`IN_MEMORY_BYTES` (judged by the first one),
-    else ``ds`` itself (None stays None)."""
+    """``ds`` as an :class:`InMemory` set when its items, ``(tensor, ...)`` of one shape, fit in
+    :data:`IN_MEMORY_BYTES` (judged by the first readable one), else ``ds`` itself (None stays None)."""
     if ds is None or not len(ds):
         return ds
-    first = next((ds[i] for i in range(min(len(ds), 8)) if ds[i] is not None), None)
-    if first is None or first[0].numel() * first[0].element_size() * len(ds) > IN_MEMORY_BYTES:
+    first = next((it for it in map(ds.__getitem__, range(min(len(ds), 8))) if it is not None), None)
+    if not (isinstance(first, tuple) and isinstance(first[0], torch.Tensor)) \
+            or first[0].numel() * first[0].element_size() * len(ds) > IN_MEMORY_BYTES:
         return ds
     return InMemory(ds, cfg.workers, cfg.batch_size)
 

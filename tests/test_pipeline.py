@@ -161,7 +161,7 @@ def test_dfr_ns_chooses_n_for_ablation_and_dfr_together_on_validation(job, monke
     monkeypatch.setattr(select_mod, "val_correct", lambda m, v, e, *a, **k: (inside and scored.append(
         None if e is None else built.get(id(e), (None, "edits not built for this pass"))[1])) or real["val"](
         m, v, e, *a, **k))
-    monkeypatch.setattr(stage_mod, "dfr_curve", lambda *a: inside.append(1) or real["curve"](*a))
+    monkeypatch.setattr(stage_mod, "dfr_curve", lambda *a, **k: inside.append(1) or real["curve"](*a, **k))
     (out / "ablation.json").unlink(missing_ok=True)
     abl = pipeline.ablate(cfg)
     monkeypatch.undo()
@@ -193,26 +193,41 @@ def test_dfr_ns_chooses_n_for_ablation_and_dfr_together_on_validation(job, monke
     tie = stage_mod.dfr_curve(cfg, lm, dev, means, ordered, val, class_index(lm, names))
     assert [v for _, v in tie["curve"]] == [1.0] * len(ns) and tie["chosen_n"] == 0 and tie["units"] == []
     monkeypatch.undo()
-    from neuroscribe.ablate import evaluate as ev_mod  # evaluation: which model each pass ran, with which edits
-    dfr_models, passes, built = {}, [], {}
+    dfr_models = {}  # evaluation: the DFR fits it makes itself
     monkeypatch.setattr(refit_mod, "dfr_last_layer", lambda m, units, *a, **k: dfr_models.setdefault(
         tuple(map(tuple, units)), real["fit"](m, units, *a, **k)))
-    monkeypatch.setattr(edit_mod, "ablation_edits", edits)
-    monkeypatch.setattr(ev_mod, "predict", lambda m, b, d, e, *a, **k: passes.append(
-        (id(m), None if e is None else built[id(e)][1])) or predict(m, b, d, e, *a, **k))
     (out / "evaluation.json").unlink(missing_ok=True)
     ev = pipeline.evaluate(cfg)
     monkeypatch.undo()
     assert ev["variants"]["ablated_dfr_tuned"] == tuned["units"]
     chosen = ordered[:tuned["chosen_n"]]
-    assert (id(dfr_models[tuple(chosen)][0]), edit_mod.as_unit_dict(chosen) if chosen else None) in passes, \
-        "ablated_dfr_tuned was not evaluated as its DFR fit with its units ablated"
-    model, e = models[tuned["chosen_n"]]  # its figures measured again with the independent fit
-    for sname, (ds, set_names, _) in test_sets(cfg, lm.preprocess, lm.class_names).items():
-        p = predict(model, list(loader(cfg, ds)), dev, e, class_index=class_index(lm, set_names), keep_logits=False,
-                    progress=False)
-        acc = accuracy_report(p.preds, p.labels, p.groups, 0, cfg.seed)["acc"]
-        assert ev["results"]["ablated_dfr_tuned"][sname]["acc"] == pytest.approx(acc, abs=1e-12), sname
+    # DFR alone (N = 0) and the tuned N are the curve's own fits, stored by the ablation stage: not fitted again
+    headline = tuple(map(tuple, abl["variants"]["description"]["units"]))
+    assert set(dfr_models) == {headline} - {tuple(ordered[:n]) for n in ns}, "evaluate re-fitted a stored DFR fit"
+    assert ev["dfr"]["dfr"]["stored"].startswith(stage_mod.DFR_FITS)
+    assert ev["dfr"]["dfr"]["C"] == tuned["fits"]["0"]["C"]
+    tests = test_sets(cfg, lm.preprocess, lm.class_names)
+    for vname, n in (("ablated_dfr_tuned", tuned["chosen_n"]), ("dfr", 0)):
+        model, e = models[n]  # its figures measured again with the independent fit
+        for sname, (ds, set_names, _) in tests.items():
+            p = predict(model, list(loader(cfg, ds)), dev, e, class_index=class_index(lm, set_names),
+                        keep_logits=False, progress=False)
+            acc = accuracy_report(p.preds, p.labels, p.groups, 0, cfg.seed)["acc"]
+            assert ev["results"][vname][sname]["acc"] == pytest.approx(acc, abs=1e-12), (vname, sname)
+    # fits stored under another key (other settings, another seed, another ablation) are never used: fitted again
+    from neuroscribe import io as io_mod
+    from safetensors.torch import load_file
+    fits = out / stage_mod.DFR_FITS
+    io_mod.save_tensors(fits, load_file(str(fits)), {"key": "another job", "units": json.dumps(
+        {str(n): [list(u) for u in ordered[:n]] for n in ns})})
+    dfr_models.clear()
+    monkeypatch.setattr(refit_mod, "dfr_last_layer", lambda m, units, *a, **k: dfr_models.setdefault(
+        tuple(map(tuple, units)), real["fit"](m, units, *a, **k)))
+    (out / "evaluation.json").unlink()
+    again = pipeline.evaluate(cfg)
+    monkeypatch.undo()
+    assert set(dfr_models) == {(), headline, tuple(chosen)} and "stored" not in again["dfr"]["dfr"]
+    assert again["results"] == ev["results"], "a fit made again differs from the stored one"
 
 
 def test_clean_tolerance_chooses_among_the_n_that_keep_clean_validation_accuracy(job):

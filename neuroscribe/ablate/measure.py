@@ -73,22 +73,28 @@ def evaluate(cfg: JobConfig) -> dict:
             variants[vname] = units
     dfr_info = {}
     if cfg.ablate.dfr:  # DFR alone and after the ablation: the last layer re-fitted on a group-balanced held-out slice
-        from .refit import dfr_last_layer
+        from .refit import dfr_last_layer, with_head_weights
+        from .stage import stored_dfr_fits
         dfr_ds, _, _ = dfr_set(cfg, lm.preprocess, lm.class_names)
         extra, extra_desc = dfr_train_set(cfg, lm.preprocess) or (None, None)
-        dfr_ds, extra = in_memory(cfg, dfr_ds), in_memory(cfg, extra)  # read once for the fits below
         fits = [("dfr", [])] + ([("ablated_dfr", variants["ablated"])] if variants.get("ablated") else [])
         if "dfr_tuned" in abl:  # N chosen for ablation + DFR together on validation (ablate.dfr_ns)
             fits.append(("ablated_dfr_tuned", [tuple(u) for u in abl["dfr_tuned"]["units"]]))
-        fitted = {}  # the same units give the same fit (seeded): fitted once
+        # the same units give the same fit (seeded): fitted once, or taken from the ablation stage's curve
+        stored, fitted = stored_dfr_fits(cfg, abl), {}
+        if any(tuple(u) not in stored for _, u in fits):
+            dfr_ds, extra = in_memory(cfg, dfr_ds), in_memory(cfg, extra)  # read once for the fits below
         for vname, units in fits:
-            if tuple(units) not in fitted:
+            if tuple(units) in stored and tuple(units) not in fitted:
+                w, b, info = stored[tuple(units)]
+                fitted[tuple(units)] = with_head_weights(lm.module, w, b), info
+            elif tuple(units) not in fitted:
                 fitted[tuple(units)] = dfr_last_layer(lm.module, units, dfr_ds, lambda d: loader(cfg, d),
                                                       cfg.ablate.method, means, device=dev, seed=cfg.seed,
                                                       toward=cfg.ablate.dfr_toward, extra=extra)
             model, dfr_info[vname] = fitted[tuple(units)]
             runs[vname], variants[vname] = (model, units), units
-        del dfr_ds, extra  # the images held for the fits
+        del dfr_ds, extra, stored  # the images held for the fits
     sets = test_sets(cfg, lm.preprocess, lm.class_names)
     quality = flag_quality(cfg, lm, dev, rec.layers, sets) if (job / "flags.json").is_file() else None
     if cfg.evaluate.limit:  # a seeded random subset (the same images for every variant): folders are class-sorted

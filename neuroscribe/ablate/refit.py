@@ -64,6 +64,20 @@ def refit_last_layer(model: nn.Module, units: Any, loader: Iterable, method: str
     return _with_head(model, head, clf)
 
 
+def with_head_weights(model: nn.Module, weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Module:
+    """A copy of ``model`` whose last linear layer holds ``weight`` and ``bias`` (a stored re-fit's head)."""
+    out = copy.deepcopy(model)
+    lin = dict(out.named_modules())[last_linear(out)]
+    if tuple(lin.weight.shape) != tuple(weight.shape) or (lin.bias is None) != (bias is None):
+        raise ValueError(f"a stored head of shape {tuple(weight.shape)} does not fit the model's last linear layer "
+                         f"{tuple(lin.weight.shape)}")
+    with torch.no_grad():
+        lin.weight.copy_(weight)
+        if bias is not None:
+            lin.bias.copy_(bias)
+    return out
+
+
 def _with_head(model: nn.Module, head: str, clf) -> nn.Module:
     """A copy of ``model`` whose ``head`` (nn.Linear) computes the fitted logistic regression ``clf``."""
     out = copy.deepcopy(model)

@@ -229,7 +229,7 @@ def ablate(cfg: JobConfig) -> dict:
                                  **({"clean_curve": [[r[0], r[2]] for r in rows]} if clean else {})}
     if cfg.ablate.dfr_ns and out["variants"].get("description", {}).get("ordered"):
         ordered = [(l, u) for l, u, _ in out["variants"]["description"]["ordered"]]
-        out["dfr_tuned"] = dfr_curve(cfg, lm, dev, means, ordered, val, ci)
+        out["dfr_tuned"] = dfr_curve(cfg, lm, dev, means, ordered, val, ci, key=key)
     n = out["variants"].get("description", {}).get("chosen_n", 0)
     all_units = {l: rec.units(l) for l in rec.layers}
     out["controls"] = {"n": n, "random": [[list(u) for u in d] for d in
@@ -242,24 +242,63 @@ def ablate(cfg: JobConfig) -> dict:
     return out
 
 
-def dfr_curve(cfg: JobConfig, lm, dev, means, ordered: list, val: list, ci) -> dict:
+#: the heads of the DFR fits made for ``ablate.dfr_ns``, beside ``ablation.json``: evaluate reuses those whose units
+#: it needs (DFR alone is the curve's N = 0; ``ablated_dfr_tuned`` its chosen N) instead of fitting them again
+DFR_FITS = "dfr-fits.safetensors"
+
+
+def dfr_fits_key(cfg: JobConfig, ablation_key: str) -> str:
+    """What a DFR fit depends on besides its units: the ablation's key (model, flags, every ablate setting) and what
+    evaluate's own key adds (the seed, the batch size of the feature passes, the DFR rule). A stored fit is reused
+    only under the same key."""
+    from .refit import DFR_RULE
+    return io.artifact_key(ablation_key, cfg.seed, cfg.batch_size, cfg.ablate.model_dump(mode="json"), DFR_RULE)
+
+
+def stored_dfr_fits(cfg: JobConfig, abl: dict) -> dict:
+    """``{units: (weight, bias, info)}`` of the DFR fits the ablation stage stored (:data:`DFR_FITS`) for this job and
+    these settings; empty when there are none or they were made under another key."""
+    from safetensors import safe_open
+    path, fits = Path(cfg.out) / DFR_FITS, (abl.get("dfr_tuned") or {}).get("fits")
+    if not fits or not path.is_file():
+        return {}
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata() or {}
+        if meta.get("key") != dfr_fits_key(cfg, abl["key"]):
+            return {}
+        keys = set(f.keys())
+        return {tuple(map(tuple, units)): (f.get_tensor(f"{n}.weight"),
+                                           f.get_tensor(f"{n}.bias") if f"{n}.bias" in keys else None,
+                                           dict(fits[n], stored=f"{DFR_FITS} (the ablation stage's fit)"))
+                for n, units in json.loads(meta["units"]).items()}
+
+
+def dfr_curve(cfg: JobConfig, lm, dev, means, ordered: list, val: list, ci, key: str | None = None) -> dict:
     """Ablation + DFR with N chosen for the pair: for each N of ``ablate.dfr_ns`` (past the ordering: all of it),
     the first N units of the description ordering ablated and DFR fitted after them (:func:`.refit.dfr_last_layer`,
     on the DFR slice), scored on the validation images (disjoint from that slice); N = the best, ties to the smaller.
-    The units are the description variant's own ordering: the words choose them, validation only how many."""
+    The units are the description variant's own ordering: the words choose them, validation only how many. With the
+    ablation's ``key``, every fit's head is stored (:data:`DFR_FITS`) for evaluate."""
     from ..datasets.sets import dfr_set, dfr_train_set, in_memory
     from .edit import ablation_edits, as_unit_dict
-    from .refit import dfr_last_layer
+    from .refit import dfr_last_layer, last_linear
     from .select import choose_n, val_correct
     dfr_ds, _, _ = dfr_set(cfg, lm.preprocess, lm.class_names)
     extra = (dfr_train_set(cfg, lm.preprocess) or (None,))[0]
     dfr_ds, extra = in_memory(cfg, dfr_ds), in_memory(cfg, extra)  # read once for every point of the curve
-    curve = []
+    curve, heads, infos, units = [], {}, {}, {}
     for n in sorted({min(int(n), len(ordered)) for n in cfg.ablate.dfr_ns}):
-        model, _ = dfr_last_layer(lm.module, ordered[:n], dfr_ds, lambda d: loader(cfg, d), cfg.ablate.method, means,
-                                  device=dev, seed=cfg.seed, toward=cfg.ablate.dfr_toward, extra=extra)
+        model, infos[str(n)] = dfr_last_layer(lm.module, ordered[:n], dfr_ds, lambda d: loader(cfg, d),
+                                              cfg.ablate.method, means, device=dev, seed=cfg.seed,
+                                              toward=cfg.ablate.dfr_toward, extra=extra)
+        lin = dict(model.named_modules())[last_linear(model)]
+        heads.update({f"{n}.weight": lin.weight, **({f"{n}.bias": lin.bias} if lin.bias is not None else {})})
+        units[str(n)] = [list(u) for u in ordered[:n]]
         edits = ablation_edits(model, as_unit_dict(ordered[:n]), cfg.ablate.method, means) if n else None
         right = val_correct(model, val, edits, dev, ci)
         curve.append([n, int(right.sum()) / len(right)])
+    if key is not None:
+        io.save_tensors(Path(cfg.out) / DFR_FITS, heads, {"key": dfr_fits_key(cfg, key), "units": json.dumps(units)})
     n = choose_n(curve)  # the headline's rule: the best, ties to the smaller N
-    return {"ns": cfg.ablate.dfr_ns, "curve": curve, "chosen_n": n, "units": [list(u) for u in ordered[:n]]}
+    return {"ns": cfg.ablate.dfr_ns, "curve": curve, "chosen_n": n, "units": [list(u) for u in ordered[:n]],
+            "fits": infos}

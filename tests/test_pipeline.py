@@ -193,9 +193,11 @@ def test_dfr_ns_chooses_n_for_ablation_and_dfr_together_on_validation(job, monke
     tie = stage_mod.dfr_curve(cfg, lm, dev, means, ordered, val, class_index(lm, names))
     assert [v for _, v in tie["curve"]] == [1.0] * len(ns) and tie["chosen_n"] == 0 and tie["units"] == []
     monkeypatch.undo()
-    dfr_models = {}  # evaluation: the DFR fits it makes itself
+    dfr_models, heads = {}, []  # evaluation: the DFR fits it makes itself, the stored heads it takes
     monkeypatch.setattr(refit_mod, "dfr_last_layer", lambda m, units, *a, **k: dfr_models.setdefault(
         tuple(map(tuple, units)), real["fit"](m, units, *a, **k)))
+    real["head"] = refit_mod.with_head_weights
+    monkeypatch.setattr(refit_mod, "with_head_weights", lambda m, w, b: heads.append((w, b)) or real["head"](m, w, b))
     (out / "evaluation.json").unlink(missing_ok=True)
     ev = pipeline.evaluate(cfg)
     monkeypatch.undo()
@@ -205,7 +207,12 @@ def test_dfr_ns_chooses_n_for_ablation_and_dfr_together_on_validation(job, monke
     headline = tuple(map(tuple, abl["variants"]["description"]["units"]))
     assert set(dfr_models) == {headline} - {tuple(ordered[:n]) for n in ns}, "evaluate re-fitted a stored DFR fit"
     assert ev["dfr"]["dfr"]["stored"].startswith(stage_mod.DFR_FITS)
-    assert ev["dfr"]["dfr"]["C"] == tuned["fits"]["0"]["C"]
+    curve_units = {tuple(ordered[:n]) for n in ns}  # the stored heads evaluate took, in its order, are the
+    # independent fits' heads
+    order = list(dict.fromkeys(u for u in [(), headline or None, tuple(chosen)] if u in curve_units))
+    want = [models[len(u)][0].fc for u in order]
+    assert len(heads) == len(want) and all(torch.equal(w, h.weight) and torch.equal(b, h.bias)
+                                           for (w, b), h in zip(heads, want)), "a stored head is not the curve's fit"
     tests = test_sets(cfg, lm.preprocess, lm.class_names)
     for vname, n in (("ablated_dfr_tuned", tuned["chosen_n"]), ("dfr", 0)):
         model, e = models[n]  # its figures measured again with the independent fit
@@ -214,7 +221,7 @@ def test_dfr_ns_chooses_n_for_ablation_and_dfr_together_on_validation(job, monke
                         keep_logits=False, progress=False)
             acc = accuracy_report(p.preds, p.labels, p.groups, 0, cfg.seed)["acc"]
             assert ev["results"][vname][sname]["acc"] == pytest.approx(acc, abs=1e-12), (vname, sname)
-    # fits stored under another key (other settings, another seed, another ablation) are never used: fitted again
+    # fits stored under another key (made for other inputs: see the next test) are never used: fitted again
     from neuroscribe import io as io_mod
     from safetensors.torch import load_file
     fits = out / stage_mod.DFR_FITS
@@ -228,6 +235,27 @@ def test_dfr_ns_chooses_n_for_ablation_and_dfr_together_on_validation(job, monke
     monkeypatch.undo()
     assert set(dfr_models) == {(), headline, tuple(chosen)} and "stored" not in again["dfr"]["dfr"]
     assert again["results"] == ev["results"], "a fit made again differs from the stored one"
+
+
+def test_stored_dfr_fits_are_keyed_by_everything_a_fit_reads(job):
+    """A stored DFR head (dfr-fits.safetensors) is reused only by a job whose fit would read the same: another seed,
+    batch size, DFR setting, training section or definition of the shift DFR fits on gives another key."""
+    from neuroscribe.ablate.stage import dfr_fits_key
+    cfg, _ = job
+    cfg = cfg.model_copy(update={"ablate": cfg.ablate.model_copy(update={"dfr": "wrong-text"})})
+
+    def with_(**kw):
+        return cfg.model_copy(update=kw)
+    shifts = [s.model_copy(update={"data": s.data.model_copy(update={"limit": 30})}) if s.name == "wrong-text" else s
+              for s in cfg.shifts]
+    others = [with_(seed=cfg.seed + 1), with_(batch_size=cfg.batch_size + 1), with_(shifts=shifts),
+              with_(ablate=cfg.ablate.model_copy(update={"dfr_toward": "head"})),
+              with_(ablate=cfg.ablate.model_copy(update={"dfr_train": 0.5})),
+              with_(train=cfg.train.model_copy(update={"fraction": 0.25}))]
+    key = dfr_fits_key(cfg, "ablation")
+    assert key == dfr_fits_key(with_(evaluate=cfg.evaluate.model_copy(update={"bootstrap": 7})), "ablation")
+    assert dfr_fits_key(cfg, "another ablation") != key
+    assert len({key, *(dfr_fits_key(c, "ablation") for c in others)}) == len(others) + 1
 
 
 def test_clean_tolerance_chooses_among_the_n_that_keep_clean_validation_accuracy(job):

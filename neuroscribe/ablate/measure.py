@@ -81,7 +81,7 @@ def evaluate(cfg: JobConfig) -> dict:
         if "dfr_tuned" in abl:  # N chosen for ablation + DFR together on validation (ablate.dfr_ns)
             fits.append(("ablated_dfr_tuned", [tuple(u) for u in abl["dfr_tuned"]["units"]]))
         # the same units give the same fit (seeded): fitted once, or taken from the ablation stage's curve
-        stored, fitted = stored_dfr_fits(cfg, abl), {}
+        stored, fitted = stored_dfr_fits(cfg, abl, {tuple(u) for _, u in fits}), {}
         if any(tuple(u) not in stored for _, u in fits):
             dfr_ds, extra = in_memory(cfg, dfr_ds), in_memory(cfg, extra)  # read once for the fits below
         for vname, units in fits:

@@ -5,6 +5,7 @@ random and sort-all controls). Neither reads a test set."""
 from __future__ import annotations
 
 import json
+import logging
 import math
 from pathlib import Path
 
@@ -13,6 +14,8 @@ from ..config import JobConfig
 from ..heap import reuse_freed_memory
 from ..datasets.sets import HOLDOUT_RULE, class_index, held_out, loader, shift_set, validation_set
 from ..runtime import job_model, silence_progress
+
+log = logging.getLogger("neuroscribe.ablate")
 
 
 def model_and_means(cfg: JobConfig):
@@ -248,16 +251,20 @@ DFR_FITS = "dfr-fits.safetensors"
 
 
 def dfr_fits_key(cfg: JobConfig, ablation_key: str) -> str:
-    """What a DFR fit depends on besides its units: the ablation's key (model, flags, every ablate setting) and what
-    evaluate's own key adds (the seed, the batch size of the feature passes, the DFR rule). A stored fit is reused
+    """What a DFR fit depends on besides its units: the ablation's key (model, flags, every ablate setting), the
+    images DFR reads (a named DFR shift's definition; the ``train`` section, whose photos and cue the held-out slice
+    and ``dfr_train`` take), the seed, the batch size of the feature passes and the DFR rule. A stored fit is reused
     only under the same key."""
     from .refit import DFR_RULE
-    return io.artifact_key(ablation_key, cfg.seed, cfg.batch_size, cfg.ablate.model_dump(mode="json"), DFR_RULE)
+    shift = [s.model_dump(mode="json") for s in cfg.shifts if s.name == cfg.ablate.dfr]
+    return io.artifact_key(ablation_key, cfg.seed, cfg.batch_size, cfg.ablate.model_dump(mode="json"), shift,
+                           cfg.train.model_dump(mode="json") if cfg.train else None, DFR_RULE)
 
 
-def stored_dfr_fits(cfg: JobConfig, abl: dict) -> dict:
+def stored_dfr_fits(cfg: JobConfig, abl: dict, wanted: set) -> dict:
     """``{units: (weight, bias, info)}`` of the DFR fits the ablation stage stored (:data:`DFR_FITS`) for this job and
-    these settings; empty when there are none or they were made under another key."""
+    these settings, for the ``wanted`` unit tuples only; empty when there are none or they were made under another
+    key (then evaluate fits them itself)."""
     from safetensors import safe_open
     path, fits = Path(cfg.out) / DFR_FITS, (abl.get("dfr_tuned") or {}).get("fits")
     if not fits or not path.is_file():
@@ -265,12 +272,15 @@ def stored_dfr_fits(cfg: JobConfig, abl: dict) -> dict:
     with safe_open(str(path), framework="pt") as f:
         meta = f.metadata() or {}
         if meta.get("key") != dfr_fits_key(cfg, abl["key"]):
+            log.info("%s was made for other inputs: DFR is fitted again", path)
             return {}
-        keys = set(f.keys())
-        return {tuple(map(tuple, units)): (f.get_tensor(f"{n}.weight"),
-                                           f.get_tensor(f"{n}.bias") if f"{n}.bias" in keys else None,
-                                           dict(fits[n], stored=f"{DFR_FITS} (the ablation stage's fit)"))
-                for n, units in json.loads(meta["units"]).items()}
+        keys, out = set(f.keys()), {}
+        for n, units in json.loads(meta["units"]).items():
+            units = tuple(map(tuple, units))
+            if units in wanted and n in fits:
+                out[units] = (f.get_tensor(f"{n}.weight"), f.get_tensor(f"{n}.bias") if f"{n}.bias" in keys else None,
+                              dict(fits[n], stored=f"{DFR_FITS} (the ablation stage's fit)"))
+        return out
 
 
 def dfr_curve(cfg: JobConfig, lm, dev, means, ordered: list, val: list, ci, key: str | None = None) -> dict:

@@ -1,0 +1,56 @@
+"""What the drawn cue costs a clean-trained model, by cue size: the study's ``protocol.reference_drop`` (clean minus
+wrong-text accuracy on the val photos) of finished reference models, re-measured with the wrong-text test set's cue at
+other sizes (nothing is trained; the training cue of the text-trained seeds is not changed here, so a size chosen with
+this needs a full study run).
+
+    python tools/reference_drop.py JOBDIR/reference/seed0 [JOBDIR/reference/seed1 ...] [--sizes 0.15,0.12,0.10]
+        [--config configs/milan_study.yaml]
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from neuroscribe import pipeline  # noqa: E402
+from neuroscribe.ablate.evaluate import accuracy_report, predict  # noqa: E402
+from neuroscribe.config import load_config  # noqa: E402
+from neuroscribe.datasets.sets import class_index, loader  # noqa: E402
+from neuroscribe.models import load_model  # noqa: E402
+
+
+def drop(cfg, checkpoint: Path) -> float:
+    lm = load_model(f"checkpoint:{checkpoint}")
+    sets = pipeline.test_sets(cfg, lm.preprocess, lm.class_names)
+    acc = {}
+    for name in ("in-distribution", "wrong-text"):
+        ds, names, _ = sets[name]
+        p = predict(lm.module, loader(cfg, ds), torch.device("cpu"), class_index=class_index(lm, names),
+                    keep_logits=False, progress=False)
+        acc[name] = accuracy_report(p.preds, p.labels, None, 0, cfg.seed)["acc"]
+    return 100 * (acc["in-distribution"] - acc["wrong-text"])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("references", type=Path, nargs="+", help="clean-trained reference folders (model.safetensors)")
+    ap.add_argument("--sizes", default="0.15,0.12,0.10", help="comma-separated cue sizes (share of the side)")
+    ap.add_argument("--config", default="configs/milan_study.yaml")
+    a = ap.parse_args()
+    base = load_config(a.config, {})
+    for size in (float(s) for s in a.sizes.split(",")):
+        shifts = [s.model_copy(update={"cue": dict(s.cue, size=size)}) if s.name == "wrong-text"
+                  else s for s in base.shifts]
+        cfg = base.model_copy(update={"shifts": shifts})
+        drops = [drop(cfg, r / "model.safetensors") for r in a.references]
+        print(f"size {size}: reference_drop per seed {[round(d, 1) for d in drops]}, mean "
+              f"{statistics.mean(drops):.2f} points", flush=True)
+
+
+if __name__ == "__main__":
+    main()

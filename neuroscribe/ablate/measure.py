@@ -85,14 +85,15 @@ def evaluate(cfg: JobConfig) -> dict:
         if any(tuple(u) not in stored for _, u in fits):
             dfr_ds, extra = in_memory(cfg, dfr_ds), in_memory(cfg, extra)  # read once for the fits below
         for vname, units in fits:
-            if tuple(units) in stored and tuple(units) not in fitted:
-                w, b, info = stored[tuple(units)]
-                fitted[tuple(units)] = with_head_weights(lm.module, w, b), info
-            elif tuple(units) not in fitted:
-                fitted[tuple(units)] = dfr_last_layer(lm.module, units, dfr_ds, lambda d: loader(cfg, d),
-                                                      cfg.ablate.method, means, device=dev, seed=cfg.seed,
-                                                      toward=cfg.ablate.dfr_toward, extra=extra)
-            model, dfr_info[vname] = fitted[tuple(units)]
+            chosen = tuple(units)
+            if chosen in stored and chosen not in fitted:
+                w, b, info = stored[chosen]
+                fitted[chosen] = with_head_weights(lm.module, w, b), info
+            elif chosen not in fitted:
+                fitted[chosen] = dfr_last_layer(lm.module, units, dfr_ds, lambda d: loader(cfg, d), cfg.ablate.method,
+                                               means, device=dev, seed=cfg.seed, toward=cfg.ablate.dfr_toward,
+                                               extra=extra)
+            model, dfr_info[vname] = fitted[chosen]
             runs[vname], variants[vname] = (model, units), units
         del dfr_ds, extra, stored  # the images held for the fits
     sets = test_sets(cfg, lm.preprocess, lm.class_names)

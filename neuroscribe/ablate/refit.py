@@ -79,9 +79,8 @@ def with_head_weights(model: nn.Module, weight: torch.Tensor, bias: torch.Tensor
 
 
 def _with_head(model: nn.Module, head: str, clf) -> nn.Module:
-    """A copy of ``model`` whose ``head`` (nn.Linear) computes the fitted logistic regression ``clf``."""
-    out = copy.deepcopy(model)
-    new = dict(out.named_modules())[head]
+    """A copy of ``model`` whose ``head`` (nn.Linear, the last one) computes the fitted logistic regression ``clf``."""
+    new = dict(model.named_modules())[head]
     w = torch.zeros_like(new.weight)
     b = torch.full_like(new.bias, -1e4) if new.bias is not None else None  # classes absent from the data
     cls = torch.as_tensor(clf.classes_, dtype=torch.long)
@@ -91,11 +90,9 @@ def _with_head(model: nn.Module, head: str, clf) -> nn.Module:
         coef = torch.cat([-coef / 2, coef / 2])
         inter = torch.cat([-inter / 2, inter / 2])
     w[cls.to(w.device)] = coef.to(w.device)
-    new.weight.copy_(w)
     if b is not None:
         b[cls.to(b.device)] = inter.to(b.device)
-        new.bias.copy_(b)
-    return out
+    return with_head_weights(model, w, b)
 
 
 DFR_C = (0.001, 0.003, 0.01, 0.03, 0.1, 0.3, 1.0, 3.0)  # inverse L2 strengths tried (on standardised features)

@@ -15,13 +15,12 @@ import sys
 from pathlib import Path
 
 import torch
-import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from neuroscribe import pipeline  # noqa: E402
 from neuroscribe.ablate.evaluate import accuracy_report, predict  # noqa: E402
-from neuroscribe.config import load_config  # noqa: E402
+from neuroscribe.config import load_config, parse_overrides  # noqa: E402
 from neuroscribe.datasets.sets import class_index, loader  # noqa: E402
 from neuroscribe.models import load_model  # noqa: E402
 
@@ -51,8 +50,7 @@ def main() -> None:
     ap.add_argument("--config", default="configs/milan_study.yaml")
     a = ap.parse_args()
     base = load_config(a.config, {})
-    tries = [{k: yaml.safe_load(v) for k, v in (kv.split("=", 1) for kv in c.split())} for c in a.cue] or [
-        {"size": float(s)} for s in a.sizes.split(",")]
+    tries = [parse_overrides(c.split()) for c in a.cue] or [{"size": float(s)} for s in a.sizes.split(",")]
     clean: dict = {}
     for change in tries:
         shifts = [s.model_copy(update={"cue": dict(s.cue, **change)}) if s.name == "wrong-text"

@@ -214,8 +214,8 @@ class AblateConfig(_Section):
     dfr_ns: list[NonNegativeInt] | None = Field(None, description="Ns tried with DFR: the best is ablated_dfr_tuned")
     dfr_toward: Literal["zero", "head"] = Field("zero", description="DFR's L2 centre: zero (DFR) or the trained head")
     dfr_train: float = Field(0.0, ge=0, le=1, description="share of the training photos DFR also fits on (README)")
-    dfr_cue: Literal["random", "wrong"] = Field("random", description="dfr: holdout's cued copies name a random class "
-                                                "(independent of the label) or always a wrong one (anti-correlated)")
+    dfr_cue: Literal["random", "wrong"] = Field("random", description="holdout's cued copies: a random or wrong class")
+    dfr_retrains: int | None = Field(None, ge=1, description="DFR's final fits, averaged; null = 10 (DFR's own: 20)")
     cache_mb: float = Field(1024.0, ge=0, description="validation batches kept in memory up to this size")
     clean_tolerance: float | None = Field(None, ge=0, le=100, description="points of clean validation accuracy the "
                                           "chosen N may cost (needs clean validation images); null = MILAN's rule")

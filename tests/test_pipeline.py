@@ -251,6 +251,7 @@ def test_stored_dfr_fits_are_keyed_by_everything_a_fit_reads(job):
     others = [with_(seed=cfg.seed + 1), with_(batch_size=cfg.batch_size + 1), with_(shifts=shifts),
               with_(ablate=cfg.ablate.model_copy(update={"dfr_toward": "head"})),
               with_(ablate=cfg.ablate.model_copy(update={"dfr_train": 0.5})),
+              with_(ablate=cfg.ablate.model_copy(update={"dfr_retrains": 3})),
               with_(train=cfg.train.model_copy(update={"fraction": 0.25}))]
     key = dfr_fits_key(cfg, "ablation")
     assert key == dfr_fits_key(with_(evaluate=cfg.evaluate.model_copy(update={"bootstrap": 7})), "ablation")
@@ -374,7 +375,7 @@ def test_probe_from_training_photos_leaves_out_the_validation_holdout(job):
 def test_dfr_train_adds_the_trained_photos_to_every_dfr_fit_and_never_the_holdout(job, monkeypatch):
     """``ablate.dfr_train``: that share of the photos the model trained on (class-stratified), each clean and again
     with the cue naming a random class, joins every DFR fit (the dfr_ns curve and evaluate alike); no held-out photo
-    is among them; the default (0) adds nothing."""
+    is among them; the default (0) adds nothing. ``ablate.dfr_retrains`` reaches every one of those fits."""
     from pathlib import Path
     from neuroscribe.ablate import refit as refit_mod
     from neuroscribe.ablate.stage import DFR_FITS, model_and_means
@@ -387,7 +388,7 @@ def test_dfr_train_adds_the_trained_photos_to_every_dfr_fit_and_never_the_holdou
     lm = model_and_means(cfg)[0]
     assert dfr_train_set(cfg, lm.preprocess) is None
     cfg = cfg.model_copy(update={"ablate": cfg.ablate.model_copy(update={"dfr": "holdout", "dfr_train": 0.5,
-                                                                         "dfr_ns": [0, 1]})})
+                                                                         "dfr_ns": [0, 1], "dfr_retrains": 2})})
     ds, desc = dfr_train_set(cfg, lm.preprocess)
     split = json.loads(next((out / "train").glob("seed*/split.json")).read_text())
     d = cfg.train.data
@@ -406,10 +407,10 @@ def test_dfr_train_adds_the_trained_photos_to_every_dfr_fit_and_never_the_holdou
         assert yc == yq and (gc, gq) == ({"group": "clean"}, {"group": "cued"}) and not torch.equal(xc, xq)
     named = [p["cue_class"] for p in ds.cued.plan()]
     assert 0 < sum(c == s.label for c, s in zip(named, ds.samples)) < n  # a random class: sometimes the right one
-    extras, slices = [], []
+    extras, slices, retrains = [], [], []
     real = refit_mod.dfr_last_layer
-    monkeypatch.setattr(refit_mod, "dfr_last_layer",
-                        lambda *a, **k: extras.append(k.get("extra")) or slices.append(a[2]) or real(*a, **k))
+    monkeypatch.setattr(refit_mod, "dfr_last_layer", lambda *a, **k: extras.append(k.get("extra")) or slices.append(
+        a[2]) or retrains.append(k.get("retrains")) or real(*a, **k))
     pipeline.flag(cfg)
     (out / "ablation.json").unlink(missing_ok=True)
     pipeline.ablate(cfg)
@@ -423,6 +424,7 @@ def test_dfr_train_adds_the_trained_photos_to_every_dfr_fit_and_never_the_holdou
     assert extras[0] is extras[1] and slices[0] is slices[1] and extras[-1] is not extras[0]
     assert all(torch.equal(extras[0][i][0], ds[i][0]) for i in (0, n, len(ds) - 1))
     assert ev["dfr"]["dfr"]["extra"] == len(ds) and ev["dfr"]["training_photos"] == desc
+    assert retrains == [2] * len(extras) and ev["dfr"]["dfr"]["final"]["retrains"] == 2
     (out / "ablation.json").unlink(missing_ok=True)  # the other tests' settings rebuild theirs
     (out / "evaluation.json").unlink(missing_ok=True)
 

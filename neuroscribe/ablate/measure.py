@@ -20,7 +20,7 @@ from ..datasets.sets import (class_index, dfr_set, dfr_train_set, held_out, in_m
                              test_sets)
 from ..runtime import job_model
 from .refit import DFR_RULE
-from .stage import dfr_cue_matters, model_and_means
+from .stage import dfr_cue_matters, dfr_retrains, model_and_means
 
 log = logging.getLogger("neuroscribe.ablate")
 
@@ -51,7 +51,8 @@ def evaluate(cfg: JobConfig) -> dict:
                *([cfg.ablate.dfr, DFR_RULE] if cfg.ablate.dfr else []),
                *([cfg.ablate.dfr_toward] if cfg.ablate.dfr and cfg.ablate.dfr_toward != "zero" else []),
                *([cfg.ablate.dfr_cue] if dfr_cue_matters(cfg) else []),
-               *([f"dfr_train {cfg.ablate.dfr_train}"] if cfg.ablate.dfr and cfg.ablate.dfr_train else []))
+               *([f"dfr_train {cfg.ablate.dfr_train}"] if cfg.ablate.dfr and cfg.ablate.dfr_train else []),
+               *([f"dfr_retrains {cfg.ablate.dfr_retrains}"] if cfg.ablate.dfr and cfg.ablate.dfr_retrains else []))
     done = io.current(job / "evaluation.json", key)
     if done:
         return done
@@ -92,7 +93,7 @@ def evaluate(cfg: JobConfig) -> dict:
             elif chosen not in fitted:
                 fitted[chosen] = dfr_last_layer(lm.module, units, dfr_ds, lambda d: loader(cfg, d), cfg.ablate.method,
                                                means, device=dev, seed=cfg.seed, toward=cfg.ablate.dfr_toward,
-                                               extra=extra)
+                                               extra=extra, retrains=dfr_retrains(cfg))
             model, dfr_info[vname] = fitted[chosen]
             runs[vname], variants[vname] = (model, units), units
         del dfr_ds, extra, stored  # the images held for the fits

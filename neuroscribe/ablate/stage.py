@@ -175,7 +175,7 @@ def ablate(cfg: JobConfig) -> dict:
     job = Path(cfg.out)
     flags = json.loads((job / "flags.json").read_text())
     settings = cfg.ablate.model_dump(mode="json")
-    for opt in ("clean_tolerance", "dfr_ns"):  # jobs that never set them keep their keys
+    for opt in ("clean_tolerance", "dfr_ns", "dfr_retrains"):  # jobs that never set them keep their keys
         if settings[opt] is None:
             del settings[opt]
     if settings["dfr_toward"] == "zero" or not cfg.ablate.dfr_ns:  # DFR's centre matters here only for dfr_ns
@@ -250,6 +250,13 @@ def ablate(cfg: JobConfig) -> dict:
 DFR_FITS = "dfr-fits.safetensors"
 
 
+def dfr_retrains(cfg: JobConfig) -> int:
+    """DFR's final fits for this job (``ablate.dfr_retrains``; unset = :data:`~neuroscribe.ablate.refit.DFR_RETRAINS`).
+    With ``dfr_train`` every fit shares the training photos, so the final fits differ only by the slice's draws."""
+    from .refit import DFR_RETRAINS
+    return cfg.ablate.dfr_retrains or DFR_RETRAINS
+
+
 def dfr_fits_key(cfg: JobConfig, ablation_key: str) -> str:
     """What a DFR fit depends on besides its units: the ablation's key (model, flags, every ablate setting), the
     images DFR reads (a named DFR shift's definition; the ``train`` section, whose photos and cue the held-out slice
@@ -257,7 +264,8 @@ def dfr_fits_key(cfg: JobConfig, ablation_key: str) -> str:
     only under the same key."""
     from .refit import DFR_RULE
     shift = [s.model_dump(mode="json") for s in cfg.shifts if s.name == cfg.ablate.dfr]
-    return io.artifact_key(ablation_key, cfg.seed, cfg.batch_size, cfg.ablate.model_dump(mode="json"), shift,
+    settings = cfg.ablate.model_dump(mode="json", exclude={"dfr_retrains"} if cfg.ablate.dfr_retrains is None else None)
+    return io.artifact_key(ablation_key, cfg.seed, cfg.batch_size, settings, shift,
                            cfg.train.model_dump(mode="json") if cfg.train else None, DFR_RULE)
 
 
@@ -300,7 +308,7 @@ def dfr_curve(cfg: JobConfig, lm, dev, means, ordered: list, val: list, ci, key:
     for n in sorted({min(int(n), len(ordered)) for n in cfg.ablate.dfr_ns}):
         model, infos[str(n)] = dfr_last_layer(lm.module, ordered[:n], dfr_ds, lambda d: loader(cfg, d),
                                               cfg.ablate.method, means, device=dev, seed=cfg.seed,
-                                              toward=cfg.ablate.dfr_toward, extra=extra)
+                                              toward=cfg.ablate.dfr_toward, extra=extra, retrains=dfr_retrains(cfg))
         lin = dict(model.named_modules())[last_linear(model)]
         heads.update({f"{n}.weight": lin.weight, **({f"{n}.bias": lin.bias} if lin.bias is not None else {})})
         units[str(n)] = [list(u) for u in ordered[:n]]

@@ -259,6 +259,32 @@ def test_stored_dfr_fits_are_keyed_by_everything_a_fit_reads(job):
     assert len({key, *(dfr_fits_key(c, "ablation") for c in others)}) == len(others) + 1
 
 
+def test_ablation_key_follows_the_dfr_rule_only_where_the_stage_fits_dfr(job, monkeypatch):
+    """ablation.json holds the ``dfr_ns`` curve's DFR fits: a job that sets dfr_ns gets another ablation key when
+    DFR's rule (its C grid) changes, and a job without dfr_ns keeps its key (the stage fits no DFR)."""
+    from neuroscribe.ablate import refit as refit_mod, stage as stage_mod
+    cfg, _ = job
+    pipeline.flag(cfg)
+    keys = []
+
+    class Seen(Exception):
+        pass
+
+    def current(path, key):
+        keys.append(key)
+        raise Seen  # the key is all this test reads: the stage stops before any work
+    monkeypatch.setattr(stage_mod.io, "current", current)
+    tuned = cfg.model_copy(update={"ablate": cfg.ablate.model_copy(update={"dfr": "holdout", "dfr_ns": [0, 2]})})
+    for rule in (refit_mod.DFR_RULE, "another DFR rule"):
+        monkeypatch.setattr(refit_mod, "DFR_RULE", rule)
+        for c in (cfg, tuned):
+            with pytest.raises(Seen):
+                pipeline.ablate(c)
+    plain, with_ns, plain_other, with_ns_other = keys
+    assert plain == plain_other, "a job that fits no DFR in the ablate stage changed its key with DFR's rule"
+    assert with_ns != with_ns_other, "the dfr_ns curve's key ignores DFR's rule"
+    assert with_ns != plain
+
 def test_clean_tolerance_chooses_among_the_n_that_keep_clean_validation_accuracy(job):
     cfg, out = job
     pipeline.flag(cfg)

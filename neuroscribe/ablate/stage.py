@@ -169,6 +169,7 @@ def dfr_cue_matters(cfg: JobConfig) -> bool:
 @reuse_freed_memory()
 def ablate(cfg: JobConfig) -> dict:
     """For each flag set: order units (MILAN), the validation curve over N, N = argmax; plus the controls."""
+    from .refit import DFR_RULE
     from .select import accuracy_curve, choose_n, order_units, random_units, sort_all
     if cfg.ablate.dfr_ns and not cfg.ablate.dfr:
         raise ValueError("ablate.dfr_ns chooses N for ablation + DFR: set ablate.dfr too (e.g. 'holdout')")
@@ -184,7 +185,8 @@ def ablate(cfg: JobConfig) -> dict:
         del settings["dfr_cue"]
     if not cfg.ablate.dfr_train or not cfg.ablate.dfr_ns:  # DFR's training photos matter here only for dfr_ns
         del settings["dfr_train"]
-    key = io.artifact_key(flags["key"], settings, cfg.model.spec, io.file_key(job / "train.json"), HOLDOUT_RULE)
+    key = io.artifact_key(flags["key"], settings, cfg.model.spec, io.file_key(job / "train.json"), HOLDOUT_RULE,
+                          *([DFR_RULE] if cfg.ablate.dfr_ns else []))  # the DFR curve's fits follow its rule
     done = io.current(job / "ablation.json", key)
     if done:
         return done

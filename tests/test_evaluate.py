@@ -333,3 +333,39 @@ def test_channels_last_passes_match_and_restore_the_layout():
     assert all(p.is_contiguous() for p in m.parameters())
     with channels_last(nn.Linear(3, 2)) as on:
         assert not on  # no convolutions: nothing to change
+
+
+def test_predict_scores_one_pass_by_several_heads_as_passes_of_their_own_models():
+    """``predict(..., heads=, head=)``: each head applied to the input of the model's last layer gives, logit for
+    logit, what a copy of the model with that head gives in a pass of its own, edits included."""
+    import copy
+
+    import torchvision
+
+    from neuroscribe.ablate.measure import shared_passes
+    torch.manual_seed(0)
+    m = torchvision.models.resnet18(num_classes=5).eval()
+    other = copy.deepcopy(m)
+    with torch.no_grad():
+        other.fc.weight.normal_()
+        other.fc.bias.normal_()
+    x, y = torch.randn(6, 3, 32, 32), torch.arange(6) % 5
+    edits = ablation_edits(m, {"layer3": [1, 5, 7]})
+    got = predict(m, [(x, y)], edits=edits, progress=False, heads={"other": other.fc}, head="fc",
+                  class_index=[4, 0, 2])
+    alone = predict(other, [(x, y)], edits=ablation_edits(other, {"layer3": [1, 5, 7]}), progress=False,
+                    class_index=[4, 0, 2])
+    mine = predict(m, [(x, y)], edits=edits, progress=False, class_index=[4, 0, 2])
+    assert np.array_equal(got["other"].outputs, alone.outputs) and np.array_equal(got[""].outputs, mine.outputs)
+    assert not np.allclose(got["other"].outputs, got[""].outputs)  # the heads differ: so do their logits
+    assert np.array_equal(got["other"].labels, alone.labels)
+    with pytest.raises(ValueError, match="heads need head"):
+        predict(m, [(x, y)], progress=False, heads={"other": other.fc})
+    # which variants share a pass: the same body (a copy differing in fc only) and the same units
+    changed = copy.deepcopy(m)
+    with torch.no_grad():
+        changed.layer1[0].conv1.weight.add_(1.0)
+    head, passes = shared_passes(m, {"base": (m, []), "dfr": (other, []), "ablated": (m, [("layer3", 1)]),
+                                     "ablated_dfr": (other, [("layer3", 1)]), "body": (changed, [])})
+    assert head == "fc"
+    assert {tuple(v) for v in passes.values()} == {("base", "dfr"), ("ablated", "ablated_dfr"), ("body",)}

@@ -105,10 +105,12 @@ def test_evaluate_and_report_carry_the_computed_numbers(job):
 
 def test_evaluate_passes_once_per_distinct_edit_and_reuses_it(job, monkeypatch):
     """Variants that edit the same model alike (an empty flag set, N = 0, a random draw equal to the ablation...)
-    share one pass per test set; their figures are those of that pass."""
+    share one pass per test set; their figures are those of that pass. Variants whose model differs in its last
+    layer only (re-fit, DFR) share the pass of the same edit, scored by their own head: figure for figure what a
+    pass of their own model gives."""
     from neuroscribe.ablate import evaluate as ev_mod
     cfg, out = job
-    cfg = cfg.model_copy(update={"ablate": cfg.ablate.model_copy(update={"dfr": "holdout"})})  # + a model of its own
+    cfg = cfg.model_copy(update={"ablate": cfg.ablate.model_copy(update={"dfr": "holdout", "refit": True})})
     pipeline.flag(cfg)
     abl = pipeline.ablate(cfg)
     calls = []
@@ -120,9 +122,25 @@ def test_evaluate_passes_once_per_distinct_edit_and_reuses_it(job, monkeypatch):
     edits = [v["units"] for v in abl["variants"].values()] + [abl["controls"]["sort_all"], *abl["controls"]["random"]]
     distinct = {tuple(sorted(map(tuple, u))) for u in edits} | {()}  # () = the base model
     assert len(distinct) < len(edits) + 1, "the fixture has no two alike edits: the reuse is not exercised"
-    heads = sum(k in ev["results"] for k in ("refit", "refit_only", "dfr", "ablated_dfr"))  # models of their own
-    assert ev["forward_passes"] == {s: len(distinct) + heads for s in ev["test_sets"]}
+    assert {"refit_only", "dfr"} <= set(ev["results"])  # heads of their own, on the base model's body
+    assert ev["forward_passes"] == {s: len(distinct) for s in ev["test_sets"]}
     assert len(calls) == sum(ev["forward_passes"].values())
+    # each head's figures as a pass of its own model (nothing ablated) gives them
+    from neuroscribe.ablate.refit import dfr_last_layer, refit_last_layer
+    from neuroscribe.ablate.stage import model_and_means
+    from neuroscribe.datasets.sets import class_index, dfr_set, dfr_train_set, held_out, loader, shift_set, test_sets
+    lm, dev, _, means = model_and_means(cfg)
+    probe = next(s for s in cfg.shifts if s.name == cfg.probe)
+    own = {"refit_only": refit_last_layer(lm.module, [], loader(cfg, shift_set(probe, lm.preprocess, cfg.seed,
+                                          lm.class_names, held_out(cfg.out))[0]), device=dev, seed=cfg.seed),
+           "dfr": dfr_last_layer(lm.module, [], dfr_set(cfg, lm.preprocess, lm.class_names)[0],
+                                 lambda d: loader(cfg, d), cfg.ablate.method, means, device=dev, seed=cfg.seed,
+                                 extra=(dfr_train_set(cfg, lm.preprocess) or (None,))[0])[0]}
+    for sname, (ds, set_names, _) in test_sets(cfg, lm.preprocess, lm.class_names).items():
+        for v, model in own.items():
+            p = real(model, loader(cfg, ds), dev, class_index=class_index(lm, set_names), keep_logits=False,
+                     progress=False)
+            assert ev["results"][v][sname]["acc"] == float((p.preds == p.labels).mean()), (v, sname)
     names = {"description": "ablated", "evidence": "ablated_evidence", "both": "ablated_both"}
     for name, v in abl["variants"].items():
         if not v["units"]:  # an empty choice is the base model, figure for figure

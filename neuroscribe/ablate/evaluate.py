@@ -96,7 +96,8 @@ def _model_device(model: nn.Module) -> torch.device | None:
 
 def predict(model: nn.Module, loader: Iterable, device: str | torch.device | None = None,
             edits: Mapping[str, Callable] | None = None, *, class_index: Sequence[int] | None = None,
-            keep_logits: bool = True, progress: bool = True, desc: str = "predict") -> Predictions:
+            keep_logits: bool = True, progress: bool = True, desc: str = "predict",
+            heads: Mapping[str, nn.Module] | None = None, head: str | None = None) -> Predictions | dict:
     """Run ``model`` over every batch of ``loader`` (streaming; a tqdm bar counts images).
 
     ``edits`` (e.g. :func:`~neuroscribe.ablate.edit.ablation_edits`) are applied through
@@ -104,6 +105,10 @@ def predict(model: nn.Module, loader: Iterable, device: str | torch.device | Non
     set's class ``k`` (:func:`label_map`): logits are restricted to those columns, so outputs and labels share the
     test set's class numbering. ``keep_logits=False`` keeps only the predicted class (less memory). The model is put
     in eval mode for the pass and its mode restored after; it must already sit on ``device``.
+    ``heads`` (``{name: module}``) with ``head`` (the name of the model's last layer, whose output must be the
+    logits): the same pass is also scored by each of those modules applied to ``head``'s input -- what the model with
+    that module in ``head``'s place predicts (the same input, the same operation), from one pass of the body -- and
+    ``{name: Predictions}`` is returned, the model's own output under ``""``.
     """
     from tqdm.auto import tqdm
     dev = torch.device(device) if device is not None else (_model_device(model) or torch.device("cpu"))
@@ -113,14 +118,17 @@ def predict(model: nn.Module, loader: Iterable, device: str | torch.device | Non
                          f"(model.to({str(dev)!r}))")
     cols = torch.as_tensor(list(class_index), dtype=torch.long, device=dev) if class_index is not None else None
     total = len(loader.dataset) if hasattr(loader, "dataset") and hasattr(loader.dataset, "__len__") else None
-    outs: list[np.ndarray] = []
+    if heads and head is None:
+        raise ValueError("predict: heads need head, the name of the model's last layer they stand in for")
+    outs: dict[str, list[np.ndarray]] = {"": [], **{k: [] for k in heads or {}}}
     labels: list[np.ndarray] = []
     groups: list[str] = []
     any_groups = False
     was_training = model.training
     model.eval()
     try:
-        with torch.no_grad(), channels_last(model) as layout, trace(model, edit=dict(edits or {})), \
+        with torch.no_grad(), channels_last(model) as layout, \
+                trace(model, edit=dict(edits or {}), retain_inputs=[head] if heads else []) as tr, \
                 tqdm(total=total, unit="img", desc=desc, disable=not progress, leave=False) as bar:
             for batch in loader:
                 x, y, g = unpack_batch(batch)
@@ -129,14 +137,16 @@ def predict(model: nn.Module, loader: Iterable, device: str | torch.device | Non
                 out = model(to_layout(x.to(dev, non_blocking=True), layout))
                 if not torch.is_tensor(out):
                     out = getattr(out, "logits", out[0] if isinstance(out, (tuple, list)) else out)
-                if out.dim() != 2:
-                    raise ValueError(f"the model's output has shape {tuple(out.shape)}; expected logits [B, classes]")
-                if cols is not None:
-                    if int(cols.max()) >= out.shape[1]:
-                        raise ValueError(f"class_index names logit {int(cols.max())} but the model has "
-                                         f"{out.shape[1]} outputs")
-                    out = out.index_select(1, cols)
-                outs.append(out.float().cpu().numpy() if keep_logits else out.argmax(1).cpu().numpy())
+                for name, o in [("", out)] + [(k, m(tr.inputs[head])) for k, m in (heads or {}).items()]:
+                    if o.dim() != 2:
+                        raise ValueError(f"the model's output has shape {tuple(o.shape)}; expected logits "
+                                         "[B, classes]")
+                    if cols is not None:
+                        if int(cols.max()) >= o.shape[1]:
+                            raise ValueError(f"class_index names logit {int(cols.max())} but the model has "
+                                             f"{o.shape[1]} outputs")
+                        o = o.index_select(1, cols)
+                    outs[name].append(o.float().cpu().numpy() if keep_logits else o.argmax(1).cpu().numpy())
                 n = x.shape[0]
                 labels.append(np.full(n, -1, np.int64) if y is None else y.reshape(-1).cpu().numpy().astype(np.int64))
                 any_groups |= g is not None
@@ -144,10 +154,11 @@ def predict(model: nn.Module, loader: Iterable, device: str | torch.device | Non
                 bar.update(n)
     finally:
         model.train(was_training)
-    if not outs:
+    if not outs[""]:
         raise ValueError("predict: the loader yielded no images")
-    return Predictions(np.concatenate(outs), np.concatenate(labels),
-                       np.array(groups, dtype=object) if any_groups else None)
+    ls, gs = np.concatenate(labels), np.array(groups, dtype=object) if any_groups else None
+    got = {k: Predictions(np.concatenate(v), ls, gs) for k, v in outs.items()}
+    return got if heads else got[""]
 
 
 def correct(outputs: np.ndarray, labels: np.ndarray) -> np.ndarray:

@@ -97,6 +97,7 @@ def evaluate(cfg: JobConfig) -> dict:
             model, dfr_info[vname] = fitted[chosen]
             runs[vname], variants[vname] = (model, units), units
         del dfr_ds, extra, stored  # the images held for the fits
+    head, passes = shared_passes(lm.module, runs)
     sets = test_sets(cfg, lm.preprocess, lm.class_names)
     quality = flag_quality(cfg, lm, dev, rec.layers, sets) if (job / "flags.json").is_file() else None
     if cfg.evaluate.limit:  # a seeded random subset (the same images for every variant): folders are class-sorted
@@ -109,17 +110,19 @@ def evaluate(cfg: JobConfig) -> dict:
         batches = list(loader(cfg, ds))  # decoded once, reused by every variant
         ci = class_index(lm, names)
         hits, seen = {}, {}
-        for vname, (model, units) in runs.items():
-            same = (id(model), tuple(sorted(units)))  # a variant that edits the same model alike (e.g. N = 0: the
-            if same not in seen:  # base model) is the same predictions: one pass
-                edits = ablation_edits(model, as_unit_dict(units), cfg.ablate.method, means) if units else None
-                seen[same] = predict(model, batches, dev, edits, class_index=ci, keep_logits=False, progress=False)
-            p = seen[same]
+        for (model, units), names_ in passes.items():  # one pass per body and edit, scored by each variant's head
+            edits = ablation_edits(model, as_unit_dict(units), cfg.ablate.method, means) if units else None
+            heads = {v: dict(runs[v][0].named_modules())[head] for v in names_ if runs[v][0] is not model}
+            got = predict(model, batches, dev, edits, class_index=ci, keep_logits=False, progress=False,
+                          heads=heads, head=head)
+            seen.update({v: got[v if v in heads else ""] if heads else got for v in names_})
+        for vname in runs:
+            p = seen[vname]
             rep = accuracy_report(p.preds, p.labels, p.groups, cfg.evaluate.bootstrap, cfg.seed)
             out["results"].setdefault(vname, {})[sname] = _acc(rep)
             hits[vname] = correct(p.preds, p.labels)
             log.info("evaluate %s on %s: %.3f", vname, sname, rep["acc"])
-        out.setdefault("forward_passes", {})[sname] = len(seen)
+        out.setdefault("forward_passes", {})[sname] = len(passes)
         for vname in runs:  # paired with the base model on the same images
             if vname != "base":
                 d = paired_bootstrap_diff(hits[vname], hits["base"], cfg.evaluate.bootstrap, cfg.seed)
@@ -133,6 +136,38 @@ def evaluate(cfg: JobConfig) -> dict:
     out["random_draws"] = [[list(u) for u in d] for d in draws]
     io.write_json(job / "evaluation.json", out)
     return out
+
+
+def shared_passes(base: torch.nn.Module, runs: dict) -> tuple[str | None, dict]:
+    """``(head, {(model, units): [variant, ...]})``: the forward passes that score every variant of ``runs``
+    (``{variant: (model, units)}``). Variants whose model is ``base`` or a copy of it that differs in the last linear
+    layer only (a re-fit or DFR head) and that ablate the same units share one pass of ``base``'s body, each scored by
+    its own head (:func:`.evaluate.predict`'s ``heads``): the same predictions as a pass of each, in fewer passes.
+    ``head`` is None for a model without a linear layer (then only variants of one model and edit share)."""
+    from .refit import last_linear
+    try:
+        head = last_linear(base)
+    except ValueError:
+        head = None
+    body = {k: v for k, v in base.state_dict().items() if head and not k.startswith(head + ".")}
+
+    def same_body(model) -> bool:
+        if model is base:
+            return True
+        if head is None:
+            return False
+        try:
+            if last_linear(model) != head:
+                return False
+        except ValueError:
+            return False
+        theirs = model.state_dict()
+        return theirs.keys() == base.state_dict().keys() and all(torch.equal(theirs[k], v) for k, v in body.items())
+    passes: dict = {}
+    for vname, (model, units) in runs.items():
+        owner = base if same_body(model) else model
+        passes.setdefault((owner, tuple(sorted(units))), []).append(vname)
+    return head, passes
 
 
 def export_edited(cfg: JobConfig, path: str | Path, variant: str = "description") -> Path:

@@ -149,7 +149,8 @@ def shared_passes(base: torch.nn.Module, runs: dict) -> tuple[str | None, dict]:
         head = last_linear(base)
     except ValueError:
         head = None
-    body = {k: v for k, v in base.state_dict().items() if head and not k.startswith(head + ".")}
+    mine = base.state_dict()
+    body = {k: v for k, v in mine.items() if not k.startswith(f"{head}.")} if head else {}
 
     def same_body(model) -> bool:
         if model is base:
@@ -162,7 +163,7 @@ def shared_passes(base: torch.nn.Module, runs: dict) -> tuple[str | None, dict]:
         except ValueError:
             return False
         theirs = model.state_dict()
-        return theirs.keys() == base.state_dict().keys() and all(torch.equal(theirs[k], v) for k, v in body.items())
+        return theirs.keys() == mine.keys() and all(torch.equal(theirs[k], v) for k, v in body.items())
     passes: dict = {}
     for vname, (model, units) in runs.items():
         owner = base if same_body(model) else model

@@ -154,7 +154,10 @@ def collect(cfg, seconds: float, final: dict | None, truth: dict) -> dict:
                                      max(d["results"][s]["acc"] for d in body["draws"])] for s in SETS}
     ci = {v: {s: [r["lo"], r["hi"]] for s, r in body["results"].items()}
           for v, body in rep["variants"].items() if body.get("results")}
-    return {"seconds": round(seconds, 1), "train_seconds": round(sum(h["seconds"] for h in tr["history"]), 1),
+    runs = job / "runs.jsonl"  # the pipeline's own stage clock; its last row is the run just made
+    last = json.loads(runs.read_text().splitlines()[-1]) if runs.exists() else {}
+    return {"seconds": round(seconds, 1), "stage_seconds": last.get("seconds"),
+            "train_seconds": round(sum(h["seconds"] for h in tr["history"]), 1),
             "train_last_epoch": tr["history"][-1], "validation": abl["validation"],
             "chosen_n": {k: v["chosen_n"] for k, v in abl["variants"].items()},
             "candidates": {k: len(v["ordered"]) for k, v in abl["variants"].items()},

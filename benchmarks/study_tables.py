@@ -224,7 +224,9 @@ def markdown(res: dict) -> str:
                  f"candidates); clean {100 * a['base']['in-distribution']:.1f} -> "
                  f"{100 * a['ablated']['in-distribution']:.1f}; random draws {SETS[1]} range "
                  f"{100 * a['random_range'][SETS[1]][0]:.1f}-{100 * a['random_range'][SETS[1]][1]:.1f}; "
-                 f"{per[s]['seconds'] / 60:.1f} min")
+                 f"{per[s]['seconds'] / 60:.1f} min" + (" (" + ", ".join(
+                     f"{k} {v / 60:.1f}" for k, v in per[s]["stage_seconds"].items()) + ")"
+                                                       if per[s].get("stage_seconds") else ""))
         if per[s].get("dfr_tuned"):
             t = per[s]["dfr_tuned"]
             L[-1] += ("; ablation + DFR, validation % by N: " + ", ".join(f"{n}: {100 * v:.1f}" for n, v in t["curve"])

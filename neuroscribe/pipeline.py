@@ -13,7 +13,9 @@ The test sets are read only by ``evaluate``: nothing is chosen on them.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import time
 from pathlib import Path
 
 from . import io
@@ -128,11 +130,47 @@ def aggregate_seeds(reports: dict[int, dict], out: Path) -> dict:
 def _run_one(cfg: JobConfig) -> dict:
     Path(cfg.out).mkdir(parents=True, exist_ok=True)
     io.write_text(Path(cfg.out) / "config.yaml", cfg.dump())  # the job as run: any stage can rerun from it
-    cfg = train(cfg)
-    probe_cfg = with_probe(cfg)
-    record(probe_cfg)
-    describe(probe_cfg)
-    flag(cfg)
-    ablate(cfg)
-    evaluate(cfg)
-    return report(cfg)
+    with stage_clock(Path(cfg.out)) as timed:
+        cfg = timed("train", train, cfg)
+        probe_cfg = timed("probe", with_probe, cfg)
+        timed("record", record, probe_cfg)
+        timed("describe", describe, probe_cfg)
+        timed("flag", flag, cfg)
+        timed("ablate", ablate, cfg)
+        timed("evaluate", evaluate, cfg)
+        return timed("report", report, cfg)
+
+
+@contextlib.contextmanager
+def stage_clock(out: Path):
+    """A timer for the stages of one run: ``timed(name, stage, *args)`` runs the stage and notes its wall seconds.
+    On exit -- also when a stage fails, which is then named in ``status`` -- one row is appended to
+    ``JOBDIR/runs.jsonl`` (rewritten atomically; written by the main process only): when the run started, the
+    machine, torch's threads, each stage's seconds and the total. A stage whose artifacts were current shows the
+    seconds it took to find that out, so the first row of a job is its time from scratch and later rows show what
+    each rerun redid."""
+    import torch
+    from .distributed import is_main_process
+    from .runtime import cpu_name
+    row: dict = {"started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "machine": cpu_name(),
+                 "threads": torch.get_num_threads(), "seconds": {}}
+    t0 = time.perf_counter()
+
+    def timed(name: str, stage, *args):
+        t = time.perf_counter()
+        try:
+            return stage(*args)
+        except BaseException:
+            row["status"] = f"failed in {name}"
+            raise
+        finally:
+            row["seconds"][name] = round(time.perf_counter() - t, 2)
+    try:
+        yield timed
+        row["status"] = "complete"
+    finally:
+        row.setdefault("status", "interrupted")
+        row["total"] = round(time.perf_counter() - t0, 2)
+        if is_main_process():
+            path = out / "runs.jsonl"
+            io.write_text(path, (path.read_text() if path.exists() else "") + json.dumps(row) + "\n")

@@ -373,6 +373,35 @@ def test_several_seeds_run_one_job_each_and_aggregate(tmp_path, monkeypatch):
     assert "60.0% ±" in open(out["md"]).read()
 
 
+def test_run_log_times_each_stage_and_names_the_one_that_failed(tmp_path, monkeypatch):
+    """_run_one appends one row to JOBDIR/runs.jsonl per run, every stage timed in pipeline order -- also when a
+    stage fails, which the row names, and the rows of earlier runs are kept."""
+    seen = []
+
+    def stage(name):
+        def fn(cfg):
+            seen.append(name)
+            if name == "ablate" and fail:
+                raise RuntimeError("ablate broke")
+            return cfg if name == "train" else {"json": "report.json"} if name == "report" else None
+        return fn
+    names = ["train", "with_probe", "record", "describe", "flag", "ablate", "evaluate", "report"]
+    for n in names:
+        monkeypatch.setattr(pipeline, n, stage(n))
+    cfg = load_config(None, {"out": str(tmp_path / "job")})
+    fail = True
+    with pytest.raises(RuntimeError, match="ablate broke"):
+        pipeline._run_one(cfg)
+    fail = False
+    assert pipeline._run_one(cfg) == {"json": "report.json"}
+    rows = [json.loads(x) for x in (tmp_path / "job" / "runs.jsonl").read_text().splitlines()]
+    assert [r["status"] for r in rows] == ["failed in ablate", "complete"]
+    stages = ["train", "probe", "record", "describe", "flag", "ablate", "evaluate", "report"]
+    assert list(rows[0]["seconds"]) == stages[:6] and list(rows[1]["seconds"]) == stages
+    assert seen == names[:6] + names
+    assert all(r["threads"] == torch.get_num_threads() and r["total"] >= 0 and r["machine"] for r in rows)
+
+
 def test_export_edited_bakes_units_into_loadable_weights(tmp_path):
     """ablation.json's units baked into a torchvision ResNet-18's weights load back as checkpoint:PATH and
     give the same logits as hook ablation."""

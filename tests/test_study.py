@@ -25,6 +25,7 @@ ROOT = Path(__file__).resolve().parents[1]
 TEXT = {"kind": "text", "size": 0.3, "position": "bottom-left"}
 SETS = ("in-distribution", "wrong-text", "wrong-text-new-style")
 PROBE_N, TEST_N, SHARE, UNITS = 12, 12, 0.05, 3
+STAGES = ("train", "probe", "record", "describe", "flag", "ablate", "evaluate", "report")
 JOB = {
     "train": {"arch": "torchvision:resnet18", "data": {"split": "train", "limit": 40}, "cue": TEXT, "fraction": 0.5,
               "holdout": 0.25, "resolution": 32, "epochs": 1, "batch_size": 16, "seeds": [0, 1]},
@@ -190,12 +191,24 @@ def test_rerun_reuses_every_stage(study, monkeypatch):
     after = {p: p.read_bytes() for p in job.rglob("*") if p.is_file()}
     assert set(after) == set(before)
     changed = sorted(str(p.relative_to(job)) for p in before if after[p] != before[p])
-    # the report is rebuilt from the stage artifacts each run; every other file is left as it was
-    assert all(c.startswith("report.") or c == "curve.png" for c in changed), changed
+    # the report is rebuilt from the stage artifacts each run, the run log gains a row; every other file is as it was
+    assert all(c.startswith("report.") or c in ("curve.png", "runs.jsonl") for c in changed), changed
+    runs = job / "runs.jsonl"
+    old, new = before[runs].decode().splitlines(), after[runs].decode().splitlines()
+    assert new[:-1] == old and len(new) == len(old) + 1  # appended, nothing rewritten
+    row = json.loads(new[-1])
+    assert row["status"] == "complete" and list(row["seconds"]) == list(STAGES)
 
 
 def test_study_helpers_report_what_the_jobs_hold(study):
     ms, cfg, res, md = study
+    for s in ("0", "1"):  # the pipeline's stage clock: the study run's row, from scratch, every stage timed
+        rows = [json.loads(x) for x in (Path(cfg.out) / f"seed{s}" / "runs.jsonl").read_text().splitlines()]
+        assert len(rows) >= 2  # the seed's run, the aggregate run over both seeds (every stage current), any rerun
+        assert all(r["status"] == "complete" and list(r["seconds"]) == list(STAGES) for r in rows)
+        assert sum(rows[0]["seconds"].values()) <= rows[0]["total"] + 0.05  # rounded to 0.01 s each
+        assert rows[0]["total"] <= res["per_seed"][s]["seconds"] + 0.1
+        assert res["per_seed"][s]["stage_seconds"] == rows[0]["seconds"]  # collected after the seed's own run
     truth_per_layer = {"layer3": 256, "layer4": 512}
     for s in ("0", "1"):
         per = res["per_seed"][s]

@@ -1,6 +1,6 @@
 """Read a study seed's counterfactual truth units against their descriptions (after the fact; chooses nothing).
 
-    python tools/truth_vs_descriptions.py JOBDIR/seed0 [--out FILE.json] [--probe]
+    python tools/truth_vs_descriptions.py JOBDIR/seed0 [--out FILE.json] [--probe] [--replicate]
 
 Recomputes the evaluate stage's flag-quality truth (:func:`neuroscribe.ablate.measure.cue_flag_quality`: the top 5 %
 of each layer's units by the cue's effect on class-stratified paired test images) with the seed's trained checkpoint,
@@ -18,6 +18,15 @@ seed); a unit's probe effect is its largest effect over those edits. Printed: th
 per-layer and the pooled truth beside the description ranking's (``evaluation.json``), and how many truth units the
 probe confirms. It tells apart the two reasons a truth unit is missed: the unit does not respond to the cue's kind
 at all (the probe misses it too), or it does and its description does not say so.
+
+``--replicate`` measures the truth's own reliability, the ceiling of any flag scored against it: the same truth rule on
+a second class-stratified sample of the same test set, as large and disjoint from the first (purpose "flag truth
+replicate"). Printed: the flag sets' figures against the first truth (with ``--truth-images``, one of that size: a
+labelled variant of the stage's), how many units the two truths share (precision = recall of the replicate used as a
+flag set), the AUC of the replicate's effect for the first truth, and, beside them, the flag stage's counterfactual
+evidence (``flags.json``, measured on the training-side shift: a labelled variant, never a description; it holds
+evidence only for the units it lists, the rest rank last) with the same figures at the truth's size. A description-side
+flag cannot be expected to agree with the truth better than the truth agrees with itself.
 """
 from __future__ import annotations
 
@@ -39,6 +48,8 @@ def main() -> None:
     ap.add_argument("job", type=Path, help="a study seed's job folder (config.yaml, train/, evaluation.json ...)")
     ap.add_argument("--out", type=Path)
     ap.add_argument("--probe", action="store_true", help="also test every unit with the cue's own words (diagnostic)")
+    ap.add_argument("--replicate", action="store_true", help="also the truth measured again on disjoint test images")
+    ap.add_argument("--truth-images", type=int, help="with --replicate: both truths drawn at this size instead")
     a = ap.parse_args()
     ckpt = next((a.job / "train").glob("seed*/model.safetensors"))
     cfg = load_config(a.job / "config.yaml", {"model": f"checkpoint:{ckpt}"})
@@ -69,6 +80,8 @@ def main() -> None:
         "units_per_layer": dict(Counter(r["layer"] for r in rows.values() if r["description"] == top))}
     if a.probe:
         out["probe"] = probe(cfg, lm, dev, rec, sorted(rows), q, words)
+    if a.replicate:
+        out["replicate"] = replicate(cfg, lm, dev, rec.layers, q, a.job, a.truth_images)
     print(json.dumps({k: v for k, v in out.items() if k != "truth_units"}, indent=1))
     if a.out:
         io.write_json(a.out, out)
@@ -101,6 +114,55 @@ def probe(cfg, lm, dev, rec, units: list, q: dict, words: set) -> dict:
                      "description_auc": stored.get("auc"),
                      "truth_confirmed_by_probe": sum(best[u]["status"] == "confirmed" for u in t)}
     return out
+
+
+def replicate(cfg, lm, dev, layers: list, q: dict, job: Path, n: int | None = None) -> dict:
+    """The truth rule again on a disjoint sample (see ``--replicate``); agreement with the stored truth. With ``n``
+    (``--truth-images``), both truths are drawn at that size instead (the first with the stored truth's purpose)."""
+    from sklearn.metrics import roc_auc_score
+    from neuroscribe.ablate.flag import cue_effect, cue_pairs
+    from neuroscribe.ablate.measure import TRUTH_SHARE, _set_quality, description_ranking
+    from neuroscribe.datasets.splits import stratified_sample
+    ds = test_sets(cfg, lm.preprocess, lm.class_names)[q["test_set"]][0]
+    labels = [y for _, y in ds.samples]
+    first = stratified_sample(labels, n or cfg.flag.evidence_images, cfg.seed, purpose="flag truth")  # the stage's
+    ids = stratified_sample(labels, len(first), cfg.seed, exclude=first, purpose="flag truth replicate")
+
+    def effect_on(sample):
+        return cue_effect(lm.module, {l: None for l in layers},
+                          list(cue_pairs(ds, lm.preprocess.to_tensor(), sample, cfg.batch_size)), device=dev)
+    effect = effect_on(ids)
+    units = sorted(effect)
+    if n is None:
+        truth = {tuple(u) for u in q["truth_units"]}
+    else:
+        first_effect, truth = effect_on(first), set()
+        for layer in layers:
+            ranked = sorted((-e, u) for (l, u), e in first_effect.items() if l == layer)
+            truth |= {(layer, u) for _, u in ranked[:max(1, round(TRUTH_SHARE * len(ranked)))]}
+    evidence = {(f["layer"], int(f["unit"])): f.get("evidence") for f in
+                json.loads((job / "flags.json").read_text())["flags"]}
+
+    def agreement(score: dict) -> dict:  # the top TRUTH_SHARE of each layer by score as a flag set, and the AUC
+        top = set()
+        for layer in layers:
+            ranked = sorted((-(score.get((l, u)) if score.get((l, u)) is not None else -1e9), u)
+                            for l, u in units if l == layer)
+            top |= {(layer, u) for _, u in ranked[:max(1, round(TRUTH_SHARE * len(ranked)))]}
+        y = [u in truth for u in units]
+        return {"flagged": len(top), "shared": len(top & truth), "precision": len(top & truth) / len(top),
+                "recall": len(top & truth) / len(truth),
+                "auc": float(roc_auc_score(y, [score.get(u) if score.get(u) is not None else -1e9 for u in units]))}
+    sets = _set_quality(json.loads((job / "flags.json").read_text())["sets"], truth, len(units))
+    rank = description_ranking(job)  # the evaluate stage's flag-score AUC, against this truth
+    ranked = [u for u in units if u in rank]
+    sets["description"]["auc"] = float(roc_auc_score([u in truth for u in ranked], [rank[u] for u in ranked]))
+    return {"n_images": len(ids), "first_images": len(first), "disjoint": not set(ids) & set(first),
+            "truth": len(truth), "flag_sets": sets,
+            "replicate_truth": agreement(effect),
+            "evidence_variant": {**agreement(evidence),
+                                 "units_with_evidence": sum(v is not None for v in evidence.values()),
+                                 "note": "flags.json holds evidence only for the units it lists; the rest rank last"}}
 
 
 if __name__ == "__main__":

@@ -158,7 +158,7 @@ def replicate(cfg, lm, dev, layers: list, q: dict, job: Path, n: int | None = No
     ranked = [u for u in units if u in rank]
     sets["description"]["auc"] = float(roc_auc_score([u in truth for u in ranked], [rank[u] for u in ranked]))
     return {"n_images": len(ids), "first_images": len(first), "disjoint": not set(ids) & set(first),
-            "truth": len(truth), "flag_sets": sets,
+            "truth": len(truth), "truth_units": sorted([l, u] for l, u in truth), "flag_sets": sets,
             "replicate_truth": agreement(effect),
             "evidence_variant": {**agreement(evidence),
                                  "units_with_evidence": sum(v is not None for v in evidence.values()),

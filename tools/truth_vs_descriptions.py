@@ -1,6 +1,7 @@
 """Read a study seed's counterfactual truth units against their descriptions (after the fact; chooses nothing).
 
-    python tools/truth_vs_descriptions.py JOBDIR/seed0 [--out FILE.json] [--probe] [--replicate]
+    python tools/truth_vs_descriptions.py JOBDIR/seed0 [--out FILE.json] [--probe [--probe-images N]]
+        [--replicate [--truth-images N]]
 
 Recomputes the evaluate stage's flag-quality truth (:func:`neuroscribe.ablate.measure.cue_flag_quality`: the top 5 %
 of each layer's units by the cue's effect on class-stratified paired test images) with the seed's trained checkpoint,
@@ -50,6 +51,7 @@ def main() -> None:
     ap.add_argument("--probe", action="store_true", help="also test every unit with the cue's own words (diagnostic)")
     ap.add_argument("--replicate", action="store_true", help="also the truth measured again on disjoint test images")
     ap.add_argument("--truth-images", type=int, help="with --replicate: both truths drawn at this size instead")
+    ap.add_argument("--probe-images", type=int, help="with --probe: verification images (default: the job's)")
     a = ap.parse_args()
     ckpt = next((a.job / "train").glob("seed*/model.safetensors"))
     cfg = load_config(a.job / "config.yaml", {"model": f"checkpoint:{ckpt}"})
@@ -78,17 +80,21 @@ def main() -> None:
     out["commonest_description_exemplars_of_that_class"] = {
         "description": top, "exemplars": len(ex), "share": sum(lm.class_names[labels[i]] == top for i in ex) / len(ex),
         "units_per_layer": dict(Counter(r["layer"] for r in rows.values() if r["description"] == top))}
-    if a.probe:
-        out["probe"] = probe(cfg, lm, dev, rec, sorted(rows), q, words)
     if a.replicate:
         out["replicate"] = replicate(cfg, lm, dev, rec.layers, q, a.job, a.truth_images)
+    if a.probe:
+        extra = {f"truth_{out['replicate']['first_images']}_images": out["replicate"]["truth_units"]} \
+            if a.replicate and a.truth_images else {}
+        out["probe"] = probe(cfg, lm, dev, rec, sorted(rows), q, words, a.probe_images, extra)
     print(json.dumps({k: v for k, v in out.items() if k != "truth_units"}, indent=1))
     if a.out:
         io.write_json(a.out, out)
 
 
-def probe(cfg, lm, dev, rec, units: list, q: dict, words: set) -> dict:
-    """Every unit tested with each edit the cue's keywords make (see ``--probe``); AUCs against both truths."""
+def probe(cfg, lm, dev, rec, units: list, q: dict, words: set, images: int | None = None,
+          extra: dict | None = None) -> dict:
+    """Every unit tested with each edit the cue's keywords make (see ``--probe``; ``images``: verification images
+    instead of the job's); AUCs against both truths and any ``extra`` ``{name: truth units}``."""
     from sklearn.metrics import roc_auc_score
     from neuroscribe.describe.verify import Pools, intervention_for, verify_units
     edits = {}
@@ -99,13 +105,18 @@ def probe(cfg, lm, dev, rec, units: list, q: dict, words: set) -> dict:
     if not edits:
         raise SystemExit(f"no keyword of flag.cues ({sorted(words)}) makes a text or colour edit")
     best: dict = {}
+    v = cfg.describe.verify if images is None else cfg.describe.verify.model_copy(update={"images": images})
     for key, w in sorted(edits.items()):
-        res = verify_units(rec, lm, {u: w for u in units}, cfg.describe.verify, cfg.seed, dev)
+        res = verify_units(rec, lm, {u: w for u in units}, v, cfg.seed, dev)
         for u, r in res.items():
             if u not in best or r["effect"] > best[u]["effect"]:
                 best[u] = {**r, "keyword": w}
-    out = {"edits": sorted(edits.values()), "units": len(units),
+    out = {"edits": sorted(edits.values()), "units": len(units), "images": v.images,
            "confirmed": sum(r["status"] == "confirmed" for r in best.values())}
+    for name, truth in (extra or {}).items():
+        t = {tuple(u) for u in truth}
+        out[name] = {"truth": len(t), "probe_auc": float(roc_auc_score([u in t for u in units],
+                                                                       [best[u]["effect"] for u in units]))}
     for name, truth in (("per_layer", q["truth_units"]), ("pooled", q["pooled"]["truth_units"])):
         t = {tuple(u) for u in truth}
         y = [u in t for u in units]

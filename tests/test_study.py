@@ -450,3 +450,28 @@ def test_clean_reference_is_checked_on_the_probe_photos_without_the_cue(study, t
     assert agg["clean"]["per_seed"] == [summary["named"]] and agg["clean"]["units"] == summary["units"]
     assert agg["text"]["per_seed"] == [redone["per_seed"][s]["final_layer"]["named"] for s in ("0", "1")]
     assert "clean-trained reference seed 0 (probe photos without the cue)" in results.with_suffix(".md").read_text()
+
+
+def test_truth_replicate_draws_a_disjoint_sample_and_scores_every_set_against_the_first(study, tmp_path, monkeypatch):
+    """``tools/truth_vs_descriptions.py --replicate --truth-images N`` on a finished seed: the stage's truth recomputed
+    (the tool refuses figures other than evaluation.json's), then two disjoint class-stratified samples of N test
+    images; the second truth's agreement with the first, and the flag sets against the first."""
+    ms, cfg, _, _ = study
+    job = Path(cfg.out) / "seed0"
+    spec = importlib.util.spec_from_file_location("truth_tool", ROOT / "tools" / "truth_vs_descriptions.py")
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    out = tmp_path / "truth.json"
+    monkeypatch.setattr("sys.argv", ["truth_vs_descriptions.py", str(job), "--replicate", "--truth-images",
+                                     str(TEST_N // 2), "--out", str(out)])
+    tool.main()
+    r = json.loads(out.read_text())["replicate"]
+    assert r["disjoint"] and r["first_images"] == r["n_images"] == TEST_N // 2
+    flags = json.loads((job / "flags.json").read_text())["sets"]
+    truth = {tuple(u) for u in r["truth_units"]}
+    assert len(truth) == r["truth"] == sum(max(1, round(SHARE * n)) for n in (256, 512))  # per layer, as the stage
+    for name, row in r["flag_sets"].items():
+        assert row["true_positives"] == len({tuple(u) for u in flags[name]} & truth)
+    rep = r["replicate_truth"]
+    assert rep["flagged"] == r["truth"] and rep["precision"] == rep["recall"] == rep["shared"] / r["truth"]
+    assert 0 <= rep["auc"] <= 1

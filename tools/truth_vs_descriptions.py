@@ -62,11 +62,12 @@ def main() -> None:
         raise SystemExit(f"the recomputed truth gives other flag figures than {a.job}/evaluation.json")
     words = {w.lower() for ws in cfg.flag.cues.values() for w in ws}
     rows = {(r["layer"], int(r["unit"])): r for r in csv.DictReader(open(a.job / "descriptions.csv"))}
-    truth = sorted(tuple(u) for u in q["truth_units"])
+    truth = sorted(tuple(u) for u in q["truth_units"] if tuple(u) in rows)  # the described ones (all, in a study)
 
     def says(text: str) -> bool:  # the text holds one of the cue's keywords
         return bool(set(text.lower().split()) & words)
-    out = {"job": str(a.job), "truth": len(truth), "per_layer": dict(Counter(l for l, _ in truth)),
+    out = {"job": str(a.job), "truth": len(q["truth_units"]), "truth_described": len(truth),
+           "per_layer": dict(Counter(l for l, _ in q["truth_units"])),
            "descriptions": Counter(rows[u]["description"] for u in truth).most_common(),
            "cue_word_description": sum(says(rows[u]["description"]) for u in truth),
            "cue_word_in_candidates": sum(any(says(c["text"]) for c in json.loads(rows[u]["candidates"]))
@@ -167,7 +168,9 @@ def replicate(cfg, lm, dev, layers: list, q: dict, job: Path, n: int | None = No
     sets = _set_quality(json.loads((job / "flags.json").read_text())["sets"], truth, len(units))
     rank = description_ranking(job)  # the evaluate stage's flag-score AUC, against this truth
     ranked = [u for u in units if u in rank]
-    sets["description"]["auc"] = float(roc_auc_score([u in truth for u in ranked], [rank[u] for u in ranked]))
+    y = [u in truth for u in ranked]
+    if 0 < sum(y) < len(y):
+        sets["description"]["auc"] = float(roc_auc_score(y, [rank[u] for u in ranked]))
     return {"n_images": len(ids), "first_images": len(first), "disjoint": not set(ids) & set(first),
             "truth": len(truth), "truth_units": sorted([l, u] for l, u in truth), "flag_sets": sets,
             "replicate_truth": agreement(effect),

@@ -6,6 +6,7 @@ import numpy as np
 from scipy import stats
 
 from neuroscribe.datasets.cues import describe_cue
+from neuroscribe.pipeline import STAGES
 
 SETS = ["in-distribution", "wrong-text", "wrong-text-new-style"]  # clean, the cued test set, the new style: see
 # use_sets (the names of the config's non-probe shifts: another cue kind's study names its own)
@@ -184,6 +185,15 @@ def verdict(res: dict) -> list[str]:
     return out
 
 
+def stage_minutes(seconds: dict | None) -> str:
+    """" (train 5.8, probe 0.0, ...)": a seed's stage minutes in pipeline order (JSON files hold them key-sorted)."""
+    if not seconds:
+        return ""
+    order = {k: i for i, k in enumerate(STAGES)}
+    return " (" + ", ".join(f"{k} {v / 60:.1f}" for k, v in sorted(seconds.items(), key=lambda kv: (
+        order.get(kv[0], len(order)), kv[0]))) + ")"
+
+
 def markdown(res: dict) -> str:
     per, agg = res["per_seed"], res["aggregate"]
     seeds = list(per)
@@ -224,9 +234,7 @@ def markdown(res: dict) -> str:
                  f"candidates); clean {100 * a['base']['in-distribution']:.1f} -> "
                  f"{100 * a['ablated']['in-distribution']:.1f}; random draws {SETS[1]} range "
                  f"{100 * a['random_range'][SETS[1]][0]:.1f}-{100 * a['random_range'][SETS[1]][1]:.1f}; "
-                 f"{per[s]['seconds'] / 60:.1f} min" + (" (" + ", ".join(
-                     f"{k} {v / 60:.1f}" for k, v in per[s]["stage_seconds"].items()) + ")"
-                                                       if per[s].get("stage_seconds") else ""))
+                 f"{per[s]['seconds'] / 60:.1f} min" + stage_minutes(per[s].get("stage_seconds")))
         if per[s].get("dfr_tuned"):
             t = per[s]["dfr_tuned"]
             L[-1] += ("; ablation + DFR, validation % by N: " + ", ".join(f"{n}: {100 * v:.1f}" for n, v in t["curve"])

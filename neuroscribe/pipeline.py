@@ -29,8 +29,8 @@ from .report.stage import report
 from .runtime import job_model
 from .train.stage import train
 
-__all__ = ["ablate", "aggregate_seeds", "describe", "evaluate", "export_edited", "flag", "record", "report", "run",
-           "shift_set", "test_sets", "train", "validation_set", "with_probe"]
+__all__ = ["STAGES", "ablate", "aggregate_seeds", "describe", "evaluate", "export_edited", "flag", "record", "report",
+           "run", "shift_set", "stage_clock", "test_sets", "train", "validation_set", "with_probe"]
 
 
 def with_probe(cfg: JobConfig) -> JobConfig:
@@ -125,6 +125,10 @@ def aggregate_seeds(reports: dict[int, dict], out: Path) -> dict:
     io.write_json(out / "seeds.json", {"seeds": list(reports), "results": agg})
     io.write_text(out / "seeds.md", md)
     return {"json": str(out / "seeds.json"), "md": str(out / "seeds.md"), "html": None}
+
+
+#: the stages of a run in pipeline order, as ``runs.jsonl`` names them
+STAGES = ("train", "probe", "record", "describe", "flag", "ablate", "evaluate", "report")
 
 
 def _run_one(cfg: JobConfig) -> dict:

@@ -9,6 +9,7 @@ import csv
 import importlib.util
 import json
 import shlex
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -25,7 +26,7 @@ ROOT = Path(__file__).resolve().parents[1]
 TEXT = {"kind": "text", "size": 0.3, "position": "bottom-left"}
 SETS = ("in-distribution", "wrong-text", "wrong-text-new-style")
 PROBE_N, TEST_N, SHARE, UNITS = 12, 12, 0.05, 3
-STAGES = ("train", "probe", "record", "describe", "flag", "ablate", "evaluate", "report")
+STAGES = pipeline.STAGES
 JOB = {
     "train": {"arch": "torchvision:resnet18", "data": {"split": "train", "limit": 40}, "cue": TEXT, "fraction": 0.5,
               "holdout": 0.25, "resolution": 32, "epochs": 1, "batch_size": 16, "seeds": [0, 1]},
@@ -209,6 +210,9 @@ def test_study_helpers_report_what_the_jobs_hold(study):
         assert sum(rows[0]["seconds"].values()) <= rows[0]["total"] + 0.05  # rounded to 0.01 s each
         assert rows[0]["total"] <= res["per_seed"][s]["seconds"] + 0.1
         assert res["per_seed"][s]["stage_seconds"] == rows[0]["seconds"]  # collected after the seed's own run
+        tables = sys.modules["study_tables"]  # the per-seed line lists them in pipeline order, also once key-sorted
+        line = tables.stage_minutes(json.loads(json.dumps(rows[0]["seconds"], sort_keys=True)))
+        assert [part.split()[0] for part in line.strip(" ()").split(", ")] == list(STAGES) and line in md
     truth_per_layer = {"layer3": 256, "layer4": 512}
     for s in ("0", "1"):
         per = res["per_seed"][s]

@@ -148,11 +148,13 @@ def _run_one(cfg: JobConfig) -> dict:
 @contextlib.contextmanager
 def stage_clock(out: Path):
     """A timer for the stages of one run: ``timed(name, stage, *args)`` runs the stage and notes its wall seconds.
-    On exit -- also when a stage fails, which is then named in ``status`` -- one row is appended to
-    ``JOBDIR/runs.jsonl`` (rewritten atomically; written by the main process only): when the run started, the
-    machine, torch's threads, each stage's seconds and the total. A stage whose artifacts were current shows the
-    seconds it took to find that out, so the first row of a job is its time from scratch and later rows show what
-    each rerun redid."""
+    On exit one row is appended to ``JOBDIR/runs.jsonl`` (rewritten atomically; by the main process only): when the
+    run started, the machine, torch's threads, each stage's seconds, the total and ``status``: ``complete``, ``failed
+    in STAGE`` (an error), ``interrupted in STAGE`` (Ctrl-C, SystemExit), or ``failed`` / ``interrupted`` outside any
+    stage. A process killed outright writes no row. A log that cannot be written is reported, never allowed to fail
+    the run or hide its error. A stage whose artifacts were current shows the seconds it took to find that out, so
+    the first row of a job is its time from scratch and later rows show what each rerun redid."""
+    import sys
     import torch
     from .distributed import is_main_process
     from .runtime import cpu_name
@@ -160,21 +162,30 @@ def stage_clock(out: Path):
                  "threads": torch.get_num_threads(), "seconds": {}}
     t0 = time.perf_counter()
 
+    def status(e: BaseException, where: str = "") -> str:
+        return ("failed" if isinstance(e, Exception) else "interrupted") + (f" in {where}" if where else "")
+
     def timed(name: str, stage, *args):
         t = time.perf_counter()
         try:
             return stage(*args)
-        except BaseException:
-            row["status"] = f"failed in {name}"
+        except BaseException as e:
+            row["status"] = status(e, name)
             raise
         finally:
             row["seconds"][name] = round(time.perf_counter() - t, 2)
     try:
         yield timed
         row["status"] = "complete"
+    except BaseException as e:
+        row.setdefault("status", status(e))
+        raise
     finally:
-        row.setdefault("status", "interrupted")
         row["total"] = round(time.perf_counter() - t0, 2)
         if is_main_process():
             path = out / "runs.jsonl"
-            io.write_text(path, (path.read_text() if path.exists() else "") + json.dumps(row) + "\n")
+            try:
+                io.write_text(path, (path.read_text() if path.exists() else "") + json.dumps(row) + "\n")
+            except (OSError, UnicodeDecodeError) as e:
+                print(f"neuroscribe: the run log {path} could not be written ({e}); the run itself is unaffected",
+                      file=sys.stderr)

@@ -399,7 +399,36 @@ def test_run_log_times_each_stage_and_names_the_one_that_failed(tmp_path, monkey
     stages = ["train", "probe", "record", "describe", "flag", "ablate", "evaluate", "report"]
     assert list(rows[0]["seconds"]) == stages[:6] and list(rows[1]["seconds"]) == stages
     assert seen == names[:6] + names
-    assert all(r["threads"] == torch.get_num_threads() and r["total"] >= 0 and r["machine"] for r in rows)
+    assert all(r["threads"] == torch.get_num_threads() and r["machine"] for r in rows)
+
+
+def test_run_log_tells_an_interrupt_from_an_error_and_never_breaks_the_run(tmp_path, capsys):
+    """Ctrl-C in a stage is 'interrupted in STAGE'; an error outside any stage is 'failed'; a run log that cannot be
+    written is reported on stderr and neither fails a finished run nor hides a stage's own error."""
+    out = tmp_path / "job"
+    out.mkdir()
+
+    def ctrl_c():
+        raise KeyboardInterrupt
+    with pytest.raises(KeyboardInterrupt):
+        with pipeline.stage_clock(out) as timed:
+            timed("train", lambda: None)
+            timed("record", ctrl_c)
+    with pytest.raises(ValueError, match="between"):
+        with pipeline.stage_clock(out) as timed:
+            timed("train", lambda: None)
+            raise ValueError("between stages")
+    rows = [json.loads(x) for x in (out / "runs.jsonl").read_text().splitlines()]
+    assert [r["status"] for r in rows] == ["interrupted in record", "failed"]
+    assert list(rows[0]["seconds"]) == ["train", "record"] and list(rows[1]["seconds"]) == ["train"]
+    (out / "runs.jsonl").unlink()
+    (out / "runs.jsonl").mkdir()  # the log's path is taken: it cannot be written
+    with pipeline.stage_clock(out) as timed:
+        assert timed("train", lambda: 7) == 7  # the run finishes
+    assert "run log" in capsys.readouterr().err
+    with pytest.raises(RuntimeError, match="the stage's own"):
+        with pipeline.stage_clock(out) as timed:
+            timed("train", lambda: (_ for _ in ()).throw(RuntimeError("the stage's own error")))
 
 
 def test_export_edited_bakes_units_into_loadable_weights(tmp_path):

@@ -199,6 +199,7 @@ def test_rerun_reuses_every_stage(study, monkeypatch):
     assert new[:-1] == old and len(new) == len(old) + 1  # appended, nothing rewritten
     row = json.loads(new[-1])
     assert row["status"] == "complete" and list(row["seconds"]) == list(STAGES)
+    assert ms.collect(sub, 0.0, None, {})["stage_seconds"] == row["seconds"]  # the study reads the run just made
 
 
 def test_study_helpers_report_what_the_jobs_hold(study):
@@ -457,20 +458,32 @@ def test_clean_reference_is_checked_on_the_probe_photos_without_the_cue(study, t
 
 
 def test_truth_replicate_draws_a_disjoint_sample_and_scores_every_set_against_the_first(study, tmp_path, monkeypatch):
-    """``tools/truth_vs_descriptions.py --replicate --truth-images N`` on a finished seed: the stage's truth recomputed
-    (the tool refuses figures other than evaluation.json's), then two disjoint class-stratified samples of N test
-    images; the second truth's agreement with the first, and the flag sets against the first."""
+    """``tools/truth_vs_descriptions.py --replicate --truth-images N --probe`` on a finished seed that described a
+    few units per layer: the stage's truth recomputed (the tool refuses figures other than evaluation.json's), then
+    two disjoint class-stratified samples of N test images, the second measured first; the second truth's agreement
+    with the first, and the flag sets against the first; the probe runs on the described units only."""
+    from neuroscribe.ablate import flag as flag_mod
     ms, cfg, _, _ = study
     job = Path(cfg.out) / "seed0"
     spec = importlib.util.spec_from_file_location("truth_tool", ROOT / "tools" / "truth_vs_descriptions.py")
     tool = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(tool)
-    out = tmp_path / "truth.json"
-    monkeypatch.setattr("sys.argv", ["truth_vs_descriptions.py", str(job), "--replicate", "--truth-images",
-                                     str(TEST_N // 2), "--out", str(out)])
+    drawn, pairs = [], flag_mod.cue_pairs
+
+    def recording_pairs(ds, transform, indices=None, batch_size=32):  # which test images each truth reads
+        drawn.append(list(indices))
+        return pairs(ds, transform, indices, batch_size)
+    monkeypatch.setattr(flag_mod, "cue_pairs", recording_pairs)
+    out, n = tmp_path / "truth.json", TEST_N // 2
+    monkeypatch.setattr("sys.argv", ["truth_vs_descriptions.py", str(job), "--replicate", "--truth-images", str(n),
+                                     "--probe", "--probe-images", "8", "--out", str(out)])
     tool.main()
-    r = json.loads(out.read_text())["replicate"]
-    assert r["disjoint"] and r["first_images"] == r["n_images"] == TEST_N // 2
+    res = json.loads(out.read_text())
+    r = res["replicate"]
+    assert len(drawn) == 3 and len(drawn[0]) == cfg.flag.evidence_images  # the stage's truth, then the two draws
+    assert len(drawn[1]) == len(drawn[2]) == n and not set(drawn[1]) & set(drawn[2])
+    assert r["disjoint"] and r["first_images"] == r["n_images"] == n and "note" not in r
+    assert sum(r["per_class"].values()) == sum(r["first_per_class"].values()) == n
     flags = json.loads((job / "flags.json").read_text())["sets"]
     truth = {tuple(u) for u in r["truth_units"]}
     assert len(truth) == r["truth"] == sum(max(1, round(SHARE * n)) for n in (256, 512))  # per layer, as the stage
@@ -478,4 +491,5 @@ def test_truth_replicate_draws_a_disjoint_sample_and_scores_every_set_against_th
         assert row["true_positives"] == len({tuple(u) for u in flags[name]} & truth)
     rep = r["replicate_truth"]
     assert rep["flagged"] == r["truth"] and rep["precision"] == rep["recall"] == rep["shared"] / r["truth"]
-    assert 0 <= rep["auc"] <= 1
+    p = res["probe"]  # every described unit tested, none other; scored against the N-image truth too
+    assert p["images"] == 8 and p["units"] == 2 * UNITS and f"truth_{n}_images" in p

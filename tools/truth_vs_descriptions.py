@@ -21,13 +21,14 @@ probe confirms. It tells apart the two reasons a truth unit is missed: the unit 
 at all (the probe misses it too), or it does and its description does not say so.
 
 ``--replicate`` measures the truth's own reliability, the ceiling of any flag scored against it: the same truth rule on
-a second class-stratified sample of the same test set, as large and disjoint from the first (purpose "flag truth
-replicate"). Printed: the flag sets' figures against the first truth (with ``--truth-images``, one of that size: a
-labelled variant of the stage's), how many units the two truths share (precision = recall of the replicate used as a
-flag set), the AUC of the replicate's effect for the first truth, and, beside them, the flag stage's counterfactual
-evidence (``flags.json``, measured on the training-side shift: a labelled variant, never a description; it holds
-evidence only for the units it lists, the rest rank last) with the same figures at the truth's size. A description-side
-flag cannot be expected to agree with the truth better than the truth agrees with itself.
+a second class-stratified sample of the same test set, as large (or all the images left, with a ``note``) and
+disjoint from the first (purpose "flag truth replicate"; ``per_class`` counts both draws). Printed: the flag sets'
+figures against the first truth (with ``--truth-images``, one of that size: a labelled variant of the stage's), how
+many units the two truths share (precision = recall of the replicate used as a flag set), the AUC of the replicate's
+effect for the first truth, and, beside them, the flag stage's counterfactual evidence (``flags.json``, measured on
+the training-side shift: a labelled variant, never a description; it holds evidence only for the units it lists, the
+rest rank last, in unit order) with the same figures at the truth's size. A description-side flag cannot be expected
+to agree with the truth better than the truth agrees with itself.
 """
 from __future__ import annotations
 
@@ -53,6 +54,10 @@ def main() -> None:
     ap.add_argument("--truth-images", type=int, help="with --replicate: both truths drawn at this size instead")
     ap.add_argument("--probe-images", type=int, help="with --probe: verification images (default: the job's)")
     a = ap.parse_args()
+    if a.truth_images is not None and not a.replicate:
+        ap.error("--truth-images needs --replicate")
+    if a.probe_images is not None and not a.probe:
+        ap.error("--probe-images needs --probe")
     ckpt = next((a.job / "train").glob("seed*/model.safetensors"))
     cfg = load_config(a.job / "config.yaml", {"model": f"checkpoint:{ckpt}"})
     lm, dev, rec, _ = model_and_means(cfg)
@@ -96,7 +101,6 @@ def probe(cfg, lm, dev, rec, units: list, q: dict, words: set, images: int | Non
           extra: dict | None = None) -> dict:
     """Every unit tested with each edit the cue's keywords make (see ``--probe``; ``images``: verification images
     instead of the job's); AUCs against both truths and any ``extra`` ``{name: truth units}``."""
-    from sklearn.metrics import roc_auc_score
     from neuroscribe.describe.verify import Pools, intervention_for, verify_units
     edits = {}
     for w in sorted(words):
@@ -114,24 +118,28 @@ def probe(cfg, lm, dev, rec, units: list, q: dict, words: set, images: int | Non
                 best[u] = {**r, "keyword": w}
     out = {"edits": sorted(edits.values()), "units": len(units), "images": v.images,
            "confirmed": sum(r["status"] == "confirmed" for r in best.values())}
+    effect = [best[u]["effect"] for u in units]
     for name, truth in (extra or {}).items():
         t = {tuple(u) for u in truth}
-        out[name] = {"truth": len(t), "probe_auc": float(roc_auc_score([u in t for u in units],
-                                                                       [best[u]["effect"] for u in units]))}
+        out[name] = {"truth": len(t), "probe_auc": _auc([u in t for u in units], effect)}
     for name, truth in (("per_layer", q["truth_units"]), ("pooled", q["pooled"]["truth_units"])):
         t = {tuple(u) for u in truth}
-        y = [u in t for u in units]
         stored = q["sets"]["description"] if name == "per_layer" else q["pooled"]["sets"]["description"]
-        out[name] = {"truth": len(t), "probe_auc": float(roc_auc_score(y, [best[u]["effect"] for u in units])),
-                     "description_auc": stored.get("auc"),
-                     "truth_confirmed_by_probe": sum(best[u]["status"] == "confirmed" for u in t)}
+        out[name] = {"truth": len(t), "truth_described": len(t & set(best)),
+                     "probe_auc": _auc([u in t for u in units], effect), "description_auc": stored.get("auc"),
+                     "truth_confirmed_by_probe": sum(best[u]["status"] == "confirmed" for u in t & set(best))}
     return out
+
+
+def _auc(y: list, score: list) -> float | None:
+    """ROC AUC of ``score`` for ``y``; None when ``y`` holds one kind only (a job that described few units)."""
+    from sklearn.metrics import roc_auc_score
+    return float(roc_auc_score(y, score)) if 0 < sum(y) < len(y) else None
 
 
 def replicate(cfg, lm, dev, layers: list, q: dict, job: Path, n: int | None = None) -> dict:
     """The truth rule again on a disjoint sample (see ``--replicate``); agreement with the stored truth. With ``n``
     (``--truth-images``), both truths are drawn at that size instead (the first with the stored truth's purpose)."""
-    from sklearn.metrics import roc_auc_score
     from neuroscribe.ablate.flag import cue_effect, cue_pairs
     from neuroscribe.ablate.measure import TRUTH_SHARE, _set_quality, description_ranking
     from neuroscribe.datasets.splits import stratified_sample
@@ -164,14 +172,21 @@ def replicate(cfg, lm, dev, layers: list, q: dict, job: Path, n: int | None = No
         y = [u in truth for u in units]
         return {"flagged": len(top), "shared": len(top & truth), "precision": len(top & truth) / len(top),
                 "recall": len(top & truth) / len(truth),
-                "auc": float(roc_auc_score(y, [score.get(u) if score.get(u) is not None else -1e9 for u in units]))}
+                "auc": _auc(y, [score.get(u) if score.get(u) is not None else -1e9 for u in units])}
     sets = _set_quality(json.loads((job / "flags.json").read_text())["sets"], truth, len(units))
     rank = description_ranking(job)  # the evaluate stage's flag-score AUC, against this truth
     ranked = [u for u in units if u in rank]
-    y = [u in truth for u in ranked]
-    if 0 < sum(y) < len(y):
-        sets["description"]["auc"] = float(roc_auc_score(y, [rank[u] for u in ranked]))
+    if "description" in sets:
+        sets["description"]["auc"] = _auc([u in truth for u in ranked], [rank[u] for u in ranked])
+    names = lm.class_names or []
+
+    def per_class(sample):  # how the stratified draw spread over the classes
+        return dict(sorted(Counter(names[labels[i]] if labels[i] < len(names) else str(labels[i])
+                                   for i in sample).items()))
     return {"n_images": len(ids), "first_images": len(first), "disjoint": not set(ids) & set(first),
+            "per_class": per_class(ids), "first_per_class": per_class(first),
+            **({"note": f"the test set has {len(labels)} images: the replicate is all {len(ids)} left"}
+               if len(ids) < len(first) else {}),
             "truth": len(truth), "truth_units": sorted([l, u] for l, u in truth), "flag_sets": sets,
             "replicate_truth": agreement(effect),
             "evidence_variant": {**agreement(evidence),

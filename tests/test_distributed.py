@@ -30,6 +30,13 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 # --------------------------------------------------------------------------------------------- helpers
+@pytest.fixture(autouse=True)
+def _torchrun_temp(tmp_path, monkeypatch):
+    """torchrun makes a ``torchelastic_*`` log folder under TMPDIR per run and leaves it: keep them in the test's own
+    temporary folder (pytest prunes old ones), not in the user's /tmp."""
+    monkeypatch.setenv("TMPDIR", str(tmp_path))
+
+
 def artifact_bytes(key_dir: Path) -> dict[str, bytes]:
     """Every artifact file of a recording except run.json (timings)."""
     return {p.relative_to(key_dir).as_posix(): p.read_bytes() for p in sorted(key_dir.rglob("*"))

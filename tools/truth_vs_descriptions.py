@@ -141,7 +141,7 @@ def replicate(cfg, lm, dev, layers: list, q: dict, job: Path, n: int | None = No
     """The truth rule again on a disjoint sample (see ``--replicate``); agreement with the stored truth. With ``n``
     (``--truth-images``), both truths are drawn at that size instead (the first with the stored truth's purpose)."""
     from neuroscribe.ablate.flag import cue_effect, cue_pairs
-    from neuroscribe.ablate.measure import TRUTH_SHARE, _set_quality, description_ranking
+    from neuroscribe.ablate.measure import _set_quality, description_ranking, top_share
     from neuroscribe.datasets.splits import stratified_sample
     ds = test_sets(cfg, lm.preprocess, lm.class_names)[q["test_set"]][0]
     labels = [y for _, y in ds.samples]
@@ -153,27 +153,16 @@ def replicate(cfg, lm, dev, layers: list, q: dict, job: Path, n: int | None = No
                           list(cue_pairs(ds, lm.preprocess.to_tensor(), sample, cfg.batch_size)), device=dev)
     effect = effect_on(ids)
     units = sorted(effect)
-    if n is None:
-        truth = {tuple(u) for u in q["truth_units"]}
-    else:
-        first_effect, truth = effect_on(first), set()
-        for layer in layers:
-            ranked = sorted((-e, u) for (l, u), e in first_effect.items() if l == layer)
-            truth |= {(layer, u) for _, u in ranked[:max(1, round(TRUTH_SHARE * len(ranked)))]}
-    evidence = {(f["layer"], int(f["unit"])): f.get("evidence") for f in
-                json.loads((job / "flags.json").read_text())["flags"]}
+    truth = {tuple(u) for u in q["truth_units"]} if n is None else top_share(effect_on(first), layers)
+    flags = json.loads((job / "flags.json").read_text())
+    evidence = {(f["layer"], int(f["unit"])): f.get("evidence") for f in flags["flags"]}
 
-    def agreement(score: dict) -> dict:  # the top TRUTH_SHARE of each layer by score as a flag set, and the AUC
-        top = set()
-        for layer in layers:
-            ranked = sorted((-(score.get((l, u)) if score.get((l, u)) is not None else -1e9), u)
-                            for l, u in units if l == layer)
-            top |= {(layer, u) for _, u in ranked[:max(1, round(TRUTH_SHARE * len(ranked)))]}
-        y = [u in truth for u in units]
+    def agreement(score: dict) -> dict:  # the truth rule applied to ``score`` as a flag set, and the AUC
+        full = {u: -1e9 if score.get(u) is None else score[u] for u in units}  # no score: ranked last
+        top = top_share(full, layers)
         return {"flagged": len(top), "shared": len(top & truth), "precision": len(top & truth) / len(top),
-                "recall": len(top & truth) / len(truth),
-                "auc": _auc(y, [score.get(u) if score.get(u) is not None else -1e9 for u in units])}
-    sets = _set_quality(json.loads((job / "flags.json").read_text())["sets"], truth, len(units))
+                "recall": len(top & truth) / len(truth), "auc": _auc([u in truth for u in units], list(full.values()))}
+    sets = _set_quality(flags["sets"], truth, len(units))
     rank = description_ranking(job)  # the evaluate stage's flag-score AUC, against this truth
     ranked = [u for u in units if u in rank]
     if "description" in sets:

@@ -228,6 +228,16 @@ def flag_quality(cfg: JobConfig, lm, dev, layers, sets: dict) -> dict | None:
 TRUTH_SHARE = 0.05
 
 
+def top_share(score: dict, layers) -> set:
+    """The flag-quality truth rule: the top :data:`TRUTH_SHARE` (at least one) of each layer's units by ``score``
+    (``{(layer, unit): value}``), ties to the lower unit."""
+    top = set()
+    for layer in layers:
+        ranked = sorted((-e, u) for (l, u), e in score.items() if l == layer)
+        top |= {(layer, u) for _, u in ranked[:max(1, round(TRUTH_SHARE * len(ranked)))]}
+    return top
+
+
 def _set_quality(sets: dict, truth: set, total: int) -> dict:
     out = {}
     for set_name, units in sets.items():
@@ -271,10 +281,7 @@ def cue_flag_quality(cfg: JobConfig, lm, dev, layers, sets: dict) -> dict | None
         ids = stratified_sample([y for _, y in ds.samples], cfg.flag.evidence_images, cfg.seed, purpose="flag truth")
         pairs = list(cue_pairs(ds, lm.preprocess.to_tensor(), ids, cfg.batch_size))  # unreadable images skipped
         effect = cue_effect(lm.module, {l: None for l in layers}, pairs, device=dev)
-        truth = set()
-        for layer in layers:
-            ranked = sorted(((-e, u) for (l, u), e in effect.items() if l == layer))
-            truth |= {(layer, u) for _, u in ranked[:max(1, round(TRUTH_SHARE * len(ranked)))]}
+        truth = top_share(effect, layers)
         flags = json.loads((Path(cfg.out) / "flags.json").read_text())
         names = getattr(ds, "class_names", None) or []
         per_class = Counter(names[y] if y < len(names) else str(y) for y in (ds.samples[i][1] for i in ids))

@@ -59,6 +59,33 @@ def write_text(path: str | Path, text: str) -> None:
         tmp.write_text(text)
 
 
+@contextlib.contextmanager
+def folder_lock(folder: str | Path) -> Iterator[None]:
+    """Hold an exclusive advisory lock (``flock``) on ``folder`` for the block: writers of one file in that folder
+    that all take it run one at a time. Where the platform has no ``flock`` (Windows), the block runs unlocked."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - not on the CI's platform
+        yield
+        return
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # closing the descriptor releases the lock
+
+
+def append_line(path: str | Path, line: str) -> None:
+    """Add ``line`` (one line, no newline) to the text file ``path``: the file is rewritten atomically, so it is
+    whole or as before, under :func:`folder_lock` on its folder, so that two processes appending at once keep both
+    lines (a bare read-modify-rewrite would lose one)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with folder_lock(path.parent):
+        write_text(path, (path.read_text() if path.exists() else "") + line + "\n")
+
+
 def write_json(path: str | Path, obj: Any) -> None:
     write_text(path, json.dumps(obj, indent=1, sort_keys=True, default=str) + "\n")
 

@@ -148,7 +148,8 @@ def _run_one(cfg: JobConfig) -> dict:
 @contextlib.contextmanager
 def stage_clock(out: Path):
     """A timer for the stages of one run: ``timed(name, stage, *args)`` runs the stage and notes its wall seconds.
-    On exit one row is appended to ``JOBDIR/runs.jsonl`` (rewritten atomically; by the main process only): when the
+    On exit one row is appended to ``JOBDIR/runs.jsonl`` (:func:`~neuroscribe.io.append_line`: rewritten atomically
+    under a lock on the job folder, so runs that end at once keep every row; by the main process only): when the
     run started, the machine, torch's threads, each stage's seconds, the total and ``status``: ``complete``, ``failed
     in STAGE`` (an error), ``interrupted in STAGE`` (Ctrl-C, SystemExit), or ``failed`` / ``interrupted`` outside any
     stage. A process killed outright writes no row. A log that cannot be written is reported, never allowed to fail
@@ -185,7 +186,7 @@ def stage_clock(out: Path):
         if is_main_process():
             path = out / "runs.jsonl"
             try:
-                io.write_text(path, (path.read_text() if path.exists() else "") + json.dumps(row) + "\n")
+                io.append_line(path, json.dumps(row))
             except (OSError, UnicodeDecodeError) as e:
                 print(f"neuroscribe: the run log {path} could not be written ({e}); the run itself is unaffected",
                       file=sys.stderr)

@@ -154,3 +154,52 @@ def test_atomic_dir_without_replace_keeps_the_copy_another_writer_finished(tmp_p
     with io.atomic_dir(target) as new:
         (new / "new.txt").write_text("new")
     assert [p.name for p in target.iterdir()] == ["new.txt"]
+
+
+def _append_many(path: str, tag: str, n: int) -> None:
+    from neuroscribe import io
+    for i in range(n):
+        io.append_line(path, f"{tag} {i}")
+
+
+def test_append_line_keeps_every_row_of_two_writers(tmp_path):
+    """Two processes appending to one log at once (two runs of a job ending together, each adding its row to
+    runs.jsonl): every line of both is there, whole; a bare read-modify-rewrite loses lines here."""
+    import multiprocessing
+    log = tmp_path / "runs.jsonl"
+    ctx = multiprocessing.get_context("fork")
+    procs = [ctx.Process(target=_append_many, args=(str(log), tag, 150)) for tag in "ab"]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(60)
+        assert p.exitcode == 0
+    lines = log.read_text().splitlines()
+    assert sorted(lines) == sorted(f"{t} {i}" for t in "ab" for i in range(150))
+    for t in "ab":  # each writer's lines in its own order
+        assert [x for x in lines if x.startswith(t)] == [f"{t} {i}" for i in range(150)]
+
+
+def _append_after(path: str, go) -> None:
+    go.wait(30)
+    _append_many(path, "second", 1)
+
+
+def test_append_line_waits_for_the_folder_lock(tmp_path):
+    """A writer that finds the folder locked waits, then appends (what keeps the row of the other run)."""
+    import multiprocessing
+    from neuroscribe import io
+    log = tmp_path / "runs.jsonl"
+    io.append_line(log, "first")
+    ctx = multiprocessing.get_context("fork")
+    go = ctx.Event()
+    p = ctx.Process(target=_append_after, args=(str(log), go))
+    p.start()  # before the lock is taken: a child forked inside the block would share (and keep) it
+    with io.folder_lock(tmp_path):
+        go.set()
+        time.sleep(1.0)
+        assert log.read_text() == "first\n"  # blocked while we hold the lock
+        assert p.is_alive()
+    p.join(30)
+    assert p.exitcode == 0
+    assert log.read_text() == "first\nsecond 0\n"

@@ -62,18 +62,28 @@ def write_text(path: str | Path, text: str) -> None:
 @contextlib.contextmanager
 def folder_lock(folder: str | Path) -> Iterator[None]:
     """Hold an exclusive advisory lock (``flock``) on ``folder`` for the block: writers of one file in that folder
-    that all take it run one at a time. Where the platform has no ``flock`` (Windows), the block runs unlocked."""
+    that all take it run one at a time. Where no such lock can be had -- no ``flock`` (Windows), or a file system that
+    refuses it on a folder (NFS turns ``flock`` into a POSIX lock, which wants a descriptor open for writing) -- the
+    block runs unlocked, as it would have without this."""
     try:
         import fcntl
     except ImportError:  # pragma: no cover - not on the CI's platform
         yield
         return
-    fd = os.open(folder, os.O_RDONLY)
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        fd = None
+    try:
+        if fd is not None:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX)
+            except OSError:
+                pass  # unlocked, as above
         yield
     finally:
-        os.close(fd)  # closing the descriptor releases the lock
+        if fd is not None:
+            os.close(fd)  # closing the descriptor releases the lock
 
 
 def append_line(path: str | Path, line: str) -> None:

@@ -180,8 +180,9 @@ def test_append_line_keeps_every_row_of_two_writers(tmp_path):
         assert [x for x in lines if x.startswith(t)] == [f"{t} {i}" for i in range(150)]
 
 
-def _append_after(path: str, go) -> None:
+def _append_after(path: str, go, started) -> None:
     go.wait(30)
+    started.set()  # about to append: from here only the lock can hold it back
     _append_many(path, "second", 1)
 
 
@@ -192,14 +193,27 @@ def test_append_line_waits_for_the_folder_lock(tmp_path):
     log = tmp_path / "runs.jsonl"
     io.append_line(log, "first")
     ctx = multiprocessing.get_context("fork")
-    go = ctx.Event()
-    p = ctx.Process(target=_append_after, args=(str(log), go))
+    go, started = ctx.Event(), ctx.Event()
+    p = ctx.Process(target=_append_after, args=(str(log), go, started))
     p.start()  # before the lock is taken: a child forked inside the block would share (and keep) it
     with io.folder_lock(tmp_path):
         go.set()
+        assert started.wait(30)
         time.sleep(1.0)
         assert log.read_text() == "first\n"  # blocked while we hold the lock
         assert p.is_alive()
     p.join(30)
     assert p.exitcode == 0
     assert log.read_text() == "first\nsecond 0\n"
+
+
+def test_folder_lock_falls_back_to_no_lock_where_flock_is_refused(tmp_path, monkeypatch):
+    """On a file system that refuses ``flock`` on a folder (NFS: EBADF) the row is still written, unlocked."""
+    import fcntl
+    from neuroscribe import io
+
+    def refuse(fd, op):
+        raise OSError(9, "Bad file descriptor")
+    monkeypatch.setattr(fcntl, "flock", refuse)
+    io.append_line(tmp_path / "runs.jsonl", "row")
+    assert (tmp_path / "runs.jsonl").read_text() == "row\n"

@@ -184,3 +184,16 @@ def test_cue_effect_floors_the_standard_deviation_of_a_unit_silent_on_clean_imag
     floor = 0.1 * float(np.median(stats.clean_std))
     assert stats.effect[0] == pytest.approx(stats.mean_diff[0] / floor)
     assert stats.effect[0] < 1e3  # finite and comparable, not mean/1e-6
+
+
+def test_top_share_takes_the_top_five_percent_of_each_layer_with_a_floor_of_one_and_ties_to_the_lower_unit():
+    """The flag-quality truth rule (measure.top_share): per layer, the top TRUTH_SHARE of its units by score, at
+    least one unit however small the layer, ties to the lower unit; layers not asked for are left out."""
+    from neuroscribe.ablate.measure import TRUTH_SHARE, top_share
+    assert TRUTH_SHARE == 0.05
+    score = {("small", 0): 1.0, ("small", 2): 5.0, ("small", 1): 5.0}  # 3 units: 5 % rounds to 0, the floor gives 1
+    score.update({("big", u): float(u % 7) - 0.01 * u for u in range(40)})  # 40 units: 2; best are 6 (6.0-0.06)
+    score.update({("other", 0): 99.0})                                      # and 13 (6.0-0.13), then 20
+    assert top_share(score, ["small", "big"]) == {("small", 1), ("big", 6), ("big", 13)}
+    assert top_share({("big", u): 1.0 for u in range(40)}, ["big"]) == {("big", 0), ("big", 1)}  # all tied
+    assert top_share(score, []) == set()

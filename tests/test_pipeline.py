@@ -1,5 +1,6 @@
 """The robustness stages chained on a tiny real job: a ResNet-18 trained on shipped photos with a text cue."""
 import json
+import time
 
 import pytest
 import torch
@@ -381,6 +382,8 @@ def test_run_log_times_each_stage_and_names_the_one_that_failed(tmp_path, monkey
     def stage(name):
         def fn(cfg):
             seen.append(name)
+            if name == "describe":
+                time.sleep(0.2)  # a stage that takes a while shows it
             if name == "ablate" and fail:
                 raise RuntimeError("ablate broke")
             return cfg if name == "train" else {"json": "report.json"} if name == "report" else None
@@ -400,6 +403,9 @@ def test_run_log_times_each_stage_and_names_the_one_that_failed(tmp_path, monkey
     assert list(rows[0]["seconds"]) == stages[:6] and list(rows[1]["seconds"]) == stages
     assert seen == names[:6] + names
     assert all(r["threads"] == torch.get_num_threads() and r["machine"] for r in rows)
+    for r in rows:  # the seconds are each stage's own: describe's sleep, and no more than the run's total
+        assert r["seconds"]["describe"] >= 0.2 > r["seconds"]["record"]
+        assert r["total"] >= sum(r["seconds"].values()) - 0.02
 
 
 def test_run_log_tells_an_interrupt_from_an_error_and_never_breaks_the_run(tmp_path, capsys):
@@ -418,8 +424,12 @@ def test_run_log_tells_an_interrupt_from_an_error_and_never_breaks_the_run(tmp_p
         with pipeline.stage_clock(out) as timed:
             timed("train", lambda: None)
             raise ValueError("between stages")
+    with pytest.raises(KeyboardInterrupt):
+        with pipeline.stage_clock(out) as timed:
+            timed("train", lambda: None)
+            ctrl_c()  # Ctrl-C between stages
     rows = [json.loads(x) for x in (out / "runs.jsonl").read_text().splitlines()]
-    assert [r["status"] for r in rows] == ["interrupted in record", "failed"]
+    assert [r["status"] for r in rows] == ["interrupted in record", "failed", "interrupted"]
     assert list(rows[0]["seconds"]) == ["train", "record"] and list(rows[1]["seconds"]) == ["train"]
     (out / "runs.jsonl").unlink()
     (out / "runs.jsonl").mkdir()  # the log's path is taken: it cannot be written

@@ -155,7 +155,8 @@ def collect(cfg, seconds: float, final: dict | None, truth: dict) -> dict:
     ci = {v: {s: [r["lo"], r["hi"]] for s, r in body["results"].items()}
           for v, body in rep["variants"].items() if body.get("results")}
     runs = job / "runs.jsonl"  # the pipeline's own stage clock; its last row is the run just made
-    last = json.loads(runs.read_text().splitlines()[-1]) if runs.exists() else {}
+    rows = runs.read_text().splitlines() if runs.exists() else []
+    last = json.loads(rows[-1]) if rows else {}
     return {"seconds": round(seconds, 1), "stage_seconds": last.get("seconds"),
             "train_seconds": round(sum(h["seconds"] for h in tr["history"]), 1),
             "train_last_epoch": tr["history"][-1], "validation": abl["validation"],

@@ -58,6 +58,9 @@ def main() -> None:
         ap.error("--truth-images needs --replicate")
     if a.probe_images is not None and not a.probe:
         ap.error("--probe-images needs --probe")
+    for flag, n in (("--truth-images", a.truth_images), ("--probe-images", a.probe_images)):
+        if n is not None and n < 1:
+            ap.error(f"{flag} must be at least 1 (got {n})")
     ckpt = next((a.job / "train").glob("seed*/model.safetensors"))
     cfg = load_config(a.job / "config.yaml", {"model": f"checkpoint:{ckpt}"})
     lm, dev, rec, _ = model_and_means(cfg)

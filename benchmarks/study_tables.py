@@ -179,7 +179,9 @@ def verdict(res: dict) -> list[str]:
             out.append(f"final layer, {who}: " + ", ".join(f"{n}/{f['units']}" for n in f["per_seed"])
                        + f" named; >= 9/10 in {ok} of {n_of[key]} seeds. Target every seed: {_met(ok == n_of[key])}")
     g = gain["ablated"][SETS[1]]
-    out.append(f"MILAN (section 7) reports +4.9 points on {SETS[1]}; here {fmt(g, sign=True)} (per seed "
+    milan = ("MILAN (section 7) reports +4.9 points on wrong-text" if SETS[1] == "wrong-text" else
+             f"MILAN (section 7) reports +4.9 points on its text cue (it has no {SETS[1]} set)")
+    out.append(f"{milan}; here, on {SETS[1]}, {fmt(g, sign=True)} (per seed "
                f"{seed_pts('ablated')}); controls with the same N: random units "
                f"{fmt(gain['random'][SETS[1]], sign=True)}, sort-all {fmt(gain['sort_all'][SETS[1]], sign=True)}")
     return out

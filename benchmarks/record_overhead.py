@@ -14,6 +14,7 @@ the bounded quantile buffer).
 
     python benchmarks/record_overhead.py            # 256 images for the ratio, 1k and 4k for memory
     python benchmarks/record_overhead.py --quick    # well under two minutes
+    ... --memory-repeats 3   # each memory size 3 times, alternating; the ratio of the median peaks
     ... --long-run   # also the ratio after 2 x batch x k photos folded in (untimed), sampling planned for 4,000
 
 Both sizes of the headline measure a run's first photos: until a unit's top-k has seen about 2 x batch x k photos
@@ -172,6 +173,9 @@ def main() -> None:
     ap.add_argument("--sizes", type=int, nargs=2, help="image counts of the memory runs (default 1000 4000; "
                                                         "quick 60 240)")
     ap.add_argument("--no-memory", action="store_true", help="skip the memory runs")
+    ap.add_argument("--memory-repeats", type=int, default=1, metavar="R",
+                    help="run each memory size R times, alternating the sizes; the ratio is of the median peaks "
+                         "(peak RSS varies by ~100 MiB run to run on one size: glibc's heap under the heap settings)")
     ap.add_argument("--long-run", action="store_true",
                     help="also the ratio in a long run's regime: measured after 2 x batch x k photos folded in, with "
                          "the quantile sampling plan of a 4,000-photo probe set (a labelled extra line; the headline "
@@ -209,14 +213,22 @@ def main() -> None:
               f"{lr['median_batch_ratio']:.2f}), ratio {lr['ratio']:.2f}")
         out["long_run"] = dict(lr, warm=warm, plan=4000)
     if not a.no_memory:
-        mem = {n: record_run(n, crop, 16 if a.quick else 32) for n in sizes}
+        runs = {n: [] for n in sizes}
+        for _ in range(max(1, a.memory_repeats)):
+            for n in sizes:
+                runs[n].append(record_run(n, crop, 16 if a.quick else 32))
         px = f" at {crop} px" if crop else ""
-        for n, m in mem.items():
-            print(f"full record of {n} images{px}: peak RSS {m['peak_rss_mib']} MiB, {m['faults_per_image']} minor "
-                  f"faults / image, user {m['user_s']}s, system {m['sys_s']}s ({m['sys_share']:.0%})")
-        ratio_mem = mem[sizes[1]]["peak_rss_mib"] / mem[sizes[0]]["peak_rss_mib"]
-        print(f"memory ratio {sizes[1]}/{sizes[0]} images: {ratio_mem:.2f}")
-        out.update(memory=mem, memory_ratio=round(ratio_mem, 3))
+        for n, ms in runs.items():
+            for m in ms:
+                print(f"full record of {n} images{px}: peak RSS {m['peak_rss_mib']} MiB, {m['faults_per_image']} "
+                      f"minor faults / image, user {m['user_s']}s, system {m['sys_s']}s ({m['sys_share']:.0%})")
+        peak = {n: statistics.median(m["peak_rss_mib"] for m in ms) for n, ms in runs.items()}
+        ratio_mem = peak[sizes[1]] / peak[sizes[0]]
+        of = f" (of the median peaks of {a.memory_repeats} runs each)" if a.memory_repeats > 1 else ""
+        print(f"memory ratio {sizes[1]}/{sizes[0]} images: {ratio_mem:.2f}{of}")
+        out.update(memory={n: ms[0] for n, ms in runs.items()}, memory_ratio=round(ratio_mem, 3))
+        if a.memory_repeats > 1:
+            out["memory_runs"] = runs
     print(f"ratio {r['ratio']:.2f}")
     if a.json:
         Path(a.json).write_text(json.dumps(out, indent=1))

@@ -468,12 +468,18 @@ def test_truth_replicate_draws_a_disjoint_sample_and_scores_every_set_against_th
     spec = importlib.util.spec_from_file_location("truth_tool", ROOT / "tools" / "truth_vs_descriptions.py")
     tool = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(tool)
-    drawn, pairs = [], flag_mod.cue_pairs
+    drawn, sets_read, effects, pairs, effect_of = [], [], [], flag_mod.cue_pairs, flag_mod.cue_effect
 
     def recording_pairs(ds, transform, indices=None, batch_size=32):  # which test images each truth reads
         drawn.append(list(indices))
+        sets_read.append(ds)
         return pairs(ds, transform, indices, batch_size)
+
+    def recording_effect(*args, **kwargs):  # and the effect each measured
+        effects.append(effect_of(*args, **kwargs))
+        return effects[-1]
     monkeypatch.setattr(flag_mod, "cue_pairs", recording_pairs)
+    monkeypatch.setattr(flag_mod, "cue_effect", recording_effect)
     out, n = tmp_path / "truth.json", TEST_N // 2
     monkeypatch.setattr("sys.argv", ["truth_vs_descriptions.py", str(job), "--replicate", "--truth-images", str(n),
                                      "--probe", "--probe-images", "8", "--out", str(out)])
@@ -489,7 +495,19 @@ def test_truth_replicate_draws_a_disjoint_sample_and_scores_every_set_against_th
     assert len(truth) == r["truth"] == sum(max(1, round(SHARE * n)) for n in (256, 512))  # per layer, as the stage
     for name, row in r["flag_sets"].items():
         assert row["true_positives"] == len({tuple(u) for u in flags[name]} & truth)
-    rep = r["replicate_truth"]
+    # which draw is which: the first truth is the stage's own draw at size n, the replicate the next one beside it
+    from sklearn.metrics import roc_auc_score
+    from neuroscribe.ablate.measure import top_share
+    from neuroscribe.datasets.splits import stratified_sample
+    labels, seed = [y for _, y in sets_read[2].samples], load_config(job / "config.yaml", {}).seed
+    assert drawn[2] == stratified_sample(labels, n, seed, purpose="flag truth")
+    assert drawn[1] == stratified_sample(labels, n, seed, exclude=drawn[2], purpose="flag truth replicate")
+    layers = sorted({l for l, _ in effects[1]})
+    assert truth == top_share(effects[2], layers)  # the truth is the first draw's, the replicate's is compared to it
+    rep, rep_truth = r["replicate_truth"], top_share(effects[1], layers)
     assert rep["flagged"] == r["truth"] and rep["precision"] == rep["recall"] == rep["shared"] / r["truth"]
+    assert rep["shared"] == len(rep_truth & truth)
+    units = sorted(effects[1])
+    assert rep["auc"] == pytest.approx(roc_auc_score([u in truth for u in units], [effects[1][u] for u in units]))
     p = res["probe"]  # every described unit tested, none other; scored against the N-image truth too
     assert p["images"] == 8 and p["units"] == 2 * UNITS and f"truth_{n}_images" in p

@@ -86,8 +86,9 @@ def main() -> None:
     top = out["all_units_descriptions"][0][0]  # the commonest description: how many of its exemplars show that class
     ex = [int(i) for r in rows.values() if r["description"] == top for i in r["exemplar_ids"].split()]
     labels = [int(y) for y in rec.labels]
+    same = sum(lm.class_names[labels[i]] == top for i in ex)
     out["commonest_description_exemplars_of_that_class"] = {
-        "description": top, "exemplars": len(ex), "share": sum(lm.class_names[labels[i]] == top for i in ex) / len(ex),
+        "description": top, "exemplars": len(ex), "share": same / len(ex) if ex else None,
         "units_per_layer": dict(Counter(r["layer"] for r in rows.values() if r["description"] == top))}
     if a.replicate:
         out["replicate"] = replicate(cfg, lm, dev, rec.layers, q, a.job, a.truth_images)

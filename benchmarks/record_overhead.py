@@ -175,7 +175,7 @@ def main() -> None:
     ap.add_argument("--no-memory", action="store_true", help="skip the memory runs")
     ap.add_argument("--memory-repeats", type=int, default=1, metavar="R",
                     help="run each memory size R times, alternating the sizes; the ratio is of the median peaks "
-                         "(peak RSS varies by ~100 MiB run to run on one size: glibc's heap under the heap settings)")
+                         "(one size's peak RSS moved by up to ~160 MiB run to run here)")
     ap.add_argument("--long-run", action="store_true",
                     help="also the ratio in a long run's regime: measured after 2 x batch x k photos folded in, with "
                          "the quantile sampling plan of a 4,000-photo probe set (a labelled extra line; the headline "

@@ -441,6 +441,21 @@ def test_run_log_tells_an_interrupt_from_an_error_and_never_breaks_the_run(tmp_p
             timed("train", lambda: (_ for _ in ()).throw(RuntimeError("the stage's own error")))
 
 
+def test_run_log_is_written_by_the_main_process_only(tmp_path, monkeypatch):
+    """Under torchrun every rank runs the stages; only rank 0 adds the run's row (else one row per rank)."""
+    out = tmp_path / "job"
+    out.mkdir()
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")  # torchrun's environment of the second rank (no process group needed)
+    with pipeline.stage_clock(out) as timed:
+        timed("train", lambda: None)
+    assert not (out / "runs.jsonl").exists()
+    monkeypatch.setenv("RANK", "0")
+    with pipeline.stage_clock(out) as timed:
+        timed("train", lambda: None)
+    assert len((out / "runs.jsonl").read_text().splitlines()) == 1
+
+
 def test_export_edited_bakes_units_into_loadable_weights(tmp_path):
     """ablation.json's units baked into a torchvision ResNet-18's weights load back as checkpoint:PATH and
     give the same logits as hook ablation."""

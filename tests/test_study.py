@@ -457,6 +457,52 @@ def test_clean_reference_is_checked_on_the_probe_photos_without_the_cue(study, t
     assert "clean-trained reference seed 0 (probe photos without the cue)" in results.with_suffix(".md").read_text()
 
 
+def test_truth_replicate_by_default_keeps_the_stage_truth_and_draws_beside_its_sample(study, tmp_path, monkeypatch):
+    """``--replicate`` without ``--truth-images``: the truth is the evaluate stage's own (its sample, its units), and
+    the replicate is the next class-stratified draw of as many images, disjoint from it."""
+    from sklearn.metrics import roc_auc_score
+    from neuroscribe.ablate import flag as flag_mod
+    from neuroscribe.ablate.measure import top_share
+    from neuroscribe.datasets.splits import stratified_sample
+    ms, cfg, _, _ = study
+    job = Path(cfg.out) / "seed0"
+    spec = importlib.util.spec_from_file_location("truth_tool", ROOT / "tools" / "truth_vs_descriptions.py")
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    drawn, sets_read, effects, pairs, effect_of = [], [], [], flag_mod.cue_pairs, flag_mod.cue_effect
+
+    def recording_pairs(ds, transform, indices=None, batch_size=32):
+        drawn.append(list(indices))
+        sets_read.append(ds)
+        return pairs(ds, transform, indices, batch_size)
+
+    def recording_effect(*args, **kwargs):
+        effects.append(effect_of(*args, **kwargs))
+        return effects[-1]
+    monkeypatch.setattr(flag_mod, "cue_pairs", recording_pairs)
+    monkeypatch.setattr(flag_mod, "cue_effect", recording_effect)
+    out = tmp_path / "truth.json"
+    monkeypatch.setattr("sys.argv", ["truth_vs_descriptions.py", str(job), "--replicate", "--out", str(out)])
+    tool.main()
+    r = json.loads(out.read_text())["replicate"]
+    stored = json.loads((job / "evaluation.json").read_text())["flag_quality"]
+    labels, seed = [y for _, y in sets_read[0].samples], load_config(job / "config.yaml", {}).seed
+    assert len(drawn) == 2  # the stage's truth, recomputed; then the replicate alone
+    assert drawn[0] == stratified_sample(labels, stored["n_images"], seed, purpose="flag truth")
+    assert drawn[1] == stratified_sample(labels, stored["n_images"], seed, exclude=drawn[0],
+                                         purpose="flag truth replicate")
+    assert r["disjoint"] and r["first_images"] == stored["n_images"] and r["n_images"] == len(drawn[1])
+    if len(drawn[1]) < stored["n_images"]:  # the fixture's small test set: the replicate is all that is left, said so
+        assert len(drawn[0]) + len(drawn[1]) == len(labels) and "note" in r
+    truth = {tuple(u) for u in stored["truth_units"]}
+    assert {tuple(u) for u in r["truth_units"]} == truth
+    layers = sorted({l for l, _ in effects[1]})
+    assert r["replicate_truth"]["shared"] == len(top_share(effects[1], layers) & truth)
+    units = sorted(effects[1])
+    assert r["replicate_truth"]["auc"] == pytest.approx(
+        roc_auc_score([u in truth for u in units], [effects[1][u] for u in units]))
+
+
 def test_truth_replicate_draws_a_disjoint_sample_and_scores_every_set_against_the_first(study, tmp_path, monkeypatch):
     """``tools/truth_vs_descriptions.py --replicate --truth-images N --probe`` on a finished seed that described a
     few units per layer: the stage's truth recomputed (the tool refuses figures other than evaluation.json's), then

@@ -457,15 +457,10 @@ def test_clean_reference_is_checked_on_the_probe_photos_without_the_cue(study, t
     assert "clean-trained reference seed 0 (probe photos without the cue)" in results.with_suffix(".md").read_text()
 
 
-def test_truth_replicate_by_default_keeps_the_stage_truth_and_draws_beside_its_sample(study, tmp_path, monkeypatch):
-    """``--replicate`` without ``--truth-images``: the truth is the evaluate stage's own (its sample, its units), and
-    the replicate is the next class-stratified draw of as many images, disjoint from it."""
-    from sklearn.metrics import roc_auc_score
+def _truth_tool(monkeypatch):
+    """``tools/truth_vs_descriptions.py`` loaded, with the test images each truth reads (``drawn``), the test sets
+    they come from and the effects measured recorded in order: ``(tool, drawn, sets_read, effects)``."""
     from neuroscribe.ablate import flag as flag_mod
-    from neuroscribe.ablate.measure import top_share
-    from neuroscribe.datasets.splits import stratified_sample
-    ms, cfg, _, _ = study
-    job = Path(cfg.out) / "seed0"
     spec = importlib.util.spec_from_file_location("truth_tool", ROOT / "tools" / "truth_vs_descriptions.py")
     tool = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(tool)
@@ -481,6 +476,18 @@ def test_truth_replicate_by_default_keeps_the_stage_truth_and_draws_beside_its_s
         return effects[-1]
     monkeypatch.setattr(flag_mod, "cue_pairs", recording_pairs)
     monkeypatch.setattr(flag_mod, "cue_effect", recording_effect)
+    return tool, drawn, sets_read, effects
+
+
+def test_truth_replicate_by_default_keeps_the_stage_truth_and_draws_beside_its_sample(study, tmp_path, monkeypatch):
+    """``--replicate`` without ``--truth-images``: the truth is the evaluate stage's own (its sample, its units), and
+    the replicate is the next class-stratified draw of as many images, disjoint from it."""
+    from sklearn.metrics import roc_auc_score
+    from neuroscribe.ablate.measure import top_share
+    from neuroscribe.datasets.splits import stratified_sample
+    ms, cfg, _, _ = study
+    job = Path(cfg.out) / "seed0"
+    tool, drawn, sets_read, effects = _truth_tool(monkeypatch)
     out = tmp_path / "truth.json"
     monkeypatch.setattr("sys.argv", ["truth_vs_descriptions.py", str(job), "--replicate", "--out", str(out)])
     tool.main()
@@ -508,24 +515,9 @@ def test_truth_replicate_draws_a_disjoint_sample_and_scores_every_set_against_th
     few units per layer: the stage's truth recomputed (the tool refuses figures other than evaluation.json's), then
     two disjoint class-stratified samples of N test images, the second measured first; the second truth's agreement
     with the first, and the flag sets against the first; the probe runs on the described units only."""
-    from neuroscribe.ablate import flag as flag_mod
     ms, cfg, _, _ = study
     job = Path(cfg.out) / "seed0"
-    spec = importlib.util.spec_from_file_location("truth_tool", ROOT / "tools" / "truth_vs_descriptions.py")
-    tool = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tool)
-    drawn, sets_read, effects, pairs, effect_of = [], [], [], flag_mod.cue_pairs, flag_mod.cue_effect
-
-    def recording_pairs(ds, transform, indices=None, batch_size=32):  # which test images each truth reads
-        drawn.append(list(indices))
-        sets_read.append(ds)
-        return pairs(ds, transform, indices, batch_size)
-
-    def recording_effect(*args, **kwargs):  # and the effect each measured
-        effects.append(effect_of(*args, **kwargs))
-        return effects[-1]
-    monkeypatch.setattr(flag_mod, "cue_pairs", recording_pairs)
-    monkeypatch.setattr(flag_mod, "cue_effect", recording_effect)
+    tool, drawn, sets_read, effects = _truth_tool(monkeypatch)
     out, n = tmp_path / "truth.json", TEST_N // 2
     monkeypatch.setattr("sys.argv", ["truth_vs_descriptions.py", str(job), "--replicate", "--truth-images", str(n),
                                      "--probe", "--probe-images", "8", "--out", str(out)])

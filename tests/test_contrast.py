@@ -150,18 +150,23 @@ def test_fragments_of_one_word_add_up(bg: Background) -> None:
 
 def test_a_name_of_two_words_is_read_as_that_name(bg: Background) -> None:
     """OCR reads "French horn" on the unit's views: "the word french horn" (under "the word french" and "the word
-    horn", two words as rare as two) is the description, not whichever single word sorts first."""
+    horn", as rare as one word) is the description, not whichever single word sorts first."""
     def line(*ws, conf=0.9):
         return word(ws[0], conf) + [Candidate(f"the word {w}", "text", conf) for w in ws[1:]] + (
             [Candidate("the word " + " ".join(ws), "text", conf)] if len(ws) > 1 else [])
     assert bg.ancestors("the word french horn") == {"letters", "text", "the word french", "the word horn"}
-    assert bg.rate("the word french horn") == pytest.approx(TEXT_RATES["letters"] * WORD_SHARE ** 2)
+    assert bg.rate("the word french horn") == bg.rate("the word french") == TEXT_RATES["letters"] * WORD_SHARE
     views = [line("french", "horn") for _ in range(6)] + [line("french") for _ in range(2)]
     ranked = contrast(views, bg, top=4)
     assert ranked[0].description == "the word french horn" and ranked[0].support == 6
     # a word read alone in most views stays that word: the phrase holds in under half of its views
     views = [line("french") for _ in range(7)] + [line("french", "horn")]
     assert best(views, bg) == "the word french"
+    # a name of two words is no rarer than one word: read in 5 of 15 views it loses to a word read in 7 (the church
+    # logit of the text-trained model, whose views also show "French horn"; with the words' rates multiplied it won)
+    views = ([word("church") for _ in range(7)] + [line("french", "horn") for _ in range(5)]
+             + [[label("church", 0.6)] for _ in range(3)])
+    assert best(views, bg) == "the word church"
     # a single word is never merged into a phrase that contains it (fragments are of one word)
     merged = merge_fragments([line("french"), line("french", "horn")])
     assert "the word french" in {c.phrase for c in merged[0]}

@@ -12,7 +12,8 @@ unit's views, so the two are on one scale):
   levels (the tagger's weight for a hypernym is the summed probability of exactly those classes), e.g.
   "ball" 9/1000, "dog" ~0.1;
 * text: :data:`TEXT_RATES` ("text", "letters", "digits", "number"), and "the word X" = ``TEXT_RATES["letters"] *``
-  :data:`WORD_SHARE`, measured/assumed as documented there;
+  :data:`WORD_SHARE`, measured/assumed as documented there; a name of several words ("the word french horn") is as
+  rare as one word, not as its words multiplied (see :meth:`Background.rate`);
 * colour names: :data:`COLOUR_RATES`, measured like the text rates;
 * anything else: :data:`UNKNOWN_RATE`.
 
@@ -88,9 +89,20 @@ class Background:
     def rate(self, phrase: str) -> float:
         """Expected tagger weight of ``phrase`` on a view of a random ImageNet photo (see the module docstring).
 
-        A phrase that is both a class/hypernym and a colour ("orange") gets the sum of both rates."""
-        if phrase.startswith(_WORD_PREFIX):  # n words written together: each as rare as one word
-            return TEXT_RATES["letters"] * WORD_SHARE ** len(phrase[len(_WORD_PREFIX):].split())
+        A phrase that is both a class/hypernym and a colour ("orange") gets the sum of both rates.
+
+        "The word X Y" (OCR words of one line) gets the rate of one word. Its words are not independent draws: a
+        view that reads "french" and "horn" on one line mostly shows the name "French horn", so multiplying the
+        words' rates (``WORD_SHARE ** 2``, what this did until 2026-12-06) put a two-word name 9.2 nats per view
+        above a one-word one, and a name read in 4 of a unit's 15 views beat one read in 7 ("the word french horn"
+        over "the word church" for the church logit of the text-trained model, seeds 1 and 4 of the study). One
+        word's rate is the upper bound (a name is shown no more often than its rarest word) and the convention of
+        ``wordfreq``, whose frequency of a phrase is about that of its rarest word (``word_frequency("french horn")``
+        1.24e-5, "horn" 1.38e-5, "french" 1.23e-4). A name still ranks ahead of its single words when it carries
+        half their weight: it is under each of them (:meth:`ancestors`, the summariser's specific-before-general
+        rule)."""
+        if phrase.startswith(_WORD_PREFIX):  # one word, or a name of several: as rare as one word (see below)
+            return TEXT_RATES["letters"] * WORD_SHARE
         if phrase in TEXT_RATES:
             return TEXT_RATES[phrase]
         r = self._wordnet.get(phrase, 0.0) + COLOUR_RATES.get(phrase, 0.0)

@@ -31,8 +31,9 @@ from ..runtime import resolve_device, silence_progress
 log = logging.getLogger("neuroscribe.describe")
 # 2: the tagger contrasts against a fixed ImageNet background (#13); 3: views cut from the source at the view size;
 # colour words only where unusual (#18); 4: names of several words read by OCR ("the word french horn"); 5: OCR
-# without the angle classifier, lines recognised at their own width -- unit logs of older versions are not reused
-FORMAT_VERSION = 5
+# without the angle classifier, lines recognised at their own width; 6: a name of several words as rare as one word
+# -- unit logs of older versions are not reused
+FORMAT_VERSION = 6
 
 
 def make_describer(cfg: JobConfig, device: torch.device):

@@ -101,7 +101,7 @@ class Background:
         1.24e-5, "horn" 1.38e-5, "french" 1.23e-4). A name still ranks ahead of its single words when it carries
         half their weight: it is under each of them (:meth:`ancestors`, the summariser's specific-before-general
         rule)."""
-        if phrase.startswith(_WORD_PREFIX):  # one word, or a name of several: as rare as one word (see below)
+        if phrase.startswith(_WORD_PREFIX):  # one word, or a name of several: as rare as one word (see above)
             return TEXT_RATES["letters"] * WORD_SHARE
         if phrase in TEXT_RATES:
             return TEXT_RATES[phrase]

@@ -479,11 +479,19 @@ def _truth_tool(monkeypatch):
     return tool, drawn, sets_read, effects
 
 
+def _assert_replicate_scored(rep: dict, truth: set, effect: dict) -> None:
+    """The replicate truth's agreement with ``truth``: units shared by their top shares, and the AUC with which the
+    replicate's own effects rank ``truth``."""
+    from sklearn.metrics import roc_auc_score
+    from neuroscribe.ablate.measure import top_share
+    assert rep["shared"] == len(top_share(effect, sorted({l for l, _ in effect})) & truth)
+    units = sorted(effect)
+    assert rep["auc"] == pytest.approx(roc_auc_score([u in truth for u in units], [effect[u] for u in units]))
+
+
 def test_truth_replicate_by_default_keeps_the_stage_truth_and_draws_beside_its_sample(study, tmp_path, monkeypatch):
     """``--replicate`` without ``--truth-images``: the truth is the evaluate stage's own (its sample, its units), and
     the replicate is the next class-stratified draw of as many images, disjoint from it."""
-    from sklearn.metrics import roc_auc_score
-    from neuroscribe.ablate.measure import top_share
     from neuroscribe.datasets.splits import stratified_sample
     ms, cfg, _, _ = study
     job = Path(cfg.out) / "seed0"
@@ -503,11 +511,7 @@ def test_truth_replicate_by_default_keeps_the_stage_truth_and_draws_beside_its_s
         assert len(drawn[0]) + len(drawn[1]) == len(labels) and "note" in r
     truth = {tuple(u) for u in stored["truth_units"]}
     assert {tuple(u) for u in r["truth_units"]} == truth
-    layers = sorted({l for l, _ in effects[1]})
-    assert r["replicate_truth"]["shared"] == len(top_share(effects[1], layers) & truth)
-    units = sorted(effects[1])
-    assert r["replicate_truth"]["auc"] == pytest.approx(
-        roc_auc_score([u in truth for u in units], [effects[1][u] for u in units]))
+    _assert_replicate_scored(r["replicate_truth"], truth, effects[1])
 
 
 def test_truth_replicate_draws_a_disjoint_sample_and_scores_every_set_against_the_first(study, tmp_path, monkeypatch):
@@ -534,7 +538,6 @@ def test_truth_replicate_draws_a_disjoint_sample_and_scores_every_set_against_th
     for name, row in r["flag_sets"].items():
         assert row["true_positives"] == len({tuple(u) for u in flags[name]} & truth)
     # which draw is which: the first truth is the stage's own draw at size n, the replicate the next one beside it
-    from sklearn.metrics import roc_auc_score
     from neuroscribe.ablate.measure import top_share
     from neuroscribe.datasets.splits import stratified_sample
     labels, seed = [y for _, y in sets_read[2].samples], load_config(job / "config.yaml", {}).seed
@@ -542,10 +545,8 @@ def test_truth_replicate_draws_a_disjoint_sample_and_scores_every_set_against_th
     assert drawn[1] == stratified_sample(labels, n, seed, exclude=drawn[2], purpose="flag truth replicate")
     layers = sorted({l for l, _ in effects[1]})
     assert truth == top_share(effects[2], layers)  # the truth is the first draw's, the replicate's is compared to it
-    rep, rep_truth = r["replicate_truth"], top_share(effects[1], layers)
+    rep = r["replicate_truth"]
     assert rep["flagged"] == r["truth"] and rep["precision"] == rep["recall"] == rep["shared"] / r["truth"]
-    assert rep["shared"] == len(rep_truth & truth)
-    units = sorted(effects[1])
-    assert rep["auc"] == pytest.approx(roc_auc_score([u in truth for u in units], [effects[1][u] for u in units]))
+    _assert_replicate_scored(rep, truth, effects[1])
     p = res["probe"]  # every described unit tested, none other; scored against the N-image truth too
     assert p["images"] == 8 and p["units"] == 2 * UNITS and f"truth_{n}_images" in p

@@ -1,14 +1,19 @@
 """Record overhead and memory benchmark (not a test).
 
-Part 1 (ratio): the same pre-decoded batches go through (a) the bare forward pass and (b) the recording step
-(hooks on every requested layer + running top-k + quantile + mean), alternating batch by batch so both see the
-same machine load, with the heap settings the record pass uses (:mod:`neuroscribe.heap`) in force for
-both. Prints, side by side, wall time, user and system CPU time, the system-time share and minor page faults per
-image (``getrusage`` deltas) of each path, the per-batch ratios with their median, then ``ratio <record/bare>``
-(target <= 1.10). A whole alternating pass is run and thrown away first, so that neither path pays first-touch page
-faults that the other did not.
+Part 1 (ratio): the same pre-decoded batches go through, alternating batch by batch so all see the same machine load,
+with the heap settings the record pass uses (:mod:`neuroscribe.heap`) in force for all:
+(a) the bare forward pass of the model as loaded;
+(b) the recording step as the stage runs it (hooks on every requested layer + running top-k + quantile + mean, on the
+    folded channels-last copy of ``record.fold_model``, the default);
+(c) the bare forward of that same folded copy (what (b) costs beyond it is the hooks' own work);
+(d) the recording step with ``record.fold_model: false`` (the model as loaded: the pass before the copy existed).
+Prints, side by side, wall time, user and system CPU time, the system-time share and minor page faults per image
+(``getrusage`` deltas) of each path, the per-batch ratios (b)/(a) with their median, the ratios (b)/(c) and (d)/(a),
+then ``ratio <(b)/(a)>`` (the issue's record / bare forward; target <= 1.10). A whole alternating pass is run and
+thrown away first, so that no path pays first-touch page faults that another did not.
 Part 2 (memory): full ``record()`` runs (data loading included) on N1 and N4 images in fresh subprocesses;
-prints peak RSS, minor faults per image and the user/system split of each (the whole process, model loading
+prints peak RSS (the child's own ``VmHWM``: its ``ru_maxrss`` would be at least this benchmark's RSS at the fork, as
+Linux carries it over exec -- what this benchmark printed before 2026-12-06 10:00 UTC), minor faults per image and the user/system split of each (the whole process, model loading
 included; DataLoader workers not counted) and the peak-RSS ratio (target: flat -- the state is O(units x k) plus
 the bounded quantile buffer).
 
@@ -22,7 +27,8 @@ most units change every batch (the top-k prefilter waits that long), and below ~
 layer keeps exact quantiles. ``--long-run`` measures the regime that most batches of a long run are in instead (a
 labelled extra line; the headline is unchanged).
 
-It measures the checkout it lives in (its ``neuroscribe`` comes first on ``sys.path``).
+It measures the checkout it lives in (its ``neuroscribe`` comes first on ``sys.path``); a checkout without
+``record.fold_model`` measures (a) and (b) only.
 """
 from __future__ import annotations
 
@@ -94,33 +100,49 @@ def ratio(n_images: int, batch: int, crop: int | None, warm: int = 0, plan: int 
     (not timed) of a probe set of ``plan`` images (its quantile sampling plan: what a long run of that size uses)."""
     from neuroscribe.record.recorder import Recorder
     cfg, dev, lm, probe, xs = setup(warm + n_images, batch, crop, plan)
+    folds = hasattr(cfg.record, "fold_model")
+    plain_cfg = (cfg.model_copy(update={"record": cfg.record.model_copy(update={"fold_model": False})})
+                 if folds else None)
     model = lm.module
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
-    acc = {p: {"s": 0.0, "faults": 0, "user_s": 0.0, "sys_s": 0.0} for p in ("bare", "record")}
+    paths = ("bare", "record", "bare_folded", "record_plain") if folds else ("bare", "record")
+    acc = {p: {"s": 0.0, "faults": 0, "user_s": 0.0, "sys_s": 0.0} for p in paths}
     per_batch = []  # (bare s, record s) of each measured batch
     with heap_settings() as heap:
-        for measured in (False, True):  # a whole throwaway pass first: both paths reach their memory high-water
-            rec = Recorder(cfg, lm, probe, dev)  # mark, so neither pays first-touch page faults the other did not
+        for measured in (False, True):  # a whole throwaway pass first: every path reaches its memory high-water
+            rec = Recorder(cfg, lm, probe, dev)  # mark, so none pays first-touch page faults the others did not
             rec.probe_shapes()
+            if folds:
+                from neuroscribe.fusion import to_layout
+                fast, nhwc = rec.run_module()
+                plain = Recorder(plain_cfg, lm, probe, dev)
+                plain.probe_shapes()
             start = 0
             for x in xs:
                 ids = torch.arange(start, start + len(x))
                 start += len(x)
                 if start <= warm:  # folded in, not timed
                     rec.step(x, ids)
+                    if folds:
+                        plain.step(x, ids)
                     continue
-                pair = []
-                for path in ("bare", "record"):
+                pair = {}
+                for path in paths:
                     sync()
                     u0, t = usage(), time.perf_counter()
                     if path == "bare":
                         with torch.no_grad():
                             model(x.to(dev))
-                    else:
+                    elif path == "bare_folded":
+                        with torch.no_grad():
+                            fast(to_layout(x.to(dev), nhwc))
+                    elif path == "record":
                         rec.step(x, ids)
+                    else:
+                        plain.step(x, ids)
                     sync()
                     dt, u1 = time.perf_counter() - t, usage()
-                    pair.append(dt)
+                    pair[path] = dt
                     if measured:
                         a = acc[path]
                         a["s"] += dt
@@ -128,22 +150,29 @@ def ratio(n_images: int, batch: int, crop: int | None, warm: int = 0, plan: int 
                         a["user_s"] += u1[1] - u0[1]
                         a["sys_s"] += u1[2] - u0[2]
                 if measured:
-                    per_batch.append(tuple(pair))
+                    per_batch.append((pair["bare"], pair["record"]))
     n = sum(len(x) for x in xs) - warm
     for a in acc.values():
         a["faults_per_image"] = round(a.pop("faults") / n)
         a["sys_share"] = round(a["sys_s"] / max(a["user_s"] + a["sys_s"], 1e-9), 3)
         a.update({k: round(a[k], 2) for k in ("s", "user_s", "sys_s")})
     units = sum(m["units"] for m in rec.layer_meta.values())
+    extra = {} if not folds else {
+        "bare_folded": acc["bare_folded"], "record_plain": acc["record_plain"], "fold": rec.fold_info,
+        "ratio_to_folded_forward": round(acc["record"]["s"] / acc["bare_folded"]["s"], 3),
+        "ratio_fold_off": round(acc["record_plain"]["s"] / acc["bare"]["s"], 3)}
     return {"images": n, "layers": len(LAYERS), "units": units, "device": str(dev), "heap_reuse": bool(heap),
-            "bare": acc["bare"], "record": acc["record"], "ratio": round(acc["record"]["s"] / acc["bare"]["s"], 3),
+            **extra, "bare": acc["bare"], "record": acc["record"],
+            "ratio": round(acc["record"]["s"] / acc["bare"]["s"], 3),
             "batch_ratios": [round(r / b, 3) for b, r in per_batch],
             "median_batch_ratio": round(statistics.median(r / b for b, r in per_batch), 3),
             "bare_img_per_s": round(n / acc["bare"]["s"], 1)}
 
 
-def record_run(n: int, crop: int | None, batch: int) -> dict:
-    """A full ``record()`` of ``n`` images in a fresh process: peak RSS, faults per image, CPU time split."""
+def record_run(n: int, crop: int | None, batch: int, fold: bool = True) -> dict:
+    """A full ``record()`` of ``n`` images in a fresh process: peak RSS, faults per image, CPU time split (``fold``
+    False: with ``record.fold_model`` off)."""
+    extra = "" if fold else ', "record": {"fold_model": False}'
     code = f"""
 import resource, sys, tempfile, json
 sys.path.insert(0, {str(ROOT)!r})
@@ -152,15 +181,21 @@ from neuroscribe.record.recorder import record
 with tempfile.TemporaryDirectory() as d:
     record(load_config(None, {{"model": "efficientnet-lite0", "layers": {LAYERS!r}, "progress": False,
         "data": {{"root": {data_root()!r}, "limit": {n}}}, "out": d, "batch_size": {batch}, "workers": 2,
-        "preprocess": {{"crop": {crop!r}, "resize": {crop!r}}}}}))
+        "preprocess": {{"crop": {crop!r}, "resize": {crop!r}}}{extra}}}))
 r = resource.getrusage(resource.RUSAGE_SELF)
-print(json.dumps([r.ru_maxrss / 1024, r.ru_minflt, r.ru_utime, r.ru_stime]))
+try:  # this process's own peak: ru_maxrss would also hold the benchmark's peak at the fork (Linux keeps it over exec)
+    peak = next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmHWM:")) / 1024
+except OSError:
+    peak = None
+print(json.dumps([peak, r.ru_maxrss / 1024, r.ru_minflt, r.ru_utime, r.ru_stime]))
 """
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=str(ROOT))
     if r.returncode:
         sys.exit(f"the record run of {n} images failed:\n{r.stderr[-3000:]}")
-    rss, faults, user, sys_s = json.loads(r.stdout.strip().splitlines()[-1])
-    return {"images": n, "peak_rss_mib": round(rss), "faults_per_image": round(faults / n), "user_s": round(user, 1),
+    hwm, maxrss, faults, user, sys_s = json.loads(r.stdout.strip().splitlines()[-1])
+    return {"images": n, "peak_rss_mib": round(hwm if hwm is not None else maxrss),
+            "peak_from": "VmHWM" if hwm is not None else "ru_maxrss (may hold this benchmark's own peak)",
+            "ru_maxrss_mib": round(maxrss), "faults_per_image": round(faults / n), "user_s": round(user, 1),
             "sys_s": round(sys_s, 1), "sys_share": round(sys_s / max(user + sys_s, 1e-9), 3)}
 
 
@@ -176,6 +211,9 @@ def main() -> None:
     ap.add_argument("--memory-repeats", type=int, default=1, metavar="R",
                     help="run each memory size R times, alternating the sizes; the ratio is of the median peaks "
                          "(one size's peak RSS moved by up to ~160 MiB run to run here)")
+    ap.add_argument("--memory-fold-off", action="store_true",
+                    help="also each memory run with record.fold_model off, alternating (peak RSS with and without "
+                         "the folded copy)")
     ap.add_argument("--long-run", action="store_true",
                     help="also the ratio in a long run's regime: measured after 2 x batch x k photos folded in, with "
                          "the quantile sampling plan of a 4,000-photo probe set (a labelled extra line; the headline "
@@ -196,10 +234,16 @@ def main() -> None:
     print(f"record vs bare forward, EfficientNet-Lite0, {r['layers']} layers / {r['units']} units, "
           f"{r['images']} images on {r['device']}, alternating batch by batch; glibc heap reuse "
           f"{'on' if r['heap_reuse'] else 'off'} for both")
-    print(f"{'':22s}{'bare':>10s}{'record':>10s}")
+    cols = [c for c in ("bare", "record", "bare_folded", "record_plain") if c in r]
+    print(f"{'':22s}" + "".join(f"{c:>14s}" for c in cols))
     for key, label in [("s", "wall s"), ("user_s", "user s"), ("sys_s", "system s"), ("sys_share", "system share"),
                        ("faults_per_image", "minor faults / image")]:
-        print(f"{label:22s}{r['bare'][key]:>10}{r['record'][key]:>10}")
+        print(f"{label:22s}" + "".join(f"{r[c][key]:>14}" for c in cols))
+    if "bare_folded" in r:
+        print(f"bare = the model as loaded; record = the stage's pass (on the folded channels-last copy: {r['fold']}); "
+              f"bare_folded = that copy's bare forward; record_plain = the pass with record.fold_model false")
+        print(f"record / bare_folded (the hooks' own cost): {r['ratio_to_folded_forward']:.2f}; record_plain / bare "
+              f"(the pass on the model as loaded): {r['ratio_fold_off']:.2f}")
     print(f"bare forward: {r['bare_img_per_s']} images/s")
     print(f"record / bare per batch: {r['batch_ratios']} (median {r['median_batch_ratio']:.2f}; a batch that a "
           f"neighbouring job slowed shows as an outlier here)")
@@ -210,18 +254,31 @@ def main() -> None:
         lr = ratio(a.images or (48 if a.quick else 256), b, 160 if a.quick else None, warm=warm, plan=4000)
         print(f"long-run regime (a labelled variant): after {warm} photos folded in, sampling planned for 4,000: "
               f"wall {lr['bare']['s']} vs {lr['record']['s']} s, per batch {lr['batch_ratios']} (median "
-              f"{lr['median_batch_ratio']:.2f}), ratio {lr['ratio']:.2f}")
+              f"{lr['median_batch_ratio']:.2f}), ratio {lr['ratio']:.2f}"
+              + (f" (record / bare_folded {lr['ratio_to_folded_forward']:.2f}, record_plain / bare "
+                 f"{lr['ratio_fold_off']:.2f})" if "bare_folded" in lr else ""))
         out["long_run"] = dict(lr, warm=warm, plan=4000)
     if not a.no_memory:
         runs = {n: [] for n in sizes}
+        off = {n: [] for n in sizes}
         for _ in range(max(1, a.memory_repeats)):
             for n in sizes:
                 runs[n].append(record_run(n, crop, 16 if a.quick else 32))
+                if a.memory_fold_off:
+                    off[n].append(record_run(n, crop, 16 if a.quick else 32, fold=False))
         px = f" at {crop} px" if crop else ""
         for n, ms in runs.items():
             for m in ms:
                 print(f"full record of {n} images{px}: peak RSS {m['peak_rss_mib']} MiB, {m['faults_per_image']} "
                       f"minor faults / image, user {m['user_s']}s, system {m['sys_s']}s ({m['sys_share']:.0%})")
+        for n, ms in off.items():
+            for m in ms:
+                print(f"full record of {n} images{px}, record.fold_model off: peak RSS {m['peak_rss_mib']} MiB, "
+                      f"user {m['user_s']}s, system {m['sys_s']}s")
+        if a.memory_fold_off:
+            peak_off = {n: statistics.median(m["peak_rss_mib"] for m in ms) for n, ms in off.items()}
+            print(f"memory ratio with record.fold_model off: {peak_off[sizes[1]] / peak_off[sizes[0]]:.2f}")
+            out["memory_fold_off"] = off
         peak = {n: statistics.median(m["peak_rss_mib"] for m in ms) for n, ms in runs.items()}
         ratio_mem = peak[sizes[1]] / peak[sizes[0]]
         of = f" (of the median peaks of {a.memory_repeats} runs each)" if a.memory_repeats > 1 else ""

@@ -1,8 +1,7 @@
 """Job configuration: one YAML file drives every stage. Parsed into typed, validated pydantic models: unknown keys,
 wrong types and out-of-range values raise :class:`ConfigError`, naming the field (``record.k``) and what is allowed,
 before any work starts. Every field can be set with ``--set section.field=value`` (YAML: ``--set record.k=20`` gives
-an int, ``--set layers=[a,b]`` a list).
-"""
+an int, ``--set layers=[a,b]`` a list)."""
 
 from __future__ import annotations
 
@@ -76,6 +75,7 @@ class RecordConfig(_Section):
     quantile_rank_error: float = Field(0.001, ge=0.0, lt=0.5, description="sampled quantiles' rank error; 0 = exact")
     quantile_budget_mb: float = Field(512.0, gt=0, description="quantile memory cap per layer (past it: a sample)")
     checkpoint_every: int = Field(50, ge=1, description="batches between resumable state checkpoints")
+    fold_model: bool = Field(True, description="pass on a copy: norms and pads folded into convs, channels-last")
 
 
 class TaggerConfig(_Section):

@@ -21,8 +21,10 @@ conv and norm, a conv that standardises its weight) fails the check; each fold i
 that pass alone are kept (checked again together); otherwise the original model is used. Only float32 and float64
 models are folded. What :func:`fold_for_inference` did is returned beside the model.
 
-Used for the describe stage's inference passes (verification, the tagger's classifier), not for recording: record's
-overhead is measured against the model's own forward pass. In a profile of the describe stage on EfficientNet-Lite0
+Used for the describe stage's inference passes (verification, the tagger's classifier) and, with
+``record.fold_model`` (the default), for the record pass (``benchmarks/record_overhead.py`` prints the pass against
+the forward of the model as loaded and against that of the folded copy, so the hooks' own cost stays visible). In a
+profile of the describe stage on EfficientNet-Lite0
 (528 units, 1,000 photos), batch norm took 23 s and the pads 17 s of the 120 s spent in the model's forward;
 ``benchmarks/fusion_speed.py`` measures the folded copy against the original.
 

@@ -101,6 +101,37 @@ def test_recorded_exemplars_are_the_units_real_activations(small):
     assert ex[0].score > rec.threshold(layer, unit)  # the top exemplar's own map peaks above the threshold
 
 
+def test_the_pass_runs_on_a_folded_copy_and_records_what_the_model_as_loaded_records(small, tmp_path):
+    """``record.fold_model`` (default): the pass runs on a copy with EfficientNet-Lite0's 49 batch norms and its pads
+    folded into the convolutions, channels-last, and leaves the loaded model as it was; the recording names it,
+    has its own cache key, and holds the same exemplars as a pass on the model as loaded (same top-k image sets of
+    every unit; scores and thresholds within float32 rounding)."""
+    import torch
+    from neuroscribe.record.recorder import prepare
+    from neuroscribe.record.state import Recorder
+    path, out = small
+    folded = Recording.open(out)
+    assert folded.meta["fold_model"] is True and folded.meta["fold"]["batchnorm"] == 49 and folded.meta["fold"]["pad"]
+    plain = Recording(record(job(tmp_path / "plain", record={"fold_model": False})))
+    assert plain.meta["fold"] is None and plain.meta["key"] != folded.meta["key"]
+    for layer in LAYERS:
+        a, b = folded.tensors(layer), plain.tensors(layer)
+        scale = float(b["scores"].abs().max())
+        assert [set(r) for r in a["ids"].tolist()] == [set(r) for r in b["ids"].tolist()], layer
+        assert float((a["scores"] - b["scores"]).abs().max()) <= 1e-5 * scale, layer
+        assert float((a["threshold"] - b["threshold"]).abs().max()) <= 1e-5 * scale, layer
+    cfg = job(tmp_path / "unused")
+    lm, probe = prepare(cfg, torch.device("cpu"))
+    module, nhwc = Recorder(cfg, lm, probe, torch.device("cpu")).run_module()
+    assert nhwc and module is not lm.module
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in module.modules())
+    assert sum(isinstance(m, torch.nn.BatchNorm2d) for m in lm.module.modules()) == 49  # the loaded model untouched
+    conv = next(m for m in lm.module.modules() if isinstance(m, torch.nn.Conv2d))
+    assert conv.weight.is_contiguous()
+    assert next(m for m in module.modules() if isinstance(m, torch.nn.Conv2d)).weight.is_contiguous(
+        memory_format=torch.channels_last)
+
+
 def test_compact_format_is_far_smaller_than_milan(small, tmp_path):
     path, out = small
     rec = Recording.open(out)

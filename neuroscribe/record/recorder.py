@@ -38,7 +38,8 @@ means the same number of intra-op threads: oneDNN kernels (EfficientNet's, for o
 
 Memory (per process):
 
-- model: weights + the forward pass up to the last recorded layer, for one batch;
+- model: weights (twice with ``record.fold_model``: the folded copy the pass runs) + the forward pass up to the
+  last recorded layer, for one batch;
 - recorded outputs: none are copied for a layer of its own (each is folded in inside its forward hook, while the
   model waits); the layers of a fused group (same small map shape, see ``Recorder._fuse``) are copied side by side
   into one buffer of ``batch_size x sum of their U*H*W x 4`` bytes, kept between batches -- with a very wide layer,
@@ -78,7 +79,8 @@ from . import state as state_mod
 from .state import LayerState, Recorder, layer_file  # noqa: F401 (LayerState, layer_file re-exported)
 from .stats import CascadeSum
 
-FORMAT_VERSION = 3  # 2: mean summed along a fixed tree; 3: channels-last maps read as such (per-layer layout)
+FORMAT_VERSION = 4  # 2: mean summed along a fixed tree; 3: channels-last maps read as such (per-layer layout);
+# 4: the pass runs on the folded channels-last copy (record.fold_model)
 log = logging.getLogger("neuroscribe.record")
 
 
@@ -107,6 +109,7 @@ def cache_key(cfg: JobConfig, lm: LoadedModel, probe: ProbeSet) -> tuple[str, di
         "layers": list(cfg.layers), "layouts": dict(sorted(cfg.layouts.items())),
         "preprocess": lm.preprocess.to_dict(), "k": cfg.record.k,
         "quantile": cfg.record.quantile, "quantile_budget_mb": cfg.record.quantile_budget_mb,
+        "fold_model": cfg.record.fold_model,
         **({"quantile_rank_error": cfg.record.quantile_rank_error} if cfg.record.quantile_rank_error else {}),
         "dataset": {"fingerprint": probe.fingerprint(), "n": len(probe), "limit": cfg.data.limit,
                     "split": cfg.data.split, "seed": cfg.seed},
@@ -283,7 +286,7 @@ def write_artifacts(rec: Recorder, out: Path, ident: dict, key: str, skipped: li
         pq.write_table(table, tmp)
     meta = dict(ident, key=key, layers=layers, data_root=str(probe.root), class_names=probe.class_names,
                 n_images=len(probe), n_recorded=len(probe) - len(skipped), n_skipped=len(skipped),
-                skipped=skipped, model_info=rec.lm.info, lm_class_names=rec.lm.class_names,
+                skipped=skipped, model_info=rec.lm.info, lm_class_names=rec.lm.class_names, fold=rec.fold_info,
                 planted=None if probe.planting is None else probe.planting.to_dict())
     io.write_json(out / "meta.json", meta)
     io.write_json(out / "run.json", timing)

@@ -13,9 +13,11 @@ then ``ratio <(b)/(a)>`` (the issue's record / bare forward; target <= 1.10). A 
 thrown away first, so that no path pays first-touch page faults that another did not.
 Part 2 (memory): full ``record()`` runs (data loading included) on N1 and N4 images in fresh subprocesses;
 prints peak RSS (the child's own ``VmHWM``: its ``ru_maxrss`` would be at least this benchmark's RSS at the fork, as
-Linux carries it over exec -- what this benchmark printed before 2026-12-06 10:00 UTC), minor faults per image and the user/system split of each (the whole process, model loading
-included; DataLoader workers not counted) and the peak-RSS ratio (target: flat -- the state is O(units x k) plus
-the bounded quantile buffer).
+Linux carries it over exec -- what this benchmark printed before 2026-12-06 10:00 UTC), minor faults per image and
+the user/system split of each (the whole process, model loading included; DataLoader workers not counted), the
+ratio of the median peaks (target: flat -- the state is O(units x k) plus the bounded quantile buffer), and, within
+each N4 run, its peak after N4 images over its peak after the first N1 (growth free of the run-to-run spread of the
+peak, ~+-5 % at 224 px: the peak is reached in the first batches and depends on how the heap fragments).
 
     python benchmarks/record_overhead.py            # 256 images for the ratio, 1k and 4k for memory
     python benchmarks/record_overhead.py --quick    # well under two minutes
@@ -169,32 +171,51 @@ def ratio(n_images: int, batch: int, crop: int | None, warm: int = 0, plan: int 
             "bare_img_per_s": round(n / acc["bare"]["s"], 1)}
 
 
-def record_run(n: int, crop: int | None, batch: int, fold: bool = True) -> dict:
+def record_run(n: int, crop: int | None, batch: int, fold: bool = True, mark: int | None = None) -> dict:
     """A full ``record()`` of ``n`` images in a fresh process: peak RSS, faults per image, CPU time split (``fold``
-    False: with ``record.fold_model`` off)."""
+    False: with ``record.fold_model`` off). With ``mark``, also the process's peak RSS once ``mark`` images have been
+    folded in (``peak_at_mark_mib``): growth within one run, free of the run-to-run spread of the peak."""
     extra = "" if fold else ', "record": {"fold_model": False}'
     code = f"""
 import resource, sys, tempfile, json
 sys.path.insert(0, {str(ROOT)!r})
 from neuroscribe.config import load_config
+from neuroscribe.record import state
 from neuroscribe.record.recorder import record
+
+
+def hwm():  # this process's own peak: ru_maxrss also holds the benchmark's RSS at the fork (kept over exec)
+    try:
+        return next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmHWM:")) / 1024
+    except OSError:
+        return None
+
+
+seen, at_mark, step = [0], [None], state.Recorder.step
+
+
+def counted(self, x, ids, leaf=None):
+    step(self, x, ids, leaf)
+    seen[0] += len(ids)
+    if {mark!r} is not None and at_mark[0] is None and seen[0] >= {mark!r}:
+        at_mark[0] = hwm()
+
+
+state.Recorder.step = counted
 with tempfile.TemporaryDirectory() as d:
     record(load_config(None, {{"model": "efficientnet-lite0", "layers": {LAYERS!r}, "progress": False,
         "data": {{"root": {data_root()!r}, "limit": {n}}}, "out": d, "batch_size": {batch}, "workers": 2,
         "preprocess": {{"crop": {crop!r}, "resize": {crop!r}}}{extra}}}))
 r = resource.getrusage(resource.RUSAGE_SELF)
-try:  # this process's own peak: ru_maxrss would also hold the benchmark's peak at the fork (Linux keeps it over exec)
-    peak = next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmHWM:")) / 1024
-except OSError:
-    peak = None
-print(json.dumps([peak, r.ru_maxrss / 1024, r.ru_minflt, r.ru_utime, r.ru_stime]))
+print(json.dumps([hwm(), at_mark[0], r.ru_maxrss / 1024, r.ru_minflt, r.ru_utime, r.ru_stime]))
 """
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=str(ROOT))
     if r.returncode:
         sys.exit(f"the record run of {n} images failed:\n{r.stderr[-3000:]}")
-    hwm, maxrss, faults, user, sys_s = json.loads(r.stdout.strip().splitlines()[-1])
-    return {"images": n, "peak_rss_mib": round(hwm if hwm is not None else maxrss),
-            "peak_from": "VmHWM" if hwm is not None else "ru_maxrss (may hold this benchmark's own peak)",
+    peak, at_mark, maxrss, faults, user, sys_s = json.loads(r.stdout.strip().splitlines()[-1])
+    return {"images": n, "peak_rss_mib": round(peak if peak is not None else maxrss),
+            "peak_from": "VmHWM" if peak is not None else "ru_maxrss (may hold this benchmark's own peak)",
+            **({"mark": mark, "peak_at_mark_mib": round(at_mark)} if at_mark is not None else {}),
             "ru_maxrss_mib": round(maxrss), "faults_per_image": round(faults / n), "user_s": round(user, 1),
             "sys_s": round(sys_s, 1), "sys_share": round(sys_s / max(user + sys_s, 1e-9), 3)}
 
@@ -263,7 +284,7 @@ def main() -> None:
         off = {n: [] for n in sizes}
         for _ in range(max(1, a.memory_repeats)):
             for n in sizes:
-                runs[n].append(record_run(n, crop, 16 if a.quick else 32))
+                runs[n].append(record_run(n, crop, 16 if a.quick else 32, mark=sizes[0] if n == sizes[1] else None))
                 if a.memory_fold_off:
                     off[n].append(record_run(n, crop, 16 if a.quick else 32, fold=False))
         px = f" at {crop} px" if crop else ""
@@ -283,6 +304,14 @@ def main() -> None:
         ratio_mem = peak[sizes[1]] / peak[sizes[0]]
         of = f" (of the median peaks of {a.memory_repeats} runs each)" if a.memory_repeats > 1 else ""
         print(f"memory ratio {sizes[1]}/{sizes[0]} images: {ratio_mem:.2f}{of}")
+        within = [m["peak_rss_mib"] / m["peak_at_mark_mib"] for m in runs[sizes[1]] if m.get("peak_at_mark_mib")]
+        if within:
+            print(f"within each {sizes[1]}-image run, peak RSS after {sizes[1]} / after its first {sizes[0]} images: "
+                  + ", ".join(f"{m['peak_rss_mib']}/{m['peak_at_mark_mib']} MiB" for m in runs[sizes[1]])
+                  + f" -> {statistics.median(within):.3f} (median; the run-to-run spread of one size's peak is "
+                    f"{min(m['peak_rss_mib'] for m in runs[sizes[0]])}-{max(m['peak_rss_mib'] for m in runs[sizes[0]])}"
+                    f" MiB at {sizes[0]})")
+            out["memory_growth_within_run"] = round(statistics.median(within), 4)
         out.update(memory={n: ms[0] for n, ms in runs.items()}, memory_ratio=round(ratio_mem, 3))
         if a.memory_repeats > 1:
             out["memory_runs"] = runs

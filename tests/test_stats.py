@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from neuroscribe.record.quantile import SAMPLE_MAX_RATE, rank_error_of, sample_size
-from neuroscribe.record.stats import QuantileSketch, TopK, merge_topk
+from neuroscribe.record.stats import QuantileSketch, TopK, merge_topk, spatial_max
 
 
 def exact_topk(scores: np.ndarray, k: int):
@@ -78,6 +78,30 @@ def test_topk_of_many_units_merges_only_the_units_a_batch_changes_and_stays_exac
     early = stats.PREFILTER_MIN_SEEN * 20 * k // 20  # batches before the prefilter starts: every row merged
     assert restricted[:early * len(sizes)] == sizes * early
     assert restricted[early * len(sizes):] != sizes * (n // 20 - early)
+
+
+def test_spatial_max_of_a_channels_last_batch_is_amax_by_pooling_and_its_top_k_the_same(monkeypatch):
+    """A channels-last batch (the folded record pass's layout) gets its spatial max by max pooling -- the same values
+    as ``amax`` (NaN and -inf included), in every dtype the record pass sees -- and the top-k of such a batch is the
+    top-k of its NCHW copy; other layouts keep ``amax``."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(5, 7, 9, 6, generator=g)
+    x[1, 2, 3, 4], x[3, 5] = float("nan"), -math.inf
+    nhwc = x.contiguous(memory_format=torch.channels_last)
+    pooled = []
+    real = torch.nn.functional.max_pool2d
+    monkeypatch.setattr(torch.nn.functional, "max_pool2d", lambda a, k: pooled.append(a.shape) or real(a, k))
+    for dtype in (torch.float32, torch.float64, torch.float16):
+        ref = x.to(dtype).flatten(2).amax(2)
+        torch.testing.assert_close(spatial_max(nhwc.to(dtype)), ref, rtol=0, atol=0, equal_nan=True)
+    assert len(pooled) == 3
+    torch.testing.assert_close(spatial_max(x), x.flatten(2).amax(2), rtol=0, atol=0, equal_nan=True)
+    assert len(pooled) == 3  # NCHW: amax, no pooling
+    a, b = TopK(7, 3, (9, 6)), TopK(7, 3, (9, 6))
+    y = torch.randn(5, 7, 9, 6, generator=g)
+    a.update(y.contiguous(memory_format=torch.channels_last), torch.arange(5))
+    b.update(y, torch.arange(5))
+    assert torch.equal(a.ids, b.ids) and torch.equal(a.scores, b.scores) and torch.equal(a.maps, b.maps)
 
 
 def test_topk_merge_of_shards_equals_single_pass():

@@ -78,6 +78,7 @@ def _maxima(module, rec, layers: Sequence[str], images: Sequence[Image.Image], b
     """Each unit's spatial-max activation on each image: ``{layer: [n, units]}`` (float64 numpy)."""
     from ..hooks import run, trace, unit_view
     from ..fusion import to_layout
+    from ..record.stats import spatial_max
     to_tensor, out = rec.preprocess.to_tensor(), {l: [] for l in layers}
     for s in range(0, len(images), batch):
         x = torch.stack([to_tensor(im) for im in images[s:s + batch]]).to(device)
@@ -85,7 +86,7 @@ def _maxima(module, rec, layers: Sequence[str], images: Sequence[Image.Image], b
             run(module, to_layout(x, nhwc))
         for l in layers:
             v = unit_view(tr[l], rec.meta["layers"][l]["prefix_tokens"], rec.layout(l))
-            out[l].append(v.flatten(2).amax(2).double().cpu().numpy())
+            out[l].append(spatial_max(v).double().cpu().numpy())
     return {l: np.concatenate(v) for l, v in out.items()}
 
 

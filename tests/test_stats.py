@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from neuroscribe.record.quantile import SAMPLE_MAX_RATE, rank_error_of, sample_size
-from neuroscribe.record.stats import QuantileSketch, TopK, merge_topk, spatial_max
+from neuroscribe.hooks import spatial_max
+from neuroscribe.record.stats import QuantileSketch, TopK, merge_topk
 
 
 def exact_topk(scores: np.ndarray, k: int):

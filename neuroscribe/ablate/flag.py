@@ -39,7 +39,7 @@ import torch
 from torch import nn
 
 from ..config import FlagConfig
-from ..hooks import layer_layout, prefix_tokens, run, trace, unit_view
+from ..hooks import layer_layout, prefix_tokens, run, spatial_max, trace, unit_view
 
 __all__ = [
     "EFFECT_EPS",
@@ -270,7 +270,7 @@ class LayerEffect:
 
 def _spatial_max(t: torch.Tensor, model: nn.Module, layout: str | None) -> torch.Tensor:
     n_prefix = prefix_tokens(model, t.shape[1]) if t.dim() == 3 else None
-    return unit_view(t, n_prefix, layout).float().amax(dim=(2, 3))
+    return spatial_max(unit_view(t, n_prefix, layout)).float()
 
 
 def cue_effect_stats(model: nn.Module, layers: Mapping[str, Sequence[int] | None] | Sequence[str],

@@ -173,7 +173,7 @@ def faithfulness(cfg: JobConfig, rec: Recording, rows: list[Described]) -> dict[
     if not wanted:
         return out
     from ..datasets.probe import ImageLoadError
-    from ..hooks import run, trace, unit_view
+    from ..hooks import run, spatial_max, trace, unit_view
     device = resolve_device(cfg.device)
     lm = recorded_model(cfg, rec, device)
     labelled = [i for i in range(len(rec.labels)) if rec.labels[i] >= 0 and i not in rec.skipped_ids]
@@ -196,8 +196,8 @@ def faithfulness(cfg: JobConfig, rec: Recording, rows: list[Described]) -> dict[
         with trace(lm.module, layers, stop=True) as tr:
             run(lm.module, torch.stack(xs).to(device))
         for l in layers:
-            acts[l].append(unit_view(tr[l], rec.meta["layers"][l]["prefix_tokens"], rec.layout(l))
-                           .flatten(2).amax(2).float().cpu())
+            acts[l].append(spatial_max(unit_view(tr[l], rec.meta["layers"][l]["prefix_tokens"], rec.layout(l)))
+                           .float().cpu())
         labels += ys
     labels = np.array(labels)
     for (l, u), c in wanted.items():

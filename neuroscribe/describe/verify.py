@@ -76,9 +76,8 @@ def _crop_pools(rec, rows: Mapping[UnitKey, str], seed: int, per_description: in
 @torch.no_grad()
 def _maxima(module, rec, layers: Sequence[str], images: Sequence[Image.Image], batch: int, device) -> dict:
     """Each unit's spatial-max activation on each image: ``{layer: [n, units]}`` (float64 numpy)."""
-    from ..hooks import run, trace, unit_view
+    from ..hooks import run, spatial_max, trace, unit_view
     from ..fusion import to_layout
-    from ..record.stats import spatial_max
     to_tensor, out = rec.preprocess.to_tensor(), {l: [] for l in layers}
     for s in range(0, len(images), batch):
         x = torch.stack([to_tensor(im) for im in images[s:s + batch]]).to(device)

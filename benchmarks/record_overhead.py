@@ -16,8 +16,14 @@ prints peak RSS (the child's own ``VmHWM``: its ``ru_maxrss`` would be at least 
 Linux carries it over exec -- what this benchmark printed before 2026-12-06 10:00 UTC), minor faults per image and
 the user/system split of each (the whole process, model loading included; DataLoader workers not counted), the
 ratio of the median peaks (target: flat -- the state is O(units x k) plus the bounded quantile buffer), and, within
-each N4 run, its peak after N4 images over its peak after the first N1 (growth free of the run-to-run spread of the
-peak, ~+-5 % at 224 px: the peak is reached in the first batches and depends on how the heap fragments).
+each N4 run, its peak after N4 images over its peak after the first N1. Three kinds of run, alternating:
+(1) the record stage as shipped (inside :mod:`neuroscribe.heap`'s settings: freed blocks stay on the heap); (2) the
+same with glibc's own malloc settings (``MALLOC_MMAP_MAX_`` set for the child: large blocks mmapped and unmapped, so
+the peak is what is alive, the same in every run -- the growth with images without the heap's fragmentation;
+``--no-glibc-control`` skips it); (3) the control: the same process loads the model and data the same way and runs
+only the pass's module (the folded copy) over the same batches under (1)'s settings, recording nothing (the spread
+that the model's own forward gives the peak of (1): ~+-10 % run to run at 224 px, from the order in which the
+heap's blocks are freed; ``--no-bare-control`` skips it).
 
     python benchmarks/record_overhead.py            # 256 images for the ratio, 1k and 4k for memory
     python benchmarks/record_overhead.py --quick    # well under two minutes
@@ -171,11 +177,38 @@ def ratio(n_images: int, batch: int, crop: int | None, warm: int = 0, plan: int 
             "bare_img_per_s": round(n / acc["bare"]["s"], 1)}
 
 
-def record_run(n: int, crop: int | None, batch: int, fold: bool = True, mark: int | None = None) -> dict:
+def record_run(n: int, crop: int | None, batch: int, fold: bool = True, mark: int | None = None,
+               glibc: bool = False, bare: bool = False) -> dict:
     """A full ``record()`` of ``n`` images in a fresh process: peak RSS, faults per image, CPU time split (``fold``
     False: with ``record.fold_model`` off). With ``mark``, also the process's peak RSS once ``mark`` images have been
-    folded in (``peak_at_mark_mib``): growth within one run, free of the run-to-run spread of the peak."""
+    folded in (``peak_at_mark_mib``): growth within one run, free of the run-to-run spread of the peak. ``glibc``:
+    with glibc's own malloc settings (``MALLOC_MMAP_MAX_`` in the environment, so :mod:`neuroscribe.heap` stays out:
+    large blocks are mmapped and unmapped, the peak is what is alive, without the heap's fragmentation). ``bare``:
+    instead of recording, the same process runs only the pass's module (the folded copy) over the same batches,
+    loaded the same way, under the same heap settings -- the control for the peak's spread."""
     extra = "" if fold else ', "record": {"fold_model": False}'
+    cfg = f"""load_config(None, {{"model": "efficientnet-lite0", "layers": {LAYERS!r}, "progress": False,
+        "data": {{"root": {data_root()!r}, "limit": {n}}}, "out": d, "batch_size": {batch}, "workers": 2,
+        "preprocess": {{"crop": {crop!r}, "resize": {crop!r}}}{extra}}})"""
+    work = f"""
+    from neuroscribe.record.recorder import prepare
+    from neuroscribe.heap import reuse_freed_memory
+    from neuroscribe.hooks import run
+    from neuroscribe.fusion import to_layout
+    from neuroscribe.runtime import resolve_device
+    import torch
+    c = {cfg}
+    dev = resolve_device(c.device)
+    lm, probe = prepare(c, dev)
+    rec = state.Recorder(c, lm, probe, dev)
+    module, nhwc = rec.run_module()
+    with reuse_freed_memory(), torch.no_grad():
+        for x, ids, failed in rec.loader(list(range(len(probe)))):
+            run(module, to_layout(x, nhwc))
+            seen[0] += len(ids)
+            if {mark!r} is not None and at_mark[0] is None and seen[0] >= {mark!r}:
+                at_mark[0] = hwm()""" if bare else f"""
+    record({cfg})"""
     code = f"""
 import resource, sys, tempfile, json
 sys.path.insert(0, {str(ROOT)!r})
@@ -202,22 +235,68 @@ def counted(self, x, ids, leaf=None):
 
 
 state.Recorder.step = counted
-with tempfile.TemporaryDirectory() as d:
-    record(load_config(None, {{"model": "efficientnet-lite0", "layers": {LAYERS!r}, "progress": False,
-        "data": {{"root": {data_root()!r}, "limit": {n}}}, "out": d, "batch_size": {batch}, "workers": 2,
-        "preprocess": {{"crop": {crop!r}, "resize": {crop!r}}}{extra}}}))
+with tempfile.TemporaryDirectory() as d:{work}
 r = resource.getrusage(resource.RUSAGE_SELF)
 print(json.dumps([hwm(), at_mark[0], r.ru_maxrss / 1024, r.ru_minflt, r.ru_utime, r.ru_stime]))
 """
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=str(ROOT))
+    env = dict(os.environ, **({"MALLOC_MMAP_MAX_": "65536"} if glibc else {}))
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=str(ROOT), env=env)
     if r.returncode:
         sys.exit(f"the record run of {n} images failed:\n{r.stderr[-3000:]}")
     peak, at_mark, maxrss, faults, user, sys_s = json.loads(r.stdout.strip().splitlines()[-1])
-    return {"images": n, "peak_rss_mib": round(peak if peak is not None else maxrss),
+    return {"images": n, "glibc_defaults": glibc, "bare": bare,
+            "peak_rss_mib": round(peak if peak is not None else maxrss),
             "peak_from": "VmHWM" if peak is not None else "ru_maxrss (may hold this benchmark's own peak)",
             **({"mark": mark, "peak_at_mark_mib": round(at_mark)} if at_mark is not None else {}),
             "ru_maxrss_mib": round(maxrss), "faults_per_image": round(faults / n), "user_s": round(user, 1),
             "sys_s": round(sys_s, 1), "sys_share": round(sys_s / max(user + sys_s, 1e-9), 3)}
+
+
+def median_peak(ms: list[dict]) -> float:
+    return statistics.median(m["peak_rss_mib"] for m in ms)
+
+
+def memory_section(a, sizes: tuple[int, int], crop: int | None, batch: int) -> dict:
+    """Part 2: every kind of run at both sizes, ``--memory-repeats`` times, alternating; prints and returns them."""
+    kinds = {"record": {}, "glibc": {"glibc": True}, "bare": {"bare": True}, "fold_off": {"fold": False}}
+    if a.no_glibc_control:
+        kinds.pop("glibc")
+    if a.no_bare_control:
+        kinds.pop("bare")
+    if not a.memory_fold_off:
+        kinds.pop("fold_off")
+    runs = {k: {n: [] for n in sizes} for k in kinds}
+    for _ in range(max(1, a.memory_repeats)):
+        for n in sizes:
+            for k, kw in kinds.items():
+                runs[k][n].append(record_run(n, crop, batch, mark=sizes[0] if n == sizes[1] else None, **kw))
+    px = f" at {crop} px" if crop else ""
+    label = {"record": "full record", "glibc": "full record, glibc's own malloc settings (no heap reuse)",
+             "bare": "bare forward of the pass's module alone (control)", "fold_off": "full record, fold_model off"}
+    for k, by_n in runs.items():
+        for n, ms in by_n.items():
+            for m in ms:
+                print(f"{label[k]} of {n} images{px}: peak RSS {m['peak_rss_mib']} MiB, {m['faults_per_image']} minor "
+                      f"faults / image, user {m['user_s']}s, system {m['sys_s']}s ({m['sys_share']:.0%})")
+    out = {}
+    of = f" (of the median peaks of {a.memory_repeats} runs each)" if a.memory_repeats > 1 else ""
+    for k, by_n in runs.items():
+        ratio_k = median_peak(by_n[sizes[1]]) / median_peak(by_n[sizes[0]])
+        spread = [m["peak_rss_mib"] for ms in by_n.values() for m in ms]
+        print(f"memory ratio {sizes[1]}/{sizes[0]} images, {label[k]}: {ratio_k:.3f}{of}; peaks "
+              f"{min(spread)}-{max(spread)} MiB")
+        within = [m["peak_rss_mib"] / m["peak_at_mark_mib"] for m in by_n[sizes[1]] if m.get("peak_at_mark_mib")]
+        if within:
+            print(f"  within each {sizes[1]}-image run, peak after {sizes[1]} / after its first {sizes[0]} images: "
+                  + ", ".join(f"{m['peak_rss_mib']}/{m['peak_at_mark_mib']} MiB" for m in by_n[sizes[1]])
+                  + f" -> {statistics.median(within):.3f} (median)")
+        key = "" if k == "record" else f"_{k}"
+        out[f"memory_ratio{key}"] = round(ratio_k, 3)
+        if within:
+            out[f"memory_growth_within_run{key}"] = round(statistics.median(within), 4)
+        out[f"memory_runs{key}"] = by_n
+    out["memory"] = {n: ms[0] for n, ms in runs["record"].items()}
+    return out
 
 
 def main() -> None:
@@ -235,6 +314,10 @@ def main() -> None:
     ap.add_argument("--memory-fold-off", action="store_true",
                     help="also each memory run with record.fold_model off, alternating (peak RSS with and without "
                          "the folded copy)")
+    ap.add_argument("--no-glibc-control", action="store_true",
+                    help="skip the memory runs with glibc's own malloc settings (the peak without heap fragmentation)")
+    ap.add_argument("--no-bare-control", action="store_true",
+                    help="skip the memory runs of the bare forward alone (the spread of the model's own peak)")
     ap.add_argument("--long-run", action="store_true",
                     help="also the ratio in a long run's regime: measured after 2 x batch x k photos folded in, with "
                          "the quantile sampling plan of a 4,000-photo probe set (a labelled extra line; the headline "
@@ -280,41 +363,7 @@ def main() -> None:
                  f"{lr['ratio_fold_off']:.2f})" if "bare_folded" in lr else ""))
         out["long_run"] = dict(lr, warm=warm, plan=4000)
     if not a.no_memory:
-        runs = {n: [] for n in sizes}
-        off = {n: [] for n in sizes}
-        for _ in range(max(1, a.memory_repeats)):
-            for n in sizes:
-                runs[n].append(record_run(n, crop, 16 if a.quick else 32, mark=sizes[0] if n == sizes[1] else None))
-                if a.memory_fold_off:
-                    off[n].append(record_run(n, crop, 16 if a.quick else 32, fold=False))
-        px = f" at {crop} px" if crop else ""
-        for n, ms in runs.items():
-            for m in ms:
-                print(f"full record of {n} images{px}: peak RSS {m['peak_rss_mib']} MiB, {m['faults_per_image']} "
-                      f"minor faults / image, user {m['user_s']}s, system {m['sys_s']}s ({m['sys_share']:.0%})")
-        for n, ms in off.items():
-            for m in ms:
-                print(f"full record of {n} images{px}, record.fold_model off: peak RSS {m['peak_rss_mib']} MiB, "
-                      f"user {m['user_s']}s, system {m['sys_s']}s")
-        if a.memory_fold_off:
-            peak_off = {n: statistics.median(m["peak_rss_mib"] for m in ms) for n, ms in off.items()}
-            print(f"memory ratio with record.fold_model off: {peak_off[sizes[1]] / peak_off[sizes[0]]:.2f}")
-            out["memory_fold_off"] = off
-        peak = {n: statistics.median(m["peak_rss_mib"] for m in ms) for n, ms in runs.items()}
-        ratio_mem = peak[sizes[1]] / peak[sizes[0]]
-        of = f" (of the median peaks of {a.memory_repeats} runs each)" if a.memory_repeats > 1 else ""
-        print(f"memory ratio {sizes[1]}/{sizes[0]} images: {ratio_mem:.2f}{of}")
-        within = [m["peak_rss_mib"] / m["peak_at_mark_mib"] for m in runs[sizes[1]] if m.get("peak_at_mark_mib")]
-        if within:
-            print(f"within each {sizes[1]}-image run, peak RSS after {sizes[1]} / after its first {sizes[0]} images: "
-                  + ", ".join(f"{m['peak_rss_mib']}/{m['peak_at_mark_mib']} MiB" for m in runs[sizes[1]])
-                  + f" -> {statistics.median(within):.3f} (median; the run-to-run spread of one size's peak is "
-                    f"{min(m['peak_rss_mib'] for m in runs[sizes[0]])}-{max(m['peak_rss_mib'] for m in runs[sizes[0]])}"
-                    f" MiB at {sizes[0]})")
-            out["memory_growth_within_run"] = round(statistics.median(within), 4)
-        out.update(memory={n: ms[0] for n, ms in runs.items()}, memory_ratio=round(ratio_mem, 3))
-        if a.memory_repeats > 1:
-            out["memory_runs"] = runs
+        out.update(memory_section(a, sizes, crop, 16 if a.quick else 32))
     print(f"ratio {r['ratio']:.2f}")
     if a.json:
         Path(a.json).write_text(json.dumps(out, indent=1))

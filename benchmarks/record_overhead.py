@@ -204,7 +204,8 @@ def record_run(n: int, crop: int | None, batch: int, fold: bool = True, mark: in
     module, nhwc = rec.run_module()
     with reuse_freed_memory(), torch.no_grad():
         for x, ids, failed in rec.loader(list(range(len(probe)))):
-            run(module, to_layout(x, nhwc))
+            if x is not None:  # a batch of unreadable images only: nothing to run
+                run(module, to_layout(x, nhwc))
             seen[0] += len(ids)
             if {mark!r} is not None and at_mark[0] is None and seen[0] >= {mark!r}:
                 at_mark[0] = hwm()""" if bare else f"""

@@ -11,19 +11,19 @@ Prints, side by side, wall time, user and system CPU time, the system-time share
 (``getrusage`` deltas) of each path, the per-batch ratios (b)/(a) with their median, the ratios (b)/(c) and (d)/(a),
 then ``ratio <(b)/(a)>`` (the issue's record / bare forward; target <= 1.10). A whole alternating pass is run and
 thrown away first, so that no path pays first-touch page faults that another did not.
-Part 2 (memory): full ``record()`` runs (data loading included) on N1 and N4 images in fresh subprocesses;
-prints peak RSS (the child's own ``VmHWM``: its ``ru_maxrss`` would be at least this benchmark's RSS at the fork, as
-Linux carries it over exec -- what this benchmark printed before 2026-12-06 10:00 UTC), minor faults per image and
-the user/system split of each (the whole process, model loading included; DataLoader workers not counted), the
-ratio of the median peaks (target: flat -- the state is O(units x k) plus the bounded quantile buffer), and, within
-each N4 run, its peak after N4 images over its peak after the first N1. Three kinds of run, alternating:
-(1) the record stage as shipped (inside :mod:`neuroscribe.heap`'s settings: freed blocks stay on the heap); (2) the
-same with glibc's own malloc settings (``MALLOC_MMAP_MAX_`` set for the child: large blocks mmapped and unmapped, so
-the peak is what is alive, the same in every run -- the growth with images without the heap's fragmentation;
-``--no-glibc-control`` skips it); (3) the control: the same process loads the model and data the same way and runs
-only the pass's module (the folded copy) over the same batches under (1)'s settings, recording nothing (the spread
-that the model's own forward gives the peak of (1): ~+-10 % run to run at 224 px, from the order in which the
-heap's blocks are freed; ``--no-bare-control`` skips it).
+Part 2 (memory): full ``record()`` runs (data loading included) on N1 and N4 images in fresh subprocesses; prints peak
+RSS (the child's own ``VmHWM``: its ``ru_maxrss`` would be at least this benchmark's RSS at the fork, as Linux carries
+it over exec -- what this benchmark printed before 2026-12-06 10:00 UTC), minor faults per image and the user/system
+split of each (the whole process, model loading included; DataLoader workers not counted), the ratio of the median
+peaks (target: flat -- the state is O(units x k) plus the bounded quantile buffer), and, within each N4 run, its peak
+after N4 images over its peak after the first N1. Three kinds of run, alternating: (1) the record stage as shipped
+(inside :mod:`neuroscribe.heap`'s settings: freed blocks stay on the heap); (2) the same with every block of 128 KiB
+or more mmapped and unmapped (``MALLOC_MMAP_MAX_`` set for the child: heap.py stays out, and setting it also freezes
+glibc's mmap threshold at its initial 128 KiB), so the peak is what is alive, the same in every run -- the growth with
+images without the heap's fragmentation; ``--no-glibc-control`` skips it); (3) the control: the same process loads the
+model and data the same way and runs only the pass's module (the folded copy) over the same batches under (1)'s
+settings, recording nothing (the spread that the model's own forward gives the peak of (1): ~+-10 % run to run at 224
+px, from the order in which the heap's blocks are freed; ``--no-bare-control`` skips it).
 
     python benchmarks/record_overhead.py            # 256 images for the ratio, 1k and 4k for memory
     python benchmarks/record_overhead.py --quick    # well under two minutes
@@ -182,10 +182,12 @@ def record_run(n: int, crop: int | None, batch: int, fold: bool = True, mark: in
     """A full ``record()`` of ``n`` images in a fresh process: peak RSS, faults per image, CPU time split (``fold``
     False: with ``record.fold_model`` off). With ``mark``, also the process's peak RSS once ``mark`` images have been
     folded in (``peak_at_mark_mib``): growth within one run, free of the run-to-run spread of the peak. ``glibc``:
-    with glibc's own malloc settings (``MALLOC_MMAP_MAX_`` in the environment, so :mod:`neuroscribe.heap` stays out:
-    large blocks are mmapped and unmapped, the peak is what is alive, without the heap's fragmentation). ``bare``:
+    with ``MALLOC_MMAP_MAX_`` in the environment: :mod:`neuroscribe.heap` stays out and glibc's mmap threshold stays at
+    128 KiB (setting the maximum turns its dynamic threshold off), so every larger block is mmapped and unmapped and the
+    peak is what is alive, without the heap's fragmentation. ``bare``:
     instead of recording, the same process runs only the pass's module (the folded copy) over the same batches,
-    loaded the same way, under the same heap settings -- the control for the peak's spread."""
+    loaded the same way (blank pass and states included), under the same heap settings -- the control for the peak's
+    spread."""
     extra = "" if fold else ', "record": {"fold_model": False}'
     cfg = f"""load_config(None, {{"model": "efficientnet-lite0", "layers": {LAYERS!r}, "progress": False,
         "data": {{"root": {data_root()!r}, "limit": {n}}}, "out": d, "batch_size": {batch}, "workers": 2,
@@ -201,11 +203,12 @@ def record_run(n: int, crop: int | None, batch: int, fold: bool = True, mark: in
     dev = resolve_device(c.device)
     lm, probe = prepare(c, dev)
     rec = state.Recorder(c, lm, probe, dev)
-    module, nhwc = rec.run_module()
     with reuse_freed_memory(), torch.no_grad():
+        rec.probe_shapes()  # what the stage's first step does: the blank pass, the states, then the fold
+        module, nhwc = rec.run_module()
         for x, ids, failed in rec.loader(list(range(len(probe)))):
             if x is not None:  # a batch of unreadable images only: nothing to run
-                run(module, to_layout(x, nhwc))
+                run(module, to_layout(x.to(dev, non_blocking=True), nhwc))
             seen[0] += len(ids)
             if {mark!r} is not None and at_mark[0] is None and seen[0] >= {mark!r}:
                 at_mark[0] = hwm()""" if bare else f"""
@@ -245,7 +248,7 @@ print(json.dumps([hwm(), at_mark[0], r.ru_maxrss / 1024, r.ru_minflt, r.ru_utime
     if r.returncode:
         sys.exit(f"the record run of {n} images failed:\n{r.stderr[-3000:]}")
     peak, at_mark, maxrss, faults, user, sys_s = json.loads(r.stdout.strip().splitlines()[-1])
-    return {"images": n, "glibc_defaults": glibc, "bare": bare,
+    return {"images": n, "mmap_every_block": glibc, "bare": bare,
             "peak_rss_mib": round(peak if peak is not None else maxrss),
             "peak_from": "VmHWM" if peak is not None else "ru_maxrss (may hold this benchmark's own peak)",
             **({"mark": mark, "peak_at_mark_mib": round(at_mark)} if at_mark is not None else {}),
@@ -272,7 +275,7 @@ def memory_section(a, sizes: tuple[int, int], crop: int | None, batch: int) -> d
             for k, kw in kinds.items():
                 runs[k][n].append(record_run(n, crop, batch, mark=sizes[0] if n == sizes[1] else None, **kw))
     px = f" at {crop} px" if crop else ""
-    label = {"record": "full record", "glibc": "full record, glibc's own malloc settings (no heap reuse)",
+    label = {"record": "full record", "glibc": "full record, every block >= 128 KiB mmapped (no heap reuse)",
              "bare": "bare forward of the pass's module alone (control)", "fold_off": "full record, fold_model off"}
     for k, by_n in runs.items():
         for n, ms in by_n.items():
@@ -316,7 +319,7 @@ def main() -> None:
                     help="also each memory run with record.fold_model off, alternating (peak RSS with and without "
                          "the folded copy)")
     ap.add_argument("--no-glibc-control", action="store_true",
-                    help="skip the memory runs with glibc's own malloc settings (the peak without heap fragmentation)")
+                    help="skip the memory runs with every block >= 128 KiB mmapped (the peak without fragmentation)")
     ap.add_argument("--no-bare-control", action="store_true",
                     help="skip the memory runs of the bare forward alone (the spread of the model's own peak)")
     ap.add_argument("--long-run", action="store_true",

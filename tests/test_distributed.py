@@ -330,6 +330,9 @@ def test_torchrun_record_and_describe_then_flag_ablate_evaluate_report(tmp_path)
     # flag on a word of a description rank 0 exported, so the flag set is not empty whatever the units are called
     # (colour words, which it used to rely on, are now named only where unusual for the probe)
     rows = [json.loads(l) for l in (tmp_path / "out" / "descriptions.jsonl").read_text().splitlines() if l.strip()]
+    # what ablate and evaluate read the description scores from: every unit of both ranks' logs
+    from neuroscribe.ablate.stage import described_rows
+    assert len(rows) == 8 and set(described_rows(tmp_path / "out")) == {(r["layer"], r["unit"]) for r in rows}
     word = next(r["description"].split()[-1] for r in rows if r["description"])
     # words alone (flag.verified off): this tests the torchrun stages, not verification (tests/test_verify.py)
     job.write_text(yaml.safe_dump({**spec, "flag": {"cues": {"picked": [word]}, "embedder": None, "verified": False}}))

@@ -194,6 +194,17 @@ def test_full_imagenette_golf_ball_unit(imagenette, tmp_path):
     assert sum(lbl == 0 for lbl in tench) >= 10, tench
 
 
+def test_the_stage_draws_random_weights_from_the_job_seed():
+    """``prepare`` (what record, describe and ablate load the model with) passes the job's seed to the model factory:
+    two jobs with seed 0 get the same ``@none`` weights, a job with seed 1 others."""
+    import torch
+    from neuroscribe.record.recorder import prepare
+    base = {"model": "torchvision:resnet18@none", "layers": ["layer1"], "progress": False,
+            "data": {"root": str(sample_root()), "split": "val", "limit": 4}}
+    w = [prepare(load_config(None, dict(base, seed=s)))[0].module.conv1.weight for s in (0, 0, 1)]
+    assert torch.equal(w[0], w[1]) and not torch.equal(w[0], w[2])
+
+
 def test_random_weights_record_the_same_in_two_processes(tmp_path):
     """`@none` weights come from the job seed and spec: two fresh processes record the same model (same cache key,
     identical top-k), as torchrun ranks must."""

@@ -81,6 +81,11 @@ TARGETS: dict[str, dict] = {
                       "Recording.exemplars", "Recording.threshold", "Recording.upsampled", "Recording.masks"]},
     "neuroscribe/describe/views.py": {  # view geometry: the dimmed view, its outline, the crop box
         "tests": ["tests/test_core_masks.py"], "functions": ["dim_outside", "_ring", "crop_box", "crop_view"]},
+    "neuroscribe/ablate/cut.py": {  # the cut model that scores units from one pass up to their layer
+        "tests": ["tests/test_cut.py"],
+        "functions": ["_LeafTracer.__init__", "_LeafTracer.is_leaf_module", "LayerGraph.__init__", "LayerGraph.trace",
+                      "LayerGraph.order", "LayerGraph.split", "LayerGraph._split", "hooks_skipped", "_state", "_same",
+                      "_same_dict", "_restore", "_fresh", "cut_correct"]},
 }
 
 KILLED = {"killed", "timeout", "segfault"}  # the tests failed (a timeout or a crash is a failure too)

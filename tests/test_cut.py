@@ -297,3 +297,115 @@ def test_named_tuple_outputs_cross_the_cut(val):
             return self.head((self.layer(t.a) + t.b).mean((2, 3)))
     torch.manual_seed(8)
     assert _cut_vs_full(UsesTwin().eval(), val)
+
+
+def test_class_index_and_labels_reach_each_batch_as_in_val_correct(resnet, val):
+    """``class_index`` (a model with more outputs than the task's classes) picks the logits compared, and ``reduce``
+    gets each batch's labels, as val_correct's full passes do."""
+    from neuroscribe.ablate.select import val_correct
+    graph = LayerGraph.trace(resnet, ["layer3"])
+    edit_sets = [ablation_edits(resnet, {"layer3": [u]}) for u in (2, 11)]
+    cols = [7, 2, 5, 0]  # the task's four classes, in the task's order: labels 0..3
+    val4 = [(x, y % 4) for x, y in val]
+    got = cut_correct(resnet, graph, "layer3", val4, edit_sets, CPU, class_index=cols)
+    for edits, right in zip(edit_sets, got):
+        assert torch.equal(right, val_correct(resnet, val4, edits, CPU, class_index=cols))
+    picked = cut_correct(resnet, graph, "layer3", val4, edit_sets, CPU, class_index=cols, reduce=_keep)
+    assert picked[0].shape == (12, 4)
+    assert torch.equal(picked[0], _logits(resnet, val4, edit_sets[0])[:, cols])
+    seen = cut_correct(resnet, graph, "layer3", val4, edit_sets, CPU, reduce=lambda out, y: y.clone())
+    assert torch.equal(seen[0], torch.cat([y for _, y in val4]))
+
+
+def test_what_the_cut_is_not_asked_for_is_none_or_an_error(resnet, val):
+    graph = LayerGraph.trace(resnet, ["layer2", "layer4"])
+    assert cut_correct(resnet, graph, "layer2", val, [], CPU) is None  # nothing to score
+    assert cut_correct(resnet, graph, "layer3", val, [ablation_edits(resnet, {"layer3": [0]})], CPU) is None
+    other = ablation_edits(resnet, {"layer2": [0], "layer3": [0]})  # layer3 is not a leaf of this graph
+    assert cut_correct(resnet, graph, "layer2", val, [other], CPU) is None
+    edits = [ablation_edits(resnet, {"layer2": [0]})]
+    for empty in ([], [(torch.zeros(0, 3, 48, 48), torch.zeros(0, dtype=torch.long))]):  # no batch; no image
+        with pytest.raises(ValueError, match="^the validation loader yielded no images$"):
+            cut_correct(resnet, graph, "layer2", empty, edits, CPU)
+    one = [(val[0][0][:1], val[0][1][:1])]  # a single image is enough
+    assert cut_correct(resnet, graph, "layer2", one, edits, CPU)[0].shape == (1,)
+
+
+def test_the_first_batch_check_runs_with_one_batch_and_one_edit_set(val):
+    """A graph that tracing got wrong (a branch on isinstance) is caught on the first batch and first edit set,
+    even when there is no other."""
+    m = _Small("isinstance").eval()
+    graph = LayerGraph.trace(m, ["layer"])
+    assert graph is not None
+    assert cut_correct(m, graph, "layer", val[:1], [ablation_edits(m, {"layer": [0]})], CPU) is None
+
+
+class _Scaled(nn.Module):
+    """A parameter read before the cut and again after it (a get_attr node in the graph), and a residual value."""
+
+    def __init__(self):
+        super().__init__()
+        self.scale = nn.Parameter(torch.linspace(0.5, 1.5, 8).view(1, 8, 1, 1))
+        self.stem, self.layer, self.head = nn.Conv2d(3, 8, 3), nn.Conv2d(8, 8, 3, padding=1), nn.Linear(8, 3)
+
+    def forward(self, x):
+        h = self.stem(x) * self.scale
+        b = self.layer(h)
+        return self.head((b * self.scale + h).mean((2, 3)))
+
+
+def test_a_parameter_read_on_both_sides_is_read_again_and_only_read_values_cross(val):
+    torch.manual_seed(9)
+    m = _Scaled().eval()
+    assert _cut_vs_full(m, val)
+    head, tail, at = LayerGraph.trace(m, ["layer"]).split("layer")
+    values = head(val[0][0])
+    assert len(values) == 2 and at == 1  # h (read again by the residual) and the layer's output; not the parameter
+    assert not any(v is m.scale for v in values)
+    seq = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Conv2d(4, 4, 3), nn.Flatten(), nn.LazyLinear(2)).eval()
+    seq(val[0][0])
+    head, _, at = LayerGraph.trace(seq, ["2"]).split("2")
+    assert len(head(val[0][0])) == 1 and at == 0  # a chain: only the layer's output crosses
+
+
+def test_fresh_copies_every_tensor_of_a_cut_value_and_keeps_its_type():
+    from collections import namedtuple
+
+    from neuroscribe.ablate.cut import _fresh
+    pair = namedtuple("pair", "a b")
+    t = torch.arange(3.0)
+    v = (pair(t, [t, {"k": t}]), 4, "s")
+    f = _fresh(v)
+    assert type(f) is tuple and type(f[0]) is pair and type(f[0].b) is list and type(f[0].b[1]) is dict
+    leaves = [f[0].a, f[0].b[0], f[0].b[1]["k"]]
+    assert all(torch.equal(x, t) and x is not t and x.data_ptr() != t.data_ptr() for x in leaves)
+    assert f[1:] == (4, "s")
+
+
+def test_global_hooks_and_hooks_inside_a_leaf():
+    """A global forward (pre-)hook would not run on the graphs: full passes. A hook on a module inside a leaf layer
+    runs (the leaf is called as a whole): the graph is kept."""
+    from torch.nn.modules.module import register_module_forward_hook, register_module_forward_pre_hook
+    block = torchvision.models.resnet18(num_classes=4).eval()
+    assert LayerGraph.trace(block, ["layer1"]) is not None
+    for register in (register_module_forward_hook, register_module_forward_pre_hook):
+        h = register(lambda *a: None)
+        try:
+            assert LayerGraph.trace(block, ["layer1"]) is None
+        finally:
+            h.remove()
+    h = block.layer1[0].register_forward_hook(lambda *a: None)  # a BasicBlock inside the leaf layer1
+    try:
+        assert LayerGraph.trace(block, ["layer1"]) is not None
+        graph = LayerGraph.trace(block, ["layer2"])  # layer1 is traced through now: its block's hook would be lost
+        assert graph is None
+    finally:
+        h.remove()
+    graph = LayerGraph.trace(block, ["layer1"])
+    h = block.layer2.register_forward_hook(lambda *a: None)  # a hook added after tracing, on a module traced through
+    try:
+        x = torch.randn(2, 3, 32, 32)
+        assert cut_correct(block, graph, "layer1", [(x, torch.zeros(2, dtype=torch.long))],
+                           [ablation_edits(block, {"layer1": [0]})], CPU) is None
+    finally:
+        h.remove()

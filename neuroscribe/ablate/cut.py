@@ -69,7 +69,7 @@ class LayerGraph:
         finally:
             changed = not _same(_state(model), before)
             if changed:
-                _restore(model, before)
+                _restore(before)
             model.train(was_training)
         if graph is None or changed:
             return None
@@ -149,7 +149,7 @@ def _same_dict(p: dict, q: dict) -> bool:
     return p.keys() == q.keys() and all(p[k] is q[k] for k in p)
 
 
-def _restore(model: nn.Module, before: list) -> None:
+def _restore(before: list) -> None:
     """Undo what tracing set on the modules (e.g. a lazily built attribute left as a torch.fx Proxy)."""
     for m, attrs, params, buffers, children in before:
         vars(m).clear()

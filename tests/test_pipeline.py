@@ -278,6 +278,21 @@ def test_stored_dfr_fits_are_keyed_by_everything_a_fit_reads(job):
     assert len({key, *(dfr_fits_key(c, "ablation") for c in others)}) == len(others) + 1
 
 
+def test_the_warm_start_of_fits_with_training_photos_is_in_their_keys(job, monkeypatch):
+    """Fits with ``dfr_train`` photos are warm-started (not bit for bit the cold fits): a change of that rule gives
+    their stored fits and evaluation another key; jobs without training photos, which fit cold, keep theirs."""
+    from neuroscribe.ablate import refit as refit_mod
+    from neuroscribe.ablate.stage import dfr_fits_key
+    cfg, _ = job
+    cold = cfg.model_copy(update={"ablate": cfg.ablate.model_copy(update={"dfr": "wrong-text"})})
+    warm = cold.model_copy(update={"ablate": cold.ablate.model_copy(update={"dfr_train": 0.5})})
+    before = [dfr_fits_key(c, "ablation") for c in (cold, warm)] + [refit_mod.dfr_rule(c) for c in (cold, warm)]
+    monkeypatch.setattr(refit_mod, "DFR_WARM_RULE", "another warm start")
+    after = [dfr_fits_key(c, "ablation") for c in (cold, warm)] + [refit_mod.dfr_rule(c) for c in (cold, warm)]
+    assert before[0] == after[0] and before[2] == after[2] == refit_mod.DFR_RULE
+    assert before[1] != after[1] and before[3] != after[3]
+
+
 def test_ablation_key_follows_the_dfr_rule_only_where_the_stage_fits_dfr(job, monkeypatch):
     """ablation.json holds the ``dfr_ns`` curve's DFR fits: a job that sets dfr_ns gets another ablation key when
     DFR's rule (its C grid) changes, and a job without dfr_ns keeps its key (the stage fits no DFR)."""

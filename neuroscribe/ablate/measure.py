@@ -19,7 +19,7 @@ from ..heap import reuse_freed_memory
 from ..datasets.sets import (class_index, dfr_set, dfr_train_set, held_out, in_memory, loader, shift_set,
                              test_sets)
 from ..runtime import job_model
-from .refit import DFR_RULE
+from .refit import dfr_rule
 from .stage import dfr_cue_matters, dfr_retrains, model_and_means
 
 log = logging.getLogger("neuroscribe.ablate")
@@ -48,7 +48,7 @@ def evaluate(cfg: JobConfig) -> dict:
     abl = json.loads((job / "ablation.json").read_text())
     key = io.artifact_key(abl["key"], cfg.evaluate.model_dump(mode="json"), cfg.data.model_dump(mode="json"),
                [s.model_dump(mode="json") for s in cfg.shifts], cfg.seed, cfg.ablate.refit, cfg.probe,
-               *([cfg.ablate.dfr, DFR_RULE] if cfg.ablate.dfr else []),
+               *([cfg.ablate.dfr, dfr_rule(cfg)] if cfg.ablate.dfr else []),
                *([cfg.ablate.dfr_toward] if cfg.ablate.dfr and cfg.ablate.dfr_toward != "zero" else []),
                *([cfg.ablate.dfr_cue] if dfr_cue_matters(cfg) else []),
                *([f"dfr_train {cfg.ablate.dfr_train}"] if cfg.ablate.dfr and cfg.ablate.dfr_train else []),

@@ -102,7 +102,15 @@ DFR_C = (0.001, 0.003, 0.01, 0.03, 0.1, 0.3)
 DFR_C_L1 = (1.0, 0.7, 0.3, 0.1, 0.07, 0.03, 0.01)  # penalty="l1": the grid of DFR's own script
 DFR_RULE = (f"dfr v3: standardised features, C by worst cue group (L2 over {DFR_C}), "  # in cache keys
             "final fit on the whole slice")
+DFR_WARM_RULE = "with dfr_train images every L2 fit starts from the previous solution (sklearn warm_start)"
 DFR_RETRAINS = 10  # final fits on seeded group-balanced subsets of the whole slice, coefficients averaged (DFR: 20)
+
+
+def dfr_rule(cfg) -> str:
+    """DFR's rule as it applies to ``cfg``'s fits, for cache keys: :data:`DFR_RULE`, plus :data:`DFR_WARM_RULE` where
+    ``ablate.dfr_train`` adds training photos (those fits are warm-started: the same optimum to the solver's
+    tolerance, not bit for bit -- one clean photo moved on study seed 0); jobs without them keep their keys."""
+    return DFR_RULE + (f"; {DFR_WARM_RULE}" if cfg.ablate.dfr_train else "")
 
 
 def labels_and_groups(ds) -> tuple[list[int], list[str]]:

@@ -169,7 +169,7 @@ def dfr_cue_matters(cfg: JobConfig) -> bool:
 @reuse_freed_memory()
 def ablate(cfg: JobConfig) -> dict:
     """For each flag set: order units (MILAN), the validation curve over N, N = argmax; plus the controls."""
-    from .refit import DFR_RULE
+    from .refit import dfr_rule
     from .select import accuracy_curve, choose_n, order_units, random_units, sort_all
     if cfg.ablate.dfr_ns and not cfg.ablate.dfr:
         raise ValueError("ablate.dfr_ns chooses N for ablation + DFR: set ablate.dfr too (e.g. 'holdout')")
@@ -186,7 +186,7 @@ def ablate(cfg: JobConfig) -> dict:
     if not cfg.ablate.dfr_train or not cfg.ablate.dfr_ns:  # DFR's training photos matter here only for dfr_ns
         del settings["dfr_train"]
     key = io.artifact_key(flags["key"], settings, cfg.model.spec, io.file_key(job / "train.json"), HOLDOUT_RULE,
-                          *([DFR_RULE] if cfg.ablate.dfr_ns else []))  # the DFR curve's fits follow its rule
+                          *([dfr_rule(cfg)] if cfg.ablate.dfr_ns else []))  # the DFR curve's fits follow its rule
     done = io.current(job / "ablation.json", key)
     if done:
         return done
@@ -264,11 +264,11 @@ def dfr_fits_key(cfg: JobConfig, ablation_key: str) -> str:
     images DFR reads (a named DFR shift's definition; the ``train`` section, whose photos and cue the held-out slice
     and ``dfr_train`` take), the seed, the batch size of the feature passes and the DFR rule. A stored fit is reused
     only under the same key."""
-    from .refit import DFR_RULE
+    from .refit import dfr_rule
     shift = [s.model_dump(mode="json") for s in cfg.shifts if s.name == cfg.ablate.dfr]
     settings = cfg.ablate.model_dump(mode="json", exclude={"dfr_retrains"} if cfg.ablate.dfr_retrains is None else None)
     return io.artifact_key(ablation_key, cfg.seed, cfg.batch_size, settings, shift,
-                           cfg.train.model_dump(mode="json") if cfg.train else None, DFR_RULE)
+                           cfg.train.model_dump(mode="json") if cfg.train else None, dfr_rule(cfg))
 
 
 def stored_dfr_fits(cfg: JobConfig, abl: dict, wanted: set) -> dict:

@@ -101,7 +101,6 @@ def test_random_weights_are_seeded_by_job_seed_and_spec():
     assert torch.equal(wa, wb) and not torch.equal(wa, wc)
     from neuroscribe.models import weights_seed  # the spec is part of the seed (resnet18 vs 34 differ anyway)
     assert weights_seed(0, "torchvision:resnet18@none") != weights_seed(0, "torchvision:resnet34@none")
-    assert weights_seed(0, "torchvision:resnet18@none") == weights_seed(0, "torchvision:resnet18@none")
     torch.manual_seed(123)
     before = torch.rand(3)
     torch.manual_seed(123)

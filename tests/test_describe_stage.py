@@ -63,6 +63,12 @@ def test_exports_final_layer_check_and_faithfulness(described):
     assert sum(summary["verification"].values()) == len(df)
     tried = df[df.verify_status != "unverifiable"]
     assert len(tried) >= len(df) // 2 and tried.verify_auc.between(0, 1).all() and tried.verify_kind.notna().all()
+    # the response (the flag score) exported as verify.json holds it, for every tried unit
+    ver = {(v["layer"], v["unit"]): v for v in
+           json.loads(next((out / "describe").glob("*/verify.json")).read_text())["units"]}
+    assert tried.verify_response.notna().all() and all(
+        r.verify_response == pytest.approx(ver[(r.layer, r.unit)]["response"]) for r in tried.itertuples())
+    assert df[df.verify_status == "unverifiable"].verify_response.isna().all()
     pages = "".join(p.read_text() for p in (out / "gallery").glob("layer-*.html"))
     assert pages.count("Verified by experiment") == len(df)
 

@@ -197,3 +197,25 @@ def test_top_share_takes_the_top_five_percent_of_each_layer_with_a_floor_of_one_
     assert top_share(score, ["small", "big"]) == {("small", 1), ("big", 6), ("big", 13)}
     assert top_share({("big", u): 1.0 for u in range(40)}, ["big"]) == {("big", 0), ("big", 1)}  # all tied
     assert top_share(score, []) == set()
+
+
+def test_capped_description_candidates_are_chosen_by_the_words_own_experiment():
+    """Past ablate.max_candidates the description set keeps the units whose verification RESPONSE is largest (then
+    support, then the description score), never the cue evidence; a row verified before responses existed falls back
+    to its effect; the evidence set keeps the largest cue effects."""
+    import math
+    from neuroscribe.ablate.stage import capped_candidates, verify_score
+    described = {("l", 0): {"verify_response": 0.5, "verify_effect": 9.0, "extra": {"support": 9}, "score": 9.0},
+                 ("l", 1): {"verify_response": 2.0, "verify_effect": 0.1, "extra": {"support": 1}, "score": 0.1},
+                 ("l", 2): {"verify_effect": 1.5, "extra": {"support": 1}, "score": 0.1},  # no response: its effect
+                 ("l", 3): {"verify_response": 2.0, "verify_effect": 0.1, "extra": {"support": 5}, "score": 0.1},
+                 ("l", 4): {"verify_response": float("nan"), "extra": {"support": 99}, "score": 99.0}}
+    flags = {"flags": [{"layer": "l", "unit": u, "evidence": e} for u, e in enumerate([5.0, 0.0, 1.0, 0.0, 9.0])]}
+    units = sorted(described)
+    assert capped_candidates("description", units, 3, described, flags) == [("l", 3), ("l", 1), ("l", 2)]
+    assert capped_candidates("both", units, 2, described, flags) == [("l", 3), ("l", 1)]
+    assert capped_candidates("evidence", units, 2, described, flags) == [("l", 4), ("l", 0)]
+    assert capped_candidates("description", units, None, described, flags) == units  # no cap: all, as given
+    assert capped_candidates("description", units, 5, described, flags) == units
+    assert verify_score(described[("l", 4)]) == -math.inf and verify_score({}) == -math.inf
+    assert verify_score(described[("l", 2)]) == 1.5 and verify_score(described[("l", 0)]) == 0.5

@@ -606,11 +606,11 @@ def test_flag_quality_against_counterfactual_truth_on_a_test_set(job):
         assert s["recall"] == pytest.approx(len(got & truth) / len(truth))
         assert s["precision"] == (pytest.approx(len(got & truth) / len(got)) if got else None)
     # the description ranking, rebuilt from the raw artifacts: words that name the cue first (verification is off in
-    # this fixture, so naming is flagging), then the verification effect; no embedder, so no cosine
+    # this fixture, so naming is flagging), then the verification response; no embedder, so no cosine
     from neuroscribe.ablate.flag import keyword_matches
     desc = {(r["layer"], r["unit"]): r["description"] for r in
             (json.loads(x) for x in (out / "descriptions.jsonl").read_text().splitlines() if x.strip())}
-    ver = {(v["layer"], v["unit"]): v["effect"] for v in
+    ver = {(v["layer"], v["unit"]): v["response"] for v in
            json.loads(next((out / "describe").glob("*/verify.json")).read_text())["units"]}
     key = {u: (bool(keyword_matches(d, cfg.flag.cues["picked"])), -np.inf if ver.get(u) is None else ver[u])
            for u, d in desc.items()}

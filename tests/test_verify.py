@@ -161,6 +161,9 @@ def test_measure_uses_the_quiet_half_and_a_floored_sd():
     r1 = measure(base, treated, control, 1)
     assert r1["n"] == 4 and r1["effect"] == pytest.approx(0.5 / (0.1 * np.std([0, 1, 2, 3], ddof=1)))
     assert r1["auc"] == pytest.approx((2 * 1.0 + 2 * 0.5) / 4)
+    # the response: treated - unedited on EVERY image (not the quiet half), over the same floored sd
+    assert r["response"] == pytest.approx(np.mean([4 - 0, 4 - 1, 0 - 2, 0 - 3]) / np.std([0, 1, 2, 3], ddof=1))
+    assert r1["response"] == pytest.approx(0.5 / (0.1 * np.std([0, 1, 2, 3], ddof=1)))
 
 
 def _box(a: np.ndarray, a0: np.ndarray) -> tuple[int, int, int, int]:

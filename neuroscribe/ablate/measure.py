@@ -250,18 +250,17 @@ def _set_quality(sets: dict, truth: set, total: int) -> dict:
 
 def description_ranking(job: Path) -> dict:
     """Every described unit's rank by what its words say, for the flag-score AUC: words that name a cue and were
-    confirmed by experiment first, then words that name one, then the rest; within each, the verification effect, then
+    confirmed by experiment first, then words that name one, then the rest; within each, the verification's response
+    (how far the words' edit moves the unit from the unedited image; its effect for a verification without one), then
     the cosine of the description to the cues' keywords (``flags.json`` ``words``: description-side figures of every
     described unit, never the cue evidence). Higher = more cue-like; ties share a rank."""
-    from .stage import described_rows
+    from .stage import described_rows, verify_score
     words = {(l, u): (conf, named, sim) for l, u, conf, named, sim in
              json.loads((job / "flags.json").read_text()).get("words", [])}
     keys = {}
     for unit, r in described_rows(job).items():
         conf, named, sim = words.get(unit, (False, False, None))
-        eff = r.get("verify_effect")
-        keys[unit] = (2 if conf else 1 if named else 0, -np.inf if eff is None or eff != eff else eff,
-                      -np.inf if sim is None else sim)
+        keys[unit] = (2 if conf else 1 if named else 0, verify_score(r), -np.inf if sim is None else sim)
     order = {k: i for i, k in enumerate(sorted(set(keys.values())))}
     return {u: order[k] for u, k in keys.items()}
 

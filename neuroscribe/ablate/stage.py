@@ -144,8 +144,37 @@ def described_rows(job: Path) -> dict:
     ver = ddir / "verify.json"  # the words' own experiment (describe.verify), when it ran
     for v in json.loads(ver.read_text())["units"] if ver.is_file() else []:
         if (v["layer"], v["unit"]) in rows:
-            rows[(v["layer"], v["unit"])].update(verify_status=v["status"], verify_effect=v["effect"])
+            rows[(v["layer"], v["unit"])].update(verify_status=v["status"], verify_effect=v["effect"],
+                                                 verify_response=v.get("response"))
     return rows
+
+
+def verify_score(row: dict) -> float:
+    """A described unit's own experiment as one number, for ordering units by their words: the verification's
+    response (how far the edit the words became moves the unit from the unedited image, in unit sds), its effect
+    when the verification predates the response, -inf without either."""
+    v = row.get("verify_response")
+    v = row.get("verify_effect") if v is None else v
+    return -math.inf if v is None or v != v else float(v)
+
+
+def capped_candidates(name: str, units: list, cap: int | None, described: dict, flags: dict) -> list:
+    """The flagged ``units`` of flag set ``name`` that are scored alone on validation (all of them within ``cap``):
+    the evidence set keeps the largest cue effects, the group set the largest group AUCs; every other set is chosen
+    by words -- the words' own experiment (:func:`verify_score`), then the most consistent (support), then the
+    best-scored descriptions, never the cue evidence. Ties go to the lower unit."""
+    if not cap or len(units) <= cap:
+        return units
+    if name == "evidence":
+        effect = {(f["layer"], f["unit"]): f.get("evidence") or 0.0 for f in flags["flags"]}
+        return sorted(units, key=lambda u: (-effect.get(u, 0.0), u))[:cap]
+    if name == "group":
+        auc = {(u["layer"], u["unit"]): u["auc"] for u in flags.get("group_evidence", {}).get("units", [])}
+        return sorted(units, key=lambda u: (-auc.get(u, 0.0), u))[:cap]
+    rows = {u: described.get(u, {}) for u in units}
+    words = {u: r.get("score") if r.get("score") is not None else -math.inf for u, r in rows.items()}
+    return sorted(units, key=lambda u: (-verify_score(rows[u]), -(rows[u].get("extra") or {}).get("support", 0),
+                                        -words[u], u))[:cap]
 
 
 def validation_batches(cfg: JobConfig, lm) -> tuple[list, list[bool] | None, list[str], str]:
@@ -203,25 +232,8 @@ def ablate(cfg: JobConfig) -> dict:
                                       "clean": sum(clean or [])},
            "clean_tolerance": tol, "variants": {}}
     described = described_rows(job)
-    support = {k: (r.get("extra") or {}).get("support", 0) for k, r in described.items()}
-    words = {k: r.get("score") if r.get("score") is not None else -math.inf for k, r in described.items()}
-    verified = {k: r.get("verify_effect") if r.get("verify_effect") is not None else -math.inf
-                for k, r in described.items()}
-    effect = {(f["layer"], f["unit"]): f.get("evidence") or 0.0 for f in flags["flags"]}
-    auc = {(u["layer"], u["unit"]): u["auc"] for u in flags.get("group_evidence", {}).get("units", [])}
     for name, units in flags["sets"].items():
-        units = [tuple(u) for u in units]
-        cap = cfg.ablate.max_candidates
-        if cap and len(units) > cap:  # the validation ordering decides among the capped candidates
-            if name == "evidence":  # the evidence variant: largest cue effect first
-                rank = lambda u: (-effect.get(u, 0.0), u)  # noqa: E731
-            elif name == "group":  # the group-evidence variant: largest group AUC first
-                rank = lambda u: (-auc.get(u, 0.0), u)  # noqa: E731
-            else:  # words choose: the words' own experiment (verification effect), the most consistent, then the
-                # best-scored descriptions; never the cue evidence
-                rank = lambda u: (-verified.get(u, -math.inf), -support.get(u, 0),  # noqa: E731
-                                  -words.get(u, -math.inf), u)
-            units = sorted(units, key=rank)[:cap]
+        units = capped_candidates(name, [tuple(u) for u in units], cfg.ablate.max_candidates, described, flags)
         if not units:
             out["variants"][name] = {"ordered": [], "curve": [[0, None]], "chosen_n": 0, "units": []}
             continue

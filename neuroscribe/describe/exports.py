@@ -16,6 +16,7 @@ verify_target       what it rendered, painted or pasted (the word, the colour, t
 verify_status       confirmed, not confirmed, unverifiable (empty: verification off)
 verify_effect       mean(treated - control) / sd of the unit, on images where it is quiet
 verify_auc          P(treated > control) on those images
+verify_response     mean(treated - unedited) / sd of the unit, on every image: how far the words' edit moves it
 exemplar_ids        the unit's exemplar image ids, best first (CSV: space-separated; JSONL/Parquet: a list)
 grid_path           the unit's exemplar grid image, POSIX path relative to the job directory (or empty)
 candidates          ranked alternatives as ``[{"text": ..., "score": ...}, ...]`` (CSV: that list as JSON)
@@ -46,7 +47,8 @@ if TYPE_CHECKING:  # pragma: no cover
 __all__ = ["COLUMNS", "MILAN_COLUMNS", "export_rows", "write_descriptions"]
 
 MILAN_COLUMNS = ("layer", "unit", "description")
-VERIFY_COLUMNS = ("verify_kind", "verify_target", "verify_status", "verify_effect", "verify_auc")
+VERIFY_COLUMNS = ("verify_kind", "verify_target", "verify_status", "verify_effect", "verify_auc",
+                  "verify_response")
 COLUMNS = MILAN_COLUMNS + ("model", "score", "backend", "faithfulness_auc", "faithfulness_mad",
                            "faithfulness_note") + VERIFY_COLUMNS \
     + ("exemplar_ids", "grid_path", "candidates")
@@ -147,7 +149,9 @@ def export_rows(rows: Sequence["Described"], rec: "Recording | Mapping | None" =
             "faithfulness_note": ((faithfulness or {}).get(key) or {}).get("note"), "verify_kind": ver.get("kind"),
             "verify_target": ver.get("target"), "verify_status": ver.get("status"),
             "verify_effect": _float(ver.get("effect"), f"{key!r} verify effect"),
-            "verify_auc": _float(ver.get("auc"), f"{key!r} verify auc"), "exemplar_ids": _exemplar_ids(rec, r),
+            "verify_auc": _float(ver.get("auc"), f"{key!r} verify auc"),
+            "verify_response": _float(ver.get("response"), f"{key!r} verify response"),
+            "exemplar_ids": _exemplar_ids(rec, r),
             "grid_path": _rel(vp.get("grid"), job_dir), "candidates": cands,
         })
     return out
@@ -182,6 +186,7 @@ def _parquet_table(records: list[dict[str, Any]]):
         ("faithfulness_mad", pa.float64()), ("faithfulness_note", pa.string()), ("verify_kind", pa.string()),
         ("verify_target", pa.string()),
         ("verify_status", pa.string()), ("verify_effect", pa.float64()), ("verify_auc", pa.float64()),
+        ("verify_response", pa.float64()),
         ("exemplar_ids", pa.list_(pa.int64())), ("grid_path", pa.string()),
         ("candidates", pa.list_(pa.struct([("text", pa.string()), ("score", pa.float64())]))),
     ])

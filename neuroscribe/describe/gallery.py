@@ -113,7 +113,7 @@ def _verify_text(v: Mapping | None) -> str | None:
     if v.get("kind") is None:
         return str(v["status"])
     return (f"{v['status']} ({v['kind']}: {v.get('target')}; effect {_fmt(v.get('effect'))} · "
-            f"AUC {_fmt(v.get('auc'))})")
+            f"AUC {_fmt(v.get('auc'))} · response {_fmt(v.get('response'))})")
 
 
 def write_gallery(rows: Sequence["Described"], job_dir: str | Path,

@@ -9,8 +9,8 @@ the description is used:
   the same choices. "text", "letters", "writing", "number", ...: common words (digits for "number"/"digits") are
   rendered; the control is the same drawing blurred until unreadable (same place, ink and colour; the blur also
   softens the strokes, so a plain contrast detector passes as "text"). A unit whose "the word X" is not confirmed
-  is then tested as "text" (its target becomes "text"; ``word_effect``/``word_auc`` keep the word's figures): the
-  words still name text, just not that one word.
+  is then tested as "text" (its target becomes "text"; ``word_effect``, ``word_auc``, ``word_response`` keep the
+  word's figures): the words still name text, just not that one word.
 * ``colour`` -- a basic colour term in the description: a patch of that colour (a third to a half of the side, at
   a random place); the control is the same patch in another basic colour.
 * ``object`` -- any other description shared by at least one *other* unit: crops of that unit's exemplars under

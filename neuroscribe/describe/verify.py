@@ -12,9 +12,17 @@ sample). With ``t_i``, ``c_i`` the unit's spatial-max activation on the treated 
 
 where ``sd(base)`` is the sample sd over the whole sample, floored at 10 % of the layer's median sd (a nearly
 constant unit cannot get a huge effect from a tiny change). ``confirmed`` when ``effect >= effect_min`` and
-``auc >= auc_min`` (``describe.verify``). Edits that share their words share their images: ``images x (1 + 2 x
-distinct interventions)`` forward passes; an object's units of one fold differ only in the images where the drawn
-crop is of one of their own, and only those are passed again.
+``auc >= auc_min`` (``describe.verify``). Beside them, over EVERY image of the sample (``b_i`` the unedited one)::
+
+    response = mean_i(t_i - b_i) / sd(base)
+
+how far the edit the words became moves the unit at all: the flag score that orders units by their words (the
+control says the words are specific, the response how strongly they drive the unit; on the study's five text-trained
+models it ranks the units the cue moves most better than the effect does, README "The flag score").
+
+Edits that share their words share their images: ``images x (1 + 2 x distinct interventions)`` forward passes; an
+object's units of one fold differ only in the images where the drawn crop is of one of their own, and only those
+are passed again.
 """
 
 from __future__ import annotations
@@ -35,7 +43,7 @@ from .interventions import INTERVENTIONS, Intervention, Pools, UnitKey, interven
 __all__ = ["INTERVENTIONS", "VERIFY_VERSION", "Intervention", "Pools", "intervention_for", "measure", "normalise",
            "register", "verify_units"]
 
-VERIFY_VERSION = 5  # part of verify.json's key: results of an older verifier are not reused
+VERIFY_VERSION = 6  # part of verify.json's key: results of an older verifier are not reused
 
 
 def _seed(*parts) -> int:
@@ -102,14 +110,15 @@ def _auc(t: np.ndarray, c: np.ndarray) -> float:
 
 
 def measure(base: np.ndarray, treated: np.ndarray, control: np.ndarray, unit: int) -> dict:
-    """Effect and AUC of column ``unit`` of ``[images, units]`` spatial maxima (see the module docstring): on the
-    images where the unit is at most its median on ``base``; sd over all of ``base``, floored at 10 % of the
-    median sd of the layer's units."""
+    """Effect, AUC and response of column ``unit`` of ``[images, units]`` spatial maxima (see the module
+    docstring): effect and AUC on the images where the unit is at most its median on ``base``, the response on
+    every image; sd over all of ``base``, floored at 10 % of the median sd of the layer's units."""
     sd = base.std(0, ddof=1)
-    floor = max(1e-6, 0.1 * float(np.median(sd)))
+    s = max(float(sd[unit]), max(1e-6, 0.1 * float(np.median(sd))))
     quiet = base[:, unit] <= np.median(base[:, unit])
     t, c = treated[quiet, unit], control[quiet, unit]
-    return {"effect": float((t - c).mean() / max(float(sd[unit]), floor)), "auc": _auc(t, c), "n": int(quiet.sum())}
+    return {"effect": float((t - c).mean() / s), "auc": _auc(t, c),
+            "response": float((treated[:, unit] - base[:, unit]).mean() / s), "n": int(quiet.sum())}
 
 
 def verify_units(rec, lm, descriptions: Mapping[UnitKey, str], cfg, seed: int, device, batch_size: int = 32,
@@ -119,7 +128,7 @@ def verify_units(rec, lm, descriptions: Mapping[UnitKey, str], cfg, seed: int, d
     ``null=True`` replaces the treatment by a second, independently seeded control draw: the effects and AUCs
     then come from the null distribution (what the thresholds must reject; ``tools/verify_thresholds.py``).
 
-    Returns ``{(layer, unit): {"kind", "target", "status", "effect", "auc", "n"}}``; ``status`` is
+    Returns ``{(layer, unit): {"kind", "target", "status", "effect", "auc", "response", "n"}}``; ``status`` is
     ``confirmed``, ``not confirmed`` or ``unverifiable`` (no intervention for the words; then ``why``)."""
     from ..datasets.splits import stratified_sample
     labels = [int(y) for y in rec.labels]
@@ -186,10 +195,12 @@ def verify_units(rec, lm, descriptions: Mapping[UnitKey, str], cfg, seed: int, d
         words = [k for k, r in out.items() if r["target"].startswith("the word ") and r["status"] != "confirmed"]
         if words:
             for k, r in run_edit(words, intervention_for("text", ("", -1), pools)).items():
-                out[k] = {**r, "word_effect": out[k]["effect"], "word_auc": out[k]["auc"]}
+                out[k] = {**r, "word_effect": out[k]["effect"], "word_auc": out[k]["auc"],
+                          "word_response": out[k]["response"]}
         for k, iv in ivs.items():
             if iv is None:
-                out[k] = {"kind": None, "target": None, "status": "unverifiable", "effect": None, "auc": None, "n": 0,
+                out[k] = {"kind": None, "target": None, "status": "unverifiable", "effect": None, "auc": None,
+                          "response": None, "n": 0,
                           "why": "no intervention kind of " + str(list(cfg.kinds)) + " reads these words"
                                  + (" (an object needs another unit with the same description)"
                                     if "object" in cfg.kinds else "")}

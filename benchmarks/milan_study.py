@@ -246,6 +246,8 @@ def command_line(a, *mode: str) -> str:
     if a.reference_seeds != "0":
         cmd += ["--reference-seeds", a.reference_seeds]
     cmd += path("--results", a.results, ROOT / "benchmarks" / "results" / "milan_study")
+    if getattr(a, "merge", None):
+        cmd += path("--merge", a.merge, ROOT)
     return shlex.join(cmd)
 
 
@@ -262,6 +264,10 @@ def main(argv=None) -> int:
     ap.add_argument("--flag-truth-only", action="store_true",
                     help="measure the flag quality of the seeds in --results again on their jobs (the per-layer "
                          "figures must not change; adds the pooled-truth variant), and rewrite the .json and .md")
+    ap.add_argument("--merge", metavar="OLD.json",
+                    help="a finished study's results: its seeds that this run does not run, and (when this run runs "
+                         "no reference) its references, join this run's figures -- to rerun only the seeds a change "
+                         "can move; the JSON's merged_from names what came from where")
     a = ap.parse_args(argv)
     if a.final_layer_only:
         return redo_final_layer(a)
@@ -294,6 +300,14 @@ def main(argv=None) -> int:
     if len(cfg.train.seeds) > 1:  # the seeds' mean and CI into JOBDIR/seeds.{json,md} (every job is current)
         pipeline.run(cfg)
     refs = [reference(cfg, int(s)) for s in a.reference_seeds.split(",") if s.strip()]
+    merged = None
+    if a.merge:  # the earlier run's other seeds (and references) as it measured them
+        old = json.loads(Path(a.merge).read_text())
+        kept = {int(k): v for k, v in old["per_seed"].items() if int(k) not in per}
+        merged = {"file": str(a.merge), "finished": old.get("finished"), "command": old.get("command"),
+                  "seeds": sorted(kept), "references": [] if refs else [r["seed"] for r in old.get("reference", [])]}
+        per = dict(sorted({**kept, **per}.items()))
+        refs = refs or old.get("reference", [])
     acc = {v: {s: mean_ci([per[k]["accuracy"][v][s] for k in per]) for s in SETS} for v in VARIANTS
            if all(v in per[k]["accuracy"] for k in per)}
     if refs:
@@ -318,13 +332,13 @@ def main(argv=None) -> int:
            "config": {"resolution": cfg.train.resolution, "epochs": cfg.train.epochs, "fraction": cfg.train.fraction,
                       "n_train": probe_n["train_n"], "n_validation": first["validation"]["n"],
                       "n_probe": next(s for s in cfg.shifts if s.name == cfg.probe).data.limit,
-                      "n_test": test_n["test_sets"]["in-distribution"]["n"], "seeds": cfg.train.seeds,
+                      "n_test": test_n["test_sets"]["in-distribution"]["n"], "seeds": list(per),
                       "job": cfg.model_dump(mode="json")},
            "sets": list(SETS), "truth_share": TRUTH_SHARE, "truth_images": first["flag_truth"]["n_images"],
            "aggregate": {"accuracy": acc, "gain": gain, "gap_closed": gap_closed, "flags": flags,
                          **({"flags_pooled": pooled} if pooled else {}), "final_layer": final_layer},
            "protocol": protocol, "reference": refs,
-           "per_seed": per}
+           **({"merged_from": merged} if merged else {}), "per_seed": per}
     res["aggregate"]["paired_gap_closed"] = paired_gap_closed(per, refs)
     res["verdict"] = verdict(res)
     out = Path(a.results)

@@ -204,6 +204,10 @@ def markdown(res: dict) -> str:
     L = [f"# MILAN section 7 on Imagenette: a spurious {cue['kind']} cue, described, flagged, "
          f"ablated ({len(seeds)} seeds)", "",
          f"Run {res['finished']} on {res['machine']}; {res['command']}.", "",
+         *([f"Merged (`--merge`): seeds {', '.join(map(str, m['seeds'])) or 'none'} and references "
+            f"{', '.join(map(str, m['references'])) or 'none'} as measured by the run of {m['finished']} "
+            f"({m['file']}: {m['command']}); every other figure from this run.", ""]
+           if (m := res.get("merged_from")) else []),
          f"Setting: ResNet-18 from scratch at **{c['resolution']} px, {c['epochs']} epochs** (reduced from MILAN's "
          f"224 px so one seed fits ~30 min on 2 CPU cores), {describe_cue(cue, 'match')} on {c['fraction']:.0%} of "
          f"{c['n_train']} training photos; validation = {c['n_validation']} images of held-out training photos "

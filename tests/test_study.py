@@ -550,3 +550,33 @@ def test_truth_replicate_draws_a_disjoint_sample_and_scores_every_set_against_th
     _assert_replicate_scored(rep, truth, effects[1])
     p = res["probe"]  # every described unit tested, none other; scored against the N-image truth too
     assert p["images"] == 8 and p["units"] == 2 * UNITS and f"truth_{n}_images" in p
+
+
+def test_merge_carries_the_seeds_not_rerun_and_the_references_of_an_earlier_run(study, tmp_path):
+    """``--merge OLD.json``: this run's seeds replace OLD's, OLD's other seeds and (when this run has no reference)
+    its references join them as stored, and every aggregate is computed over the union; the JSON and the Markdown
+    say what came from where."""
+    ms, cfg, res, _ = study
+    old = json.loads(json.dumps(res))
+    old["per_seed"]["0"]["accuracy"]["base"]["wrong-text"] = 0.123  # only the stored seed 0 can carry this value
+    old["per_seed"]["1"]["accuracy"]["base"]["wrong-text"] = 0.999  # ... and seed 1, rerun, must not
+    ref = {"seed": 5, "results": {s: {"acc": a, "lo": a, "hi": a, "n": TEST_N} for s, a in zip(SETS, (0.6, 0.5, 0.4))},
+           "seconds": 1.0, "train_seconds": 1.0, "final_layer_check": None, "final_layer": None}
+    old["reference"] = [ref]
+    (tmp_path / "old.json").write_text(json.dumps(old))
+    config = Path(cfg.out).parent / "tiny.yaml"
+    out = tmp_path / "merged"
+    assert ms.main(["--config", str(config), "--set", "train.seeds=[1]", "--reference-seeds", "",
+                    "--results", str(out), "--merge", str(tmp_path / "old.json")]) == 0
+    new = json.loads(out.with_suffix(".json").read_text())
+    assert list(new["per_seed"]) == ["0", "1"] and new["config"]["seeds"] == [0, 1]
+    assert new["per_seed"]["0"] == old["per_seed"]["0"]
+    assert new["per_seed"]["1"]["accuracy"] == res["per_seed"]["1"]["accuracy"]  # measured again: as the fixture's
+    assert new["aggregate"]["accuracy"]["base"]["wrong-text"]["mean"] == pytest.approx(
+        (0.123 + res["per_seed"]["1"]["accuracy"]["base"]["wrong-text"]) / 2)
+    assert new["reference"] == [ref] and new["aggregate"]["accuracy"]["reference"]["wrong-text"]["mean"] == 0.5
+    assert new["protocol"]["reference_drop"]["mean"] == pytest.approx(0.1)  # clean 0.6 - wrong-text 0.5
+    m = new["merged_from"]
+    assert m["seeds"] == [0] and m["references"] == [5] and m["command"] == res["command"]
+    assert "--merge" in shlex.split(new["command"])
+    assert "Merged (`--merge`): seeds 0 and references 5" in out.with_suffix(".md").read_text()

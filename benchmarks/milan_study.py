@@ -208,11 +208,17 @@ def redo_final_layer(a) -> int:
     return 0
 
 
+def _membership(sets: dict) -> dict:
+    """A flag-quality table's figures that follow from which units are flagged (not the ranking's AUC)."""
+    return {name: {k: v for k, v in s.items() if k not in ("auc", "auc_units")} for name, s in sets.items()}
+
+
 def redo_flag_truth(a) -> int:
     """``--flag-truth-only``: each seed's flag quality measured again on its finished job with the current evaluate
     code (:func:`neuroscribe.ablate.measure.flag_quality`, the evaluate stage's own: a planted cue's truth, or
-    ``flag.group_cue``'s; it must give the stored per-layer figures), which adds the pooled-truth variant (planted
-    cues) to results made before it existed."""
+    ``flag.group_cue``'s; it must give the stored per-layer figures of every flag set -- the same flags against the
+    same truth), which adds the pooled-truth variant (planted cues) to results made before it existed and measures
+    the description ranking's AUC with the current ranking rule (the verification response since 2026-12-06)."""
     from neuroscribe.ablate.measure import flag_quality
     from neuroscribe.ablate.stage import model_and_means
     from neuroscribe.datasets.sets import test_sets
@@ -221,7 +227,7 @@ def redo_flag_truth(a) -> int:
         trained = pipeline.train(seed_cfg(cfg, int(s)))  # finished: the seed's model, not trained again
         lm, dev, rec, _ = model_and_means(trained)
         q = flag_quality(trained, lm, dev, rec.layers, test_sets(trained, lm.preprocess, lm.class_names))
-        if q is None or q["sets"] != row["flag_truth"]["sets"]:
+        if q is None or _membership(q["sets"]) != _membership(row["flag_truth"]["sets"]):
             raise SystemExit(f"seed {s}: the recomputed truth gives other flag figures than the results hold")
         row["flag_truth"] = q
     if all(row["flag_truth"].get("pooled") for row in res["per_seed"].values()):

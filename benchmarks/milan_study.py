@@ -230,6 +230,7 @@ def redo_flag_truth(a) -> int:
         if q is None or _membership(q["sets"]) != _membership(row["flag_truth"]["sets"]):
             raise SystemExit(f"seed {s}: the recomputed truth gives other flag figures than the results hold")
         row["flag_truth"] = q
+    res["aggregate"]["flags"] = flag_aggregate(res["per_seed"], lambda t: t)  # the AUC as measured now
     if all(row["flag_truth"].get("pooled") for row in res["per_seed"].values()):
         res["aggregate"]["flags_pooled"] = flag_aggregate(res["per_seed"], lambda t: t["pooled"])
     res["flag_truth_command"] = command_line(a, "--flag-truth-only")

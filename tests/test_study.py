@@ -280,6 +280,7 @@ def test_flag_truth_only_measures_the_flags_again_on_the_finished_jobs(study, tm
         row["flag_truth"].pop("pooled")
     old["aggregate"].pop("flags_pooled")
     old["per_seed"]["0"]["flag_truth"]["sets"]["description"]["auc"] = 0.5  # an older ranking rule's AUC
+    old["aggregate"]["flags"]["description"]["auc"] = {"mean": 0.5, "ci95_half": None, "n": 1}  # ... and its mean
     (tmp_path / "old.json").write_text(json.dumps(old))
     config = Path(cfg.out).parent / "tiny.yaml"
     assert ms.main(["--config", str(config), "--results", str(tmp_path / "old"), "--flag-truth-only"]) == 0
@@ -288,6 +289,7 @@ def test_flag_truth_only_measures_the_flags_again_on_the_finished_jobs(study, tm
     # one replaced (this fixture's own figures have none: its few described units leave the AUC undefined)
     assert new["per_seed"]["0"]["flag_truth"]["sets"]["description"] == \
         res["per_seed"]["0"]["flag_truth"]["sets"]["description"]
+    assert new["aggregate"]["flags"] == res["aggregate"]["flags"]
     assert new["aggregate"]["flags_pooled"] == res["aggregate"]["flags_pooled"]
     assert all(new["per_seed"][s]["flag_truth"] == res["per_seed"][s]["flag_truth"] for s in ("0", "1"))
     assert "| description, pooled truth |" in (tmp_path / "old.md").read_text()

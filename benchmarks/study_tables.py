@@ -208,6 +208,8 @@ def markdown(res: dict) -> str:
             f"{', '.join(map(str, m['references'])) or 'none'} as measured by the run of {m['finished']} "
             f"({m['file']}: {m['command']}); every other figure from this run.", ""]
            if (m := res.get("merged_from")) else []),
+         *([f"Flag quality measured again on the same jobs (the same flags; the ranking's AUC by the current rule): "
+            f"{res['flag_truth_command']}.", ""] if res.get("flag_truth_command") else []),
          f"Setting: ResNet-18 from scratch at **{c['resolution']} px, {c['epochs']} epochs** (reduced from MILAN's "
          f"224 px so one seed fits ~30 min on 2 CPU cores), {describe_cue(cue, 'match')} on {c['fraction']:.0%} of "
          f"{c['n_train']} training photos; validation = {c['n_validation']} images of held-out training photos "

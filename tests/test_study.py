@@ -294,6 +294,7 @@ def test_flag_truth_only_measures_the_flags_again_on_the_finished_jobs(study, tm
     assert all(new["per_seed"][s]["flag_truth"] == res["per_seed"][s]["flag_truth"] for s in ("0", "1"))
     assert "| description, pooled truth |" in (tmp_path / "old.md").read_text()
     cmd = shlex.split(new["flag_truth_command"])  # the redo names what it ran on, so it can be run again
+    assert new["flag_truth_command"] in (tmp_path / "old.md").read_text()
     assert cmd[:3] == ["python", "benchmarks/milan_study.py", "--flag-truth-only"]
     assert Path(cmd[cmd.index("--config") + 1]).resolve() == config.resolve()
     assert Path(cmd[cmd.index("--results") + 1]).resolve() == (tmp_path / "old").resolve()

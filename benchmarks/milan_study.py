@@ -269,8 +269,9 @@ def main(argv=None) -> int:
                     help="redo the final-layer checks of the seeds and references in --results (their jobs must "
                          "exist; nothing is trained) with the current describer, and rewrite the .json and .md")
     ap.add_argument("--flag-truth-only", action="store_true",
-                    help="measure the flag quality of the seeds in --results again on their jobs (the per-layer "
-                         "figures must not change; adds the pooled-truth variant), and rewrite the .json and .md")
+                    help="measure the flag quality of the seeds in --results again on their jobs (the flagged units' "
+                         "figures must not change; the ranking AUC is measured by the current rule; adds the pooled-"
+                         "truth variant), and rewrite the .json and .md")
     ap.add_argument("--merge", metavar="OLD.json",
                     help="a finished study's results: its seeds that this run does not run, and (when this run runs "
                          "no reference) its references, join this run's figures -- to rerun only the seeds a change "

@@ -313,7 +313,8 @@ def main(argv=None) -> int:
         old = json.loads(Path(a.merge).read_text())
         kept = {int(k): v for k, v in old["per_seed"].items() if int(k) not in per}
         merged = {"file": str(a.merge), "finished": old.get("finished"), "command": old.get("command"),
-                  "seeds": sorted(kept), "references": [] if refs else [r["seed"] for r in old.get("reference", [])]}
+                  "seeds": sorted(kept), "references": [] if refs else [r["seed"] for r in old.get("reference", [])],
+                  **{k: old[k] for k in ("merged_from", "flag_truth_command") if old.get(k)}}  # OLD's own provenance
         per = dict(sorted({**kept, **per}.items()))
         refs = refs or old.get("reference", [])
     acc = {v: {s: mean_ci([per[k]["accuracy"][v][s] for k in per]) for s in SETS} for v in VARIANTS

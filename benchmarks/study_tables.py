@@ -108,6 +108,19 @@ def lower_end(m: dict) -> float | None:
     return None if m.get("mean") is None or m.get("ci95_half") is None else m["mean"] - m["ci95_half"]
 
 
+def merged_origin(m: dict) -> list[str]:
+    """Where the carried seeds of a ``--merge`` came from when the old run was itself merged or had its flag
+    quality measured again: one line each, down the chain."""
+    lines = []
+    if m.get("flag_truth_command"):
+        lines.append(f"Their flag quality as measured again there: {m['flag_truth_command']}.")
+    if (o := m.get("merged_from")):
+        lines.append(f"That run had itself merged seeds {', '.join(map(str, o['seeds'])) or 'none'} and references "
+                     f"{', '.join(map(str, o['references'])) or 'none'} from the run of {o['finished']} ({o['file']}).")
+        lines += merged_origin(o)
+    return lines
+
+
 def _met(ok: bool) -> str:
     return "met" if ok else "NOT met"
 
@@ -206,7 +219,7 @@ def markdown(res: dict) -> str:
          f"Run {res['finished']} on {res['machine']}; {res['command']}.", "",
          *([f"Merged (`--merge`): seeds {', '.join(map(str, m['seeds'])) or 'none'} and references "
             f"{', '.join(map(str, m['references'])) or 'none'} as measured by the run of {m['finished']} "
-            f"({m['file']}: {m['command']}); every other figure from this run.", ""]
+            f"({m['file']}: {m['command']}); every other figure from this run.", *merged_origin(m), ""]
            if (m := res.get("merged_from")) else []),
          *([f"Flag quality measured again on the same jobs (the same flags; the ranking's AUC by the current rule): "
             f"{res['flag_truth_command']}.", ""] if res.get("flag_truth_command") else []),

@@ -571,6 +571,8 @@ def test_merge_carries_the_seeds_not_rerun_and_the_references_of_an_earlier_run(
     ref = {"seed": 5, "results": {s: {"acc": a, "lo": a, "hi": a, "n": TEST_N} for s, a in zip(SETS, (0.6, 0.5, 0.4))},
            "seconds": 1.0, "train_seconds": 1.0, "final_layer_check": None, "final_layer": None}
     old["reference"] = [ref]
+    old["merged_from"] = {"file": "older.json", "finished": "then", "command": "c", "seeds": [3], "references": [7]}
+    old["flag_truth_command"] = "python benchmarks/milan_study.py --flag-truth-only"
     (tmp_path / "old.json").write_text(json.dumps(old))
     config = Path(cfg.out).parent / "tiny.yaml"
     out = tmp_path / "merged"
@@ -587,4 +589,8 @@ def test_merge_carries_the_seeds_not_rerun_and_the_references_of_an_earlier_run(
     m = new["merged_from"]
     assert m["seeds"] == [0] and m["references"] == [5] and m["command"] == res["command"]
     assert "--merge" in shlex.split(new["command"])
-    assert "Merged (`--merge`): seeds 0 and references 5" in out.with_suffix(".md").read_text()
+    assert m["merged_from"] == old["merged_from"] and m["flag_truth_command"] == old["flag_truth_command"]
+    md = out.with_suffix(".md").read_text()
+    assert "Merged (`--merge`): seeds 0 and references 5" in md
+    assert "itself merged seeds 3 and references 7 from the run of then (older.json)" in md
+    assert "flag quality as measured again there: python benchmarks/milan_study.py --flag-truth-only" in md

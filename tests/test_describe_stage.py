@@ -69,6 +69,9 @@ def test_exports_final_layer_check_and_faithfulness(described):
     assert tried.verify_response.notna().all() and all(
         r.verify_response == pytest.approx(ver[(r.layer, r.unit)]["response"]) for r in tried.itertuples())
     assert df[df.verify_status == "unverifiable"].verify_response.isna().all()
+    assert (tried.verify_response - tried.verify_effect).abs().max() > 1e-3  # its own figure, not the effect again
+    for other in (pd.read_parquet(out / "descriptions.parquet"), pd.read_json(out / "descriptions.jsonl", lines=True)):
+        assert other.verify_response.to_numpy() == pytest.approx(df.verify_response.to_numpy(), nan_ok=True)
     pages = "".join(p.read_text() for p in (out / "gallery").glob("layer-*.html"))
     assert pages.count("Verified by experiment") == len(df)
 

@@ -219,3 +219,34 @@ def test_capped_description_candidates_are_chosen_by_the_words_own_experiment():
     assert capped_candidates("description", units, 5, described, flags) == units
     assert verify_score(described[("l", 4)]) == -math.inf and verify_score({}) == -math.inf
     assert verify_score(described[("l", 2)]) == 1.5 and verify_score(described[("l", 0)]) == 0.5
+    tied = {("m", 5): {"verify_response": 3.0, "extra": {"support": 2}, "score": 1.0},  # response and support tie:
+            ("m", 6): {"verify_response": 3.0, "extra": {"support": 2}, "score": 2.0},  # the description score
+            ("m", 7): {"verify_response": 3.0, "extra": {"support": 2}, "score": 2.0},  # decides, then the unit
+            ("m", 8): {"verify_response": 1.0, "extra": {"support": 2}, "score": 9.0}}
+    assert capped_candidates("description", sorted(tied), 3, tied, flags) == [("m", 6), ("m", 7), ("m", 5)]
+    group = {"group_evidence": {"units": [{"layer": "m", "unit": u, "auc": a} for u, a in ((5, 0.9), (8, 0.95))]}}
+    assert capped_candidates("group", sorted(tied), 2, tied, group) == [("m", 8), ("m", 5)]  # its own AUCs
+
+
+def test_description_ranking_orders_by_the_words_tier_then_response_then_cosine(tmp_path):
+    """The flag-score ranking on a hand-made job: confirmed words above named ones above the rest, whatever their
+    response; within a tier the verification's RESPONSE (not its effect; the effect for a row verified before
+    responses; a NaN or missing one last), then the cosine to the cues' keywords; equal keys share a rank."""
+    import json
+    from neuroscribe.ablate.measure import description_ranking
+    (tmp_path / "describe.json").write_text(json.dumps({"key": "k"}))
+    (tmp_path / "describe" / "k").mkdir(parents=True)
+    units = "ABCDEFGHI"
+    (tmp_path / "describe" / "k" / "units.jsonl").write_text(
+        "".join(json.dumps({"layer": "l", "unit": i, "description": u}) + "\n" for i, u in enumerate(units)))
+    ver = {"A": (9.0, 0.1), "B": (0.2, 5.0), "C": (5.0, 1.0), "D": (0.5, 2.0), "E": (1.5, None),
+           "F": (3.0, float("nan")), "G": (3.0, float("nan")), "H": (0.0, 1.0)}  # unit: (effect, response)
+    (tmp_path / "describe" / "k" / "verify.json").write_text(json.dumps({"units": [
+        {"layer": "l", "unit": units.index(u), "status": "tested", "effect": e,
+         **({} if r is None else {"response": r})} for u, (e, r) in ver.items()]}))
+    words = {"A": (True, True, 0.0), "B": (False, True, 0.0), "C": (False, False, 0.3), "D": (False, False, 0.3),
+             "E": (False, False, 0.3), "F": (False, False, 0.9), "G": (False, False, 0.1), "H": (False, False, 0.3)}
+    (tmp_path / "flags.json").write_text(json.dumps({"words": [["l", units.index(u), *w] for u, w in words.items()]}))
+    rank = {units[u]: r for (_, u), r in description_ranking(tmp_path).items()}
+    assert rank["A"] > rank["B"] > rank["D"] > rank["E"] > rank["C"] == rank["H"] > rank["F"] > rank["G"]
+    assert rank["G"] > rank["I"]  # in no flags.json "words" row and never verified: the lowest key of all

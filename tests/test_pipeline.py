@@ -493,8 +493,9 @@ def test_export_edited_bakes_units_into_loadable_weights(tmp_path):
     with torch.no_grad(), ablated(base.module, {"layer4.1.bn2": [5], "layer3.0.conv1": [2]}):
         want = base.module(x)
     with torch.no_grad():
-        got = edited.module(x)
+        got, unedited = edited.module(x), base.module(x)
     assert torch.allclose(got, want, atol=1e-5)
+    assert not torch.allclose(unedited, want, atol=1e-5)  # the ablation moves these logits: a no-op bake would fail
 
 
 def test_probe_from_training_photos_leaves_out_the_validation_holdout(job):

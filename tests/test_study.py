@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import csv
 import importlib.util
+import itertools
 import json
 import shlex
 import sys
@@ -271,10 +272,18 @@ def test_study_helpers_report_what_the_jobs_hold(study):
     assert f"{100 * res['aggregate']['accuracy']['base']['wrong-text']['mean']:.1f}" in md
 
 
-def test_flag_truth_only_measures_the_flags_again_on_the_finished_jobs(study, tmp_path):
+def test_flag_truth_only_measures_the_flags_again_on_the_finished_jobs(study, tmp_path, monkeypatch):
     """``--flag-truth-only`` on results made before the pooled truth existed: the per-layer figures come out as
-    stored (else it stops), the pooled variant is added as a fresh run would have it; nothing is trained."""
+    stored (else it stops), the pooled variant is added as a fresh run would have it, the ranking AUC is the one
+    measured now (its per-seed values and their mean); nothing is trained."""
+    import neuroscribe.ablate.measure as measure
     ms, cfg, res, _ = study
+    real, measured = measure.flag_quality, itertools.cycle([0.6, 0.8])  # the fixture's own AUC is undefined:
+    def with_auc(*args, **kw):                                  # the redo must carry what the measure gives
+        q = real(*args, **kw)
+        q["sets"]["description"]["auc"] = next(measured)
+        return q
+    monkeypatch.setattr(measure, "flag_quality", with_auc)
     old = json.loads(json.dumps(res))
     for row in old["per_seed"].values():
         row["flag_truth"].pop("pooled")
@@ -286,12 +295,18 @@ def test_flag_truth_only_measures_the_flags_again_on_the_finished_jobs(study, tm
     assert ms.main(["--config", str(config), "--results", str(tmp_path / "old"), "--flag-truth-only"]) == 0
     new = json.loads((tmp_path / "old.json").read_text())
     # the ranking's AUC is not a figure the flags must reproduce: measured again with the current rule, the stored
-    # one replaced (this fixture's own figures have none: its few described units leave the AUC undefined)
-    assert new["per_seed"]["0"]["flag_truth"]["sets"]["description"] == \
-        res["per_seed"]["0"]["flag_truth"]["sets"]["description"]
-    assert new["aggregate"]["flags"] == res["aggregate"]["flags"]
+    # one replaced by it, seed by seed, and the aggregate's mean with them
+    assert [new["per_seed"][s]["flag_truth"]["sets"]["description"].pop("auc") for s in ("0", "1")] == [0.6, 0.8]
+    assert new["aggregate"]["flags"]["description"].pop("auc") == pytest.approx(ms.mean_ci([0.6, 0.8]))
+    assert {k: v for k, v in res["aggregate"]["flags"]["description"].items() if k != "auc"} == \
+        new["aggregate"]["flags"]["description"]
+    assert {k: v for k, v in new["aggregate"]["flags"].items() if k != "description"} == \
+        {k: v for k, v in res["aggregate"]["flags"].items() if k != "description"}
     assert new["aggregate"]["flags_pooled"] == res["aggregate"]["flags_pooled"]
-    assert all(new["per_seed"][s]["flag_truth"] == res["per_seed"][s]["flag_truth"] for s in ("0", "1"))
+    for s in ("0", "1"):  # every other figure as stored (a copy: the fixture is shared)
+        want = json.loads(json.dumps(res["per_seed"][s]["flag_truth"]))
+        want["sets"]["description"].pop("auc", None)
+        assert new["per_seed"][s]["flag_truth"] == want
     assert "| description, pooled truth |" in (tmp_path / "old.md").read_text()
     cmd = shlex.split(new["flag_truth_command"])  # the redo names what it ran on, so it can be run again
     assert new["flag_truth_command"] in (tmp_path / "old.md").read_text()

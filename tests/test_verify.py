@@ -292,4 +292,5 @@ def test_verification_runs_on_the_folded_copy_and_measures_what_the_model_measur
     assert {k: r["status"] for k, r in folded.items()} == {k: r["status"] for k, r in plain.items()}
     assert folded[("units", 0)]["status"] == "confirmed" and folded[("units", 1)]["status"] == "confirmed"
     for k in descriptions:
-        assert folded[k]["effect"] == pytest.approx(plain[k]["effect"], rel=1e-4, abs=1e-6), k
+        for f in ("effect", "auc", "response"):  # the confirmation's figures and the flag score alike
+            assert folded[k][f] == pytest.approx(plain[k][f], rel=1e-4, abs=1e-6), (k, f)
